@@ -1,0 +1,188 @@
+"""Atomic, verified checkpoints and result files.
+
+A checkpoint is written to a temporary file in the same folder, flushed to
+disk, then renamed over its final name, so a crash mid-write never leaves a
+half-written ``ckpt-*.pt``. Each checkpoint has a ``.sha256`` sidecar written
+after it; loading verifies the digest and reads with
+``torch.load(weights_only=True)`` (no arbitrary unpickling). A checkpoint that
+fails either check is reported and the previous one is used.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("clipstudy.checkpoint")
+CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class CellBusy(RuntimeError):
+    """Another live process holds this run directory's lock."""
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def cell_lock(folder: str | Path):
+    """Hold an exclusive lock on ``folder/.lock`` for the duration of a run.
+
+    An ``flock`` belongs to the open file, so the kernel releases it when the
+    holder dies, even by ``kill -9``: a killed run never leaves a stuck lock.
+    """
+    path = Path(folder) / LOCK_NAME
+    fh = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CellBusy(f"{folder} is being trained by another process (lock {path}); "
+                           "wait for it or use another output directory") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield path
+    finally:
+        fh.close()
+
+
+def is_locked(folder: str | Path) -> bool:
+    """Whether a live process holds ``folder``'s lock (checked without waiting)."""
+    path = Path(folder) / LOCK_NAME
+    if not path.exists():
+        return False
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def checkpoint_paths(folder: str | Path) -> list[Path]:
+    """Checkpoints in ``folder``, newest (highest step) first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if CKPT_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)), reverse=True)
+
+
+def save_checkpoint(folder: str | Path, step: int, state: dict, keep: int = 2) -> Path:
+    """Save ``state`` as ``folder/ckpt-<step>.pt`` atomically; keep the newest ``keep``."""
+    import io
+
+    folder = Path(folder)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    path = folder / f"ckpt-{step:08d}.pt"
+    atomic_write_bytes(path, data)
+    atomic_write_text(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest() + "\n")
+    for old in checkpoint_paths(folder)[keep:]:
+        for p in (old, old.with_name(old.name + ".sha256")):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+    return path
+
+
+def load_verified(path: str | Path) -> dict:
+    """Load one checkpoint after checking its digest; CheckpointError if it is damaged."""
+    path = Path(path)
+    sidecar = path.with_name(path.name + ".sha256")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read ({err})") from err
+    if not sidecar.is_file():
+        raise CheckpointError(f"{path}: no {sidecar.name} beside it (the write did not finish)")
+    expected = sidecar.read_text().strip()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise CheckpointError(f"{path}: content does not match its sha256 (truncated or corrupted)")
+    import io
+
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged archive raises several types
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({err})") from err
+
+
+def load_latest(folder: str | Path) -> tuple[dict | None, Path | None, list[str]]:
+    """The newest checkpoint that verifies, with warnings for the ones skipped."""
+    warnings = []
+    for path in checkpoint_paths(folder):
+        try:
+            return load_verified(path), path, warnings
+        except CheckpointError as err:
+            msg = f"skipping damaged checkpoint: {err}; falling back to the previous one"
+            log.warning(msg)
+            warnings.append(msg)
+    return None, None, warnings

@@ -1,0 +1,289 @@
+"""Run configuration: one flat dataclass, built-in profiles, overrides by field name.
+
+Every field can be overridden by name, from Python (``make_config("demo",
+epochs=4)``), from the command line (``--epochs 4``) and from papermill
+parameters; all three go through :func:`make_config`, which validates at
+start and names the field and the accepted values when something is wrong.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the field."""
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe form of ``text`` (no separators, no leading dots, no '..')."""
+    name = _SAFE.sub("_", str(text)).strip("._") or "_"
+    return name.replace("..", "_")
+
+
+def cell_name(label: str, loss: str, seed: int) -> str:
+    """The run directory name of a cell, e.g. ``adamw-clip-s0``; always a single safe path component."""
+    return safe_name(f"{label}-{loss}-s{seed}")
+
+
+@dataclass
+class RunConfig:
+    # --- the cell
+    profile: str = "paper"
+    optimizer: str = "adamw"
+    label: str = ""                    # the optimizer's name in reports (e.g. "adam-nol2"); empty = optimizer
+    loss: str = "clip"
+    seed: int = 0
+    out: str = ""                      # run directory; empty = reports/runs/<profile>/<cell>
+
+    # --- data (STUDY.md formats); `data` is the demo layout shorthand (DIR/train.json, ...)
+    data: str = ""
+    train_ann: str = ""
+    train_images: str = ""
+    retrieval_ann: str = ""
+    retrieval_images: str = ""
+    zeroshot_images: str = ""
+    limit_train: int = 0               # 0 = all pairs; N = the first N (quick experiments)
+    max_words: int = 30
+    max_length: int = 30               # tokens
+    image_size: int = 256
+    crop_scale_min: float = 0.5        # RandomResizedCrop scale (min, 1.0)
+    hflip: bool = True
+    randaugment: bool = True           # torchvision RandAugment(2, 7)
+    num_workers: int = 4
+
+    # --- model
+    image_encoder: str = "resnet50"    # resnet50 | small_resnet
+    text_encoder: str = "distilbert"   # distilbert | small_distilbert
+    pretrained: bool = True
+    embed_dim: int = 256
+    tokenizer: str = ""                # tokenizer folder; empty = the encoder's own (or DATA/tokenizer)
+    small_resnet_widths: list = field(default_factory=lambda: [32, 64, 128])
+    small_resnet_blocks: list = field(default_factory=lambda: [1, 1, 1])
+    text_dim: int = 128
+    text_layers: int = 2
+
+    # --- loss
+    temperature: float = 0.01
+    loss_params: dict = field(default_factory=dict)   # e.g. {"gamma": 0.8}
+
+    # --- optimisation
+    lr: float = 0.0                    # 0 = the optimizer's default learning rate
+    weight_decay: float = 0.02
+    optimizer_params: dict = field(default_factory=dict)
+    epochs: int = 30
+    batch_size: int = 128
+    warmup_steps: int = -1             # -1 = one epoch of warm-up
+    warmup_lr: float = 1e-5
+    min_lr: float = 1e-6
+    grad_clip: float = 0.0             # 0 = no clipping (the gradient norm is still logged)
+    amp: str = "auto"                  # auto (bf16/fp16 on CUDA, none on CPU) | bf16 | fp16 | none
+    max_steps: int = 0                 # 0 = no limit; stops after this many optimizer steps
+
+    # --- evaluation and bookkeeping
+    eval_every: int = 1                # epochs between evaluations (the last epoch is always evaluated)
+    eval_batch_size: int = 256
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    threads: int = 0                   # torch CPU threads; 0 = leave as is
+    deterministic: bool = True
+    keep_checkpoints: int = 2
+    log_every: int = 1                 # steps between history rows
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def optimizer_label(self) -> str:
+        return self.label or self.optimizer
+
+    def cell_name(self) -> str:
+        return cell_name(self.optimizer_label(), self.loss, self.seed)
+
+    def resolved_paths(self) -> dict:
+        """Data paths with the `data` shorthand expanded (explicit paths win)."""
+        base = Path(self.data) if self.data else None
+
+        def pick(value: str, default: str) -> str:
+            if value:
+                return value
+            return str(base / default) if base else ""
+
+        return {
+            "train_ann": pick(self.train_ann, "train.json"),
+            "train_images": pick(self.train_images, "images"),
+            "retrieval_ann": pick(self.retrieval_ann, "retrieval.json"),
+            "retrieval_images": pick(self.retrieval_images, "images"),
+            "zeroshot_images": pick(self.zeroshot_images, "zeroshot"),
+            "tokenizer": pick(self.tokenizer, "tokenizer") if self.text_encoder == "small_distilbert" else self.tokenizer,
+        }
+
+
+# The original study's setting (STUDY.md, "paper" profile).
+PAPER: dict[str, Any] = {}
+
+# The embedded benchmark on a CPU: small encoders, 32 px, no flip / RandAugment
+# (they would contradict the position and colour words of the captions).
+DEMO: dict[str, Any] = dict(
+    profile="demo", data="data/demo", image_size=32, crop_scale_min=0.85, hflip=False, randaugment=False,
+    num_workers=0, image_encoder="small_resnet", text_encoder="small_distilbert", pretrained=False,
+    embed_dim=128, max_length=24, epochs=6, batch_size=128, warmup_steps=20, lr=2e-3,
+    eval_batch_size=500, threads=0,
+)
+
+# Seconds, for tests: tiny encoders on a tiny demo set.
+SMOKE: dict[str, Any] = dict(
+    DEMO, profile="smoke", small_resnet_widths=[8, 16, 32], text_dim=32, text_layers=1, embed_dim=32,
+    epochs=2, batch_size=16, warmup_steps=2, eval_batch_size=64, max_length=16,
+)
+
+PROFILES: dict[str, dict[str, Any]] = {"paper": PAPER, "demo": DEMO, "smoke": SMOKE}
+
+CHOICES: dict[str, tuple] = {
+    "image_encoder": ("resnet50", "small_resnet"),
+    "text_encoder": ("distilbert", "small_distilbert"),
+    "amp": ("auto", "bf16", "fp16", "none"),
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_TYPES = typing.get_type_hints(RunConfig)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert ``value`` (possibly a command-line string) to the field's type, or fail naming the field."""
+    kind = _TYPES[name]
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+                return False
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError
+            return out
+        if kind is str:
+            if value is None:
+                return ""
+            if not isinstance(value, (str, Path)):
+                raise ValueError
+            return str(value)
+        if kind in (list, dict):
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, kind):
+                raise ValueError
+            return value
+    except (TypeError, ValueError, json.JSONDecodeError):
+        pass
+    raise ConfigError(f"config field {name!r}: {value!r} is not a valid {kind.__name__}")
+
+
+def validate(config: RunConfig) -> RunConfig:
+    """Check every value; raise ConfigError naming the field and the accepted values."""
+    from clipstudy.losses import available_losses
+    from clipstudy.optim import available_optimizers
+
+    def fail(name, msg):
+        raise ConfigError(f"config field {name!r}={getattr(config, name)!r}: {msg}")
+
+    if config.label and safe_name(config.label) != config.label:
+        fail("label", "use letters, digits and . _ + = - only")
+    if config.profile not in PROFILES:
+        fail("profile", f"choose one of {sorted(PROFILES)}")
+    if config.optimizer not in available_optimizers():
+        fail("optimizer", f"choose one of {available_optimizers()}")
+    if config.loss not in available_losses():
+        fail("loss", f"choose one of {available_losses()}")
+    for name, choices in CHOICES.items():
+        if getattr(config, name) not in choices:
+            fail(name, f"choose one of {list(choices)}")
+    for name in ("epochs", "batch_size", "image_size", "embed_dim", "max_length", "max_words",
+                 "eval_batch_size", "text_dim", "text_layers", "keep_checkpoints", "log_every", "eval_every"):
+        if getattr(config, name) < 1:
+            fail(name, "must be >= 1")
+    for name in ("num_workers", "limit_train", "max_steps", "threads", "seed"):
+        if getattr(config, name) < 0:
+            fail(name, "must be >= 0")
+    for name in ("lr", "weight_decay", "warmup_lr", "min_lr", "grad_clip"):
+        if getattr(config, name) < 0:
+            fail(name, "must be >= 0 (a learning rate or decay cannot be negative)")
+    if not config.temperature > 0:
+        fail("temperature", "must be > 0")
+    if not 0 < config.crop_scale_min <= 1:
+        fail("crop_scale_min", "must be in (0, 1]")
+    if config.warmup_steps < -1:
+        fail("warmup_steps", "must be -1 (one epoch) or >= 0")
+    if not (config.device in ("auto", "cpu", "cuda") or config.device.startswith("cuda:")):
+        fail("device", "choose auto, cpu, cuda or cuda:N")
+    if len(config.small_resnet_widths) != len(config.small_resnet_blocks) or not config.small_resnet_widths:
+        fail("small_resnet_blocks", "needs one entry per entry of small_resnet_widths")
+    if config.text_encoder == "small_distilbert" and not config.resolved_paths()["tokenizer"]:
+        fail("tokenizer", "small_distilbert needs the data set's tokenizer folder (set `data` or `tokenizer`)")
+    return config
+
+
+def make_config(profile: str = "demo", **overrides: Any) -> RunConfig:
+    """The profile's configuration with ``overrides`` applied and validated.
+
+    Unknown field names and ill-typed values fail here, naming the field.
+    """
+    if profile not in PROFILES:
+        raise ConfigError(f"config field 'profile'={profile!r}: choose one of {sorted(PROFILES)}")
+    values: dict[str, Any] = {"profile": profile, **PROFILES[profile]}
+    for name, value in overrides.items():
+        name = name.replace("-", "_")
+        if name not in FIELDS:
+            close = [f for f in FIELDS if name in f or f in name]
+            hint = f" (did you mean {close}?)" if close else ""
+            raise ConfigError(f"unknown config field {name!r}{hint}; valid fields: {sorted(FIELDS)}")
+        values[name] = value
+    values = {name: _coerce(name, value) for name, value in values.items()}
+    return validate(RunConfig(**values))
+
+
+def config_from_json(path: str | Path) -> RunConfig:
+    data = json.loads(Path(path).read_text())
+    data = data.get("config", data)
+    return make_config(data.get("profile", "demo"), **{k: v for k, v in data.items() if k in FIELDS and k != "profile"})
+
+
+def add_config_arguments(parser) -> None:
+    """One ``--field`` option per configuration field (values are coerced by make_config)."""
+    for name in FIELDS:
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        parser.add_argument(*flags, dest=name, default=None, metavar=_TYPES[name].__name__.upper(),
+                            help=argparse_help(name))
+
+
+def argparse_help(name: str) -> str:
+    default = RunConfig.__dataclass_fields__[name]
+    value = default.default if default.default is not dataclasses.MISSING else default.default_factory()
+    return f"(paper default: {value!r})"
+
+
+def overrides_from_args(args) -> dict:
+    return {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None and name != "profile"}

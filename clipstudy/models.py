@@ -1,0 +1,272 @@
+"""The dual encoder: an image tower and a text tower, each with a linear projection.
+
+Like open_clip's models it exposes ``encode_image(images)`` and
+``encode_text(input_ids, attention_mask)``, both returning the projected,
+*unnormalised* embeddings; the loss decides whether to normalise.
+
+Two builds:
+
+* ``paper``: torchvision ResNet-50 with ImageNet weights (classifier removed,
+  2048-d) + Hugging Face ``distilbert-base-uncased`` ([CLS] hidden state,
+  768-d), as in the original study.
+* ``demo``: a small ResNet-family CNN (torchvision's ``BasicBlock``, random
+  init) + a small random-init DistilBERT on the demo data set's own vocabulary.
+
+Pretrained weights are read from the local torch / Hugging Face caches only,
+so a training run never stalls on the network. ``python -m clipstudy
+fetch-weights`` fills those caches on a machine with internet; the variables
+``CLIPSTUDY_RESNET50_WEIGHTS`` (a ``.pth`` state dict) and
+``CLIPSTUDY_DISTILBERT`` (a ``save_pretrained`` folder) point to local copies.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet50, ResNet50_Weights
+from torchvision.models.resnet import BasicBlock
+
+DISTILBERT_NAME = "distilbert-base-uncased"
+RESNET50_ENV = "CLIPSTUDY_RESNET50_WEIGHTS"
+DISTILBERT_ENV = "CLIPSTUDY_DISTILBERT"
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights are not in the local caches (and are never downloaded mid-run)."""
+
+
+def _fetch_hint(what: str) -> str:
+    return (
+        f"{what} is not in the local cache and clipstudy does not download during a run.\n"
+        "Fix: on a machine with internet run `python -m clipstudy fetch-weights` (it fills\n"
+        "~/.cache/torch/hub and ~/.cache/huggingface; copy both folders to this machine, or set\n"
+        "TORCH_HOME / HF_HOME to where they are), or point to local copies with\n"
+        f"{RESNET50_ENV}=/path/resnet50.pth and {DISTILBERT_ENV}=/path/to/distilbert-folder."
+    )
+
+
+# ---------------------------------------------------------------- image towers
+class SmallResNet(nn.Module):
+    """A ResNet-family CNN for small images, built from torchvision's BasicBlock.
+
+    Args:
+        widths: channels of each stage (default (32, 64, 128)); every stage
+            after the first halves the resolution.
+        blocks: BasicBlocks per stage (default (1, 1, 1)).
+        stem_stride: stride of the 3x3 stem (default 2: 32 px -> 16 px).
+    """
+
+    def __init__(self, widths=(32, 64, 128), blocks=(1, 1, 1), stem_stride: int = 2):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, stride=stem_stride, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        stages, in_ch = [], widths[0]
+        for i, (width, n) in enumerate(zip(widths, blocks)):
+            stride = 1 if i == 0 else 2
+            layers = []
+            for b in range(n):
+                down = None
+                if b == 0 and (stride != 1 or in_ch != width):
+                    down = nn.Sequential(nn.Conv2d(in_ch, width, 1, stride=stride, bias=False),
+                                         nn.BatchNorm2d(width))
+                layers.append(BasicBlock(in_ch, width, stride=stride if b == 0 else 1, downsample=down))
+                in_ch = width
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = in_ch
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return torch.flatten(self.pool(self.stages(self.stem(x))), 1)
+
+
+def resnet50_trunk(pretrained: bool = True) -> nn.Module:
+    """torchvision ResNet-50 with the classifier removed (2048-d output)."""
+    model = resnet50(weights=None)
+    if pretrained:
+        model.load_state_dict(_resnet50_state_dict())
+    model.fc = nn.Identity()
+    model.out_dim = 2048
+    return model
+
+
+def _resnet50_state_dict() -> dict:
+    local = os.environ.get(RESNET50_ENV)
+    if local:
+        if not Path(local).is_file():
+            raise WeightsUnavailable(f"{RESNET50_ENV}={local} is not a file. " + _fetch_hint("ResNet-50"))
+        return torch.load(local, map_location="cpu", weights_only=True)
+    weights = ResNet50_Weights.IMAGENET1K_V1
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not cached.is_file():
+        raise WeightsUnavailable(f"ResNet-50 ImageNet weights ({cached})\n" + _fetch_hint("ResNet-50"))
+    return torch.load(cached, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------- text towers
+class TextTower(nn.Module):
+    """A Hugging Face DistilBERT whose feature is the first ([CLS]) token's hidden state."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        self.out_dim = transformer.config.dim
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return hidden[:, 0]
+
+
+def distilbert_location() -> str:
+    return os.environ.get(DISTILBERT_ENV) or DISTILBERT_NAME
+
+
+def pretrained_distilbert() -> nn.Module:
+    from transformers import DistilBertModel
+
+    try:
+        return DistilBertModel.from_pretrained(distilbert_location(), local_files_only=True)
+    except OSError as err:
+        raise WeightsUnavailable(f"DistilBERT ({distilbert_location()})\n" + _fetch_hint("DistilBERT")) from err
+
+
+def pretrained_tokenizer():
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(distilbert_location(), local_files_only=True)
+    except OSError as err:
+        raise WeightsUnavailable(f"DistilBERT tokenizer ({distilbert_location()})\n"
+                                 + _fetch_hint("The DistilBERT tokenizer")) from err
+
+
+def small_distilbert(vocab_size: int, *, dim: int = 128, n_layers: int = 2, n_heads: int = 4,
+                     hidden_dim: int = 256, max_position_embeddings: int = 64, pad_token_id: int = 0):
+    from transformers import DistilBertConfig, DistilBertModel
+
+    config = DistilBertConfig(vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads,
+                              hidden_dim=hidden_dim, max_position_embeddings=max_position_embeddings,
+                              pad_token_id=pad_token_id, dropout=0.0, attention_dropout=0.0)
+    return DistilBertModel(config)
+
+
+def local_tokenizer(path: str | os.PathLike):
+    """The demo data set's own tokenizer (a Hugging Face fast tokenizer folder)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"no tokenizer in {path}: expected a Hugging Face tokenizer folder "
+                                "(run `python -m clipstudy make-demo-data --out DIR`, which writes DIR/tokenizer)")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+# ---------------------------------------------------------------- dual encoder
+class DualEncoder(nn.Module):
+    """Image and text towers, each followed by a linear projection to ``embed_dim``."""
+
+    def __init__(self, image_tower: nn.Module, text_tower: nn.Module, embed_dim: int = 256):
+        super().__init__()
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.image_proj = nn.Linear(image_tower.out_dim, embed_dim)
+        self.text_proj = nn.Linear(text_tower.out_dim, embed_dim)
+        self.embed_dim = embed_dim
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_proj(self.image_tower(images))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_proj(self.text_tower(input_ids, attention_mask))
+
+    def forward(self, images, input_ids, attention_mask):
+        return self.encode_image(images), self.encode_text(input_ids, attention_mask)
+
+
+IMAGE_ENCODERS = ("resnet50", "small_resnet")
+TEXT_ENCODERS = ("distilbert", "small_distilbert")
+
+
+def build_model(*, image_encoder: str = "resnet50", text_encoder: str = "distilbert",
+                embed_dim: int = 256, tokenizer_path: str | None = None, pretrained: bool = True,
+                small_resnet_widths=(32, 64, 128), small_resnet_blocks=(1, 1, 1),
+                text_dim: int = 128, text_layers: int = 2, max_length: int = 30):
+    """Build ``(model, tokenizer)``.
+
+    ``resnet50`` / ``distilbert`` are the paper towers (pretrained unless
+    ``pretrained=False``); ``small_resnet`` / ``small_distilbert`` are the demo
+    towers (random init). ``small_distilbert`` needs ``tokenizer_path`` (the
+    demo set's tokenizer); ``distilbert`` uses DistilBERT's own tokenizer.
+    """
+    if image_encoder == "resnet50":
+        image_tower = resnet50_trunk(pretrained)
+    elif image_encoder == "small_resnet":
+        image_tower = SmallResNet(tuple(small_resnet_widths), tuple(small_resnet_blocks))
+    else:
+        raise ValueError(f"image_encoder={image_encoder!r}; choose one of {IMAGE_ENCODERS}")
+
+    if text_encoder == "distilbert":
+        tokenizer = local_tokenizer(tokenizer_path) if tokenizer_path else pretrained_tokenizer()
+        if pretrained:
+            transformer = pretrained_distilbert()
+        else:
+            from transformers import DistilBertConfig, DistilBertModel
+            transformer = DistilBertModel(DistilBertConfig(vocab_size=len(tokenizer)))
+    elif text_encoder == "small_distilbert":
+        if not tokenizer_path:
+            raise ValueError("text_encoder='small_distilbert' needs tokenizer_path (the demo set's tokenizer folder)")
+        tokenizer = local_tokenizer(tokenizer_path)
+        transformer = small_distilbert(len(tokenizer), dim=text_dim, n_layers=text_layers,
+                                       max_position_embeddings=max(64, max_length),
+                                       pad_token_id=tokenizer.pad_token_id or 0)
+    else:
+        raise ValueError(f"text_encoder={text_encoder!r}; choose one of {TEXT_ENCODERS}")
+    return DualEncoder(image_tower, TextTower(transformer), embed_dim), tokenizer
+
+
+# --------------------------------------------------------------- fetch-weights
+def fetch_weights(dest: str | None = None) -> list[str]:
+    """Download the paper towers' weights into the torch / HF caches (or ``dest``)."""
+    from transformers import AutoTokenizer, DistilBertModel
+
+    done = []
+    weights = ResNet50_Weights.IMAGENET1K_V1
+    state = weights.get_state_dict(progress=True)
+    done.append(str(Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name))
+    model = DistilBertModel.from_pretrained(DISTILBERT_NAME)
+    tokenizer = AutoTokenizer.from_pretrained(DISTILBERT_NAME)
+    if dest:
+        out = Path(dest)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(state, out / "resnet50.pth")
+        model.save_pretrained(out / "distilbert")
+        tokenizer.save_pretrained(out / "distilbert")
+        done = [str(out / "resnet50.pth"), str(out / "distilbert")]
+    else:
+        done.append(f"Hugging Face cache: {DISTILBERT_NAME}")
+    return done
+
+
+def fetch_weights_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clipstudy fetch-weights",
+                                     description="Download ResNet-50 (ImageNet) and DistilBERT for the paper profile.")
+    parser.add_argument("--dest", help="also save plain copies here; then set "
+                        f"{RESNET50_ENV}=DEST/resnet50.pth and {DISTILBERT_ENV}=DEST/distilbert")
+    args = parser.parse_args(argv)
+    try:
+        for path in fetch_weights(args.dest):
+            print("saved", path)
+    except Exception as err:  # network errors come in many types
+        print(f"fetch-weights failed: {err}\nThis command needs internet access "
+              "(download.pytorch.org and huggingface.co).", flush=True)
+        return 1
+    return 0

@@ -1,0 +1,253 @@
+"""Gather every run's outputs into tidy tables, figures and computed conclusions.
+
+The analysis notebook calls these functions; ``python -m clipstudy report``
+executes that notebook with papermill and renders it to
+``reports/<profile>/report.html`` (code hidden), beside
+``reports/<profile>/results.csv``. Nothing in the conclusions is typed in by
+hand: every sentence is computed from the runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ANALYSIS_NOTEBOOK = REPO_ROOT / "notebooks" / "analysis.ipynb"
+
+METRICS = ["txt_r1", "img_r1", "zeroshot_top1", "average"]
+METRIC_NAMES = {"txt_r1": "TR@1", "img_r1": "IR@1", "zeroshot_top1": "ACC@1", "average": "Average"}
+OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD", "adam": "Adam", "adam-nol2": "Adam (no L2)"}
+LOSS_NAMES = {"clip": "CLIP", "sogclr": "SogCLR", "cyclip": "CyCLIP", "vicreg": "VICReg",
+              "onlineclr": "OnlineCLR", "isogclr": "iSogCLR", "siglip": "SigLIP"}
+RESULT_COLUMNS = ["optimizer", "loss", "seed", "status", "txt_r1", "img_r1", "zeroshot_top1", "average",
+                  "txt_r5", "txt_r10", "img_r5", "img_r10", "zeroshot_top5", "diverged_at_step", "global_step",
+                  "wall_time_s", "train_samples_per_s", "peak_memory_mb", "skipped_images", "error", "run_dir"]
+
+# The original study's published numbers (STUDY.md): optimizer, loss, TR@1, IR@1, ACC@1, Average.
+PUBLISHED_ROWS = [
+    ("adamw", "sogclr", 13.18, 10.30, 24.55, 16.68), ("adamw", "clip", 11.62, 9.16, 21.66, 14.81),
+    ("adamw", "cyclip", 14.10, 10.68, 25.91, 16.90), ("adamw", "vicreg", 2.86, 2.16, 5.79, 3.60),
+    ("adamw", "onlineclr", 10.96, 8.64, 20.52, 13.37), ("sgd", "sogclr", 1.56, 1.00, 2.87, 1.81),
+    ("sgd", "clip", 10.30, 7.00, 17.01, 11.44), ("sgd", "cyclip", 10.38, 7.31, 16.86, 11.52),
+    ("sgd", "vicreg", 2.00, 1.60, 2.43, 2.01), ("sgd", "onlineclr", 0.74, 0.56, 1.50, 0.93),
+    ("adam", "sogclr", 0.10, 0.10, 0.23, 0.14), ("adam", "clip", 3.34, 3.03, 4.71, 3.69),
+    ("adam", "cyclip", 3.92, 3.25, 4.04, 3.74), ("adam", "vicreg", 0.66, 0.63, 1.28, 0.86),
+    ("adam", "onlineclr", 0.02, 0.02, 0.10, 0.05),
+]
+
+
+def published_table() -> pd.DataFrame:
+    return pd.DataFrame(PUBLISHED_ROWS, columns=["optimizer", "loss", *METRICS])
+
+
+# ------------------------------------------------------------------ gathering
+def collect_runs(runs_root: str | Path) -> pd.DataFrame:
+    """One row per run directory under ``runs_root`` that has a ``metrics.json``."""
+    rows = []
+    for metrics_file in sorted(Path(runs_root).glob("*/metrics.json")):
+        try:
+            m = json.loads(metrics_file.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            m = {"status": "failed", "error": f"unreadable metrics.json: {err}"}
+        row = {col: m.get(col) for col in RESULT_COLUMNS}
+        row["run_dir"] = str(metrics_file.parent)
+        if row["optimizer"] is None or row["loss"] is None:  # fall back to the directory name
+            parts = metrics_file.parent.name.rsplit("-", 2)
+            if len(parts) == 3:
+                row["optimizer"], row["loss"], row["seed"] = parts[0], parts[1], int(parts[2].lstrip("s") or 0)
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    for col in RESULT_COLUMNS:
+        if col not in ("optimizer", "loss", "status", "error", "run_dir"):
+            df[col] = pd.to_numeric(df[col], errors="coerce")
+    df["seed"] = df["seed"].astype("Int64")
+    return df.sort_values(["optimizer", "loss", "seed"], key=_order_key).reset_index(drop=True)
+
+
+def _order_key(col: pd.Series) -> pd.Series:
+    order = {**{k: i for i, k in enumerate(OPTIMIZER_NAMES)}, **{k: i for i, k in enumerate(LOSS_NAMES)}}
+    if col.name in ("optimizer", "loss"):
+        return col.map(lambda v: (order.get(v, 99), str(v)))
+    return col
+
+
+def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std and count over seeds per (optimizer, loss), completed runs only; plus status counts."""
+    done = df[df["status"] == "completed"]
+    agg = done.groupby(["optimizer", "loss"], sort=False)[METRICS].agg(["mean", "std", "count"])
+    agg.columns = [f"{m}_{s}" for m, s in agg.columns]
+    status = df.pivot_table(index=["optimizer", "loss"], columns="status", values="run_dir", aggfunc="count",
+                            fill_value=0)
+    out = status.join(agg, how="left")
+    for s in ("completed", "diverged", "failed"):
+        if s not in out:
+            out[s] = 0
+    return out.reset_index().sort_values(["optimizer", "loss"], key=_order_key).reset_index(drop=True)
+
+
+def _fmt(mean, std, n) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    if n and n > 1 and std == std:
+        return f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:.2f}"
+
+
+def study_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The original format: Optimizer, Method, TR@1, IR@1, ACC@1, Average (mean ± std over seeds).
+
+    A cell with no completed seed shows its status (diverged / failed) instead of numbers.
+    """
+    summary = cell_summary(df)
+    rows = []
+    for _, r in summary.iterrows():
+        row = {"Optimizer": OPTIMIZER_NAMES.get(r["optimizer"], r["optimizer"]),
+               "Method": LOSS_NAMES.get(r["loss"], r["loss"])}
+        n = r.get("average_count", 0)
+        n = 0 if n != n else int(n)
+        for m in METRICS:
+            row[METRIC_NAMES[m]] = _fmt(r.get(f"{m}_mean"), r.get(f"{m}_std"), n) if n else "–"
+        notes = [f"{int(r[s])} {s}" for s in ("diverged", "failed") if r.get(s, 0)]
+        row["Seeds"] = n
+        row["Status"] = ", ".join(notes) if notes else "ok"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def with_published(df: pd.DataFrame) -> pd.DataFrame:
+    """This study's mean Average beside the original published one, per cell of the original grid."""
+    summary = cell_summary(df)[["optimizer", "loss", "average_mean", "average_std"]]
+    pub = published_table().rename(columns={m: f"published_{m}" for m in METRICS})
+    return pub.merge(summary, on=["optimizer", "loss"], how="left")
+
+
+def spearman_vs_published(df: pd.DataFrame) -> dict:
+    """Spearman's rho between this study's cell ranking (mean Average) and the published one."""
+    from scipy.stats import spearmanr
+
+    both = with_published(df).dropna(subset=["average_mean"])
+    if len(both) < 3:
+        return {"rho": float("nan"), "p_value": float("nan"), "n_cells": len(both)}
+    rho, p = spearmanr(both["average_mean"], both["published_average"])
+    return {"rho": float(rho), "p_value": float(p), "n_cells": int(len(both))}
+
+
+def cost_table(df: pd.DataFrame) -> pd.DataFrame:
+    cols = ["wall_time_s", "train_samples_per_s", "peak_memory_mb"]
+    return df.groupby(["optimizer", "loss"], sort=False)[cols].mean().reset_index()
+
+
+def chance_levels_for(runs_root: str | Path) -> dict:
+    """Chance levels of the evaluation sets used by the runs (from the first run's configuration)."""
+    from clipstudy.evaluate import chance_levels
+
+    for cfg_file in sorted(Path(runs_root).glob("*/config.json")):
+        try:
+            cfg = json.loads(cfg_file.read_text())["config"]
+            from clipstudy.config import make_config
+
+            paths = make_config(cfg["profile"], **{k: v for k, v in cfg.items() if k != "profile"}).resolved_paths()
+            entries = json.loads(Path(paths["retrieval_ann"]).read_text())
+            txt2img = [i for i, e in enumerate(entries)
+                       for _ in (e["caption"] if isinstance(e["caption"], list) else [e["caption"]])]
+            n_classes = sum(1 for p in Path(paths["zeroshot_images"]).iterdir() if p.is_dir())
+            return chance_levels(txt2img, len(entries), n_classes)
+        except Exception:  # a run from another machine may point to data that is not here
+            continue
+    return {}
+
+
+# ---------------------------------------------------------------- conclusions
+def conclusions(df: pd.DataFrame) -> list[str]:
+    """Plain-language findings computed from the runs (never typed in by hand)."""
+    out = []
+    summary = cell_summary(df)
+    done = summary.dropna(subset=["average_mean"])
+    if done.empty:
+        return ["No cell completed, so there is nothing to conclude."]
+    multi_seed = (done["average_count"] > 1).any()
+    best = done.loc[done["average_mean"].idxmax()]
+    out.append(f"Best cell: {OPTIMIZER_NAMES.get(best.optimizer, best.optimizer)} + "
+               f"{LOSS_NAMES.get(best.loss, best.loss)}, Average {best.average_mean:.2f}"
+               + (f" ± {best.average_std:.2f} over {int(best.average_count)} seeds" if best.average_count > 1 else ""))
+    for loss, group in done.groupby("loss", sort=False):
+        group = group.sort_values("average_mean", ascending=False)
+        first = group.iloc[0]
+        line = (f"{LOSS_NAMES.get(loss, loss)}: best optimizer {OPTIMIZER_NAMES.get(first.optimizer, first.optimizer)} "
+                f"({first.average_mean:.2f})")
+        if len(group) > 1:
+            second = group.iloc[1]
+            gap = first.average_mean - second.average_mean
+            line += f", ahead of {OPTIMIZER_NAMES.get(second.optimizer, second.optimizer)} by {gap:.2f}"
+            if multi_seed and first.average_count > 1 and second.average_count > 1:
+                spread = float(np.hypot(first.average_std, second.average_std))
+                line += (f"; the gap {'exceeds' if gap > spread else 'is within'} the seed spread "
+                         f"(combined std {spread:.2f})")
+            elif not multi_seed:
+                line += " (single seed: no spread to compare against)"
+        out.append(line + ".")
+    # The original claims, tested on these runs.
+    per_loss_best = done.sort_values("average_mean", ascending=False).groupby("loss", sort=False).head(1)
+    adamw_wins = int((per_loss_best["optimizer"] == "adamw").sum())
+    out.append(f"'AdamW is best for every loss': AdamW is best for {adamw_wins} of {len(per_loss_best)} losses.")
+    by_opt = done.groupby("optimizer")["average_mean"].mean()
+    if "adam" in by_opt and "adam-nol2" in by_opt:
+        out.append(f"Adam with its L2 penalty averages {by_opt['adam']:.2f}; without it {by_opt['adam-nol2']:.2f}: "
+                   + ("dropping the L2 term helps." if by_opt["adam-nol2"] > by_opt["adam"] else
+                      "dropping the L2 term does not help."))
+    if len(by_opt) > 1:
+        ranking = ", ".join(f"{OPTIMIZER_NAMES.get(k, k)} {v:.2f}" for k, v in by_opt.sort_values(ascending=False).items())
+        out.append(f"Mean Average over losses by optimizer: {ranking}.")
+    diverged = df[df["status"] == "diverged"]
+    failed = df[df["status"] == "failed"]
+    if len(diverged):
+        out.append(f"{len(diverged)} run(s) diverged: " + ", ".join(
+            f"{r.optimizer}-{r.loss}-s{r.seed} at step {int(r.diverged_at_step) if r.diverged_at_step == r.diverged_at_step else '?'}"
+            for r in diverged.itertuples()) + ".")
+    if len(failed):
+        out.append(f"{len(failed)} run(s) failed: " + ", ".join(
+            f"{r.optimizer}-{r.loss}-s{r.seed}" for r in failed.itertuples()) + ".")
+    return out
+
+
+# ---------------------------------------------------------------------- CLI
+def render(profile: str, runs_root: Path, out_dir: Path, *, notebook: Path = ANALYSIS_NOTEBOOK) -> Path:
+    """Execute the analysis notebook and render it to HTML without code; return the HTML path."""
+    import nbformat
+    import papermill
+    from nbconvert import HTMLExporter
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    executed = out_dir / "analysis.ipynb"
+    papermill.execute_notebook(str(notebook), str(executed), kernel_name="python3", progress_bar=False,
+                               parameters={"profile": profile, "runs": str(runs_root.resolve()),
+                                           "out_dir": str(out_dir.resolve())}, cwd=str(REPO_ROOT))
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
+    html = out_dir / "report.html"
+    html.write_text(body, encoding="utf-8")
+    return html
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clipstudy report",
+                                     description="Render the analysis notebook to reports/<profile>/report.html.")
+    parser.add_argument("--profile", default="demo")
+    parser.add_argument("--runs", default=None, help="runs folder (default reports/runs/<profile>)")
+    parser.add_argument("--out", default=None, help="output folder (default reports/<profile>)")
+    args = parser.parse_args(argv)
+    runs = Path(args.runs) if args.runs else REPO_ROOT / "reports" / "runs" / args.profile
+    out = Path(args.out) if args.out else REPO_ROOT / "reports" / args.profile
+    if not runs.is_dir() or not any(runs.glob("*/metrics.json")):
+        print(f"error: no finished runs under {runs}; run `make sweep PROFILE={args.profile}` "
+              "(or `make demo`) first", file=sys.stderr)
+        return 2
+    html = render(args.profile, runs, out)
+    print(f"wrote {html} and {out / 'results.csv'}")
+    return 0

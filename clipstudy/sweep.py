@@ -1,0 +1,269 @@
+"""Run the optimizer x loss grid by executing ``notebooks/train.ipynb`` with papermill.
+
+Each cell runs into ``reports/runs/<profile>/<label>-<loss>-s<seed>/`` with
+its executed notebook beside the run's outputs. The sweep is resumable: a
+finished (completed or diverged) cell is skipped, an interrupted cell
+resumes from its newest checkpoint, a failed cell is recorded and the sweep
+goes on (it is tried again on the next sweep). A cell whose lock is held by
+another live process is skipped, so two sweeps on one folder never train the
+same cell twice.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clipstudy.checkpoint import checkpoint_paths, is_locked
+from clipstudy.config import FIELDS, PROFILES, ConfigError, cell_name, make_config
+
+DEFAULT_OPTIMIZERS = ("adamw", "sgd", "adam")
+DEFAULT_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
+# Named optimizer variants beyond the original grid; more with --variant.
+VARIANTS: dict[str, dict] = {
+    "adam-nol2": {"optimizer": "adam", "weight_decay": 0.0},  # Adam without its L2 penalty
+}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAIN_NOTEBOOK = REPO_ROOT / "notebooks" / "train.ipynb"
+
+
+@dataclass
+class Cell:
+    label: str                 # optimizer label (an optimizer name or a variant name)
+    loss: str
+    seed: int
+    params: dict = field(default_factory=dict)   # papermill parameters
+    out: Path = Path()
+
+    @property
+    def name(self) -> str:
+        return cell_name(self.label, self.loss, self.seed)
+
+
+def cell_state(out: Path) -> tuple[str, str]:
+    """(state, detail) of a run directory: done, diverged, failed, running, partial or pending."""
+    metrics = out / "metrics.json"
+    if is_locked(out):
+        return "running", "locked by a live process"
+    if metrics.is_file():
+        try:
+            m = json.loads(metrics.read_text())
+        except (OSError, json.JSONDecodeError):
+            m = {"status": "unreadable"}
+        status = m.get("status")
+        if status == "completed":
+            return "done", f"average {m.get('average', float('nan')):.2f}" if "average" in m else "completed"
+        if status == "diverged":
+            return "diverged", f"at step {m.get('diverged_at_step')}"
+        if status == "failed":
+            return "failed", m.get("error", "")[:120]
+    ckpts = checkpoint_paths(out / "checkpoints")
+    if ckpts:
+        return "partial", f"resumes from {ckpts[0].name}"
+    return "pending", ""
+
+
+def parse_mapping(text: str | None, what: str) -> dict[str, str]:
+    """``"a=1,b=2"`` -> {"a": "1", "b": "2"}."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        if "=" not in item:
+            raise ConfigError(f"{what}: {item!r} is not NAME=VALUE")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def plan_cells(profile: str, *, optimizers=DEFAULT_OPTIMIZERS, losses=DEFAULT_LOSSES, seeds=(0,),
+               lr: dict[str, float] | float | None = None, overrides: dict | None = None,
+               variants: dict[str, dict] | None = None, runs_root: str | Path | None = None) -> list[Cell]:
+    """The cells of a sweep, each validated now (so a bad parameter fails before hours of training).
+
+    ``lr`` is one learning rate for every cell or a mapping optimizer label -> lr.
+    ``variants`` adds named optimizer variants to :data:`VARIANTS`.
+    """
+    known = {**VARIANTS, **(variants or {})}
+    root = Path(runs_root) if runs_root else REPO_ROOT / "reports" / "runs" / profile
+    overrides = dict(overrides or {})
+    cells = []
+    for label in optimizers:
+        variant = known.get(label, {"optimizer": label})
+        for loss in losses:
+            for seed in seeds:
+                params = {**overrides, **variant, "loss": loss, "seed": int(seed)}
+                if label in known:
+                    params["label"] = label
+                if isinstance(lr, dict):
+                    if label in lr:
+                        params["lr"] = float(lr[label])
+                elif lr:
+                    params["lr"] = float(lr)
+                cell = Cell(label, loss, int(seed))
+                cell.out = root / cell.name
+                params["out"] = str(cell.out)
+                make_config(profile, **params)  # validate now
+                cell.params = {"profile": profile, **params}
+                cells.append(cell)
+    return cells
+
+
+def notebook_parameters(cell: Cell, device: str | None, threads: int | None) -> dict:
+    """Papermill parameters of the training notebook for one cell."""
+    params = dict(cell.params)
+    profile = params.pop("profile")
+    base = {k: params.pop(k) for k in ("optimizer", "loss", "seed", "out", "data", "label") if k in params}
+    overrides = dict(params)
+    if device:
+        overrides["device"] = device
+    if threads:
+        overrides["threads"] = threads
+    return {"profile": profile, **base, "overrides": overrides, "progress": False}
+
+
+def run_cell(cell: Cell, *, device: str | None = None, threads: int | None = None,
+             notebook: Path = TRAIN_NOTEBOOK) -> dict:
+    """Execute the training notebook for one cell; return its metrics (or the failure)."""
+    import papermill
+
+    cell.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    error = None
+    try:
+        papermill.execute_notebook(str(notebook), str(cell.out / "train.ipynb"),
+                                   parameters=notebook_parameters(cell, device, threads),
+                                   kernel_name="python3", progress_bar=False, cwd=str(REPO_ROOT))
+    except Exception as err:  # papermill wraps the notebook's exception
+        error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+    metrics = {}
+    if (cell.out / "metrics.json").is_file():
+        metrics = json.loads((cell.out / "metrics.json").read_text())
+    if error and metrics.get("status") not in ("failed",):
+        # the notebook failed before train() could record it (e.g. a bad parameter)
+        metrics = {"status": "failed", "error": error, "cell": cell.name}
+        from clipstudy.checkpoint import write_json
+        write_json(cell.out / "metrics.json", {**metrics, "optimizer": cell.label, "loss": cell.loss,
+                                               "seed": cell.seed, "profile": cell.params["profile"]})
+    metrics["sweep_wall_s"] = time.perf_counter() - started
+    return metrics
+
+
+def summary_line(cell: Cell, metrics: dict) -> str:
+    status = metrics.get("status", "?")
+    wall = metrics.get("sweep_wall_s", 0.0)
+    if status == "completed":
+        scores = " ".join(f"{k}={metrics[k]:.2f}" for k in ("txt_r1", "img_r1", "zeroshot_top1", "average")
+                          if isinstance(metrics.get(k), (int, float)))
+        return f"{cell.name:<28} completed  {scores}  ({wall:.0f}s)"
+    if status == "diverged":
+        return f"{cell.name:<28} DIVERGED at step {metrics.get('diverged_at_step')}  ({wall:.0f}s)"
+    return f"{cell.name:<28} FAILED: {metrics.get('error', '')}  ({wall:.0f}s)"
+
+
+def run_sweep(cells: list[Cell], *, jobs: int = 1, progress: bool = True) -> dict[str, dict]:
+    """Run every unfinished cell, ``jobs`` at a time; return cell name -> metrics."""
+    import torch
+    from tqdm.auto import tqdm
+
+    results, todo = {}, []
+    for cell in cells:
+        state, detail = cell_state(cell.out)
+        if state in ("done", "diverged"):
+            print(f"{cell.name:<28} skipped ({state}{': ' + detail if detail else ''})", flush=True)
+            results[cell.name] = json.loads((cell.out / "metrics.json").read_text())
+        elif state == "running":
+            print(f"{cell.name:<28} skipped (running in another process)", flush=True)
+        else:
+            todo.append(cell)
+    gpus = torch.cuda.device_count()
+    devices: queue.Queue = queue.Queue()
+    for slot in range(jobs):
+        devices.put(f"cuda:{slot % gpus}" if gpus else None)
+    threads = None if gpus else max(1, (os.cpu_count() or 1) // jobs)
+
+    def work(cell: Cell) -> dict:
+        device = devices.get()
+        try:
+            return run_cell(cell, device=device, threads=threads if jobs > 1 else None)
+        finally:
+            devices.put(device)
+
+    bar = tqdm(total=len(todo), desc="sweep", unit="cell", disable=not progress, file=sys.stderr)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(work, cell): cell for cell in todo}
+        for future in as_completed(futures):
+            cell = futures[future]
+            metrics = future.result()
+            results[cell.name] = metrics
+            bar.update(1)
+            tqdm.write(summary_line(cell, metrics), file=sys.stdout)
+    bar.close()
+    return results
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clipstudy sweep",
+                                     description="Run the optimizer x loss grid through papermill.")
+    parser.add_argument("--profile", default="demo", choices=sorted(PROFILES))
+    parser.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
+                        help=f"comma list; optimizer names or variants {sorted(VARIANTS)}")
+    parser.add_argument("--losses", default=",".join(DEFAULT_LOSSES))
+    parser.add_argument("--seeds", default="0", help="comma list of seeds, e.g. 0,1,2")
+    parser.add_argument("--lr", default=None,
+                        help="one learning rate for all cells, or per optimizer: adamw=2e-4,sgd=0.05")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIMIZER[:FIELD=VALUE;...]",
+                        help="a named optimizer variant, e.g. sgd-hi=sgd:lr=0.1;weight_decay=0")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a configuration field for every cell (repeatable)")
+    parser.add_argument("--data", default=None, help="demo-layout data folder (sets the `data` field)")
+    parser.add_argument("--runs", default=None, help="runs folder (default reports/runs/<profile>)")
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "1")))
+    parser.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+    args = parser.parse_args(argv)
+    try:
+        overrides = {}
+        for item in args.set:
+            overrides.update(parse_mapping(item, "--set"))
+        for name in overrides:
+            if name.replace("-", "_") not in FIELDS:
+                raise ConfigError(f"--set: unknown config field {name!r}")
+        if args.data:
+            overrides["data"] = str(Path(args.data).resolve())
+        elif args.profile in ("demo", "smoke"):
+            overrides.setdefault("data", str((REPO_ROOT / "data" / "demo").resolve()))
+        variants = {}
+        for spec in args.variant:
+            name, _, rest = spec.partition("=")
+            optimizer, _, fields = rest.partition(":")
+            variants[name] = {"optimizer": optimizer, **parse_mapping(fields.replace(";", ","), "--variant")}
+        lr = None
+        if args.lr:
+            lr = {k: float(v) for k, v in parse_mapping(args.lr, "--lr").items()} if "=" in args.lr else float(args.lr)
+        if args.jobs < 1:
+            raise ConfigError("--jobs must be >= 1")
+        cells = plan_cells(args.profile, optimizers=[o for o in args.optimizers.split(",") if o],
+                           losses=[x for x in args.losses.split(",") if x],
+                           seeds=[int(s) for s in args.seeds.split(",") if s], lr=lr, overrides=overrides,
+                           variants=variants, runs_root=args.runs)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for cell in cells:
+            state, detail = cell_state(cell.out)
+            print(f"{cell.name:<28} {state:<9} {detail}")
+        print(f"{len(cells)} cells in {cells[0].out.parent if cells else '-'}")
+        return 0
+    t0 = time.perf_counter()
+    results = run_sweep(cells, jobs=args.jobs)
+    counts: dict[str, int] = {}
+    for m in results.values():
+        counts[m.get("status", "?")] = counts.get(m.get("status", "?"), 0) + 1
+    print(f"sweep finished in {time.perf_counter() - t0:.0f}s: "
+          + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return 0
