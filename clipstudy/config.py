@@ -69,6 +69,7 @@ class RunConfig:
     tokenizer: str = ""                # tokenizer folder; empty = the encoder's own (or DATA/tokenizer)
     small_resnet_widths: list = field(default_factory=lambda: [32, 64, 128])
     small_resnet_blocks: list = field(default_factory=lambda: [1, 1, 1])
+    small_resnet_norm: str = "batch"   # batch | group (group: exact multi-process equivalence on CPU)
     text_dim: int = 128
     text_layers: int = 2
 
@@ -150,6 +151,7 @@ CHOICES: dict[str, tuple] = {
     "image_encoder": ("resnet50", "small_resnet"),
     "text_encoder": ("distilbert", "small_distilbert"),
     "amp": ("auto", "bf16", "fp16", "none"),
+    "small_resnet_norm": ("batch", "group"),
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}

@@ -57,13 +57,19 @@ class SmallResNet(nn.Module):
             after the first halves the resolution.
         blocks: BasicBlocks per stage (default (1, 1, 1)).
         stem_stride: stride of the 3x3 stem (default 2: 32 px -> 16 px).
+        norm: ``"batch"`` (default) or ``"group"``. Under data parallelism on
+            CPU, BatchNorm statistics are per process (SyncBatchNorm needs
+            CUDA), so only GroupNorm makes N processes x B/N equal 1 x B.
     """
 
-    def __init__(self, widths=(32, 64, 128), blocks=(1, 1, 1), stem_stride: int = 2):
+    def __init__(self, widths=(32, 64, 128), blocks=(1, 1, 1), stem_stride: int = 2, norm: str = "batch"):
         super().__init__()
+        if norm not in ("batch", "group"):
+            raise ValueError(f"norm={norm!r}; choose 'batch' or 'group'")
+        make_norm = nn.BatchNorm2d if norm == "batch" else (lambda c: nn.GroupNorm(min(8, c), c))
         self.stem = nn.Sequential(
             nn.Conv2d(3, widths[0], 3, stride=stem_stride, padding=1, bias=False),
-            nn.BatchNorm2d(widths[0]),
+            make_norm(widths[0]),
             nn.ReLU(inplace=True),
         )
         stages, in_ch = [], widths[0]
@@ -73,9 +79,9 @@ class SmallResNet(nn.Module):
             for b in range(n):
                 down = None
                 if b == 0 and (stride != 1 or in_ch != width):
-                    down = nn.Sequential(nn.Conv2d(in_ch, width, 1, stride=stride, bias=False),
-                                         nn.BatchNorm2d(width))
-                layers.append(BasicBlock(in_ch, width, stride=stride if b == 0 else 1, downsample=down))
+                    down = nn.Sequential(nn.Conv2d(in_ch, width, 1, stride=stride, bias=False), make_norm(width))
+                layers.append(BasicBlock(in_ch, width, stride=stride if b == 0 else 1, downsample=down,
+                                         norm_layer=make_norm))
                 in_ch = width
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
@@ -198,7 +204,7 @@ TEXT_ENCODERS = ("distilbert", "small_distilbert")
 
 def build_model(*, image_encoder: str = "resnet50", text_encoder: str = "distilbert",
                 embed_dim: int = 256, tokenizer_path: str | None = None, pretrained: bool = True,
-                small_resnet_widths=(32, 64, 128), small_resnet_blocks=(1, 1, 1),
+                small_resnet_widths=(32, 64, 128), small_resnet_blocks=(1, 1, 1), small_resnet_norm="batch",
                 text_dim: int = 128, text_layers: int = 2, max_length: int = 30):
     """Build ``(model, tokenizer)``.
 
@@ -210,7 +216,7 @@ def build_model(*, image_encoder: str = "resnet50", text_encoder: str = "distilb
     if image_encoder == "resnet50":
         image_tower = resnet50_trunk(pretrained)
     elif image_encoder == "small_resnet":
-        image_tower = SmallResNet(tuple(small_resnet_widths), tuple(small_resnet_blocks))
+        image_tower = SmallResNet(tuple(small_resnet_widths), tuple(small_resnet_blocks), norm=small_resnet_norm)
     else:
         raise ValueError(f"image_encoder={image_encoder!r}; choose one of {IMAGE_ENCODERS}")
 

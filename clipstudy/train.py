@@ -230,7 +230,8 @@ def build_model_for(config: RunConfig):
     return build_model(image_encoder=config.image_encoder, text_encoder=config.text_encoder,
                        embed_dim=config.embed_dim, tokenizer_path=config.resolved_paths()["tokenizer"] or None,
                        pretrained=config.pretrained, small_resnet_widths=config.small_resnet_widths,
-                       small_resnet_blocks=config.small_resnet_blocks, text_dim=config.text_dim,
+                       small_resnet_blocks=config.small_resnet_blocks,
+                       small_resnet_norm=config.small_resnet_norm, text_dim=config.text_dim,
                        text_layers=config.text_layers, max_length=config.max_length)
 
 

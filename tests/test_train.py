@@ -1,0 +1,166 @@
+"""The training engine on the smoke profile: resume equals uninterrupted, divergence, outputs, DDP."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import clipstudy.train as train_mod
+from clipstudy.checkpoint import checkpoint_paths, load_latest
+from clipstudy.config import make_config
+from clipstudy.train import train
+
+TIMING = {"wall_time_s", "train_samples_per_s", "peak_memory_mb", "eval_time", "git_commit"}
+
+
+def smoke(demo_data_dir, out, **kw):
+    return make_config("smoke", data=str(demo_data_dir), out=str(out), threads=1, **kw)
+
+
+def comparable(metrics):
+    return {k: v for k, v in metrics.items() if k not in TIMING}
+
+
+def final_weights(out):
+    state, _, _ = load_latest(Path(out) / "checkpoints")
+    return state
+
+
+def assert_same_state(a, b):
+    for part in ("model", "loss"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
+
+
+@pytest.mark.parametrize("loss", ["clip", "sogclr"])
+def test_sigterm_mid_epoch_then_rerun_equals_uninterrupted(demo_data_dir, tmp_path, monkeypatch, loss):
+    reference = train(smoke(demo_data_dir, tmp_path / "ref", loss=loss), progress=False)
+    assert reference["status"] == "completed"
+
+    original_step = train_mod.train_step
+    calls = {"n": 0}
+
+    def step_then_signal(run, batch):
+        out = original_step(run, batch)
+        calls["n"] += 1
+        if calls["n"] == 3:  # mid first epoch (4 steps per epoch in the smoke profile)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
+    config = smoke(demo_data_dir, tmp_path / "cut", loss=loss)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, progress=False)
+    saved = checkpoint_paths(tmp_path / "cut" / "checkpoints")
+    assert [p.name for p in saved] == ["ckpt-00000003.pt"]
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    monkeypatch.setattr(train_mod, "train_step", original_step)
+    resumed = train(config, progress=False)
+    assert comparable(resumed) == comparable(reference)
+    assert_same_state(final_weights(tmp_path / "cut"), final_weights(tmp_path / "ref"))
+    ref_hist = pd.read_csv(tmp_path / "ref" / "history.csv")
+    cut_hist = pd.read_csv(tmp_path / "cut" / "history.csv")
+    pd.testing.assert_series_equal(ref_hist["loss"], cut_hist["loss"])
+
+
+def test_kill9_after_first_checkpoint_then_rerun(demo_data_dir, tmp_path):
+    """A real `kill -9` of the CLI after its first checkpoint; the rerun ends like an uninterrupted run."""
+    args = [sys.executable, "-m", "clipstudy", "train", "--profile", "smoke", "--data", str(demo_data_dir),
+            "--loss", "onlineclr", "--epochs", "3", "--threads", "1", "--no-progress"]
+    ref = subprocess.run(args + ["--out", str(tmp_path / "ref")], capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen(args + ["--out", str(tmp_path / "cut")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not checkpoint_paths(tmp_path / "cut" / "checkpoints") and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint_paths(tmp_path / "cut" / "checkpoints"), "no checkpoint was written"
+    rerun = subprocess.run(args + ["--out", str(tmp_path / "cut")], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    a = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert comparable(a) == comparable(b)
+    assert_same_state(final_weights(tmp_path / "cut"), final_weights(tmp_path / "ref"))
+
+
+def test_run_directory_schema(demo_data_dir, tmp_path):
+    metrics = train(smoke(demo_data_dir, tmp_path / "run", seed=1), progress=False)
+    out = tmp_path / "run"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["seed"] == 1 and cfg["config"]["profile"] == "smoke"
+    assert "torch" in cfg["versions"] and cfg["git_commit"] and cfg["device"]["device"] == "cpu"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert saved["status"] == "completed"
+    # Average is the plain mean of TR@1, IR@1 and zero-shot top-1
+    assert saved["average"] == pytest.approx((saved["txt_r1"] + saved["img_r1"] + saved["zeroshot_top1"]) / 3)
+    history = pd.read_csv(out / "history.csv")
+    assert {"step", "loss", "lr", "grad_norm", "samples_per_s"} <= set(history.columns)
+    assert history["step"].tolist() == list(range(1, saved["global_step"] + 1))
+    epochs = pd.read_csv(out / "epochs.csv")
+    assert epochs["epoch"].tolist() == [1, 2]
+    assert epochs.iloc[-1]["average"] == pytest.approx(saved["average"])
+    # a finished run is not trained again
+    again = train(smoke(demo_data_dir, tmp_path / "run", seed=1), progress=False)
+    assert again["wall_time_s"] == saved["wall_time_s"]
+
+
+def test_same_seed_same_numbers_different_seed_differs(demo_data_dir, tmp_path):
+    a = train(smoke(demo_data_dir, tmp_path / "a", epochs=1), progress=False)
+    b = train(smoke(demo_data_dir, tmp_path / "b", epochs=1), progress=False)
+    c = train(smoke(demo_data_dir, tmp_path / "c", epochs=1, seed=5), progress=False)
+    la = pd.read_csv(tmp_path / "a" / "history.csv")["loss"]
+    assert la.tolist() == pd.read_csv(tmp_path / "b" / "history.csv")["loss"].tolist()
+    assert la.tolist() != pd.read_csv(tmp_path / "c" / "history.csv")["loss"].tolist()
+    assert comparable(a) == comparable(b)
+
+
+def test_exploding_learning_rate_ends_as_diverged(demo_data_dir, tmp_path):
+    metrics = train(smoke(demo_data_dir, tmp_path / "boom", loss="vicreg", optimizer="sgd", lr=1e12,
+                          warmup_steps=0), progress=False)
+    assert metrics["status"] == "diverged"
+    assert metrics["diverged_at_step"] >= 1
+    saved = json.loads((tmp_path / "boom" / "metrics.json").read_text())
+    assert saved["status"] == "diverged" and saved["diverged_at_step"] == metrics["diverged_at_step"]
+    history = pd.read_csv(tmp_path / "boom" / "history.csv") if (tmp_path / "boom" / "history.csv").stat().st_size else None
+    if history is not None:  # every logged loss is finite: the guard stopped before training on NaN
+        assert history["loss"].map(lambda v: v == v and abs(v) != float("inf")).all()
+
+
+def test_batch_larger_than_data_fails_fast(demo_data_dir, tmp_path):
+    from clipstudy.config import ConfigError
+
+    with pytest.raises(ConfigError, match="batch_size"):
+        train(smoke(demo_data_dir, tmp_path / "big", batch_size=100000), progress=False)
+
+
+def test_two_process_ddp_matches_one_process(demo_data_dir, tmp_path):
+    common = ["--profile", "smoke", "--data", str(demo_data_dir), "--loss", "sogclr", "--epochs", "1",
+              "--small_resnet_norm", "group", "--threads", "1", "--no-progress"]
+    one = subprocess.run([sys.executable, "-m", "clipstudy", "train", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "clipstudy", "train", *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    ha = pd.read_csv(tmp_path / "one" / "history.csv")["loss"]
+    hb = pd.read_csv(tmp_path / "two" / "history.csv")["loss"]
+    assert len(ha) == len(hb)
+    assert ha.tolist() == pytest.approx(hb.tolist(), rel=1e-4, abs=1e-5)
+    for key in ("txt_r1", "img_r1", "zeroshot_top1"):
+        assert a[key] == pytest.approx(b[key], abs=1e-6)
+    sa, sb = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for k in sa["model"]:
+        assert torch.allclose(sa["model"][k].float(), sb["model"][k].float(), rtol=1e-3, atol=1e-5), k
