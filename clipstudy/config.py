@@ -276,6 +276,8 @@ def config_from_json(path: str | Path) -> RunConfig:
 def add_config_arguments(parser) -> None:
     """One ``--field`` option per configuration field (values are coerced by make_config)."""
     for name in FIELDS:
+        if name == "profile":  # the command's own choice argument
+            continue
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         parser.add_argument(*flags, dest=name, default=None, metavar=_TYPES[name].__name__.upper(),
                             help=argparse_help(name))

@@ -1,0 +1,206 @@
+"""``python -m clipstudy check-data``: validate data sets before training.
+
+For each set given it counts the entries, decodes every image (progress bar on
+stderr), lists unreadable files with the reason, and summarises the captions
+(words after cleaning) or, for zero-shot, the classes. Prints a readable
+summary, or with ``--json`` exactly one JSON object on stdout.
+
+Exit status: 0 when every given set has at least one usable entry (a readable
+image), 1 when some set has none, 2 for a usage error or a malformed set
+(:class:`~clipstudy.data.DataError`, message on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable
+
+from clipstudy.data import (DataError, UnreadableImage, clean_caption, load_annotation_list, load_rgb_image,
+                            scan_image_folder)
+from clipstudy.demo_data import demo_paths
+
+SETS = ("train", "retrieval", "zeroshot")
+
+
+def _try_open(path: str) -> str | None:
+    """None if the image decodes, else the reason it does not."""
+    try:
+        load_rgb_image(path)
+    except UnreadableImage as error:
+        return error.reason
+    return None
+
+
+def _open_all(paths: list[str], label: str, progress: bool, workers: int) -> list[dict]:
+    """Decode every image; returns ``[{"path", "reason"}]`` for the unreadable ones, in input order."""
+    from tqdm import tqdm
+
+    # Pillow releases the GIL while decoding, so threads overlap the work.
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        reasons = list(tqdm(pool.map(_try_open, paths), total=len(paths), desc=f"{label} images",
+                            unit="img", disable=not progress, file=sys.stderr))
+    return [{"path": path, "reason": reason} for path, reason in zip(paths, reasons) if reason is not None]
+
+
+def _word_summary(captions: Iterable[str], max_words: int) -> dict:
+    counts = [len(clean_caption(c, max_words).split()) for c in captions]
+    if not counts:
+        return {"count": 0}
+    return {"count": len(counts), "min_words": min(counts), "mean_words": round(statistics.fmean(counts), 2),
+            "median_words": statistics.median(counts), "max_words": max(counts),
+            "empty_after_cleaning": sum(1 for n in counts if n == 0)}
+
+
+def _check_pairs(kind: str, ann_file: str, image_root: str, max_words: int, progress: bool, workers: int) -> dict:
+    entries = load_annotation_list(ann_file, kind)
+    if not Path(image_root).is_dir():
+        raise DataError(f"{image_root}: image root folder not found; pass the folder the image paths "
+                        f"in {ann_file} are relative to")
+    paths = [str(Path(image_root) / entry["image"]) for entry in entries]
+    unreadable = _open_all(paths, kind, progress, workers)
+    section = {"ann_file": str(ann_file), "image_root": str(image_root), "entries": len(entries),
+               "readable_images": len(paths) - len(unreadable), "unreadable_files": unreadable}
+    if kind == "train":
+        section["captions"] = _word_summary((e["caption"] for e in entries), max_words)
+    else:
+        per_image = [1 if isinstance(e["caption"], str) else len(e["caption"]) for e in entries]
+        section["texts"] = sum(per_image)
+        section["captions_per_image"] = ({"min": min(per_image), "mean": round(statistics.fmean(per_image), 2),
+                                          "max": max(per_image)} if per_image else {})
+        section["captions"] = _word_summary(
+            (c for e in entries for c in ([e["caption"]] if isinstance(e["caption"], str) else e["caption"])),
+            max_words)
+    section["usable"] = section["readable_images"] > 0
+    return section
+
+
+def _check_zeroshot(root: str, progress: bool, workers: int) -> dict:
+    classes, _, samples = scan_image_folder(root)
+    per_class = {name: 0 for name in classes}
+    for _, label in samples:
+        per_class[classes[label]] += 1
+    unreadable = _open_all([path for path, _ in samples], "zeroshot", progress, workers)
+    has_names_file = (Path(root) / "classnames.json").is_file()
+    return {"root": str(root), "classes": len(classes), "images": len(samples),
+            "readable_images": len(samples) - len(unreadable),
+            "images_per_class": {"min": min(per_class.values()), "max": max(per_class.values())},
+            "empty_classes": [name for name, n in per_class.items() if n == 0],
+            "classnames_file": has_names_file, "unreadable_files": unreadable,
+            "usable": len(samples) > len(unreadable)}
+
+
+def check_data(*, train_ann: str | None = None, train_images: str | None = None,
+               retrieval_ann: str | None = None, retrieval_images: str | None = None,
+               zeroshot_images: str | None = None, data: str | None = None,
+               max_words: int = 30, progress: bool = False, workers: int | None = None) -> dict:
+    """Check the given sets; returns ``{"train": {...}, "retrieval": {...}, "zeroshot": {...}, "ok": bool}``.
+
+    ``data`` is the demo layout shorthand (``data/train.json``, ``data/images``,
+    ``data/retrieval.json``, ``data/zeroshot``); explicit paths win. Only sets
+    with paths appear in the result. ``ok`` is False when some set has no
+    usable entry. ``workers`` threads decode images (default: CPU count).
+
+    Raises:
+        DataError: a malformed annotation file or missing folder.
+        ValueError: an annotation file without its image folder (or the
+            reverse), or no set at all.
+    """
+    if data:
+        layout = {key: str(path) for key, path in demo_paths(data).items()}
+        train_ann = train_ann or layout["train_ann"]
+        train_images = train_images or layout["train_images"]
+        retrieval_ann = retrieval_ann or layout["retrieval_ann"]
+        retrieval_images = retrieval_images or layout["retrieval_images"]
+        zeroshot_images = zeroshot_images or layout["zeroshot_images"]
+    for kind, ann, images in (("train", train_ann, train_images), ("retrieval", retrieval_ann, retrieval_images)):
+        if bool(ann) != bool(images):
+            raise ValueError(f"--{kind}-ann and --{kind}-images go together: give both or neither")
+    if not (train_ann or retrieval_ann or zeroshot_images):
+        raise ValueError("nothing to check: give --train-ann/--train-images, --retrieval-ann/--retrieval-images, "
+                         "--zeroshot-images, or --data DIR")
+    workers = workers or os.cpu_count() or 1
+    report: dict = {}
+    if train_ann:
+        report["train"] = _check_pairs("train", train_ann, train_images, max_words, progress, workers)
+    if retrieval_ann:
+        report["retrieval"] = _check_pairs("retrieval", retrieval_ann, retrieval_images, max_words, progress, workers)
+    if zeroshot_images:
+        report["zeroshot"] = _check_zeroshot(zeroshot_images, progress, workers)
+    report["ok"] = all(report[name]["usable"] for name in SETS if name in report)
+    return report
+
+
+def format_report(report: dict, max_listed: int = 20) -> str:
+    """The human-readable summary of :func:`check_data`'s result."""
+    lines = []
+    for name in SETS:
+        if name not in report:
+            continue
+        section = report[name]
+        where = section.get("ann_file") or section.get("root")
+        lines.append(f"[{name}] {where}")
+        if name == "zeroshot":
+            per_class = section["images_per_class"]
+            lines.append(f"  {section['classes']} classes, {section['images']} images "
+                         f"({per_class['min']}-{per_class['max']} per class), "
+                         f"class names from {'classnames.json' if section['classnames_file'] else 'folder ids'}")
+            if section["empty_classes"]:
+                lines.append(f"  empty class folders: {', '.join(section['empty_classes'])}")
+        else:
+            lines.append(f"  {section['entries']} entries, images under {section['image_root']}")
+            if name == "retrieval" and section["captions_per_image"]:
+                cpi = section["captions_per_image"]
+                lines.append(f"  {section['texts']} captions, {cpi['min']}-{cpi['max']} per image (mean {cpi['mean']})")
+            words = section["captions"]
+            if words.get("count"):
+                lines.append(f"  caption words after cleaning: min {words['min_words']}, mean {words['mean_words']}, "
+                             f"median {words['median_words']}, max {words['max_words']}; "
+                             f"{words['empty_after_cleaning']} empty")
+        bad = section["unreadable_files"]
+        lines.append(f"  readable images: {section['readable_images']}, unreadable: {len(bad)}")
+        for item in bad[:max_listed]:
+            lines.append(f"    {item['path']}: {item['reason']}")
+        if len(bad) > max_listed:
+            lines.append(f"    ... and {len(bad) - max_listed} more (use --json for the full list)")
+        if not section["usable"]:
+            lines.append("  NOT USABLE: no readable image")
+    lines.append("OK" if report["ok"] else "FAILED: a set has no usable entry")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clipstudy check-data",
+                                     description="Validate data sets (formats in STUDY.md) before training.")
+    parser.add_argument("--train-ann", help="training annotation JSON (list of image/caption/image_id)")
+    parser.add_argument("--train-images", help="folder the training image paths are relative to")
+    parser.add_argument("--retrieval-ann", help="retrieval annotation JSON (list of image/caption list)")
+    parser.add_argument("--retrieval-images", help="folder the retrieval image paths are relative to")
+    parser.add_argument("--zeroshot-images", help="ImageFolder root of the zero-shot set")
+    parser.add_argument("--data", help="demo layout shorthand: DIR/train.json, DIR/images, DIR/retrieval.json, "
+                                       "DIR/zeroshot (explicit options win)")
+    parser.add_argument("--max-words", type=int, default=30, help="caption word cap (default 30)")
+    parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU count)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        report = check_data(train_ann=args.train_ann, train_images=args.train_images,
+                            retrieval_ann=args.retrieval_ann, retrieval_images=args.retrieval_images,
+                            zeroshot_images=args.zeroshot_images, data=args.data, max_words=args.max_words,
+                            progress=True, workers=args.workers)
+    except (DataError, ValueError) as error:
+        print(f"check-data: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

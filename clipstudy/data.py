@@ -1,0 +1,560 @@
+"""Data sets, image loading, transforms and collation (formats in STUDY.md).
+
+Three sets feed a run:
+
+* :class:`TrainPairs`  - image-caption pairs, a JSON list of
+  ``{"image": <path relative to the image root>, "caption": str, "image_id": int}``.
+* :class:`RetrievalSet` - images with several captions each, a JSON list of
+  ``{"image": <relative path>, "caption": [str, ...]}``.
+* :class:`ZeroShotSet`  - an ImageFolder (one folder per class id, sorted order
+  = class index) plus class names and prompt templates.
+
+Annotation files are validated when a set is built (:class:`DataError`, naming
+the file and the fix). Images are read lazily: an unreadable image makes
+``__getitem__`` return ``None`` with a warning, and the collate functions drop
+it, so one bad file never stops an epoch.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+log = logging.getLogger("clipstudy.data")
+
+# CLIP's normalisation (Radford et al. 2021), used by the study's code base.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+TRAIN_FORMAT = '{"image": <path relative to the image root>, "caption": <str>, "image_id": <int or str>}'
+RETRIEVAL_FORMAT = '{"image": <path relative to the image root>, "caption": [<str>, ...]}'
+
+
+class DataError(Exception):
+    """A data set cannot be used as given (bad annotation file, missing folder...).
+
+    Raised when a set is built, never mid-epoch; the message names the file or
+    folder, what is wrong and how to fix it.
+    """
+
+
+class UnreadableImage(Exception):
+    """An image file that cannot be decoded: missing, empty, truncated or not an image."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+# --------------------------------------------------------------------------- captions
+
+_APOSTROPHES = re.compile(r"['\u2019]")
+_NOT_WORD = re.compile(r"[\W_]+")  # anything but letters and digits (any script)
+
+
+def clean_caption(text: str, max_words: int = 30) -> str:
+    """Caption as the study feeds it to the tokenizer.
+
+    Lower-cased; apostrophes removed (``"don't"`` -> ``"dont"``); every other run
+    of characters that are not letters or digits becomes one space (so
+    ``"top-left"`` -> ``"top left"``); leading/trailing space stripped; at most
+    ``max_words`` words (default 30, STUDY.md).
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"clean_caption expects a str, got {type(text).__name__}")
+    if max_words < 1:
+        raise ValueError(f"max_words must be >= 1, got {max_words}")
+    words = _NOT_WORD.sub(" ", _APOSTROPHES.sub("", text.lower())).split()
+    return " ".join(words[:max_words])
+
+
+# --------------------------------------------------------------------------- images
+
+def _white_composite(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
+    # PIL's own convert("L") from I;16 clips at 255 instead of scaling; map the
+    # 16-bit range 0..65535 linearly onto 0..255 (x / 257, rounded).
+    values = np.asarray(image, dtype=np.float64)
+    gray = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")
+
+
+def load_rgb_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file of any common mode and return it as 8-bit RGB.
+
+    * Alpha (LA, RGBA, PA, P or L/RGB with a transparency entry) is composited
+      on a white background, so transparent regions come out white.
+    * 16-bit and 32-bit integer grayscale (``I;16*``, ``I``; e.g. a 16-bit PNG)
+      is scaled from 0..65535 to 0..255 (value / 257, rounded; larger values
+      saturate), not clipped.
+    * CMYK, 1-bit, palette, YCbCr and the rest use Pillow's conversion.
+    * Only the first frame of a multi-frame file is used; EXIF orientation is
+      not applied (as in the study's code base).
+
+    Raises:
+        UnreadableImage: the file is missing, empty, truncated, or not an image.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise UnreadableImage(path, "file not found") from None
+    except OSError as error:
+        raise UnreadableImage(path, f"cannot stat file: {error}") from None
+    if path.is_dir():
+        raise UnreadableImage(path, "is a directory, not an image file")
+    if size == 0:
+        raise UnreadableImage(path, "empty file (0 bytes)")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: truncated data fails here, not later in a transform
+            has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+            if image.mode.startswith("I;16") or image.mode == "I":
+                return _sixteen_bit_to_rgb(image)
+            if has_alpha:
+                return _white_composite(image)
+            return image.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise UnreadableImage(path, f"too large to decode safely: {error}") from None
+    # Pillow's decoders raise many types for corrupt input (OSError, SyntaxError,
+    # ValueError, EOFError, zlib errors...); all mean the same thing here.
+    except Exception as error:  # noqa: BLE001
+        reason = str(error) or type(error).__name__
+        if isinstance(error, Image.UnidentifiedImageError):
+            reason = "not a recognised image file"
+        elif "truncated" in reason.lower():
+            reason = f"truncated image data ({reason})"
+        raise UnreadableImage(path, reason) from None
+
+
+# --------------------------------------------------------------------------- transforms
+
+def train_transform(image_size: int, *, crop_scale: tuple[float, float] | None = (0.5, 1.0),
+                    hflip: bool = True, randaugment: tuple[int, int] | None = (2, 7)) -> Callable:
+    """Training augmentation of STUDY.md (PIL RGB image -> normalised tensor).
+
+    Args:
+        image_size: output side in pixels.
+        crop_scale: area range of ``RandomResizedCrop`` (bicubic); default
+            (0.5, 1.0). ``None`` resizes the whole image instead (no crop).
+        hflip: random horizontal flip (default True).
+        randaugment: ``(num_ops, magnitude)`` of torchvision's ``RandAugment``;
+            default (2, 7); ``None`` disables it.
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    steps: list[Callable] = []
+    if crop_scale is None:
+        steps.append(T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC))
+    else:
+        low, high = crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
+        steps.append(T.RandomResizedCrop(image_size, scale=(low, high),
+                                         interpolation=T.InterpolationMode.BICUBIC))
+    if hflip:
+        steps.append(T.RandomHorizontalFlip())
+    if randaugment is not None:
+        num_ops, magnitude = randaugment
+        steps.append(T.RandAugment(num_ops=num_ops, magnitude=magnitude))
+    steps += [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    return T.Compose(steps)
+
+
+def eval_transform(image_size: int) -> Callable:
+    """Evaluation transform: resize to ``image_size`` x ``image_size`` (bicubic), CLIP normalisation."""
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    return T.Compose([
+        T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC),
+        T.ToTensor(),
+        T.Normalize(CLIP_MEAN, CLIP_STD),
+    ])
+
+
+# --------------------------------------------------------------------------- annotation files
+
+def load_annotation_list(ann_file: str | os.PathLike, kind: str) -> list[dict]:
+    """Read and validate an annotation file; ``kind`` is ``"train"`` or ``"retrieval"``.
+
+    Returns the (possibly empty) list of entries. Raises :class:`DataError`
+    naming the file and the first problems found.
+    """
+    if kind not in ("train", "retrieval"):
+        raise ValueError(f"kind must be 'train' or 'retrieval', got {kind!r}")
+    expected = TRAIN_FORMAT if kind == "train" else RETRIEVAL_FORMAT
+    path = Path(ann_file)
+    if not path.is_file():
+        raise DataError(f"{path}: annotation file not found; pass the path of a JSON list of {expected}")
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({error}); the file must be a JSON list of {expected}") from None
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: top level is a JSON {type(entries).__name__}, expected a list of {expected}")
+    problems = []
+    for i, entry in enumerate(entries):
+        problem = _entry_problem(entry, kind)
+        if problem:
+            problems.append(f"entry {i} {problem}")
+            if len(problems) == 5:
+                break
+    if problems:
+        raise DataError(f"{path}: {'; '.join(problems)}. Each entry must be {expected}")
+    return entries
+
+
+def _entry_problem(entry: Any, kind: str) -> str | None:
+    if not isinstance(entry, dict):
+        return f"is a {type(entry).__name__}, not an object"
+    missing = [key for key in ("image", "caption") if key not in entry]
+    if missing:
+        return f"has no {', '.join(repr(k) for k in missing)} key"
+    if not isinstance(entry["image"], str) or not entry["image"]:
+        return "has an 'image' that is not a non-empty string"
+    caption = entry["caption"]
+    if kind == "train":
+        if not isinstance(caption, str):
+            return f"has a 'caption' of type {type(caption).__name__}, expected a string"
+        # image_id is not used for training (per-sample state is keyed by the
+        # dataset index), so it may be absent; if present it must be an id.
+        image_id = entry.get("image_id", 0)
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+            return f"has an 'image_id' of type {type(image_id).__name__}, expected an int or string"
+    else:
+        captions = [caption] if isinstance(caption, str) else caption
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            return "has a 'caption' that is neither a string nor a list of strings"
+        if not captions:
+            return "has an empty caption list"
+    return None
+
+
+def _require_dir(folder: str | os.PathLike, what: str) -> Path:
+    path = Path(folder)
+    if not path.is_dir():
+        raise DataError(f"{path}: {what} folder not found; "
+                        "pass the folder the annotation's image paths are relative to")
+    return path
+
+
+class _WarnOnce:
+    """Logs one warning per unreadable file and data set (not one per epoch)."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def __call__(self, error: UnreadableImage) -> None:
+        if error.path not in self._seen:
+            self._seen.add(error.path)
+            log.warning("skipping unreadable image %s: %s", error.path, error.reason)
+
+
+# --------------------------------------------------------------------------- data sets
+
+class TrainPairs(Dataset):
+    """Image-caption training pairs (STUDY.md train format).
+
+    Args:
+        ann_file: JSON list of ``{"image", "caption", "image_id"}``.
+        image_root: folder the ``image`` paths are relative to.
+        transform: PIL RGB image -> tensor (see :func:`train_transform`).
+        max_words: caption word cap of :func:`clean_caption` (default 30).
+
+    Attributes:
+        images: image paths as written in the file; ``captions``: cleaned
+        captions; ``image_ids``: the ``image_id`` values (``None`` if absent).
+
+    ``dataset[i]`` is ``(image_tensor, caption, i)``; ``i`` addresses per-sample
+    loss state. It is ``None`` when the image cannot be read (warning logged).
+    """
+
+    def __init__(self, ann_file: str | os.PathLike, image_root: str | os.PathLike,
+                 transform: Callable, max_words: int = 30):
+        entries = load_annotation_list(ann_file, "train")
+        if not entries:
+            raise DataError(f"{ann_file}: the annotation list is empty; a training set needs at least one pair")
+        self.ann_file = str(ann_file)
+        self.image_root = _require_dir(image_root, "image root")
+        self.transform = transform
+        self.images = [entry["image"] for entry in entries]
+        self.captions = [clean_caption(entry["caption"], max_words) for entry in entries]
+        self.image_ids = [entry.get("image_id") for entry in entries]
+        self._warn = _WarnOnce()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        try:
+            image = load_rgb_image(self.image_root / self.images[index])
+        except UnreadableImage as error:
+            self._warn(error)
+            return None
+        return self.transform(image), self.captions[index], index
+
+
+class RetrievalSet(Dataset):
+    """Images with several captions each, for image-text retrieval (STUDY.md format).
+
+    Args:
+        ann_file: JSON list of ``{"image", "caption": [str, ...]}`` (a single
+            string caption is accepted too).
+        image_root: folder the ``image`` paths are relative to.
+        transform: PIL RGB image -> tensor (see :func:`eval_transform`).
+        max_words: caption word cap (default 30).
+
+    Attributes:
+        images: image paths; ``texts``: every cleaned caption, image by image;
+        ``txt2img[t]``: image index of text ``t``; ``img2txt[i]``: text indices
+        of image ``i``.
+
+    ``dataset[i]`` is ``(image_tensor, i)``, or ``None`` for an unreadable image.
+    """
+
+    def __init__(self, ann_file: str | os.PathLike, image_root: str | os.PathLike,
+                 transform: Callable, max_words: int = 30):
+        entries = load_annotation_list(ann_file, "retrieval")
+        if not entries:
+            raise DataError(f"{ann_file}: the annotation list is empty; a retrieval set needs at least one image")
+        self.ann_file = str(ann_file)
+        self.image_root = _require_dir(image_root, "image root")
+        self.transform = transform
+        self.images: list[str] = []
+        self.texts: list[str] = []
+        self.txt2img: list[int] = []
+        self.img2txt: list[list[int]] = []
+        for image_index, entry in enumerate(entries):
+            captions = [entry["caption"]] if isinstance(entry["caption"], str) else entry["caption"]
+            self.images.append(entry["image"])
+            self.img2txt.append(list(range(len(self.texts), len(self.texts) + len(captions))))
+            for caption in captions:
+                self.texts.append(clean_caption(caption, max_words))
+                self.txt2img.append(image_index)
+        self._warn = _WarnOnce()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        try:
+            image = load_rgb_image(self.image_root / self.images[index])
+        except UnreadableImage as error:
+            self._warn(error)
+            return None
+        return self.transform(image), index
+
+
+# --------------------------------------------------------------------------- zero-shot
+
+# The ImageNet class names and CLIP's 80 templates are kept as a data file
+# rather than a dependency on open_clip_torch, which would pull in timm,
+# huggingface_hub, ftfy and more for two constants. Sources and licences are
+# recorded inside the file.
+_METADATA_FILE = "imagenet_metadata.json"
+
+
+@functools.lru_cache(maxsize=1)
+def _imagenet_metadata() -> dict:
+    text = importlib.resources.files("clipstudy").joinpath("resources", _METADATA_FILE).read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids in sorted order (= class index order)."""
+    return list(_imagenet_metadata()["wnids"])
+
+
+def imagenet_classnames() -> list[str]:
+    """The 1000 ImageNet-1k class names used for CLIP zero-shot, in class index order."""
+    return list(_imagenet_metadata()["classnames"])
+
+
+def clip_templates() -> list[str]:
+    """CLIP's 80 ImageNet prompt templates, each with one ``"{}"`` for the class name."""
+    return list(_imagenet_metadata()["templates"])
+
+
+def _check_templates(templates: Sequence[str], where: str) -> list[str]:
+    templates = list(templates)
+    bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
+    if not templates or bad:
+        raise DataError(f"{where}: templates must be a non-empty list of strings with exactly one '{{}}' "
+                        f"for the class name, e.g. 'a photo of a {{}}.'; bad: {bad[:3]}")
+    return templates
+
+
+class ZeroShotSet(Dataset):
+    """An ImageFolder for zero-shot classification, with class names and prompt templates.
+
+    One sub-folder per class id under ``root``; sorted folder order is the class
+    index (torchvision's ``find_classes``). Files with image extensions are the
+    samples; empty class folders are allowed (the class stays in the classifier).
+
+    Class names and templates, each resolved on its own, first match wins:
+
+    1. the ``classnames`` / ``templates`` arguments (``classnames`` a list in
+       class index order or a mapping folder id -> name);
+    2. ``root/classnames.json``: ``{"classnames": {folder_id: name}, "templates": [...]}``
+       (``templates`` optional there);
+    3. folder ids that are all ImageNet WordNet ids: the shipped ImageNet names;
+    4. the folder names with underscores as spaces.
+
+    Templates default to CLIP's 80 ImageNet templates.
+
+    Attributes:
+        classes: folder ids; ``classnames``; ``templates``; ``samples``: (path,
+        label) pairs; ``targets``: labels.
+
+    ``dataset[i]`` is ``(image_tensor, label)``, or ``None`` for an unreadable image.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable,
+                 classnames: Sequence[str] | Mapping[str, str] | None = None,
+                 templates: Sequence[str] | None = None):
+        self.root = _require_dir(root, "zero-shot image")
+        self.transform = transform
+        self.classes, self.class_to_idx, self.samples = scan_image_folder(self.root)
+        if not self.samples:
+            raise DataError(f"{self.root}: no image files in any class folder "
+                            f"(extensions {', '.join(IMG_EXTENSIONS)})")
+        self.targets = [label for _, label in self.samples]
+        file_names, file_templates = self._read_classnames_json()
+        self.classnames = self._resolve_names(classnames, file_names)
+        if templates is not None:
+            self.templates = _check_templates(templates, "ZeroShotSet(templates=...)")
+        elif file_templates is not None:
+            self.templates = _check_templates(file_templates, str(self.root / "classnames.json"))
+        else:
+            self.templates = clip_templates()
+        self._warn = _WarnOnce()
+
+    def _read_classnames_json(self) -> tuple[dict | None, list | None]:
+        path = self.root / "classnames.json"
+        if not path.is_file():
+            return None, None
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise DataError(f"{path}: not valid JSON ({error}); expected "
+                            '{"classnames": {folder_id: name}, "templates": ["a photo of a {}.", ...]}') from None
+        names = meta.get("classnames") if isinstance(meta, dict) else None
+        if not isinstance(names, dict):
+            raise DataError(f"{path}: needs a 'classnames' object mapping each folder id to a class name")
+        return names, meta.get("templates")
+
+    def _resolve_names(self, given, from_file: dict | None) -> list[str]:
+        if given is not None:
+            if isinstance(given, Mapping):
+                return self._names_from_mapping(given, "ZeroShotSet(classnames=...)")
+            given = list(given)
+            if len(given) != len(self.classes):
+                raise DataError(f"ZeroShotSet(classnames=...): {len(given)} names for {len(self.classes)} "
+                                f"class folders in {self.root}; give one name per folder, in sorted folder order")
+            return given
+        if from_file is not None:
+            return self._names_from_mapping(from_file, str(self.root / "classnames.json"))
+        wnid_index = {wnid: i for i, wnid in enumerate(imagenet_wnids())}
+        if all(folder in wnid_index for folder in self.classes):
+            names = imagenet_classnames()
+            return [names[wnid_index[folder]] for folder in self.classes]
+        return [folder.replace("_", " ") for folder in self.classes]
+
+    def _names_from_mapping(self, names: Mapping[str, str], where: str) -> list[str]:
+        missing = [folder for folder in self.classes if folder not in names]
+        if missing:
+            raise DataError(f"{where}: no class name for folder(s) {missing[:5]} of {self.root}; "
+                            "add an entry folder_id -> name for every class folder")
+        return [str(names[folder]) for folder in self.classes]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            image = load_rgb_image(path)
+        except UnreadableImage as error:
+            self._warn(error)
+            return None
+        return self.transform(image), label
+
+
+def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], dict[str, int], list[tuple[str, int]]]:
+    """``(classes, class_to_idx, samples)`` of an ImageFolder, empty class folders allowed.
+
+    Raises :class:`DataError` when ``root`` is missing or has no class folder.
+    """
+    root = _require_dir(root, "zero-shot image")
+    try:
+        classes, class_to_idx = find_classes(str(root))
+    except FileNotFoundError:
+        raise DataError(f"{root}: no class sub-folders; expected one folder per class holding its images") from None
+    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    return classes, class_to_idx, samples
+
+
+# --------------------------------------------------------------------------- collation
+
+class CaptionCollate:
+    """Collate for :class:`TrainPairs`: drops unreadable items, tokenises the captions.
+
+    A class (not a closure) so DataLoader workers can pickle it. Returns
+    ``{"images": [B,3,H,W], "input_ids": [B,L], "attention_mask": [B,L],
+    "index": [B], "skipped": int}``; B may be 0 when every item was unreadable
+    (the caller skips such a batch).
+    """
+
+    def __init__(self, tokenizer, max_length: int = 30):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, batch: list) -> dict[str, Any]:
+        kept = [item for item in batch if item is not None]
+        skipped = len(batch) - len(kept)
+        if not kept:
+            empty_tokens = torch.zeros((0, self.max_length), dtype=torch.long)
+            return {"images": torch.zeros((0, 3, 0, 0)), "input_ids": empty_tokens,
+                    "attention_mask": empty_tokens.clone(), "index": torch.zeros(0, dtype=torch.long),
+                    "skipped": skipped}
+        images, captions, indices = zip(*kept)
+        tokens = self.tokenizer(list(captions), padding="max_length", truncation=True,
+                                max_length=self.max_length, return_tensors="pt")
+        return {"images": torch.stack(images), "input_ids": tokens["input_ids"].long(),
+                "attention_mask": tokens["attention_mask"].long(),
+                "index": torch.tensor(indices, dtype=torch.long), "skipped": skipped}
+
+
+def make_collate(tokenizer, max_length: int = 30) -> CaptionCollate:
+    """The training collate function (see :class:`CaptionCollate`); max_length default 30."""
+    return CaptionCollate(tokenizer, max_length)
+
+
+def collate_skip_none(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate for the evaluation sets: drops ``None`` items.
+
+    Returns ``(images [B,3,H,W], ids_or_labels [B])``; B may be 0.
+    """
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        return torch.zeros((0, 3, 0, 0)), torch.zeros(0, dtype=torch.long)
+    images, ids = zip(*kept)
+    return torch.stack(images), torch.tensor(ids, dtype=torch.long)
