@@ -1,0 +1,588 @@
+"""The image-text losses of the study, behind one registry.
+
+Every loss is an ``nn.Module`` built by :func:`make_loss` and called as
+``loss(image_emb, text_emb, index)``:
+
+* ``image_emb``, ``text_emb``: the raw projections ``[B, D]`` of this
+  process's rows. Each loss L2-normalises them when its method calls for it
+  (VICReg uses them as they are).
+* ``index``: a ``LongTensor [B]`` of the rows' dataset indices; losses with
+  per-sample state address their state with it (stateless losses ignore it and
+  accept ``None``).
+* returns a scalar tensor to back-propagate.
+
+Common behaviour (the base class :class:`PairLoss`):
+
+* Distributed: embeddings and indices are gathered from all ranks
+  (:mod:`clipstudy.distributed`) and the loss is computed on the global batch,
+  identically on every rank, so ``W`` ranks x ``B/W`` rows give the loss, the
+  gradients and the state of one process x ``B`` rows.
+* Precision: autocast is switched off inside the loss and the embeddings are
+  cast to float32 (float64 inputs stay float64), and every exponential is
+  shifted, so temperature 0.01 under float16/bfloat16 autocast gives finite
+  values and gradients.
+* State lives in registered buffers (and SigLIP's learned scale and bias in
+  parameters): it is saved by ``state_dict()`` and moved by ``.to(device)``.
+  ``stateful`` says whether a forward call advances the state.
+* ``extra_metrics()`` returns values worth logging each step (default ``{}``).
+
+Adding a loss is one decorated class: ``@register_loss("name")`` on a
+:class:`PairLoss` subclass that implements ``compute``.
+
+The definitions follow the study's protocol (``STUDY.md``) and the official code
+of each method; each class says where it departs from that code and why.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipstudy.distributed import gather_no_grad, gather_with_grad
+
+__all__ = ["LOSSES", "register_loss", "available_losses", "make_loss", "PairLoss", "ClipLoss", "SogClrLoss",
+           "ISogClrLoss", "CyClipLoss", "VicRegLoss", "OnlineClrLoss", "SigLipLoss"]
+
+LOSSES: dict[str, type["PairLoss"]] = {}
+
+
+def register_loss(name: str) -> Callable[[type["PairLoss"]], type["PairLoss"]]:
+    """Class decorator: make a :class:`PairLoss` subclass available to :func:`make_loss` as ``name``."""
+    def add(cls: type[PairLoss]) -> type[PairLoss]:
+        if name in LOSSES:
+            raise ValueError(f"a loss named {name!r} is already registered ({LOSSES[name].__name__})")
+        cls.name = name
+        LOSSES[name] = cls
+        return cls
+    return add
+
+
+def available_losses() -> list[str]:
+    """Names accepted by :func:`make_loss`, sorted."""
+    return sorted(LOSSES)
+
+
+def make_loss(name: str, *, temperature: float = 0.01, num_samples: int | None = None, **params) -> "PairLoss":
+    """Build the loss registered as ``name``.
+
+    Args:
+        name: one of :func:`available_losses`.
+        temperature: the contrastive temperature tau (default 0.01); the initial
+            temperature for iSogCLR; ignored by VICReg and SigLIP.
+        num_samples: size of the training set; required by losses with
+            per-sample state (``sogclr``, ``isogclr``), ignored by the others.
+        **params: the loss's own parameters (see each class), e.g. ``gamma=0.8``.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {available_losses()}")
+    cls = LOSSES[name]
+    accepted = cls.parameter_names()
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(f"loss {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                         f"its parameters are {accepted or 'none besides temperature'}")
+    return cls(temperature=temperature, num_samples=num_samples, **params)
+
+
+# ------------------------------------------------------------------ checks
+def _check(name: str, value, ok: bool, requirement: str) -> None:
+    if not ok:
+        raise ValueError(f"loss parameter {name!r}={value!r}: {requirement}")
+
+
+def _positive(name: str, value) -> float:
+    _check(name, value, isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+           and math.isfinite(value), "must be a finite number > 0")
+    return float(value)
+
+
+def _non_negative(name: str, value) -> float:
+    _check(name, value, isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+           and math.isfinite(value), "must be a finite number >= 0")
+    return float(value)
+
+
+def _rate(name: str, value) -> float:
+    _check(name, value, isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1,
+           "must be in (0, 1]")
+    return float(value)
+
+
+# ------------------------------------------------------------- base class
+class PairLoss(nn.Module):
+    """Base of every loss: validates, gathers across ranks, casts, then calls :meth:`compute`.
+
+    Args:
+        temperature: contrastive temperature tau (default 0.01).
+        num_samples: training set size (default None); required when
+            ``per_sample_state`` is True.
+    """
+
+    name: str = ""
+    #: True when a forward call advances state that must be checkpointed.
+    stateful: bool = False
+    #: True when the state is per training sample (buffers of size num_samples addressed by index).
+    per_sample_state: bool = False
+    #: Smallest global batch the method is defined for.
+    min_batch: int = 1
+
+    def __init__(self, temperature: float = 0.01, num_samples: int | None = None):
+        super().__init__()
+        self.temperature = _positive("temperature", temperature)
+        if num_samples is not None:
+            _check("num_samples", num_samples, isinstance(num_samples, int) and not isinstance(num_samples, bool)
+                   and num_samples >= 1, "must be an integer >= 1 (the training set size)")
+        elif self.per_sample_state:
+            raise ValueError(f"loss {self.name!r} keeps per-sample state: pass num_samples=<training set size>")
+        self.num_samples = num_samples
+
+    @classmethod
+    def parameter_names(cls) -> list[str]:
+        """The keyword parameters of this loss besides temperature and num_samples."""
+        signature = inspect.signature(cls.__init__)
+        return [p for p in signature.parameters if p not in ("self", "temperature", "num_samples")]
+
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
+                index: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_inputs(image_emb, text_emb, index)
+        # Work outside autocast and at least in float32: tau = 0.01 makes logits up to 100-400.
+        with torch.autocast(device_type=image_emb.device.type, enabled=False):
+            dtype = torch.promote_types(image_emb.dtype, torch.float32)
+            image_emb = gather_with_grad(image_emb.to(dtype))
+            text_emb = gather_with_grad(text_emb.to(dtype))
+            if index is not None:
+                index = gather_no_grad(index)
+                if self.per_sample_state:
+                    self._check_index_range(index)
+            if image_emb.shape[0] < self.min_batch:
+                raise ValueError(f"loss {self.name!r} needs a (global) batch of at least {self.min_batch} pairs, "
+                                 f"got {image_emb.shape[0]}")
+            return self.compute(image_emb, text_emb, index)
+
+    def compute(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
+                index: torch.Tensor | None) -> torch.Tensor:
+        """The loss on the global batch (float32 or float64 inputs, autocast off)."""
+        raise NotImplementedError
+
+    def extra_metrics(self) -> dict[str, float]:
+        """Values worth logging each step (none by default)."""
+        return {}
+
+    def _check_inputs(self, image_emb, text_emb, index) -> None:
+        if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape != text_emb.shape:
+            raise ValueError(f"loss {self.name!r}: image_emb and text_emb must both be [B, D] with the same shape, "
+                             f"got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+        if not (image_emb.is_floating_point() and text_emb.is_floating_point()):
+            raise TypeError(f"loss {self.name!r}: embeddings must be floating point, got {image_emb.dtype} "
+                            f"and {text_emb.dtype}")
+        if index is None:
+            if self.per_sample_state:
+                raise ValueError(f"loss {self.name!r} keeps per-sample state: pass index, the LongTensor [B] "
+                                 "of the rows' dataset indices")
+            return
+        if index.shape != image_emb.shape[:1]:
+            raise ValueError(f"loss {self.name!r}: index must have shape [B]={tuple(image_emb.shape[:1])}, "
+                             f"got {tuple(index.shape)}")
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+            raise TypeError(f"loss {self.name!r}: index must be an integer tensor, got {index.dtype}")
+
+    def _check_index_range(self, index: torch.Tensor) -> None:
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_samples):
+            raise ValueError(f"loss {self.name!r}: dataset indices must be in [0, num_samples={self.num_samples}), "
+                             f"got values in [{int(index.min())}, {int(index.max())}]; build the loss with "
+                             "num_samples=len(training set)")
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+@torch.no_grad()
+def _shifted_moving_average(u_old: torch.Tensor, b_old: torch.Tensor, x: torch.Tensor, gamma: float,
+                            scale: float, first_visit: torch.Tensor | None = None):
+    """One step of ``U <- (1 - gamma) U + gamma * scale * sum_j exp(x_j)`` (sum over the last dim).
+
+    ``U`` is stored as ``u * exp(b)``, with the shift ``b`` chosen as the larger of
+    this batch's ``max_j x_j`` and ``log((1 - gamma) U_old)``. Then every
+    exponential computed is ``<= 1`` (no overflow) and ``u >= min(1, gamma *
+    scale)`` (no underflow), whatever the temperature; ``u_old`` is rescaled by
+    ``exp(b_old - b_new)`` so that ``u * exp(b)`` is exactly the moving
+    average. (The SogCLR code keeps a pure running maximum, under which ``u``
+    can underflow once the scores fall far below their historical maximum.)
+
+    Args:
+        x: scaled scores, ``-inf`` at excluded entries (the positive pair).
+        first_visit: bool mask, same shape as ``u_old``; where True the average
+            starts at the batch value (``U <- scale * sum exp(x)``).
+    Returns:
+        ``(u_new, b_new, exps)`` with ``exps = exp(x - b_new)``.
+    """
+    log_kept = torch.log(u_old * (1.0 - gamma)) + b_old  # -inf when u_old is 0 or gamma is 1
+    rate = torch.full_like(u_old, gamma)
+    if first_visit is not None:
+        log_kept = log_kept.masked_fill(first_visit, -math.inf)
+        rate = rate.masked_fill(first_visit, 1.0)
+    b_new = torch.maximum(x.amax(dim=-1), log_kept)
+    exps = torch.exp(x - b_new.unsqueeze(-1))
+    u_new = torch.exp(log_kept - b_new) + rate * scale * exps.sum(dim=-1)
+    return u_new, b_new, exps
+
+
+# ------------------------------------------------------------------- CLIP
+@register_loss("clip")
+class ClipLoss(PairLoss):
+    """CLIP (Radford et al., 2021): mean of the image->text and text->image
+    cross-entropies of ``s / tau`` with the matching pair as the target.
+
+    Args:
+        temperature: tau (default 0.01).
+    """
+
+    def compute(self, image_emb, text_emb, index):
+        logits = _normalize(image_emb) @ _normalize(text_emb).T / self.temperature
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+# ----------------------------------------------------------------- SogCLR
+@register_loss("sogclr")
+class SogClrLoss(PairLoss):
+    """SogCLR (Yuan et al., ICML 2022): stochastic optimisation of the global
+    contrastive loss
+
+        (1/n) sum_i tau log( mean_{j != i} exp((s_ij - s_ii) / tau) )
+
+    on the image side (anchor image i, negative texts j) plus the text side
+    (anchor text i, negative images j). The inner mean ``g_i`` is tracked per
+    sample by ``U_i <- (1 - gamma) U_i + gamma g_i(batch)`` and the gradient is
+    the SogCLR estimator ``(1/B) sum_i sum_{j != i} exp((s_ij - s_ii)/tau) / U_i
+    * grad(s_ij - s_ii) / (B - 1)`` per side. With ``gamma = 1`` it is exactly the
+    gradient of the batch global contrastive loss.
+
+    Returned value: the current estimate of the global contrastive loss,
+    ``mean_i tau log(U_i)`` summed over the two sides (with ``gamma = 1``: the
+    batch GCL itself); its gradient is the estimator above (a detached-weight
+    surrogate carries the gradient).
+
+    A sample's average starts at its first batch value (as in LibAUC's GCLoss),
+    not at zero. Exponentials are shifted per sample (see
+    :func:`_shifted_moving_average`). With duplicated indices in one batch the
+    state keeps one of the rows' values.
+
+    Args:
+        temperature: tau (default 0.01).
+        num_samples: training set size (required).
+        gamma: moving-average rate in (0, 1] (default 0.8).
+    """
+
+    stateful = True
+    per_sample_state = True
+    min_batch = 2
+
+    def __init__(self, temperature: float = 0.01, num_samples: int | None = None, gamma: float = 0.8):
+        super().__init__(temperature, num_samples)
+        self.gamma = _rate("gamma", gamma)
+        n = self.num_samples
+        # U = u * exp(b) per sample and side; u == 0 marks a sample not seen yet.
+        self.register_buffer("u_image", torch.zeros(n))
+        self.register_buffer("b_image", torch.zeros(n))
+        self.register_buffer("u_text", torch.zeros(n))
+        self.register_buffer("b_text", torch.zeros(n))
+
+    def compute(self, image_emb, text_emb, index):
+        sim = _normalize(image_emb) @ _normalize(text_emb).T
+        tau = torch.full((sim.shape[0],), self.temperature, dtype=sim.dtype, device=sim.device)
+        img_surrogate, img_estimate, _ = self._side(sim, index, tau, self.u_image, self.b_image)
+        txt_surrogate, txt_estimate, _ = self._side(sim.T, index, tau, self.u_text, self.b_text)
+        surrogate = img_surrogate + txt_surrogate
+        estimate = img_estimate + txt_estimate
+        return surrogate + (estimate - surrogate).detach()
+
+    def _side(self, sim, index, tau, u_buf, b_buf):
+        """One side; row i of ``sim`` holds the anchor i's scores. Updates the buffers.
+
+        Returns the surrogate (gradient carrier), the per-row estimates
+        ``tau_i log U_i`` averaged, and a dict of detached terms for subclasses.
+        """
+        batch = sim.shape[0]
+        diffs = sim - sim.diagonal().unsqueeze(1)
+        positive = torch.eye(batch, dtype=torch.bool, device=sim.device)
+        with torch.no_grad():
+            x = (diffs / tau.unsqueeze(1)).masked_fill(positive, -math.inf)
+            u_old, b_old = u_buf[index].to(sim.dtype), b_buf[index].to(sim.dtype)
+            u_new, b_new, exps = _shifted_moving_average(u_old, b_old, x, self.gamma, 1.0 / (batch - 1),
+                                                         first_visit=u_old <= 0)
+            weights = exps / u_new.unsqueeze(1)  # exp(x_ij) / U_i, 0 on the diagonal
+            u_buf[index] = u_new.to(u_buf.dtype)
+            b_buf[index] = b_new.to(b_buf.dtype)
+            log_u = torch.log(u_new) + b_new
+        surrogate = (weights * diffs).sum(dim=1).mean() / (batch - 1)
+        estimate = (tau * log_u).mean()
+        return surrogate, estimate, dict(weights=weights, x=x.masked_fill(positive, 0.0), log_u=log_u)
+
+
+# ---------------------------------------------------------------- iSogCLR
+@register_loss("isogclr")
+class ISogClrLoss(SogClrLoss):
+    """iSogCLR (Qiu et al., ICML 2023): SogCLR with an individual temperature
+    per image and per text, learned by the distributionally robust objective
+
+        (1/n) sum_i [ tau_i log( mean_{j != i} exp((s_ij - s_ii) / tau_i) ) + tau_i rho ]
+
+    per side. As in the official bimodal code (``iSogCLR_Loss``, also LibAUC's
+    ``GCLoss_v2``) the temperatures are buffers updated inside the forward pass
+    (no gradient, not seen by the optimizer): with the estimate of
+    ``dF/dtau_i = log U_i + rho - sum_j p_ij x_ij`` (``p_ij = exp(x_ij) /
+    ((B-1) U_i)``, ``x_ij = (s_ij - s_ii) / tau_i``), clipped to
+    ``[-tau_grad_clip, tau_grad_clip]``, a momentum average
+    ``m_i <- (1 - tau_beta) m_i + tau_beta * grad`` and a step
+    ``tau_i <- clamp(tau_i - tau_lr * m_i, tau_min, tau_max)``. The embeddings'
+    gradient is SogCLR's with ``tau_i`` in place of tau.
+
+    Direction: ``dF/dtau_i = rho - KL(p_i || uniform)`` and that KL is at most
+    ``log(B - 1)``, so with ``gamma = 1`` and ``rho > log(B - 1)`` (the default
+    rho = 8 for any batch below 2981) the temperatures decrease towards
+    ``tau_min``; with ``rho = 0`` they increase. With ``gamma < 1`` the
+    estimate uses the moving average ``U_i``, which mixes batches scored at the
+    sample's earlier temperatures (as the official code does), so it can
+    differ in sign from the batch gradient right after a large temperature
+    change. With the official step settings one update can move a temperature
+    by up to ``tau_lr * tau_grad_clip * tau_beta = 0.075``, more than the whole
+    ``[tau_min, tau_max]`` range.
+
+    Returned value: the estimate of the objective above (``mean_i tau_i
+    (log U_i + rho)`` summed over sides), at the temperatures of this step.
+
+    Args:
+        temperature: initial temperature of every sample (default 0.01).
+        num_samples: training set size (required).
+        gamma: moving-average rate of U in (0, 1] (default 0.8).
+        rho: robustness parameter (default 8.0).
+        tau_min, tau_max: temperature bounds (default 0.005, 0.05).
+        tau_lr: step size of the temperature update (default 0.03, official code).
+        tau_beta: momentum rate of the temperature gradient (default 0.5, official code).
+        tau_grad_clip: clip of the temperature gradient (default 5.0, official code).
+    """
+
+    def __init__(self, temperature: float = 0.01, num_samples: int | None = None, gamma: float = 0.8,
+                 rho: float = 8.0, tau_min: float = 0.005, tau_max: float = 0.05, tau_lr: float = 0.03,
+                 tau_beta: float = 0.5, tau_grad_clip: float = 5.0):
+        super().__init__(temperature, num_samples, gamma)
+        self.rho = _non_negative("rho", rho)
+        self.tau_min = _positive("tau_min", tau_min)
+        self.tau_max = _positive("tau_max", tau_max)
+        _check("tau_max", tau_max, tau_max >= tau_min, f"must be >= tau_min={tau_min}")
+        _check("temperature", temperature, tau_min <= temperature <= tau_max,
+               f"the initial temperature must lie in [tau_min, tau_max] = [{tau_min}, {tau_max}]")
+        self.tau_lr = _non_negative("tau_lr", tau_lr)
+        self.tau_beta = _rate("tau_beta", tau_beta)
+        self.tau_grad_clip = _positive("tau_grad_clip", tau_grad_clip)
+        n = self.num_samples
+        self.register_buffer("tau_image", torch.full((n,), float(temperature)))
+        self.register_buffer("tau_text", torch.full((n,), float(temperature)))
+        self.register_buffer("tau_grad_image", torch.zeros(n))
+        self.register_buffer("tau_grad_text", torch.zeros(n))
+        self._last_tau: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def compute(self, image_emb, text_emb, index):
+        sim = _normalize(image_emb) @ _normalize(text_emb).T
+        tau_img = self.tau_image[index].to(sim.dtype)
+        tau_txt = self.tau_text[index].to(sim.dtype)
+        img_surrogate, img_estimate, img_terms = self._side(sim, index, tau_img, self.u_image, self.b_image)
+        txt_surrogate, txt_estimate, txt_terms = self._side(sim.T, index, tau_txt, self.u_text, self.b_text)
+        new_img = self._update_tau(index, tau_img, img_terms, self.tau_image, self.tau_grad_image)
+        new_txt = self._update_tau(index, tau_txt, txt_terms, self.tau_text, self.tau_grad_text)
+        self._last_tau = (new_img.mean().detach(), new_txt.mean().detach())
+        surrogate = img_surrogate + txt_surrogate
+        estimate = img_estimate + txt_estimate + self.rho * (tau_img.mean() + tau_txt.mean())
+        return surrogate + (estimate - surrogate).detach()
+
+    @torch.no_grad()
+    def _update_tau(self, index, tau, terms, tau_buf, grad_buf) -> torch.Tensor:
+        batch = tau.shape[0]
+        expected_x = (terms["weights"] * terms["x"]).sum(dim=1) / (batch - 1)
+        grad = (terms["log_u"] + self.rho - expected_x).clamp(-self.tau_grad_clip, self.tau_grad_clip)
+        momentum = (1 - self.tau_beta) * grad_buf[index].to(grad.dtype) + self.tau_beta * grad
+        new_tau = (tau - self.tau_lr * momentum).clamp(self.tau_min, self.tau_max)
+        grad_buf[index] = momentum.to(grad_buf.dtype)
+        tau_buf[index] = new_tau.to(tau_buf.dtype)
+        return new_tau
+
+    def extra_metrics(self) -> dict[str, float]:
+        """Mean image and text temperature of the last batch (after its update)."""
+        if self._last_tau is None:
+            return {"isogclr_tau_image": float(self.tau_image.mean()), "isogclr_tau_text": float(self.tau_text.mean())}
+        return {"isogclr_tau_image": float(self._last_tau[0]), "isogclr_tau_text": float(self._last_tau[1])}
+
+
+# ----------------------------------------------------------------- CyCLIP
+@register_loss("cyclip")
+class CyClipLoss(PairLoss):
+    """CyCLIP (Goel et al., NeurIPS 2022): the CLIP loss plus two cycle-consistency terms,
+
+        lambda_inmodal    * (1/B) sum_{i,j} (u_i.u_j - v_i.v_j)^2
+        lambda_crossmodal * (1/B) sum_{i,j} (u_i.v_j - u_j.v_i)^2
+
+    which is the official code's ``(logit difference)^2.mean() * tau^2 * B``
+    (sum over j, mean over i).
+
+    Args:
+        temperature: tau of the CLIP term (default 0.01).
+        lambda_inmodal: weight of the in-modal term (default 0.25).
+        lambda_crossmodal: weight of the cross-modal term (default 0.25).
+    """
+
+    def __init__(self, temperature: float = 0.01, num_samples: int | None = None, lambda_inmodal: float = 0.25,
+                 lambda_crossmodal: float = 0.25):
+        super().__init__(temperature, num_samples)
+        self.lambda_inmodal = _non_negative("lambda_inmodal", lambda_inmodal)
+        self.lambda_crossmodal = _non_negative("lambda_crossmodal", lambda_crossmodal)
+
+    def compute(self, image_emb, text_emb, index):
+        u, v = _normalize(image_emb), _normalize(text_emb)
+        batch = u.shape[0]
+        sim = u @ v.T
+        labels = torch.arange(batch, device=sim.device)
+        logits = sim / self.temperature
+        contrastive = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        inmodal = (u @ u.T - v @ v.T).square().sum() / batch
+        crossmodal = (sim - sim.T).square().sum() / batch
+        return contrastive + self.lambda_inmodal * inmodal + self.lambda_crossmodal * crossmodal
+
+
+# ----------------------------------------------------------------- VICReg
+@register_loss("vicreg")
+class VicRegLoss(PairLoss):
+    """VICReg (Bardes et al., ICLR 2022) across modalities, on the unnormalised embeddings x (image), y (text):
+
+        sim_coeff * MSE(x, y)
+        + std_coeff * (mean_d relu(1 - std_d(x)) + mean_d relu(1 - std_d(y))) / 2
+        + cov_coeff * (sum_{d != e} C(x)_de^2 + sum_{d != e} C(y)_de^2) / D
+
+    with ``std = sqrt(var + 1e-4)`` (unbiased variance) and ``C`` the unbiased
+    covariance, as in the official ``main_vicreg.py``. ``temperature`` is unused.
+
+    Args:
+        sim_coeff: invariance weight (default 25.0).
+        std_coeff: variance weight (default 25.0).
+        cov_coeff: covariance weight (default 1.0).
+    """
+
+    min_batch = 2  # the variance needs two rows
+
+    def __init__(self, temperature: float = 0.01, num_samples: int | None = None, sim_coeff: float = 25.0,
+                 std_coeff: float = 25.0, cov_coeff: float = 1.0):
+        super().__init__(temperature, num_samples)
+        self.sim_coeff = _non_negative("sim_coeff", sim_coeff)
+        self.std_coeff = _non_negative("std_coeff", std_coeff)
+        self.cov_coeff = _non_negative("cov_coeff", cov_coeff)
+
+    def compute(self, image_emb, text_emb, index):
+        batch, dim = image_emb.shape
+        invariance = F.mse_loss(image_emb, text_emb)
+        x = image_emb - image_emb.mean(dim=0)
+        y = text_emb - text_emb.mean(dim=0)
+        std_x = torch.sqrt(x.var(dim=0) + 1e-4)
+        std_y = torch.sqrt(y.var(dim=0) + 1e-4)
+        variance = F.relu(1 - std_x).mean() / 2 + F.relu(1 - std_y).mean() / 2
+        off_diagonal = ~torch.eye(dim, dtype=torch.bool, device=x.device)
+        cov_x = (x.T @ x) / (batch - 1)
+        cov_y = (y.T @ y) / (batch - 1)
+        covariance = (cov_x[off_diagonal].square().sum() + cov_y[off_diagonal].square().sum()) / dim
+        return self.sim_coeff * invariance + self.std_coeff * variance + self.cov_coeff * covariance
+
+
+# -------------------------------------------------------------- OnlineCLR
+@register_loss("onlineclr")
+class OnlineClrLoss(PairLoss):
+    """OnlineCLR, the study code base's variant: separate temperatures for
+    positives (``pos_temperature_scale * tau``) and negatives (tau), and two
+    scalar moving averages (rate gamma) of the summed exponentials over both
+    directions (image->text and text->image),
+
+        U_neg <- (1 - gamma) U_neg + gamma * sum_dirs sum_{i != j} exp(s_ij / tau)
+        U_pos <- (1 - gamma) U_pos + gamma * sum_dirs sum_i exp(-s_ii / tau_pos)
+
+    both starting at 0 as in the official code. The loss, with detached weights, is
+
+        sum_dirs [ sum_{i != j} exp(s_ij/tau)/U_neg * s_ij - sum_i exp(-s_ii/tau_pos)/U_pos * s_ii ]
+
+    (the two directions see the same pairs, so each sum is twice the one over
+    ``s = u v^T``). Exponentials are shifted (see
+    :func:`_shifted_moving_average`). The state is two scalars, so
+    ``num_samples`` is not needed.
+
+    Args:
+        temperature: tau of the negatives (default 0.01).
+        gamma: moving-average rate in (0, 1] (default 0.5).
+        pos_temperature_scale: positives' temperature / tau (default 10).
+    """
+
+    stateful = True
+    min_batch = 2  # negatives are needed
+
+    def __init__(self, temperature: float = 0.01, num_samples: int | None = None, gamma: float = 0.5,
+                 pos_temperature_scale: float = 10.0):
+        super().__init__(temperature, num_samples)
+        self.gamma = _rate("gamma", gamma)
+        self.pos_temperature = self.temperature * _positive("pos_temperature_scale", pos_temperature_scale)
+        for name in ("u_neg", "b_neg", "u_pos", "b_pos"):
+            self.register_buffer(name, torch.zeros(()))  # U = u * exp(b)
+
+    def compute(self, image_emb, text_emb, index):
+        sim = _normalize(image_emb) @ _normalize(text_emb).T
+        positive = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+        diagonal = sim.diagonal()
+        with torch.no_grad():
+            x_neg = (sim / self.temperature).masked_fill(positive, -math.inf).flatten()
+            x_pos = -diagonal / self.pos_temperature
+            u_neg, b_neg, exp_neg = _shifted_moving_average(self.u_neg.to(sim.dtype), self.b_neg.to(sim.dtype),
+                                                            x_neg, self.gamma, 2.0)
+            u_pos, b_pos, exp_pos = _shifted_moving_average(self.u_pos.to(sim.dtype), self.b_pos.to(sim.dtype),
+                                                            x_pos, self.gamma, 2.0)
+            weights_neg = (exp_neg / u_neg).view_as(sim)
+            weights_pos = exp_pos / u_pos
+            for name, value in (("u_neg", u_neg), ("b_neg", b_neg), ("u_pos", u_pos), ("b_pos", b_pos)):
+                getattr(self, name).copy_(value)
+        return 2 * ((weights_neg * sim).sum() - (weights_pos * diagonal).sum())
+
+
+# ----------------------------------------------------------------- SigLIP
+@register_loss("siglip")
+class SigLipLoss(PairLoss):
+    """SigLIP (Zhai et al., ICCV 2023), as open_clip's ``SigLipLoss``: with
+    logits ``exp(t) * u_i.v_j + b`` and labels +1 for matching pairs, -1 otherwise,
+
+        -(1/B) sum_{i,j} log sigmoid(label_ij * logit_ij)
+
+    ``t`` (``logit_scale``) and ``b`` (``logit_bias``) are learned parameters
+    (the optimizer applies no weight decay to them). ``temperature`` is unused.
+
+    Args:
+        init_logit_scale: initial t (default log 10).
+        init_logit_bias: initial b (default -10).
+    """
+
+    def __init__(self, temperature: float = 0.01, num_samples: int | None = None,
+                 init_logit_scale: float = math.log(10.0), init_logit_bias: float = -10.0):
+        super().__init__(temperature, num_samples)
+        for name, value in (("init_logit_scale", init_logit_scale), ("init_logit_bias", init_logit_bias)):
+            _check(name, value, isinstance(value, (int, float)) and math.isfinite(value), "must be a finite number")
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
+
+    def compute(self, image_emb, text_emb, index):
+        sim = _normalize(image_emb) @ _normalize(text_emb).T
+        logits = self.logit_scale.exp() * sim + self.logit_bias
+        labels = 2 * torch.eye(sim.shape[0], dtype=sim.dtype, device=sim.device) - 1
+        return -F.logsigmoid(labels * logits).sum() / sim.shape[0]
+
+    def extra_metrics(self) -> dict[str, float]:
+        """The learned scale exp(t), its inverse (a temperature) and the bias b."""
+        scale = float(self.logit_scale.detach().exp())
+        bias = float(self.logit_bias.detach())
+        return {"siglip_scale": scale, "siglip_temperature": 1.0 / scale, "siglip_bias": bias}
