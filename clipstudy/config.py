@@ -132,11 +132,14 @@ PAPER: dict[str, Any] = {}
 
 # The embedded benchmark on a CPU: small encoders, 32 px, no flip / RandAugment
 # (they would contradict the position and colour words of the captions).
+# Sized so the 15-cell sweep takes about 10 minutes on a 2-core CPU with JOBS=2
+# (about 50 s of training per cell). Small batches: on this budget the number of
+# steps matters more than the number of negatives per step.
 DEMO: dict[str, Any] = dict(
     profile="demo", data="data/demo", image_size=32, crop_scale_min=0.85, hflip=False, randaugment=False,
     num_workers=0, image_encoder="small_resnet", text_encoder="small_distilbert", pretrained=False,
-    embed_dim=128, max_length=24, epochs=6, batch_size=128, warmup_steps=20, lr=2e-3,
-    eval_batch_size=500, threads=0,
+    small_resnet_widths=[16, 32, 64], embed_dim=128, max_length=20, epochs=3, batch_size=32,
+    warmup_steps=20, lr=2e-3, eval_batch_size=500, threads=0,
 )
 
 # Seconds, for tests: tiny encoders on a tiny demo set.

@@ -489,10 +489,10 @@ class VicRegLoss(PairLoss):
         std_x = torch.sqrt(x.var(dim=0) + 1e-4)
         std_y = torch.sqrt(y.var(dim=0) + 1e-4)
         variance = F.relu(1 - std_x).mean() / 2 + F.relu(1 - std_y).mean() / 2
-        off_diagonal = ~torch.eye(dim, dtype=torch.bool, device=x.device)
         cov_x = (x.T @ x) / (batch - 1)
         cov_y = (y.T @ y) / (batch - 1)
-        covariance = (cov_x[off_diagonal].square().sum() + cov_y[off_diagonal].square().sum()) / dim
+        # off-diagonal sum of squares as total minus diagonal: no D x D mask to gather and scatter
+        covariance = sum(c.square().sum() - c.diagonal().square().sum() for c in (cov_x, cov_y)) / dim
         return self.sim_coeff * invariance + self.std_coeff * variance + self.cov_coeff * covariance
 
 

@@ -116,7 +116,14 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class SeededSamples(Dataset):
-    """Wraps a dataset so item ``(index, epoch)`` is augmented with its own seed."""
+    """Wraps a dataset so item ``(index, epoch)`` is augmented with its own seed.
+
+    It reseeds the CPU generator of the process that loads the item (torchvision
+    transforms draw from it). In loader workers that generator is the
+    worker's own; in the main process :func:`batches_keeping_rng` restores it
+    after each batch, which costs one state copy per batch instead of one per
+    sample.
+    """
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -126,9 +133,22 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key):
         index, epoch = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
-            return self.dataset[index]
+        torch.random.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+        return self.dataset[index]
+
+
+def batches_keeping_rng(loader):
+    """Iterate ``loader`` leaving the global CPU generator as if no batch had been loaded."""
+    iterator = iter(loader)
+    while True:
+        state = torch.get_rng_state()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            torch.set_rng_state(state)
+        yield batch
 
 
 class EpochBatches(Sampler):
@@ -481,7 +501,7 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
             run.model.train()
             batch_in_epoch = start_batch
             t_data = time.perf_counter()
-            for batch in loader:
+            for batch in batches_keeping_rng(loader):
                 data_time = time.perf_counter() - t_data
                 t_step = time.perf_counter()
                 skipped_images += batch["skipped"]
