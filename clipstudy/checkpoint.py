@@ -37,14 +37,19 @@ class CellBusy(RuntimeError):
 LOCK_NAME = ".lock"
 
 
+SWEEP_LOCK_NAME = ".sweep.lock"
+
+
 @contextlib.contextmanager
-def cell_lock(folder: str | Path):
-    """Hold an exclusive lock on ``folder/.lock`` for the duration of a run.
+def cell_lock(folder: str | Path, name: str = LOCK_NAME):
+    """Hold an exclusive lock on ``folder/<name>`` for the duration of a run.
 
     An ``flock`` belongs to the open file, so the kernel releases it when the
     holder dies, even by ``kill -9``: a killed run never leaves a stuck lock.
+    Training holds ``.lock``; a sweep holds ``.sweep.lock`` around the whole
+    notebook execution of a cell (the kernel that trains is another process).
     """
-    path = Path(folder) / LOCK_NAME
+    path = Path(folder) / name
     fh = open(path, "a+")
     try:
         try:
@@ -61,9 +66,9 @@ def cell_lock(folder: str | Path):
         fh.close()
 
 
-def is_locked(folder: str | Path) -> bool:
-    """Whether a live process holds ``folder``'s lock (checked without waiting)."""
-    path = Path(folder) / LOCK_NAME
+def is_locked(folder: str | Path, name: str = LOCK_NAME) -> bool:
+    """Whether a live process holds ``folder/<name>`` (checked without waiting)."""
+    path = Path(folder) / name
     if not path.exists():
         return False
     with open(path, "a+") as fh:
@@ -133,8 +138,16 @@ def checkpoint_paths(folder: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)), reverse=True)
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full disk, no permission); older ones are intact."""
+
+
 def save_checkpoint(folder: str | Path, step: int, state: dict, keep: int = 2) -> Path:
-    """Save ``state`` as ``folder/ckpt-<step>.pt`` atomically; keep the newest ``keep``."""
+    """Save ``state`` as ``folder/ckpt-<step>.pt`` atomically; keep the newest ``keep``.
+
+    Older checkpoints are removed only after the new one and its digest are on
+    disk, so a failed write (CheckpointWriteError) leaves them as they were.
+    """
     import io
 
     folder = Path(folder)
@@ -142,8 +155,20 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, keep: int = 2) -
     torch.save(state, buffer)
     data = buffer.getvalue()
     path = folder / f"ckpt-{step:08d}.pt"
-    atomic_write_bytes(path, data)
-    atomic_write_text(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest() + "\n")
+    sidecar = path.with_name(path.name + ".sha256")
+    try:
+        atomic_write_bytes(path, data)
+        atomic_write_text(sidecar, hashlib.sha256(data).hexdigest() + "\n")
+    except OSError as err:
+        for p in (sidecar, path):  # never leave a checkpoint without its digest
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {path} ({len(data) / 2**20:.1f} MiB): {err.strerror or err}. "
+            f"Free disk space or make {folder} writable, then rerun the same command: it resumes from the "
+            "newest checkpoint still there") from err
     for old in checkpoint_paths(folder)[keep:]:
         for p in (old, old.with_name(old.name + ".sha256")):
             try:

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipstudy.checkpoint import checkpoint_paths, is_locked
+from clipstudy.checkpoint import SWEEP_LOCK_NAME, CellBusy, cell_lock, checkpoint_paths, is_locked
 from clipstudy.config import FIELDS, PROFILES, ConfigError, cell_name, make_config
 
 DEFAULT_OPTIMIZERS = ("adamw", "sgd", "adam")
@@ -49,7 +49,7 @@ class Cell:
 def cell_state(out: Path) -> tuple[str, str]:
     """(state, detail) of a run directory: done, diverged, failed, running, partial or pending."""
     metrics = out / "metrics.json"
-    if is_locked(out):
+    if is_locked(out) or is_locked(out, SWEEP_LOCK_NAME):
         return "running", "locked by a live process"
     if metrics.is_file():
         try:
@@ -128,10 +128,33 @@ def notebook_parameters(cell: Cell, device: str | None, threads: int | None) -> 
 
 def run_cell(cell: Cell, *, device: str | None = None, threads: int | None = None,
              notebook: Path = TRAIN_NOTEBOOK) -> dict:
-    """Execute the training notebook for one cell; return its metrics (or the failure)."""
+    """Execute the training notebook for one cell; return its metrics (or the failure).
+
+    The cell's sweep lock is held throughout, so a second sweep on the same
+    folder skips the cell (status ``busy``) instead of training it twice.
+    """
+    cell.out.mkdir(parents=True, exist_ok=True)
+    try:
+        with cell_lock(cell.out, SWEEP_LOCK_NAME):
+            if cell_state_unlocked(cell.out) in ("done", "diverged"):  # finished while we waited
+                metrics = json.loads((cell.out / "metrics.json").read_text())
+                return {**metrics, "sweep_wall_s": 0.0, "skipped": True}
+            return _run_cell_locked(cell, device, threads, notebook)
+    except CellBusy:
+        return {"status": "busy", "cell": cell.name, "sweep_wall_s": 0.0}
+
+
+def cell_state_unlocked(out: Path) -> str:
+    metrics = out / "metrics.json"
+    try:
+        return {"completed": "done", "diverged": "diverged"}.get(json.loads(metrics.read_text()).get("status"), "")
+    except (OSError, json.JSONDecodeError):
+        return ""
+
+
+def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
     import papermill
 
-    cell.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     error = None
     try:
@@ -162,6 +185,8 @@ def summary_line(cell: Cell, metrics: dict) -> str:
         return f"{cell.name:<28} completed  {scores}  ({wall:.0f}s)"
     if status == "diverged":
         return f"{cell.name:<28} DIVERGED at step {metrics.get('diverged_at_step')}  ({wall:.0f}s)"
+    if status == "busy":
+        return f"{cell.name:<28} skipped (another sweep is running it)"
     return f"{cell.name:<28} FAILED: {metrics.get('error', '')}  ({wall:.0f}s)"
 
 

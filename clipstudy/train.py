@@ -401,11 +401,14 @@ def train(config: RunConfig, *, progress: bool = True) -> dict:
     except Exception as err:
         out = run_directory(config)
         if int(os.environ.get("RANK", "0")) == 0 and out.is_dir():
-            write_json(out / "metrics.json", {
-                "status": STATUS_FAILED, "cell": config.cell_name(), "profile": config.profile,
-                "optimizer": config.optimizer_label(), "base_optimizer": config.optimizer, "loss": config.loss,
-                "seed": config.seed,
-                "error": f"{type(err).__name__}: {err}", "git_commit": git_commit()})
+            try:
+                write_json(out / "metrics.json", {
+                    "status": STATUS_FAILED, "cell": config.cell_name(), "profile": config.profile,
+                    "optimizer": config.optimizer_label(), "base_optimizer": config.optimizer, "loss": config.loss,
+                    "seed": config.seed,
+                    "error": f"{type(err).__name__}: {err}", "git_commit": git_commit()})
+            except OSError:  # e.g. the disk that made the run fail is still full
+                pass
         raise
 
 
@@ -492,14 +495,11 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
     with StopRequest() as stop:
         epoch = start_epoch
         while epoch < config.epochs and global_step < total_steps and status == STATUS_COMPLETED:
-            sampler = EpochBatches(len(run.train_set), config.batch_size, config.seed, epoch,
-                                   start=start_batch, rank=rank, world_size=world_size)
-            loader = DataLoader(train_items, batch_sampler=sampler, collate_fn=collate,
-                                num_workers=config.num_workers, pin_memory=run.device.type == "cuda",
-                                # its own generator, so creating a loader leaves the global RNG untouched
-                                generator=torch.Generator().manual_seed(config.seed + epoch))
+            loader = train_loader(run, train_items, collate, epoch, start=start_batch)
+            sampler = loader.batch_sampler
             run.model.train()
             batch_in_epoch = start_batch
+            steps_this_epoch = 0
             t_data = time.perf_counter()
             for batch in batches_keeping_rng(loader):
                 data_time = time.perf_counter() - t_data
@@ -510,6 +510,7 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
                     log.warning("skipping a batch with %d readable images", batch["index"].numel())
                     continue
                 loss_value, grad_norm = train_step(run, batch)
+                steps_this_epoch += 1
                 global_step += 1
                 batch_in_epoch += 1
                 step_time = time.perf_counter() - t_step
@@ -539,6 +540,11 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
                 t_data = time.perf_counter()
             if status != STATUS_COMPLETED:
                 break
+            if steps_this_epoch == 0 and len(sampler) > 0:
+                raise RuntimeError(
+                    f"epoch {epoch + 1} had no usable batch: every image read failed (see the warnings above). "
+                    f"Run `python -m clipstudy check-data --train-ann {config.resolved_paths()['train_ann']} "
+                    f"--train-images {config.resolved_paths()['train_images']}` to list the unreadable files")
             epoch += 1
             start_batch = 0
             last = epoch == config.epochs or global_step >= total_steps
@@ -582,6 +588,21 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return metrics
+
+
+def train_loader(run: Run, items: Dataset, collate, epoch: int, start: int = 0) -> DataLoader:
+    """The training DataLoader of ``epoch`` from batch ``start``; its ``batch_sampler`` is an :class:`EpochBatches`.
+
+    ``items`` is the :class:`SeededSamples` view of the training set. Shared by
+    the training loop and the throughput benchmarks, so both load alike.
+    """
+    config = run.config
+    sampler = EpochBatches(len(run.train_set), config.batch_size, config.seed, epoch, start=start,
+                           rank=run.rank, world_size=run.world_size)
+    return DataLoader(items, batch_sampler=sampler, collate_fn=collate,
+                      num_workers=config.num_workers, pin_memory=run.device.type == "cuda",
+                      # its own generator, so creating a loader leaves the global RNG untouched
+                      generator=torch.Generator().manual_seed(config.seed + epoch))
 
 
 def train_step(run: Run, batch: dict) -> tuple[float, float]:
