@@ -22,7 +22,8 @@ ANALYSIS_NOTEBOOK = REPO_ROOT / "notebooks" / "analysis.ipynb"
 
 METRICS = ["txt_r1", "img_r1", "zeroshot_top1", "average"]
 METRIC_NAMES = {"txt_r1": "TR@1", "img_r1": "IR@1", "zeroshot_top1": "ACC@1", "average": "Average"}
-OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD", "adam": "Adam", "adam-nol2": "Adam (no L2)"}
+OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD", "adam": "Adam", "adam-nol2": "Adam (no L2)",
+                   "sgd-lr0.05": "SGD (lr 0.05, clip 1)"}
 LOSS_NAMES = {"clip": "CLIP", "sogclr": "SogCLR", "cyclip": "CyCLIP", "vicreg": "VICReg",
               "onlineclr": "OnlineCLR", "isogclr": "iSogCLR", "siglip": "SigLIP"}
 RESULT_COLUMNS = ["optimizer", "loss", "seed", "status", "txt_r1", "img_r1", "zeroshot_top1", "average",
@@ -164,8 +165,12 @@ def chance_levels_for(runs_root: str | Path) -> dict:
 
 
 # ---------------------------------------------------------------- conclusions
-def conclusions(df: pd.DataFrame) -> list[str]:
-    """Plain-language findings computed from the runs (never typed in by hand)."""
+def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
+    """Plain-language findings computed from the runs (never typed in by hand).
+
+    With ``chance`` (from :func:`chance_levels_for`), cells whose mean Average is
+    not above the chance Average are listed as not having learned.
+    """
     out = []
     summary = cell_summary(df)
     done = summary.dropna(subset=["average_mean"])
@@ -204,6 +209,17 @@ def conclusions(df: pd.DataFrame) -> list[str]:
     if len(by_opt) > 1:
         ranking = ", ".join(f"{OPTIMIZER_NAMES.get(k, k)} {v:.2f}" for k, v in by_opt.sort_values(ascending=False).items())
         out.append(f"Mean Average over losses by optimizer: {ranking}.")
+    if chance and all(k in chance for k in ("txt_r1", "img_r1", "zeroshot_top1")):
+        chance_avg = (chance["txt_r1"] + chance["img_r1"] + chance["zeroshot_top1"]) / 3
+        learned = done[done["average_mean"] > 2 * chance_avg]
+        out.append(f"{len(learned)} of {len(done)} cells reach more than twice the chance Average "
+                   f"({chance_avg:.2f}).")
+        below = done[done["average_mean"] < chance_avg]
+        if len(below):
+            out.append("Below chance (collapsed embeddings: with ties counted pessimistically, identical scores "
+                       "rank every correct item last): " + ", ".join(
+                           f"{OPTIMIZER_NAMES.get(r.optimizer, r.optimizer)} + {LOSS_NAMES.get(r.loss, r.loss)}"
+                           for r in below.itertuples()) + ".")
     diverged = df[df["status"] == "diverged"]
     failed = df[df["status"] == "failed"]
     if len(diverged):

@@ -91,3 +91,14 @@ def test_analysis_notebook_renders_report(tmp_path):
     assert "11.00 ± 1.41" in text and "diverged" in text and "failed" in text
     assert "Best cell: AdamW + SogCLR" in text
     assert "def " not in text and "import " not in text  # code hidden
+
+
+def test_conclusions_against_chance(tmp_path):
+    write_fixture_runs(tmp_path)
+    df = report.collect_runs(tmp_path)
+    # chance Average = (1 + 1 + 10) / 3 = 4; cell means: AdamW+CLIP 13.83, AdamW+SogCLR 16.67, SGD+CLIP 10.33,
+    # Adam+CLIP 3.33 -> three cells above 2 x 4 = 8, Adam+CLIP below chance
+    lines = report.conclusions(df, {"txt_r1": 1.0, "img_r1": 1.0, "zeroshot_top1": 10.0})
+    assert "3 of 4 cells reach more than twice the chance Average (4.00)." in lines
+    below = [line for line in lines if line.startswith("Below chance")]
+    assert len(below) == 1 and below[0].endswith("Adam + CLIP.")
