@@ -97,5 +97,13 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def run(quick: bool = False, out: str | Path | None = None) -> dict:
+    """The benchmark from Python (prints its tables); ``quick``: B=128 only, 10 repeats."""
+    argv = ["--batch-sizes", "128", "--repeats", "10"] if quick else []
+    if out is not None:
+        argv += ["--out", str(out)]
+    return main(argv + ["--threads", "1"])
+
+
 if __name__ == "__main__":
     main()

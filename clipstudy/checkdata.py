@@ -2,8 +2,11 @@
 
 For each set given it counts the entries, decodes every image (progress bar on
 stderr), lists unreadable files with the reason, and summarises the captions
-(words after cleaning) or, for zero-shot, the classes. Prints a readable
-summary, or with ``--json`` exactly one JSON object on stdout.
+(words after cleaning, with the count of captions that clean to nothing) or,
+for zero-shot, the classes (with the empty class folders). For the training
+set it also counts repeated ``image_id`` values, ids shared by different image
+files, and repeated image-caption pairs (reported, not errors). Prints a
+readable summary, or with ``--json`` exactly one JSON object on stdout.
 
 Exit status: 0 when every given set has at least one usable entry (a readable
 image), 1 when some set has none, 2 for a usage error or a malformed set
@@ -16,6 +19,7 @@ import json
 import os
 import statistics
 import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
@@ -56,6 +60,28 @@ def _word_summary(captions: Iterable[str], max_words: int) -> dict:
             "empty_after_cleaning": sum(1 for n in counts if n == 0)}
 
 
+def _duplicates(entries: list[dict], examples: int = 5) -> dict:
+    """Repeated ``image_id`` values and repeated pairs in a training annotation list.
+
+    An id on several entries is normal when one image has several captions
+    (CC3M-like data); an id shared by different image files, or the same
+    image-caption pair written twice, is probably a mistake. All are only
+    reported: training keys its per-sample state by entry, not by id.
+    """
+    images_by_id: dict = {}
+    for entry in entries:
+        if "image_id" in entry:
+            images_by_id.setdefault(entry["image_id"], []).append(entry["image"])
+    repeated = [image_id for image_id, images in images_by_id.items() if len(images) > 1]
+    mixed = [image_id for image_id in repeated if len(set(images_by_id[image_id])) > 1]
+    pairs = Counter((entry["image"], entry["caption"]) for entry in entries)
+    return {"repeated_image_ids": len(repeated),
+            "entries_with_repeated_ids": sum(len(images_by_id[i]) for i in repeated),
+            "repeated_id_examples": repeated[:examples],
+            "ids_on_different_images": len(mixed), "different_images_examples": mixed[:examples],
+            "repeated_pairs": sum(n - 1 for n in pairs.values() if n > 1)}
+
+
 def _check_pairs(kind: str, ann_file: str, image_root: str, max_words: int, progress: bool, workers: int) -> dict:
     entries = load_annotation_list(ann_file, kind)
     if not Path(image_root).is_dir():
@@ -67,6 +93,7 @@ def _check_pairs(kind: str, ann_file: str, image_root: str, max_words: int, prog
                "readable_images": len(paths) - len(unreadable), "unreadable_files": unreadable}
     if kind == "train":
         section["captions"] = _word_summary((e["caption"] for e in entries), max_words)
+        section["duplicates"] = _duplicates(entries)
     else:
         per_image = [1 if isinstance(e["caption"], str) else len(e["caption"]) for e in entries]
         section["texts"] = sum(per_image)
@@ -161,6 +188,20 @@ def format_report(report: dict, max_listed: int = 20) -> str:
                 lines.append(f"  caption words after cleaning: min {words['min_words']}, mean {words['mean_words']}, "
                              f"median {words['median_words']}, max {words['max_words']}; "
                              f"{words['empty_after_cleaning']} empty")
+            if words.get("empty_after_cleaning"):
+                lines.append(f"  WARNING: {words['empty_after_cleaning']} caption(s) are empty after cleaning "
+                             "(only punctuation or blank); they train as empty texts")
+            dup = section.get("duplicates")
+            if dup and dup["repeated_image_ids"]:
+                lines.append(f"  {dup['repeated_image_ids']} image id(s) used by several entries "
+                             f"({dup['entries_with_repeated_ids']} entries; fine when one image has several "
+                             f"captions), e.g. {', '.join(map(str, dup['repeated_id_examples']))}")
+            if dup and dup["ids_on_different_images"]:
+                lines.append(f"  WARNING: {dup['ids_on_different_images']} image id(s) name different image files, "
+                             f"e.g. {', '.join(map(str, dup['different_images_examples']))}")
+            if dup and dup["repeated_pairs"]:
+                lines.append(f"  WARNING: {dup['repeated_pairs']} entries repeat an earlier image-caption pair "
+                             "exactly")
         bad = section["unreadable_files"]
         lines.append(f"  readable images: {section['readable_images']}, unreadable: {len(bad)}")
         for item in bad[:max_listed]:

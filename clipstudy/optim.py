@@ -146,6 +146,8 @@ def build_optimizer(name: str, model: nn.Module, loss_module: nn.Module | None =
         weight_decay: decay of the ``"decay"`` group (default 0.02): decoupled for
             AdamW, an L2 gradient term for Adam and SGD.
         **kwargs: passed to the torch optimizer (e.g. ``betas``, ``eps``, ``momentum``).
+            Unless ``fused`` or ``foreach`` is given, torch's fused implementation is
+            used wherever it applies (all parameters floating point on a supported device).
     """
     spec = _spec(name)
     lr = spec.default_lr if lr is None else lr
@@ -163,7 +165,27 @@ def build_optimizer(name: str, model: nn.Module, loss_module: nn.Module | None =
     groups = param_groups(model, loss_module, weight_decay)
     if not groups:
         raise ValueError("the model and the loss have no trainable parameters")
+    if _can_fuse(spec, groups, kwargs):
+        # torch's fused kernel: one pass over all parameters instead of several ops per
+        # tensor (on CPU about 5x faster than torch's default per-tensor loop; the same
+        # update up to float rounding). Pass fused=False or foreach=... to choose otherwise.
+        kwargs["fused"] = True
     return spec.build(groups, float(lr), **kwargs)
+
+
+def _can_fuse(spec: OptimizerSpec, groups: list[dict], kwargs: dict) -> bool:
+    """Whether torch's fused implementation applies: the class has one, the caller chose no
+    implementation, and every parameter is a floating-point tensor on a device it supports."""
+    if spec.torch_class is None or "fused" not in inspect.signature(spec.torch_class.__init__).parameters:
+        return False
+    if "fused" in kwargs or "foreach" in kwargs or kwargs.get("differentiable"):
+        return False
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # older or newer torch without the helper: the two devices that have it
+        devices = {"cpu", "cuda"}
+    return all(torch.is_floating_point(p) and p.device.type in devices for g in groups for p in g["params"])
 
 
 class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):

@@ -179,6 +179,8 @@ def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
 def summary_line(cell: Cell, metrics: dict) -> str:
     status = metrics.get("status", "?")
     wall = metrics.get("sweep_wall_s", 0.0)
+    if metrics.get("skipped"):  # another sweep finished it while this one waited for it
+        return f"{cell.name:<28} skipped (done by another sweep)"
     if status == "completed":
         scores = " ".join(f"{k}={metrics[k]:.2f}" for k in ("txt_r1", "img_r1", "zeroshot_top1", "average")
                           if isinstance(metrics.get(k), (int, float)))
@@ -231,6 +233,13 @@ def run_sweep(cells: list[Cell], *, jobs: int = 1, progress: bool = True) -> dic
     return results
 
 
+def _number(text: str, option: str, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{option}: {text!r} is not a{'n integer' if kind is int else ' number'}") from None
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m clipstudy sweep",
                                      description="Run the optimizer x loss grid through papermill.")
@@ -268,16 +277,25 @@ def main(argv: list[str]) -> int:
             variants[name] = {"optimizer": optimizer, **parse_mapping(fields.replace(";", ","), "--variant")}
         lr = None
         if args.lr:
-            lr = {k: float(v) for k, v in parse_mapping(args.lr, "--lr").items()} if "=" in args.lr else float(args.lr)
+            lr = ({k: _number(v, "--lr", float) for k, v in parse_mapping(args.lr, "--lr").items()}
+                  if "=" in args.lr else _number(args.lr, "--lr", float))
         if args.jobs < 1:
             raise ConfigError("--jobs must be >= 1")
         cells = plan_cells(args.profile, optimizers=[o for o in args.optimizers.split(",") if o],
                            losses=[x for x in args.losses.split(",") if x],
-                           seeds=[int(s) for s in args.seeds.split(",") if s], lr=lr, overrides=overrides,
-                           variants=variants, runs_root=args.runs)
+                           seeds=[_number(s, "--seeds", int) for s in args.seeds.split(",") if s], lr=lr,
+                           overrides=overrides, variants=variants, runs_root=args.runs)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if cells and not args.dry_run:
+        root = cells[0].out.parent
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            print(f"error: --runs {root}: cannot create the runs folder ({err.strerror or err}); "
+                  "choose a folder you can write to", file=sys.stderr)
+            return 2
     if args.dry_run:
         for cell in cells:
             state, detail = cell_state(cell.out)

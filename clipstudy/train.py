@@ -382,9 +382,12 @@ def evaluate_run(run: Run) -> dict:
     from clipstudy.evaluate import evaluate_all
 
     model = run.model.module if hasattr(run.model, "module") else run.model
+    # Image reading uses the training loader's worker count: one process would bound every
+    # evaluation (MSCOCO 5k + ImageNet 50k images in the paper setting) by one core's decoding.
     return evaluate_all(model, run.tokenizer, retrieval_set=run.retrieval_set, zeroshot_set=run.zeroshot_set,
                         batch_size=run.config.eval_batch_size, device=run.device,
-                        max_length=run.config.max_length, amp=run.amp_dtype is not None, progress=False)
+                        max_length=run.config.max_length, amp=run.amp_dtype is not None, progress=False,
+                        num_workers=run.config.num_workers)
 
 
 # ------------------------------------------------------------------ training
@@ -428,8 +431,12 @@ def _train(config: RunConfig, *, progress: bool = True) -> dict:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "checkpoints").mkdir(exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "checkpoints").mkdir(exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"config field 'out'={str(out)!r}: cannot create the run directory "
+                              f"({err.strerror or err}); choose a folder you can write to") from err
     with (cell_lock(out) if rank == 0 else contextlib.nullcontext()):
         return _train_locked(config, out, rank, world_size, progress)
 
@@ -468,7 +475,7 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
             if done.get("status") in (STATUS_COMPLETED, STATUS_DIVERGED) and done.get("global_step") == global_step:
                 return done
 
-    from clipstudy.data import make_collate
+    from clipstudy.data import DataError, make_collate
 
     train_items = SeededSamples(run.train_set, config.seed)
     collate = make_collate(run.tokenizer, max_length=config.max_length)
@@ -541,7 +548,7 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
             if status != STATUS_COMPLETED:
                 break
             if steps_this_epoch == 0 and len(sampler) > 0:
-                raise RuntimeError(
+                raise DataError(
                     f"epoch {epoch + 1} had no usable batch: every image read failed (see the warnings above). "
                     f"Run `python -m clipstudy check-data --train-ann {config.resolved_paths()['train_ann']} "
                     f"--train-images {config.resolved_paths()['train_images']}` to list the unreadable files")
@@ -651,11 +658,17 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from clipstudy.checkpoint import CheckpointWriteError
+    from clipstudy.data import DataError
+
     try:
         metrics = train(config, progress=not args.no_progress)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (CheckpointWriteError, CellBusy) as err:  # the run directory keeps its older checkpoints
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:
         print(f"stopped: {err}", file=sys.stderr)
         return 130
@@ -700,7 +713,7 @@ def evaluate_main(argv: list[str]) -> int:
 
     metrics = evaluate_all(model, tokenizer, retrieval_set=retrieval_set, zeroshot_set=zeroshot_set,
                            batch_size=config.eval_batch_size, device=device, max_length=config.max_length,
-                           progress=not args.json)
+                           progress=not args.json, num_workers=config.num_workers)
     metrics["global_step"] = state["global_step"]
     print(json.dumps(metrics, indent=2))
     return 0

@@ -302,6 +302,27 @@ def test_train_transform_options():
     assert train_transform(16)(image).shape == (3, 16, 16)
 
 
+def test_transforms_equal_torchvision_compose_bit_for_bit():
+    """The fused ToTensor + Normalize ending gives exactly torchvision's output, augmentation included."""
+    from torchvision import transforms as T
+
+    from clipstudy.data import Compose
+
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (37, 45, 3), dtype=np.uint8))
+    gray = image.convert("L")  # not RGB: runs through torchvision's own steps
+    cases = [(t, image) for t in (train_transform(24), train_transform(24, randaugment=None), eval_transform(24))]
+    cases += [(Compose([T.ToTensor(), T.Normalize((0.5,), (0.25,))]), picture) for picture in (image, gray)]
+    for transform, picture in cases:
+        reference = T.Compose(transform.transforms)
+        for seed in range(4):
+            torch.manual_seed(seed)
+            ours = transform(picture)
+            torch.manual_seed(seed)
+            assert torch.equal(ours, reference(picture))
+            assert ours.dtype == torch.float32 and ours.is_contiguous()
+
+
 # --------------------------------------------------------------------------- collation
 
 def test_make_collate_tokenises_and_drops_unreadable(demo_data_dir):
