@@ -376,9 +376,12 @@ class TrainPairs(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def image_path(self, index: int) -> Path:
+        return self.image_root / self.images[index]
+
     def __getitem__(self, index: int):
         try:
-            image = load_rgb_image(self.image_root / self.images[index])
+            image = load_rgb_image(self.image_path(index))
         except UnreadableImage as error:
             self._warn(error)
             return None
@@ -428,9 +431,12 @@ class RetrievalSet(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def image_path(self, index: int) -> Path:
+        return self.image_root / self.images[index]
+
     def __getitem__(self, index: int):
         try:
-            image = load_rgb_image(self.image_root / self.images[index])
+            image = load_rgb_image(self.image_path(index))
         except UnreadableImage as error:
             self._warn(error)
             return None
@@ -562,6 +568,9 @@ class ZeroShotSet(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def image_path(self, index: int) -> Path:
+        return Path(self.samples[index][0])
+
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
@@ -584,6 +593,31 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], dict[str, int
         raise DataError(f"{root}: no class sub-folders; expected one folder per class holding its images") from None
     samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     return classes, class_to_idx, samples
+
+
+def require_readable_image(dataset, what: str, source: str) -> int:
+    """Index of the first image of ``dataset`` that decodes; :class:`DataError` if none does.
+
+    Run at start-up so a data set whose every image is missing or broken fails in
+    seconds, naming its files, instead of after an epoch of training. It stops
+    at the first readable image, so a healthy data set costs one read.
+
+    Args:
+        dataset: a :class:`TrainPairs`, :class:`RetrievalSet` or :class:`ZeroShotSet`
+            (anything with ``__len__`` and ``image_path(i)``).
+        what: the data set's role in messages (``"training"``, ``"retrieval"``, ...).
+        source: the annotation file or folder to name in the message.
+    """
+    first_error = None
+    for index in range(len(dataset)):
+        try:
+            load_rgb_image(dataset.image_path(index))
+            return index
+        except UnreadableImage as error:
+            first_error = first_error or error
+    detail = f" (first: {first_error.path}: {first_error.reason})" if first_error else " (it has no images)"
+    raise DataError(f"{source}: none of the {len(dataset)} {what} images can be read{detail}. "
+                    f"Run `python -m clipstudy check-data` on it to list the missing or broken files")
 
 
 # --------------------------------------------------------------------------- collation

@@ -166,8 +166,9 @@ def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
     metrics = {}
     if (cell.out / "metrics.json").is_file():
         metrics = json.loads((cell.out / "metrics.json").read_text())
-    if error and metrics.get("status") not in ("failed",):
-        # the notebook failed before train() could record it (e.g. a bad parameter)
+    if error and metrics.get("status") not in ("failed", "completed", "diverged"):
+        # the notebook failed before train() could record it (e.g. a bad parameter); a result
+        # train() finished before the kernel went down is kept, never overwritten as failed
         metrics = {"status": "failed", "error": error, "cell": cell.name}
         from clipstudy.checkpoint import write_json
         write_json(cell.out / "metrics.json", {**metrics, "optimizer": cell.label, "loss": cell.loss,

@@ -221,7 +221,8 @@ def run_directory(config: RunConfig) -> Path:
 
 
 def build_datasets(config: RunConfig):
-    from clipstudy.data import RetrievalSet, TrainPairs, ZeroShotSet, eval_transform, train_transform
+    from clipstudy.data import (RetrievalSet, TrainPairs, ZeroShotSet, eval_transform, require_readable_image,
+                                train_transform)
 
     paths = config.resolved_paths()
     if not paths["train_ann"] or not paths["train_images"]:
@@ -241,6 +242,13 @@ def build_datasets(config: RunConfig):
                                      max_words=config.max_words)
     if paths["zeroshot_images"]:
         zeroshot_set = ZeroShotSet(paths["zeroshot_images"], evaluation)
+    # fail in seconds, not after the first epoch, when a whole set is unreadable
+    require_readable_image(train_set.dataset if isinstance(train_set, torch.utils.data.Subset) else train_set,
+                           "training", paths["train_ann"])
+    if retrieval_set is not None:
+        require_readable_image(retrieval_set, "retrieval", paths["retrieval_ann"])
+    if zeroshot_set is not None:
+        require_readable_image(zeroshot_set, "zero-shot", paths["zeroshot_images"])
     return train_set, retrieval_set, zeroshot_set
 
 

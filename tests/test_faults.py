@@ -277,8 +277,9 @@ def test_training_set_without_a_readable_image(demo_data_dir, tmp_path, capsys):
     with pytest.raises(DataError) as caught:
         train(smoke(data, run, epochs=3), progress=False)
     message = str(caught.value)
-    assert message.startswith("epoch 1 had no usable batch") and "python -m clipstudy check-data" in message
-    assert str(data / "train.json") in message
+    # found at start-up, before any training step
+    assert message.startswith(f"{data / 'train.json'}: none of the {len(entries)} training images can be read")
+    assert "python -m clipstudy check-data" in message
     failed = read_metrics(run)
     assert failed["status"] == "failed" and "check-data" in failed["error"]
     assert checkpoint_paths(run / "checkpoints") == []  # nothing trained, nothing saved
@@ -291,7 +292,28 @@ def test_training_set_without_a_readable_image(demo_data_dir, tmp_path, capsys):
                            "--threads", "1", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert error_line(err).startswith("error: epoch 1 had no usable batch")
+    assert error_line(err).startswith(f"error: {data / 'train.json'}: none of the")
+
+
+@pytest.mark.parametrize("which", ["retrieval", "zeroshot"])
+def test_evaluation_set_without_a_readable_image_fails_at_start(demo_data_dir, tmp_path, which):
+    data = copy_data(demo_data_dir, tmp_path)
+    if which == "retrieval":
+        source = data / "retrieval.json"
+        for entry in json.loads(source.read_text()):
+            (data / "images" / entry["image"]).write_bytes(b"not an image")
+        expected = f"{source}: none of the"
+    else:
+        source = data / "zeroshot"
+        for image in source.rglob("*.*"):
+            if image.suffix.lower() in (".png", ".jpg", ".jpeg"):
+                image.write_bytes(b"")
+        expected = f"{source}: none of the"
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match="none of the") as caught:
+        train(smoke(data, run, epochs=3), progress=False)
+    assert str(caught.value).startswith(expected) and "check-data" in str(caught.value)
+    assert checkpoint_paths(run / "checkpoints") == []  # failed before the first step
 
 
 def test_dirty_but_usable_data_trains_and_is_reported(demo_data_dir, tmp_path, caplog):
