@@ -195,6 +195,26 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, keep: int = 2) -
     return path
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files an interrupted atomic write left in ``folder``.
+
+    A process killed mid-write (``kill -9``, OOM) leaves ``.<name>.<random>.tmp``
+    behind; nothing reads them, but a checkpoint-sized one wastes disk on every
+    crash. Call only while holding the folder's cell lock, so no live writer owns them.
+    """
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except OSError:
+                    pass
+    return removed
+
+
 def load_verified(path: str | Path) -> dict:
     """Load one checkpoint after checking its digest; CheckpointError if it is damaged."""
     path = Path(path)

@@ -37,7 +37,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clipstudy import __version__
-from clipstudy.checkpoint import CellBusy, atomic_write_text, cell_lock, load_latest, save_checkpoint, write_json
+from clipstudy.checkpoint import (CellBusy, atomic_write_text, cell_lock, load_latest, remove_stale_temporaries,
+                                  save_checkpoint, write_json)
 from clipstudy.config import (ConfigError, RunConfig, add_config_arguments, make_config,
                               overrides_from_args, PROFILES)
 
@@ -467,6 +468,9 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
     # ---- resume
     history, epochs, elapsed = [], [], 0.0
     start_epoch, start_batch, global_step = 0, 0, 0
+    if is_main:  # we hold the cell lock: no live writer owns these
+        for stale in remove_stale_temporaries(out / "checkpoints") + remove_stale_temporaries(out):
+            print(f"removed {stale.name}, left by an interrupted write", file=sys.stderr)
     state, path, warnings = load_latest(out / "checkpoints")
     for msg in warnings:
         print("WARNING:", msg, file=sys.stderr)

@@ -143,6 +143,25 @@ def test_damaged_latest_checkpoint_is_skipped_with_a_warning(reference_run, demo
     assert_same_history(run, reference_run)
 
 
+def test_temporaries_of_a_killed_write_are_removed_on_rerun(reference_run, demo_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    newest, _ = checkpoint_paths(run / "checkpoints")
+    newest.with_name(newest.name + ".sha256").unlink()  # killed between the checkpoint and its digest
+    half_written = run / "checkpoints" / f".{newest.name}.k9x2.tmp"
+    half_written.write_bytes(newest.read_bytes()[:1000])  # and a later write killed mid-file
+    stale_metrics = run / ".metrics.json.ab12.tmp"
+    stale_metrics.write_text("{")
+    keep = run / "checkpoints" / "notes.tmp"  # not ours (no leading dot): left alone
+    keep.write_text("user file")
+
+    metrics = train(reference_config(demo_data_dir, run), progress=False)
+    err = capsys.readouterr().err
+    assert f"removed {half_written.name}" in err and f"removed {stale_metrics.name}" in err
+    assert not half_written.exists() and not stale_metrics.exists() and keep.read_text() == "user file"
+    assert comparable(metrics) == comparable(read_metrics(reference_run))
+
+
 def test_every_checkpoint_damaged_trains_from_scratch(reference_run, demo_data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
