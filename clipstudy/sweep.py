@@ -152,17 +152,41 @@ def cell_state_unlocked(out: Path) -> str:
         return ""
 
 
+def local_socket_kernel_manager(folder: str):
+    """A Jupyter kernel manager whose kernel talks over Unix sockets in ``folder``.
+
+    The default TCP transport picks free ports by probing, which parallel cells
+    (``--jobs N``) can race for, and makes every kernel log an "unencrypted TCP"
+    warning; sockets in a private folder avoid both.
+    """
+    from jupyter_client import AsyncKernelManager
+
+    class LocalSocketKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(transport="ipc", ip=os.path.join(folder, "kernel"), **kwargs)
+
+    return LocalSocketKernelManager
+
+
 def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
+    import shutil
+    import tempfile
+
     import papermill
 
     started = time.perf_counter()
     error = None
+    # a short path: a Unix socket's name is limited to ~100 characters, run folders may be deeper
+    sockets = tempfile.mkdtemp(prefix="clipstudy-kernel-")
     try:
         papermill.execute_notebook(str(notebook), str(cell.out / "train.ipynb"),
                                    parameters=notebook_parameters(cell, device, threads),
-                                   kernel_name="python3", progress_bar=False, cwd=str(REPO_ROOT))
+                                   kernel_name="python3", progress_bar=False, cwd=str(REPO_ROOT),
+                                   kernel_manager_class=local_socket_kernel_manager(sockets))
     except Exception as err:  # papermill wraps the notebook's exception
         error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
     metrics = {}
     if (cell.out / "metrics.json").is_file():
         metrics = json.loads((cell.out / "metrics.json").read_text())
