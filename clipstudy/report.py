@@ -206,6 +206,13 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
         out.append(f"Adam with its L2 penalty averages {by_opt['adam']:.2f}; without it {by_opt['adam-nol2']:.2f}: "
                    + ("dropping the L2 term helps." if by_opt["adam-nol2"] > by_opt["adam"] else
                       "dropping the L2 term does not help."))
+    for label, value in by_opt.items():  # other variants (e.g. sgd-lr0.05) against the optimizer they modify
+        base = str(label).split("-")[0]
+        if label in ("adam-nol2", base) or base not in by_opt:
+            continue
+        name, base_name = OPTIMIZER_NAMES.get(label, label), OPTIMIZER_NAMES.get(base, base)
+        out.append(f"{name} averages {value:.2f} over losses against {by_opt[base]:.2f} for {base_name} "
+                   f"with its defaults: the variant {'helps' if value > by_opt[base] else 'does not help'}.")
     if len(by_opt) > 1:
         ranking = ", ".join(f"{OPTIMIZER_NAMES.get(k, k)} {v:.2f}" for k, v in by_opt.sort_values(ascending=False).items())
         out.append(f"Mean Average over losses by optimizer: {ranking}.")

@@ -102,3 +102,19 @@ def test_conclusions_against_chance(tmp_path):
     assert "3 of 4 cells reach more than twice the chance Average (4.00)." in lines
     below = [line for line in lines if line.startswith("Below chance")]
     assert len(below) == 1 and below[0].endswith("Adam + CLIP.")
+
+
+def test_conclusions_compare_variants_with_their_base_optimizer(tmp_path):
+    write_fixture_runs(tmp_path)
+    extra = [("adam-nol2", "clip", 0, 6.0, 6.0, 9.0), ("sgd-lr0.05", "clip", 0, 3.0, 3.0, 3.0)]
+    for opt, loss, seed, tr, ir, acc in extra:
+        d = tmp_path / f"{opt}-{loss}-s{seed}"
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({
+            "status": "completed", "optimizer": opt, "loss": loss, "seed": seed,
+            "txt_r1": tr, "img_r1": ir, "zeroshot_top1": acc, "average": (tr + ir + acc) / 3}))
+    lines = report.conclusions(report.collect_runs(tmp_path))
+    # by hand: Adam+CLIP (3+3+4)/3 = 3.33, Adam (no L2) 7.00; SGD: only SGD+CLIP s0 completed, 31/3 = 10.33
+    assert ("Adam with its L2 penalty averages 3.33; without it 7.00: dropping the L2 term helps." in lines)
+    assert ("SGD (lr 0.05, clip 1) averages 3.00 over losses against 10.33 for SGD with its defaults: "
+            "the variant does not help." in lines)
