@@ -206,18 +206,24 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
         out.append(f"Adam with its L2 penalty averages {by_opt['adam']:.2f}; without it {by_opt['adam-nol2']:.2f}: "
                    + ("dropping the L2 term helps." if by_opt["adam-nol2"] > by_opt["adam"] else
                       "dropping the L2 term does not help."))
+    chance_avg = None
+    if chance and all(k in chance for k in ("txt_r1", "img_r1", "zeroshot_top1")):
+        chance_avg = (chance["txt_r1"] + chance["img_r1"] + chance["zeroshot_top1"]) / 3
     for label, value in by_opt.items():  # other variants (e.g. sgd-lr0.05) against the optimizer they modify
         base = str(label).split("-")[0]
         if label in ("adam-nol2", base) or base not in by_opt:
             continue
         name, base_name = OPTIMIZER_NAMES.get(label, label), OPTIMIZER_NAMES.get(base, base)
-        out.append(f"{name} averages {value:.2f} over losses against {by_opt[base]:.2f} for {base_name} "
-                   f"with its defaults: the variant {'helps' if value > by_opt[base] else 'does not help'}.")
+        line = f"{name} averages {value:.2f} over losses against {by_opt[base]:.2f} for {base_name} with its defaults: "
+        if chance_avg is not None and max(value, by_opt[base]) <= 2 * chance_avg:
+            line += f"neither learns (both within twice the chance Average, {chance_avg:.2f})."
+        else:
+            line += f"the variant {'helps' if value > by_opt[base] else 'does not help'}."
+        out.append(line)
     if len(by_opt) > 1:
         ranking = ", ".join(f"{OPTIMIZER_NAMES.get(k, k)} {v:.2f}" for k, v in by_opt.sort_values(ascending=False).items())
         out.append(f"Mean Average over losses by optimizer: {ranking}.")
-    if chance and all(k in chance for k in ("txt_r1", "img_r1", "zeroshot_top1")):
-        chance_avg = (chance["txt_r1"] + chance["img_r1"] + chance["zeroshot_top1"]) / 3
+    if chance_avg is not None:
         learned = done[done["average_mean"] > 2 * chance_avg]
         out.append(f"{len(learned)} of {len(done)} cells reach more than twice the chance Average "
                    f"({chance_avg:.2f}).")
@@ -242,15 +248,25 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
 # ---------------------------------------------------------------------- CLI
 def render(profile: str, runs_root: Path, out_dir: Path, *, notebook: Path = ANALYSIS_NOTEBOOK) -> Path:
     """Execute the analysis notebook and render it to HTML without code; return the HTML path."""
+    import shutil
+    import tempfile
+
     import nbformat
     import papermill
     from nbconvert import HTMLExporter
 
+    from clipstudy.sweep import local_socket_kernel_manager
+
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / "analysis.ipynb"
-    papermill.execute_notebook(str(notebook), str(executed), kernel_name="python3", progress_bar=False,
-                               parameters={"profile": profile, "runs": str(runs_root.resolve()),
-                                           "out_dir": str(out_dir.resolve())}, cwd=str(REPO_ROOT))
+    sockets = tempfile.mkdtemp(prefix="clipstudy-kernel-")
+    try:
+        papermill.execute_notebook(str(notebook), str(executed), kernel_name="python3", progress_bar=False,
+                                   parameters={"profile": profile, "runs": str(runs_root.resolve()),
+                                               "out_dir": str(out_dir.resolve())}, cwd=str(REPO_ROOT),
+                                   kernel_manager_class=local_socket_kernel_manager(sockets))
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
     html = out_dir / "report.html"

@@ -118,3 +118,7 @@ def test_conclusions_compare_variants_with_their_base_optimizer(tmp_path):
     assert ("Adam with its L2 penalty averages 3.33; without it 7.00: dropping the L2 term helps." in lines)
     assert ("SGD (lr 0.05, clip 1) averages 3.00 over losses against 10.33 for SGD with its defaults: "
             "the variant does not help." in lines)
+    # with a chance Average of 6 both stay within 2 x 6 = 12: neither learns
+    lines = report.conclusions(report.collect_runs(tmp_path), {"txt_r1": 6.0, "img_r1": 6.0, "zeroshot_top1": 6.0})
+    assert ("SGD (lr 0.05, clip 1) averages 3.00 over losses against 10.33 for SGD with its defaults: "
+            "neither learns (both within twice the chance Average, 6.00)." in lines)
