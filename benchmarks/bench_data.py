@@ -17,7 +17,7 @@
    clipstudy, and the demo profile's pipeline on its 32 px PNGs.
 2. The demo training loop's data and step time per batch, clipstudy's set-up
    against the same without its fused transform ending and fused optimizer,
-   side by side (:func:`demo_loop`).
+   side by side, with and without the decoded-image cache (:func:`demo_loop`).
 3. The fraction of training time spent waiting for data in the demo sweep:
    ``data_time / (data_time + step_time)`` from the ``history.csv`` files under
    ``reports/runs/demo/`` (or, if there are none, from a short demo run).
@@ -289,13 +289,14 @@ def data_wait(quick: bool, tmp: Path, runs: Path = RUNS) -> dict:
 
 
 def demo_loop(quick: bool, tmp: Path) -> dict:
-    """The demo training loop's data and step time per batch, two set-ups side by side.
+    """The demo training loop's data and step time per batch, three set-ups side by side.
 
-    ``clipstudy``: the loader and ``train_step`` as clipstudy runs them.
+    ``clipstudy``: the loader and ``train_step`` as clipstudy runs them, its decoded-image
+    cache warm (as in every epoch after the first); the same without the cache;
     ``torchvision Compose + torch's default optimizer``: the same with the transforms run
     by ``T.Compose`` and the optimizer built with ``foreach=None`` (torch's default
     implementation), i.e. without clipstudy's fused ToTensor + Normalize ending and
-    fused optimizer step. Batches alternate between the two; each set-up has its own
+    fused optimizer step. The set-ups take turns batch by batch; each has its own
     copy of the model, so both train the same way.
     """
     import time
@@ -310,11 +311,18 @@ def demo_loop(quick: bool, tmp: Path) -> dict:
     make_demo_data(tmp / "loop_data", seed=0, image_size=32, train_size=1024, retrieval_size=8,
                    zeroshot_per_class=1, zeroshot_classes=2)
     setups = {}
-    for name, params in (("clipstudy", {}), ("torchvision Compose + torch's default optimizer", {"foreach": None})):
-        config = make_config("demo", data=str(tmp / "loop_data"), out=str(tmp / "loop_run"), optimizer_params=params)
+    for name, params, cache in (
+            ("clipstudy (decoded-image cache, from epoch 2 on)", {}, True),
+            ("clipstudy without the image cache", {}, False),
+            ("torchvision Compose + torch's default optimizer, no cache", {"foreach": None}, False)):
+        config = make_config("demo", data=str(tmp / "loop_data"), out=str(tmp / "loop_run"), optimizer_params=params,
+                             cache_images=cache)
         run = build_run(config, tmp / "loop_run")
         if params:
             run.train_set.transform = T.Compose(run.train_set.transform.transforms)
+        if cache:  # epoch 1 fills the cache; every later epoch reads from it
+            for i in range(len(run.train_set)):
+                run.train_set._images.load(i, run.train_set.image_path(i))
         loader = DataLoader(SeededSamples(run.train_set, config.seed), collate_fn=make_collate(run.tokenizer, config.max_length),
                             batch_sampler=EpochBatches(len(run.train_set), config.batch_size, config.seed, 0))
         setups[name] = (run, iter(loader))

@@ -60,6 +60,7 @@ class RunConfig:
     hflip: bool = True
     randaugment: bool = True           # torchvision RandAugment(2, 7)
     num_workers: int = 4
+    cache_images: bool = False         # keep decoded images in memory (small data sets such as the demo)
 
     # --- model
     image_encoder: str = "resnet50"    # resnet50 | small_resnet
@@ -137,7 +138,7 @@ PAPER: dict[str, Any] = {}
 # steps matters more than the number of negatives per step.
 DEMO: dict[str, Any] = dict(
     profile="demo", data="data/demo", image_size=32, crop_scale_min=0.85, hflip=False, randaugment=False,
-    num_workers=0, image_encoder="small_resnet", text_encoder="small_distilbert", pretrained=False,
+    num_workers=0, cache_images=True, image_encoder="small_resnet", text_encoder="small_distilbert", pretrained=False,
     small_resnet_widths=[16, 32, 64], embed_dim=128, max_length=20, epochs=3, batch_size=32,
     warmup_steps=20, lr=2e-3, eval_batch_size=500, threads=0,
 )

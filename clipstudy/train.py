@@ -233,16 +233,16 @@ def build_datasets(config: RunConfig):
     train_set = TrainPairs(paths["train_ann"], paths["train_images"],
                            train_transform(config.image_size, crop_scale=(config.crop_scale_min, 1.0),
                                            hflip=config.hflip, randaugment=randaugment),
-                           max_words=config.max_words)
+                           max_words=config.max_words, cache_images=config.cache_images)
     if config.limit_train:
         train_set = torch.utils.data.Subset(train_set, range(min(config.limit_train, len(train_set))))
     evaluation = eval_transform(config.image_size)
     retrieval_set = zeroshot_set = None
     if paths["retrieval_ann"]:
         retrieval_set = RetrievalSet(paths["retrieval_ann"], paths["retrieval_images"], evaluation,
-                                     max_words=config.max_words)
+                                     max_words=config.max_words, cache_images=config.cache_images)
     if paths["zeroshot_images"]:
-        zeroshot_set = ZeroShotSet(paths["zeroshot_images"], evaluation)
+        zeroshot_set = ZeroShotSet(paths["zeroshot_images"], evaluation, cache_images=config.cache_images)
     # fail in seconds, not after the first epoch, when a whole set is unreadable
     require_readable_image(train_set.dataset if isinstance(train_set, torch.utils.data.Subset) else train_set,
                            "training", paths["train_ann"])
@@ -374,7 +374,7 @@ def restore_state(run: Run, state: dict) -> None:
     set_rng_state(state["rng"])
 
 
-TRAINING_FIELDS_THAT_MAY_CHANGE_ON_RESUME = {"out", "num_workers", "threads", "device", "log_every"}
+TRAINING_FIELDS_THAT_MAY_CHANGE_ON_RESUME = {"out", "num_workers", "threads", "device", "log_every", "cache_images"}
 
 
 def check_resume_compatible(config: RunConfig, saved_json: str, path: Path) -> None:

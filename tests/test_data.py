@@ -349,3 +349,28 @@ def test_collate_skip_none():
     assert images.shape == (2, 3, 4, 4) and ids.tolist() == [2, 0] and ids.dtype == torch.long
     images, ids = collate_skip_none([None])
     assert images.shape[0] == 0 and ids.shape == (0,)
+
+
+def test_decoded_image_cache_reads_each_file_once_and_retries_unreadable(tmp_path, monkeypatch):
+    import clipstudy.data as data_mod
+
+    for i in range(3):
+        save(Image.new("RGB", (8, 8), (40 * i, 0, 0)), tmp_path / "img" / f"{i}.png")
+    (tmp_path / "img" / "2.png").write_bytes(b"not a png")
+    ann = tmp_path / "train.json"
+    ann.write_text(json.dumps([{"image": f"{i}.png", "caption": "c", "image_id": i} for i in range(3)]))
+    reads = []
+    real = data_mod.load_rgb_image
+    monkeypatch.setattr(data_mod, "load_rgb_image", lambda path: reads.append(str(path)) or real(path))
+
+    cached = TrainPairs(ann, tmp_path / "img", to_tensor, cache_images=True)
+    disk = TrainPairs(ann, tmp_path / "img", to_tensor)
+    for _ in range(3):  # three epochs
+        for i in range(3):
+            a, b = cached[i], disk[i]
+            assert (a is None) == (b is None) == (i == 2)
+            if a is not None:
+                assert torch.equal(a[0], b[0])
+    # disk: 3 epochs x 3 files; cached: files 0 and 1 once, the unreadable file every epoch
+    assert len(reads) == 9 + 2 + 3
+    assert sorted(cached._images.cache) == [0, 1]

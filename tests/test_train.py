@@ -164,3 +164,14 @@ def test_two_process_ddp_matches_one_process(demo_data_dir, tmp_path):
     sa, sb = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for k in sa["model"]:
         assert torch.allclose(sa["model"][k].float(), sb["model"][k].float(), rtol=1e-3, atol=1e-5), k
+
+
+def test_decoded_image_cache_changes_no_number(demo_data_dir, tmp_path):
+    # the demo profile keeps decoded images in memory; it must train exactly as reading from disk
+    assert make_config("demo").cache_images and not make_config("paper").cache_images
+    cached = train(smoke(demo_data_dir, tmp_path / "cached", epochs=2, cache_images=True), progress=False)
+    disk = train(smoke(demo_data_dir, tmp_path / "disk", epochs=2, cache_images=False), progress=False)
+    assert comparable(cached) == comparable(disk)
+    assert pd.read_csv(tmp_path / "cached" / "history.csv")["loss"].tolist() == \
+        pd.read_csv(tmp_path / "disk" / "history.csv")["loss"].tolist()
+    assert_same_state(final_weights(tmp_path / "cached"), final_weights(tmp_path / "disk"))
