@@ -322,7 +322,7 @@ def demo_loop(quick: bool, tmp: Path) -> dict:
             run.train_set.transform = T.Compose(run.train_set.transform.transforms)
         if cache:  # epoch 1 fills the cache; every later epoch reads from it
             for i in range(len(run.train_set)):
-                run.train_set._images.load(i, run.train_set.image_path(i))
+                run.train_set[i]
         loader = DataLoader(SeededSamples(run.train_set, config.seed), collate_fn=make_collate(run.tokenizer, config.max_length),
                             batch_sampler=EpochBatches(len(run.train_set), config.batch_size, config.seed, 0))
         setups[name] = (run, iter(loader))

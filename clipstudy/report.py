@@ -248,25 +248,15 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
 # ---------------------------------------------------------------------- CLI
 def render(profile: str, runs_root: Path, out_dir: Path, *, notebook: Path = ANALYSIS_NOTEBOOK) -> Path:
     """Execute the analysis notebook and render it to HTML without code; return the HTML path."""
-    import shutil
-    import tempfile
-
     import nbformat
-    import papermill
     from nbconvert import HTMLExporter
 
-    from clipstudy.sweep import local_socket_kernel_manager
+    from clipstudy.sweep import execute_notebook
 
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / "analysis.ipynb"
-    sockets = tempfile.mkdtemp(prefix="clipstudy-kernel-")
-    try:
-        papermill.execute_notebook(str(notebook), str(executed), kernel_name="python3", progress_bar=False,
-                                   parameters={"profile": profile, "runs": str(runs_root.resolve()),
-                                               "out_dir": str(out_dir.resolve())}, cwd=str(REPO_ROOT),
-                                   kernel_manager_class=local_socket_kernel_manager(sockets))
-    finally:
-        shutil.rmtree(sockets, ignore_errors=True)
+    execute_notebook(notebook, executed, {"profile": profile, "runs": str(runs_root.resolve()),
+                                          "out_dir": str(out_dir.resolve())})
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
     html = out_dir / "report.html"

@@ -168,29 +168,39 @@ def local_socket_kernel_manager(folder: str):
     return LocalSocketKernelManager
 
 
-def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
+def execute_notebook(notebook: Path, output: Path, parameters: dict, **kwargs) -> None:
+    """Run ``notebook`` with papermill into ``output`` as clipstudy does everywhere.
+
+    The kernel runs from the repository root and talks over Unix sockets in a
+    private temporary folder (:func:`local_socket_kernel_manager`); other keyword
+    arguments go to ``papermill.execute_notebook``.
+    """
     import shutil
     import tempfile
 
     import papermill
 
-    started = time.perf_counter()
-    error = None
     # a short path: a Unix socket's name is limited to ~100 characters, run folders may be deeper
     sockets = tempfile.mkdtemp(prefix="clipstudy-kernel-")
     try:
-        papermill.execute_notebook(str(notebook), str(cell.out / "train.ipynb"),
-                                   parameters=notebook_parameters(cell, device, threads),
-                                   kernel_name="python3", progress_bar=False, cwd=str(REPO_ROOT),
-                                   kernel_manager_class=local_socket_kernel_manager(sockets),
-                                   # once every cell has run, nothing is left to lose (train() has
-                                   # written its files atomically): ending the kernel at once saves
-                                   # the ~2 s a kernel with torch loaded takes to exit politely
-                                   shutdown_kernel="immediate")
-    except Exception as err:  # papermill wraps the notebook's exception
-        error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name="python3",
+                                   progress_bar=False, cwd=str(REPO_ROOT),
+                                   kernel_manager_class=local_socket_kernel_manager(sockets), **kwargs)
     finally:
         shutil.rmtree(sockets, ignore_errors=True)
+
+
+def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
+    started = time.perf_counter()
+    error = None
+    try:
+        # once every cell has run, nothing is left to lose (train() has written its files
+        # atomically): ending the kernel at once saves the ~2 s a kernel with torch loaded
+        # takes to exit politely
+        execute_notebook(notebook, cell.out / "train.ipynb", notebook_parameters(cell, device, threads),
+                         shutdown_kernel="immediate")
+    except Exception as err:  # papermill wraps the notebook's exception
+        error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
     metrics = {}
     if (cell.out / "metrics.json").is_file():
         metrics = json.loads((cell.out / "metrics.json").read_text())

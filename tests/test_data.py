@@ -373,4 +373,4 @@ def test_decoded_image_cache_reads_each_file_once_and_retries_unreadable(tmp_pat
                 assert torch.equal(a[0], b[0])
     # disk: 3 epochs x 3 files; cached: files 0 and 1 once, the unreadable file every epoch
     assert len(reads) == 9 + 2 + 3
-    assert sorted(cached._images.cache) == [0, 1]
+    assert sorted(cached._reader.cache) == [0, 1]
