@@ -87,6 +87,7 @@ class RunConfig:
     epochs: int = 30
     batch_size: int = 128
     warmup_steps: int = -1             # -1 = one epoch of warm-up
+    lr_schedule: str = "smooth"        # smooth (per-step warm-up + cosine) | original (staircase warm-up, cosine per epoch)
     warmup_lr: float = 1e-5
     min_lr: float = 1e-6
     grad_clip: float = 0.0             # 0 = no clipping (the gradient norm is still logged)
@@ -141,6 +142,7 @@ class RunConfig:
 # run's loss (see make_config); OnlineCLR got the SogCLR gamma.
 PAPER: dict[str, Any] = dict(
     augment="albef", zeroshot_transform="original", image_weights="timm-a1", amp="fp16",
+    lr_schedule="original", warmup_steps=500,
 )
 PROFILE_LOSS_PARAMS: dict[str, dict[str, dict]] = {
     "paper": {"sogclr": {"estimator": "original"}, "onlineclr": {"gamma": 0.8}},
@@ -174,6 +176,7 @@ CHOICES: dict[str, tuple] = {
     "augment": ("albef", "torchvision", "none"),
     "zeroshot_transform": ("original", "clip"),
     "image_weights": ("timm-a1", "torchvision"),
+    "lr_schedule": ("smooth", "original"),
 }
 # Former fields still accepted by make_config: name -> function(value) -> {new field: value}.
 LEGACY_FIELDS = {"randaugment": lambda on: {"augment": "torchvision" if _coerce_bool("randaugment", on) else "none"}}
