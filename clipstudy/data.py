@@ -513,8 +513,8 @@ class RetrievalSet(Dataset):
 # --------------------------------------------------------------------------- zero-shot
 
 # The ImageNet class names and CLIP's 80 templates are kept as a data file
-# rather than a dependency on open_clip_torch, which would pull in timm,
-# huggingface_hub, ftfy and more for two constants. Sources and licences are
+# rather than a dependency on open_clip_torch, which would pull in ftfy and
+# more for two constants. Sources and licences are
 # recorded inside the file.
 _METADATA_FILE = "imagenet_metadata.json"
 
