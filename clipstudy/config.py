@@ -67,7 +67,7 @@ class RunConfig:
     image_encoder: str = "resnet50"    # resnet50 | small_resnet
     text_encoder: str = "distilbert"   # distilbert | small_distilbert
     pretrained: bool = True
-    image_weights: str = "torchvision" # ResNet-50 weights: torchvision (IMAGENET1K_V1) | timm-a1 (timm resnet50.a1_in1k)
+    image_weights: str = "torchvision" # ResNet-50: torchvision (IMAGENET1K_V1) | timm-a1 (timm resnet50.a1_in1k)
     embed_dim: int = 256
     tokenizer: str = ""                # tokenizer folder; empty = the encoder's own (or DATA/tokenizer)
     small_resnet_widths: list = field(default_factory=lambda: [32, 64, 128])
@@ -87,7 +87,7 @@ class RunConfig:
     epochs: int = 30
     batch_size: int = 128
     warmup_steps: int = -1             # -1 = one epoch of warm-up
-    lr_schedule: str = "smooth"        # smooth (per-step warm-up + cosine) | original (staircase warm-up, cosine per epoch)
+    lr_schedule: str = "smooth"        # smooth (per-step warm-up + cosine) | original (staircase, cosine per epoch)
     warmup_lr: float = 1e-5
     min_lr: float = 1e-6
     grad_clip: float = 0.0             # 0 = no clipping (the gradient norm is still logged)
