@@ -142,7 +142,10 @@ def _digest(data: bytes) -> str:
 
 def _resized_jpeg(data: bytes, max_side: int) -> bytes:
     with Image.open(io.BytesIO(data)) as image:
-        if max_side and image.format == "JPEG":
+        if image.format == "JPEG" and image.mode == "RGB" and max(image.size) <= max_side:
+            image.load()  # decodes: corrupt data raises here
+            return data  # already small enough: keep the original bytes (no second lossy encode)
+        if image.format == "JPEG":
             image.draft("RGB", (max_side, max_side))  # JPEG decodes at 1/2, 1/4, 1/8 scale: much faster
         image.load()
         if image.mode != "RGB":
@@ -284,7 +287,7 @@ def _stats_failures(src: Path) -> int | None:
 def prepare_cc3m(src: str | Path, out: str | Path, *, limit: int = 0, seed: int = 0, max_side: int = 0,
                  workers: int = 0, progress: bool = True) -> Prepared:
     """Training pairs from an img2dataset output folder (see the module docstring)."""
-    src, out = Path(src), Path(out)
+    src, out = Path(src), Path(out).absolute()  # absolute: the fields are used from other folders
     _require(src, "img2dataset output folder", "pass the --output_folder of img2dataset", folder=True)
     if limit < 0 or max_side < 0:
         raise PrepareError(f"--limit and --max-side must be >= 0 (got {limit}, {max_side})")
@@ -315,7 +318,7 @@ def prepare_cc3m(src: str | Path, out: str | Path, *, limit: int = 0, seed: int 
     entries = [{"image": name, "caption": caption, "image_id": _image_id(sample.key)} for sample, caption, name in kept]
     write_json_if_changed(out / "train.json", entries)
     result.counts = {"layout": source.layout, "samples": len(samples), "pairs": len(entries),
-                     **result.counts, "removed_unused_images": writer.finish({e["image"] for e in entries})}
+                     **result.counts, "unused_images_removed": writer.finish({e["image"] for e in entries})}
     recorded = _stats_failures(src)
     if recorded is not None:
         result.counts["failed_downloads_in_stats_json"] = recorded

@@ -118,7 +118,7 @@ def prepare_coco_karpathy(src: str | Path, images: str | Path, out: str | Path, 
     ``coco/<filepath>/<filename>``. Images whose file is missing or empty and
     images without a caption are skipped and counted.
     """
-    src, images, out = Path(src), Path(images), Path(out)
+    src, images, out = Path(src), Path(images), Path(out).absolute()
     fix = "pass Karpathy's dataset_coco.json (from caption_datasets.zip)"
     data = _read_json(_require(src, "split file", fix), "Karpathy split file dataset_coco.json")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
@@ -217,7 +217,7 @@ def prepare_imagenet_val(src: str | Path, labels: str | Path, out: str | Path, m
     subset of images is present. Links left by an earlier run that no longer
     apply are removed.
     """
-    src, labels, out = Path(src), Path(labels), Path(out)
+    src, labels, out = Path(src), Path(labels), Path(out).absolute()
     _require(src, "validation image folder", "pass the flat folder of ILSVRC2012_val_*.JPEG", folder=True)
     label_of = read_val_labels(labels, Path(meta) if meta else None)
     known = set(imagenet_wnids())

@@ -145,6 +145,12 @@ def test_cc3m_max_side_resizes_keeping_aspect(tmp_path):
         assert not path.is_symlink() and path.suffix == ".jpg"
         with Image.open(path) as image:
             assert image.size == (40, 30) and image.format == "JPEG"
+    # images already within the limit keep their bytes (no second lossy encode)
+    samples = cc3m_samples(size=(160, 120))
+    prepare_cc3m(src, tmp_path / "big", max_side=160, progress=False)
+    for entry in json.loads((tmp_path / "big" / "train.json").read_text()):
+        written = (tmp_path / "big" / "images" / entry["image"]).read_bytes()
+        assert written == samples[f"{entry['image_id']:09d}"]["jpg"]
 
 
 def test_cc3m_rerun_skips_unchanged_and_repairs_by_content(tmp_path):
