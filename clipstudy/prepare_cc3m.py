@@ -145,16 +145,17 @@ def _resized_jpeg(data: bytes, max_side: int) -> bytes:
         if image.format == "JPEG" and image.mode == "RGB" and max(image.size) <= max_side:
             image.load()  # decodes: corrupt data raises here
             return data  # already small enough: keep the original bytes (no second lossy encode)
+        scale = max_side / max(image.size)
+        target = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         if image.format == "JPEG":
-            image.draft("RGB", (max_side, max_side))  # JPEG decodes at 1/2, 1/4, 1/8 scale: much faster
+            # decode at 1/2, 1/4 or 1/8 scale when that still covers the target: far less work
+            image.draft("RGB", target)
         image.load()
         if image.mode != "RGB":
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-        if max(image.size) > max_side:
-            scale = max_side / max(image.size)
-            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        if image.size != target and max(image.size) > max_side:
+            image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=JPEG_QUALITY)
         return buffer.getvalue()

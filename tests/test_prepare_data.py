@@ -111,7 +111,8 @@ def test_cc3m_counts_skips_and_check_data(tmp_path, layout):
     stray = result.skipped["stray member (not an image, .txt or .json of a sample)"]
     assert stray == (1 if layout == "webdataset" else 0)
     for entry in entries:  # the image bytes arrive unchanged
-        assert (tmp_path / "out" / "images" / entry["image"]).read_bytes() == samples[str(entry["image_id"]).zfill(9)]["jpg"]
+        written = (tmp_path / "out" / "images" / entry["image"]).read_bytes()
+        assert written == samples[f"{entry['image_id']:09d}"]["jpg"]
     if layout == "files":  # links, not copies
         assert (tmp_path / "out" / "images" / entries[0]["image"]).is_symlink()
     report = check_data(**result.fields)
