@@ -32,7 +32,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from clipstudy.prepare_data import (PrepareError, Prepared, _require, ensure_link, progress_bar,
+from clipstudy.prepare_data import (PrepareError, Prepared, ensure_link, progress_bar, require_path,
                                     write_json_if_changed)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -289,7 +289,7 @@ def prepare_cc3m(src: str | Path, out: str | Path, *, limit: int = 0, seed: int 
                  workers: int = 0, progress: bool = True) -> Prepared:
     """Training pairs from an img2dataset output folder (see the module docstring)."""
     src, out = Path(src), Path(out).absolute()  # absolute: the fields are used from other folders
-    _require(src, "img2dataset output folder", "pass the --output_folder of img2dataset", folder=True)
+    require_path(src, "img2dataset output folder", "pass the --output_folder of img2dataset", folder=True)
     if limit < 0 or max_side < 0:
         raise PrepareError(f"--limit and --max-side must be >= 0 (got {limit}, {max_side})")
     if out.absolute() == src.absolute() or src.absolute() in out.absolute().parents:

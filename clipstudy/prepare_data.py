@@ -93,7 +93,7 @@ def ensure_link(link: Path, target: Path) -> bool:
     return True
 
 
-def _require(path: Path, what: str, fix: str, folder: bool = False) -> Path:
+def require_path(path: Path, what: str, fix: str, folder: bool = False) -> Path:
     ok = path.is_dir() if folder else path.is_file()
     if not ok:
         raise PrepareError(f"{path}: {what} not found; {fix}")
@@ -120,10 +120,10 @@ def prepare_coco_karpathy(src: str | Path, images: str | Path, out: str | Path, 
     """
     src, images, out = Path(src), Path(images), Path(out).absolute()
     fix = "pass Karpathy's dataset_coco.json (from caption_datasets.zip)"
-    data = _read_json(_require(src, "split file", fix), "Karpathy split file dataset_coco.json")
+    data = _read_json(require_path(src, "split file", fix), "Karpathy split file dataset_coco.json")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise PrepareError(f"{src}: no 'images' list at the top level; {fix}")
-    _require(images, "COCO image root", "pass the folder that holds val2014/ (and train2014/)", folder=True)
+    require_path(images, "COCO image root", "pass the folder that holds val2014/ (and train2014/)", folder=True)
     result = Prepared(fields={"retrieval_ann": str(out / "retrieval.json"),
                               "retrieval_images": str(out / "images")})
     entries = []
@@ -188,7 +188,7 @@ def read_devkit_meta(meta_mat: Path) -> dict[int, str]:
 
 def read_devkit_ground_truth(path: Path, meta_mat: Path) -> dict[str, str]:
     """Devkit ground truth (line i = ILSVRC2012_ID of ILSVRC2012_val_<i>) -> {image stem: wnid}."""
-    id_to_wnid = read_devkit_meta(_require(meta_mat, "devkit meta.mat",
+    id_to_wnid = read_devkit_meta(require_path(meta_mat, "devkit meta.mat",
                                            "pass it with --meta (it sits beside the ground truth in data/)"))
     labels = {}
     for line_number, line in enumerate(path.read_text(encoding="utf-8").split(), start=1):
@@ -201,7 +201,7 @@ def read_devkit_ground_truth(path: Path, meta_mat: Path) -> dict[str, str]:
 
 
 def read_val_labels(labels: Path, meta: Path | None) -> dict[str, str]:
-    _require(labels, "label file", "pass LOC_val_solution.csv or the devkit's ILSVRC2012_validation_ground_truth.txt")
+    require_path(labels, "label file", "pass LOC_val_solution.csv or the devkit's ILSVRC2012_validation_ground_truth.txt")
     if labels.suffix.lower() == ".csv":
         return read_loc_val_solution(labels)
     return read_devkit_ground_truth(labels, meta or labels.parent / "meta.mat")
@@ -218,7 +218,7 @@ def prepare_imagenet_val(src: str | Path, labels: str | Path, out: str | Path, m
     apply are removed.
     """
     src, labels, out = Path(src), Path(labels), Path(out).absolute()
-    _require(src, "validation image folder", "pass the flat folder of ILSVRC2012_val_*.JPEG", folder=True)
+    require_path(src, "validation image folder", "pass the flat folder of ILSVRC2012_val_*.JPEG", folder=True)
     label_of = read_val_labels(labels, Path(meta) if meta else None)
     known = set(imagenet_wnids())
     root = out / "zeroshot"
