@@ -172,8 +172,11 @@ def test_cc3m_rerun_skips_unchanged_and_repairs_by_content(tmp_path):
 
 def test_cc3m_errors_name_the_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert clipstudy_main(["prepare-data", "cc3m", "--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err.strip()
+    argv = ["prepare-data", "cc3m", "--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--json"]
+    assert clipstudy_main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert captured.out == ""  # a failed --json run leaves stdout empty, nothing to misparse
     assert "\n" not in err and str(tmp_path / "empty") in err and "img2dataset" in err
     with pytest.raises(PrepareError, match="inside --src"):
         prepare_cc3m(write_files_layout(tmp_path / "src", cc3m_samples(3)), tmp_path / "src" / "out")
