@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "check-data": ("clipstudy.checkdata", "main", "validate a data set before training"),
     "make-demo-data": ("clipstudy.demo_data", "main", "generate the embedded synthetic benchmark"),
+    "prepare-data": ("clipstudy.prepare_data", "main", "turn CC3M / COCO / ImageNet downloads into the formats"),
     "fetch-weights": ("clipstudy.models", "fetch_weights_main", "download pretrained weights into the local caches"),
     "train": ("clipstudy.train", "main", "train and evaluate one optimizer x loss cell"),
     "evaluate": ("clipstudy.train", "evaluate_main", "evaluate a saved checkpoint"),
