@@ -76,7 +76,7 @@ def evaluate_main(argv: list[str]) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from clipstudy.precision import choose_amp
+    from clipstudy import precision
     from clipstudy.train import build_datasets, build_model_for, choose_device
 
     device = choose_device(config.device)
@@ -89,7 +89,7 @@ def evaluate_main(argv: list[str]) -> int:
     metrics = evaluate_all(model, tokenizer, retrieval_set=retrieval_set, zeroshot_set=zeroshot_set,
                            batch_size=config.eval_batch_size, device=device, max_length=config.max_length,
                            progress=not args.json, num_workers=config.num_workers,
-                           amp=choose_amp(config.amp, device))  # the precision training evaluates with
+                           amp=precision.choose_amp(config.amp, device))  # the precision training evaluates with
     metrics["global_step"] = state["global_step"]
     print(json.dumps(metrics, indent=2))
     return 0

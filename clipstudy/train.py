@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from clipstudy import paths, records
+from clipstudy import paths, precision, records
 from clipstudy.checkpoint import CellBusy, cell_lock, remove_stale_temporaries, save_checkpoint
 from clipstudy.config import ConfigError, RunConfig
 from clipstudy.distributed import unwrap_model
-from clipstudy.precision import autocast, choose_amp
+from clipstudy.precision import autocast
 from clipstudy.runstate import capture_state, resume, seed_everything
 from clipstudy.sampling import SeededSamples, batches_keeping_rng, train_loader
 
@@ -160,7 +160,7 @@ def build_run(config: RunConfig, out: Path, rank: int = 0, world_size: int = 1) 
     warmup = steps_per_epoch if config.warmup_steps < 0 else config.warmup_steps
     scheduler = make_scheduler(optimizer, total_steps=total_steps, warmup_steps=min(warmup, total_steps),
                                warmup_lr=config.warmup_lr, min_lr=config.min_lr)
-    amp_dtype = choose_amp(config.amp, device)
+    amp_dtype = precision.choose_amp(config.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     return Run(config=config, out=out, device=device, model=model, tokenizer=tokenizer, loss=loss,
                optimizer=optimizer, scheduler=scheduler, scaler=scaler, train_set=train_set,
