@@ -40,13 +40,14 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT_DIR, REPO, machine, median, table, torch_threads, write_json  # noqa: E402
 
+from clipstudy import paths  # noqa: E402
 from clipstudy.config import make_config  # noqa: E402
 from clipstudy.data import CLIP_MEAN, CLIP_STD  # noqa: E402
 from clipstudy.sampling import SeededSamples, sample_seed  # noqa: E402
 from clipstudy.train import build_datasets  # noqa: E402
 
 DEFAULT_OUT = OUT_DIR / "data.json"
-RUNS = REPO / "reports" / "runs" / "demo"
+RUNS = paths.runs_dir("demo")
 
 
 # ---------------------------------------------------------------- synthetic JPEGs
