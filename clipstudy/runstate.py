@@ -1,4 +1,4 @@
-"""A run's state: capture, restore, random generators, and the one :func:`resume` entry point.
+"""A run's state: capture, restore, random generators, stop requests, and the one :func:`resume` entry point.
 
 A checkpoint holds everything a run needs to continue as if never stopped:
 model, loss state, optimizer, schedule, gradient scaler, the CPU/CUDA/NumPy/
@@ -10,7 +10,9 @@ another configuration (before anything is written), and restores it.
 from __future__ import annotations
 
 import json
+import logging
 import random
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,8 @@ import torch
 from clipstudy.checkpoint import load_latest
 from clipstudy.config import ConfigError, RunConfig
 from clipstudy.distributed import unwrap_model
+
+log = logging.getLogger("clipstudy.train")
 
 # Version of the checkpoint layout written by capture_state; bump it when the layout changes.
 CHECKPOINT_FORMAT = 1
@@ -131,3 +135,29 @@ def resume(run, out: Path, *, announce: bool = True) -> ResumePoint | None:
         print(f"resumed from {path} (epoch {point.epoch + 1}, batch {point.batch_in_epoch}, "
               f"step {point.global_step})", file=sys.stderr)
     return point
+
+
+class StopRequest:
+    """Turns SIGTERM / SIGINT into a flag checked between steps (then a checkpoint is written)."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some notebook runners): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("received signal %s: checkpointing after this step", signum)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

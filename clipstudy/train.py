@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import resource
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from clipstudy.checkpoint import CellBusy, cell_lock, remove_stale_temporaries, 
 from clipstudy.config import ConfigError, RunConfig
 from clipstudy.distributed import unwrap_model
 from clipstudy.precision import autocast
-from clipstudy.runstate import capture_state, resume, seed_everything
+from clipstudy.runstate import StopRequest, capture_state, resume, seed_everything
 from clipstudy.sampling import SeededSamples, batches_keeping_rng, train_loader
 
 log = logging.getLogger("clipstudy.train")
@@ -179,32 +178,6 @@ def wrap_distributed(run: Run) -> None:
 
 
 # ------------------------------------------------------------- bookkeeping
-class StopRequest:
-    """Turns SIGTERM / SIGINT into a flag checked between steps (then a checkpoint is written)."""
-
-    def __init__(self):
-        self.signal = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. some notebook runners): no handler
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-        log.warning("received signal %s: checkpointing after this step", signum)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
