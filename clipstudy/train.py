@@ -202,7 +202,7 @@ def evaluate_run(run: Run) -> dict:
 
 
 @dataclass
-class Progress:
+class LoopState:
     """Where the run stands; checkpointed with the model so a resume continues from it."""
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -269,7 +269,7 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
     wrap_distributed(run)
     is_main = rank == 0
     point = resume(run, out, announce=is_main)  # refuses another format or configuration, writing nothing
-    state = Progress(session_start=time.perf_counter())
+    state = LoopState(session_start=time.perf_counter())
     log_rows = records.RunLog(out)
     if point is not None:
         done = records.read_metrics(out)
@@ -294,7 +294,7 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
     return finish(run, state, log_rows)
 
 
-def save(run: Run, state: Progress, log_rows: records.RunLog) -> None:
+def save(run: Run, state: LoopState, log_rows: records.RunLog) -> None:
     """Checkpoint at the current position and write the CSV logs (rank 0 only)."""
     if run.rank != 0:
         return
@@ -306,7 +306,7 @@ def save(run: Run, state: Progress, log_rows: records.RunLog) -> None:
     log_rows.flush()
 
 
-def train_epochs(run: Run, state: Progress, log_rows: records.RunLog, progress: bool) -> None:
+def train_epochs(run: Run, state: LoopState, log_rows: records.RunLog, progress: bool) -> None:
     """Epochs from ``state`` until the last, ``max_steps``, divergence or a stop signal."""
     from tqdm.auto import tqdm
 
@@ -336,7 +336,7 @@ def train_epochs(run: Run, state: Progress, log_rows: records.RunLog, progress: 
     bar.close()
 
 
-def train_one_epoch(run: Run, state: Progress, log_rows: records.RunLog, loader, stop, bar) -> int:
+def train_one_epoch(run: Run, state: LoopState, log_rows: records.RunLog, loader, stop, bar) -> int:
     """The steps of one epoch from ``state.batch_in_epoch``; returns how many steps ran."""
     run.model.train()
     steps = 0
@@ -381,7 +381,7 @@ def train_one_epoch(run: Run, state: Progress, log_rows: records.RunLog, loader,
     return steps
 
 
-def end_of_epoch(run: Run, state: Progress, log_rows: records.RunLog, progress: bool) -> None:
+def end_of_epoch(run: Run, state: LoopState, log_rows: records.RunLog, progress: bool) -> None:
     """Evaluate (every ``eval_every`` epochs and at the end), then checkpoint."""
     from tqdm.auto import tqdm
 
@@ -400,7 +400,7 @@ def end_of_epoch(run: Run, state: Progress, log_rows: records.RunLog, progress: 
     save(run, state, log_rows)
 
 
-def finish(run: Run, state: Progress, log_rows: records.RunLog) -> dict:
+def finish(run: Run, state: LoopState, log_rows: records.RunLog) -> dict:
     """Write ``metrics.json`` of a run that completed or diverged; return it."""
     epochs = log_rows.epochs
     metrics = records.run_metrics(
