@@ -102,7 +102,7 @@ def paper_run(model, loss: str, optimizer: str, batch_size: int, device: torch.d
                         **config.loss_params).to(device)
     opt = build_optimizer(config.optimizer, model, loss_fn, lr=config.lr or None,
                           weight_decay=config.weight_decay, **config.optimizer_params)
-    steps = planned_steps(config, num_samples // batch_size)
+    steps, stop = planned_steps(config, num_samples // batch_size)
     scheduler = make_scheduler(opt, total_steps=steps, warmup_steps=num_samples // batch_size,
                                warmup_lr=config.warmup_lr, min_lr=config.min_lr)
     amp_dtype = choose_amp(config.amp, device)
@@ -110,7 +110,7 @@ def paper_run(model, loss: str, optimizer: str, batch_size: int, device: torch.d
     return Run(config=config, out=Path("."), device=device, model=model, tokenizer=None, loss=loss_fn,
                optimizer=opt, scheduler=scheduler, scaler=scaler, train_set=None, retrieval_set=None,
                zeroshot_set=None, steps_per_epoch=num_samples // batch_size, total_steps=steps,
-               amp_dtype=amp_dtype)
+               stop_step=stop, amp_dtype=amp_dtype)
 
 
 # ---------------------------------------------------------------- the pieces

@@ -271,7 +271,31 @@ def validate(config: RunConfig) -> RunConfig:
         fail("small_resnet_blocks", "needs one entry per entry of small_resnet_widths")
     if config.text_encoder == "small_distilbert" and not config.resolved_paths()["tokenizer"]:
         fail("tokenizer", "small_distilbert needs the data set's tokenizer folder (set `data` or `tokenizer`)")
+    _check_component_params(config)
     return config
+
+
+def _check_component_params(config: RunConfig) -> None:
+    """``loss_params`` and ``optimizer_params`` as the loss and the optimizer accept them, checked now
+    (before any data is read) by building both on a one-weight stand-in model."""
+    import torch
+
+    from clipstudy.losses import make_loss
+    from clipstudy.optim import build_optimizer
+
+    try:
+        make_loss(config.loss, temperature=config.temperature, num_samples=1, **config.loss_params)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config field 'loss_params'={config.loss_params!r}: {err}") from None
+    for name, value in [*config.optimizer_params.items(), (None, None)]:
+        options = config.optimizer_params if name is None else {name: value}
+        try:  # each option alone first, so the error names the one torch rejects
+            build_optimizer(config.optimizer, torch.nn.Linear(1, 1), lr=config.lr or None,
+                            weight_decay=config.weight_decay, **options)
+        except (TypeError, ValueError, KeyError) as err:
+            what = f"option {name!r}={value!r}" if name else "these options"
+            raise ConfigError(f"config field 'optimizer_params'={config.optimizer_params!r}: {what} rejected by "
+                              f"optimizer {config.optimizer!r} ({type(err).__name__}: {err})") from None
 
 
 def make_config(profile: str = "demo", **overrides: Any) -> RunConfig:

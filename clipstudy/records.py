@@ -81,15 +81,24 @@ def cell_fields(config) -> dict:
 
 
 def run_metrics(config, *, status: str, final_scores: dict, diverged_at_step, global_step: int,
-                epochs_completed: int, wall_time_s: float, train_samples_per_s, peak_memory_mb: float,
-                skipped_images: int) -> dict:
-    """metrics.json of a training run that ended (completed or diverged)."""
+                steps_total: int, truncated: bool, epochs_completed: int, wall_time_s: float, train_samples_per_s,
+                peak_memory_mb: float, skipped_images: int, fingerprint: str) -> dict:
+    """metrics.json of a training run that ended (completed or diverged).
+
+    ``steps_completed`` of ``steps_total`` (the whole run's optimizer steps) ran
+    (fewer in a complete run only when batches had no readable image);
+    ``truncated`` is True for a completed run that ``max_steps`` cut short (its
+    schedule is the whole run's; rerun with a later cut or none, it continues).
+    ``epochs_completed`` counts whole epochs only.
+    """
     return {"status": status, **cell_fields(config),
             **{k: v for k, v in final_scores.items() if k not in ("epoch", "step")},
             "diverged_at_step": diverged_at_step, "global_step": global_step,
+            "steps_completed": global_step, "steps_total": steps_total,
+            "truncated": status == COMPLETED and truncated,
             "epochs_completed": epochs_completed, "wall_time_s": wall_time_s,
             "train_samples_per_s": train_samples_per_s, "peak_memory_mb": peak_memory_mb,
-            "skipped_images": skipped_images, "git_commit": git_commit()}
+            "skipped_images": skipped_images, "fingerprint": fingerprint, "git_commit": git_commit()}
 
 
 def failure_metrics(*, cell: str, profile: str, optimizer: str, base_optimizer: str, loss: str, seed: int,
@@ -120,6 +129,28 @@ def read_metrics(run_dir: str | Path) -> dict | None:
 
 def is_finished(metrics: dict | None) -> bool:
     return bool(metrics) and metrics.get("status") in FINISHED
+
+
+def is_complete_for(metrics: dict | None, max_steps: int) -> bool:
+    """Whether a run needs no more training for a request that stops at ``max_steps`` (0 = the whole run).
+
+    A diverged run and a run of every step are complete; a run cut by
+    ``max_steps`` is complete for a request that stops no later than it did.
+    """
+    if not is_finished(metrics):
+        return False
+    if metrics["status"] == DIVERGED or not metrics.get("truncated"):
+        return True
+    total = metrics.get("steps_total", 0)
+    wanted = min(max_steps, total) if max_steps else total
+    return metrics.get("steps_completed", 0) >= wanted
+
+
+def progress_note(metrics: dict) -> str:
+    """``stopped at step 5 of 125`` for a truncated run, else empty."""
+    if not metrics.get("truncated"):
+        return ""
+    return f"stopped at step {metrics.get('steps_completed')} of {metrics.get('steps_total')}"
 
 
 # ------------------------------------------------------------------- CSV logs
@@ -162,25 +193,42 @@ class RunLog:
 
 
 # ----------------------------------------------------------------- config.json
-def write_run_config(run_dir: Path, config, *, device, world_size: int, command: list[str]) -> None:
-    """``config.json`` of a new run: the configuration and where and with what it started."""
+def write_run_config(run_dir: Path, config, *, device, world_size: int, command: list[str],
+                     fingerprint: dict) -> None:
+    """``config.json`` of a new run: the configuration, its fingerprint (:mod:`clipstudy.fingerprint`),
+    and where and with what it started."""
     write_json(Path(run_dir) / "config.json", {
-        "config": config.to_dict(), "out": str(run_dir), "git_commit": git_commit(),
+        "config": config.to_dict(), "fingerprint": fingerprint, "out": str(run_dir), "git_commit": git_commit(),
         "versions": package_versions(), "device": device_description(device),
         "world_size": world_size, "command": command, "resumes": [],
     })
 
 
-def record_resume(run_dir: Path, config, *, device, world_size: int, command: list[str], when: str) -> None:
+def read_run_config(run_dir: str | Path) -> dict | None:
+    """``run_dir/config.json``, None when absent or unreadable."""
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def recorded_fingerprint(run_dir: str | Path) -> dict | None:
+    """The fingerprint a run recorded when it started, None if it has none."""
+    record = read_run_config(run_dir)
+    return record.get("fingerprint") if isinstance(record, dict) else None
+
+
+def record_resume(run_dir: Path, config, *, device, world_size: int, command: list[str], when: str,
+                  fingerprint: dict) -> None:
     """Append a resume (time, commit, device, command) to ``config.json``, keeping the original fields.
 
     A run whose config.json is missing or unreadable gets a new one.
     """
     path = Path(run_dir) / "config.json"
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        write_run_config(run_dir, config, device=device, world_size=world_size, command=command)
+    record = read_run_config(run_dir)
+    if record is None:
+        write_run_config(run_dir, config, device=device, world_size=world_size, command=command,
+                         fingerprint=fingerprint)
         record = json.loads(path.read_text())
     record.setdefault("resumes", []).append({"time": when, "git_commit": git_commit(), "device": str(device),
                                              "world_size": world_size, "command": command})

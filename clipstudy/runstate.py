@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipstudy.checkpoint import load_latest
+from clipstudy import records
+from clipstudy.checkpoint import CKPT_RE, checkpoint_paths, load_latest
 from clipstudy.config import ConfigError, RunConfig
 from clipstudy.distributed import unwrap_model
+from clipstudy.fingerprint import RESULT_NEUTRAL_FIELDS, describe_change
 
 log = logging.getLogger("clipstudy.train")
 
@@ -84,7 +86,8 @@ def restore_state(run, state: dict) -> None:
     set_rng_state(state["rng"])
 
 
-TRAINING_FIELDS_THAT_MAY_CHANGE_ON_RESUME = {"out", "num_workers", "threads", "device", "log_every", "cache_images"}
+# max_steps among them: a run cut short continues, with the same schedule, when rerun with a later stop
+TRAINING_FIELDS_THAT_MAY_CHANGE_ON_RESUME = RESULT_NEUTRAL_FIELDS
 
 
 def check_resume_compatible(config: RunConfig, saved_json: str, path: Path) -> None:
@@ -101,6 +104,39 @@ def check_checkpoint_format(state: dict, path: Path) -> None:
     if found != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path}: checkpoint format {found!r}, this clipstudy reads format {CHECKPOINT_FORMAT}; "
                           "resume it with the clipstudy version that wrote it, or use a new output directory")
+
+
+def newest_checkpoint_step(out: Path) -> int | None:
+    """The step of the newest checkpoint file in ``out/checkpoints`` (by name), None if there is none."""
+    found = checkpoint_paths(Path(out) / "checkpoints")
+    return int(CKPT_RE.match(found[0].name).group(1)) if found else None
+
+
+def check_recorded_fingerprint(out: Path, fingerprint: dict) -> None:
+    """Refuse (:class:`ConfigError`, nothing written) to continue a run that recorded another fingerprint.
+
+    This also catches what the checkpoint's configuration cannot show: other
+    data under the same paths. A run recorded before fingerprints existed is
+    left to the checkpoint's configuration check.
+    """
+    recorded = records.recorded_fingerprint(out)
+    change = describe_change(recorded, fingerprint) if recorded else None
+    if change:
+        raise ConfigError(f"{out} was written with a different configuration ({change}); resume with the same "
+                          "settings, or use a new output directory (--out, or a --label for a variant)")
+
+
+def already_complete(out: Path, config: RunConfig) -> dict | None:
+    """metrics.json of a run in ``out`` that needs no more training for ``config``, else None.
+
+    Complete: finished (completed or diverged), recorded at the newest
+    checkpoint, and not cut earlier than ``config.max_steps`` asks
+    (:func:`clipstudy.records.is_complete_for`).
+    """
+    done = records.read_metrics(out)
+    if records.is_complete_for(done, config.max_steps) and done.get("global_step") == newest_checkpoint_step(out):
+        return done
+    return None
 
 
 @dataclass

@@ -34,7 +34,9 @@ from clipstudy.checkpoint import CellBusy, cell_lock, remove_stale_temporaries, 
 from clipstudy.config import ConfigError, RunConfig
 from clipstudy.distributed import unwrap_model
 from clipstudy.precision import autocast
-from clipstudy.runstate import StopRequest, capture_state, resume, seed_everything
+from clipstudy.fingerprint import fingerprint as fingerprint_of
+from clipstudy.runstate import (StopRequest, already_complete, capture_state, check_recorded_fingerprint,
+                                newest_checkpoint_step, resume, seed_everything)
 from clipstudy.sampling import SeededSamples, batches_keeping_rng, train_loader
 
 log = logging.getLogger("clipstudy.train")
@@ -57,7 +59,8 @@ class Run:
     retrieval_set: Dataset | None
     zeroshot_set: Dataset | None
     steps_per_epoch: int
-    total_steps: int                   # optimizer steps of the whole run (epochs, cut by max_steps)
+    total_steps: int                   # optimizer steps of the whole run (the schedule's length)
+    stop_step: int                     # where this session stops: total_steps, or max_steps if earlier
     amp_dtype: torch.dtype | None
     rank: int = 0
     world_size: int = 1
@@ -81,10 +84,15 @@ def run_directory(config: RunConfig) -> Path:
         raise ConfigError(f"config field 'out' is empty: {err}") from None
 
 
-def planned_steps(config: RunConfig, steps_per_epoch: int) -> int:
-    """Optimizer steps of the whole run: every epoch, cut at ``max_steps`` when set."""
+def planned_steps(config: RunConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps of the whole run, the step it stops at).
+
+    ``max_steps`` cuts the run as if the whole run had been stopped there: the
+    schedule (warm-up, decay) is the whole run's, and a rerun with a later stop
+    (or none) continues from the cut.
+    """
     total = steps_per_epoch * config.epochs
-    return min(total, config.max_steps) if config.max_steps else total
+    return total, (min(total, config.max_steps) if config.max_steps else total)
 
 
 def build_datasets(config: RunConfig):
@@ -152,7 +160,7 @@ def build_run(config: RunConfig, out: Path, rank: int = 0, world_size: int = 1) 
                      **config.loss_params).to(device)
     optimizer = build_optimizer(config.optimizer, model, loss, lr=config.lr or None,
                                 weight_decay=config.weight_decay, **config.optimizer_params)
-    total_steps = planned_steps(config, steps_per_epoch)
+    total_steps, stop_step = planned_steps(config, steps_per_epoch)
     warmup = steps_per_epoch if config.warmup_steps < 0 else config.warmup_steps
     scheduler = make_scheduler(optimizer, total_steps=total_steps, warmup_steps=min(warmup, total_steps),
                                warmup_lr=config.warmup_lr, min_lr=config.min_lr, kind=config.lr_schedule,
@@ -162,7 +170,7 @@ def build_run(config: RunConfig, out: Path, rank: int = 0, world_size: int = 1) 
     return Run(config=config, out=out, device=device, model=model, tokenizer=tokenizer, loss=loss,
                optimizer=optimizer, scheduler=scheduler, scaler=scaler, train_set=train_set,
                retrieval_set=retrieval_set, zeroshot_set=zeroshot_set, steps_per_epoch=steps_per_epoch,
-               total_steps=total_steps, amp_dtype=amp_dtype, rank=rank, world_size=world_size)
+               total_steps=total_steps, stop_step=stop_step, amp_dtype=amp_dtype, rank=rank, world_size=world_size)
 
 
 def wrap_distributed(run: Run) -> None:
@@ -176,12 +184,6 @@ def wrap_distributed(run: Run) -> None:
 
 
 # ------------------------------------------------------------- bookkeeping
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -263,16 +265,23 @@ def _train(config: RunConfig, *, progress: bool = True) -> dict:
 
 
 def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, progress: bool) -> dict:
+    is_main = rank == 0
+    fingerprint = fingerprint_of(config)
+    if newest_checkpoint_step(out) is not None:  # a run to continue, or one already complete
+        check_recorded_fingerprint(out, fingerprint)  # other settings or data: refused, nothing written
+        done = already_complete(out, config)
+        if done is not None:
+            if is_main:
+                note = records.progress_note(done)
+                print(f"{out}: already complete ({done['status']}{', ' + note if note else ''}); nothing to do",
+                      file=sys.stderr)
+            return done
     run = build_run(config, out, rank, world_size)
     wrap_distributed(run)
-    is_main = rank == 0
     point = resume(run, out, announce=is_main)  # refuses another format or configuration, writing nothing
     state = LoopState(session_start=time.perf_counter())
     log_rows = records.RunLog(out)
     if point is not None:
-        done = records.read_metrics(out)
-        if records.is_finished(done) and done.get("global_step") == point.global_step:
-            return done
         state.epoch, state.batch_in_epoch, state.global_step = point.epoch, point.batch_in_epoch, point.global_step
         state.elapsed = point.elapsed
         log_rows = records.RunLog(out, point.history, point.epochs)
@@ -280,16 +289,18 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
         for stale in remove_stale_temporaries(out / "checkpoints") + remove_stale_temporaries(out):
             print(f"removed {stale.name}, left by an interrupted write", file=sys.stderr)
         if point is None:
-            records.write_run_config(out, config, device=run.device, world_size=world_size, command=sys.argv)
+            records.write_run_config(out, config, device=run.device, world_size=world_size, command=sys.argv,
+                                     fingerprint=fingerprint)
         else:
             records.record_resume(out, config, device=run.device, world_size=world_size, command=sys.argv,
-                                  when=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                                  when=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                  fingerprint=fingerprint)
     train_epochs(run, state, log_rows, progress)
     if state.status == records.INTERRUPTED:
         if world_size > 1:
             torch.distributed.destroy_process_group()
         raise KeyboardInterrupt(f"interrupted by signal; checkpoint saved in {out / 'checkpoints'}")
-    return finish(run, state, log_rows)
+    return finish(run, state, log_rows, fingerprint["digest"])
 
 
 def save(run: Run, state: LoopState, log_rows: records.RunLog) -> None:
@@ -313,10 +324,10 @@ def train_epochs(run: Run, state: LoopState, log_rows: records.RunLog, progress:
     config = run.config
     items = SeededSamples(run.train_set, config.seed)
     collate = make_collate(run.tokenizer, max_length=config.max_length)
-    bar = tqdm(total=run.total_steps, initial=state.global_step, desc=config.cell_name(), unit="step",
+    bar = tqdm(total=run.stop_step, initial=state.global_step, desc=config.cell_name(), unit="step",
                disable=not (progress and run.rank == 0), dynamic_ncols=True, mininterval=1.0)
     with StopRequest() as stop:
-        while (state.epoch < config.epochs and state.global_step < run.total_steps
+        while (state.epoch < config.epochs and state.global_step < run.stop_step
                and state.status == records.COMPLETED):
             loader = train_loader(run, items, collate, state.epoch, start=state.batch_in_epoch)
             steps = train_one_epoch(run, state, log_rows, loader, stop, bar)
@@ -328,8 +339,9 @@ def train_epochs(run: Run, state: LoopState, log_rows: records.RunLog, progress:
                     f"epoch {state.epoch + 1} had no usable batch: every image read failed (see the warnings "
                     f"above). Run `python -m clipstudy check-data --train-ann {paths_['train_ann']} "
                     f"--train-images {paths_['train_images']}` to list the unreadable files")
-            state.epoch += 1
-            state.batch_in_epoch = 0
+            if state.batch_in_epoch >= run.steps_per_epoch:  # else max_steps cut the epoch: resume mid-epoch
+                state.epoch += 1
+                state.batch_in_epoch = 0
             end_of_epoch(run, state, log_rows, progress)
     bar.close()
 
@@ -361,7 +373,7 @@ def train_one_epoch(run: Run, state: LoopState, log_rows: records.RunLog, loader
             break
         lr = run.optimizer.param_groups[0]["lr"]
         samples_per_s = n / max(step_time + data_time, 1e-9)
-        if state.global_step % run.config.log_every == 0 or state.global_step == run.total_steps:
+        if state.global_step % run.config.log_every == 0 or state.global_step == run.stop_step:
             row = {"step": state.global_step, "epoch": state.epoch + state.batch_in_epoch / run.steps_per_epoch,
                    "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s,
                    "data_time": data_time, "step_time": step_time}
@@ -373,39 +385,43 @@ def train_one_epoch(run: Run, state: LoopState, log_rows: records.RunLog, loader
             save(run, state, log_rows)
             state.status = records.INTERRUPTED
             break
-        if state.global_step >= run.total_steps:
+        if state.global_step >= run.stop_step:
             break
         t_data = time.perf_counter()
     return steps
 
 
 def end_of_epoch(run: Run, state: LoopState, log_rows: records.RunLog, progress: bool) -> None:
-    """Evaluate (every ``eval_every`` epochs and at the end), then checkpoint."""
+    """Evaluate (every ``eval_every`` epochs, at the end and where ``max_steps`` cuts), then checkpoint.
+
+    The ``epoch`` of an evaluation is fractional where ``max_steps`` cut an epoch.
+    """
     from tqdm.auto import tqdm
 
     config = run.config
-    last = state.epoch == config.epochs or state.global_step >= run.total_steps
+    last = state.epoch == config.epochs or state.global_step >= run.stop_step
     if run.rank == 0 and (state.epoch % config.eval_every == 0 or last):
         t_eval = time.perf_counter()
         metrics = evaluate_run(run)
-        log_rows.log_epoch({"epoch": state.epoch, "step": state.global_step, **metrics,
+        epoch = state.epoch + state.batch_in_epoch / run.steps_per_epoch if state.batch_in_epoch else state.epoch
+        log_rows.log_epoch({"epoch": epoch, "step": state.global_step, **metrics,
                             "eval_time": time.perf_counter() - t_eval})
         if progress:
-            tqdm.write(f"epoch {state.epoch}: " + ", ".join(
+            tqdm.write(f"epoch {epoch:g}: " + ", ".join(
                 f"{k}={metrics[k]:.2f}" for k in records.HEADLINE if k in metrics), file=sys.stderr)
     if run.world_size > 1:
         torch.distributed.barrier()
     save(run, state, log_rows)
 
 
-def finish(run: Run, state: LoopState, log_rows: records.RunLog) -> dict:
-    """Write ``metrics.json`` of a run that completed or diverged; return it."""
+def finish(run: Run, state: LoopState, log_rows: records.RunLog, fingerprint: str) -> dict:
+    """Write ``metrics.json`` of a run that completed (maybe cut by ``max_steps``) or diverged; return it."""
     epochs = log_rows.epochs
     metrics = records.run_metrics(
         run.config, status=state.status,
         final_scores=epochs[-1] if epochs and state.status == records.COMPLETED else {},
-        diverged_at_step=state.diverged_at, global_step=state.global_step,
-        epochs_completed=len(epochs) and epochs[-1]["epoch"],
+        diverged_at_step=state.diverged_at, global_step=state.global_step, steps_total=run.total_steps,
+        truncated=state.epoch < run.config.epochs, epochs_completed=state.epoch, fingerprint=fingerprint,
         wall_time_s=state.elapsed + time.perf_counter() - state.session_start,
         train_samples_per_s=state.samples_seen / state.train_time if state.train_time else None,
         peak_memory_mb=peak_memory_mb(run.device), skipped_images=state.skipped_images)
