@@ -11,7 +11,7 @@ DEMO_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 DEMO_DATA ?= data/demo
 SWEEP_ARGS ?=
 
-.PHONY: setup test test-faults demo demo-data sweep report bench lab clean
+.PHONY: setup test test-faults demo demo-data sweep report bench lab clean clean-runs
 
 setup: $(STAMP)
 
@@ -49,6 +49,19 @@ bench: setup
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
+# Build and cache files only: runs (possibly GPU-hours) are never removed here.
 clean:
-	rm -rf reports/runs build *.egg-info .pytest_cache
+	rm -rf build *.egg-info .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Deletes every run under reports/runs/ (all profiles): asks first, or CONFIRM=1 (`make clean-runs CONFIRM=1`).
+RUNS_DIRS := reports/runs
+clean-runs:
+	@if [ ! -d $(RUNS_DIRS) ]; then echo "nothing to delete: no $(RUNS_DIRS)/"; exit 0; fi; \
+	echo "This deletes $$(find $(RUNS_DIRS) -name metrics.json | wc -l) run(s) in $(RUNS_DIRS)/ ($$(du -sh $(RUNS_DIRS) | cut -f1)):"; \
+	ls $(RUNS_DIRS); \
+	if [ "$(CONFIRM)" != 1 ]; then \
+		if [ -t 0 ]; then read -r -p "Delete them? Type yes: " answer; else answer=; fi; \
+		if [ "$$answer" != yes ]; then echo "not deleted (run 'make clean-runs CONFIRM=1' to delete without asking)"; exit 1; fi; \
+	fi; \
+	rm -rf $(RUNS_DIRS) && echo "deleted $(RUNS_DIRS)/"

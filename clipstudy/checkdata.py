@@ -8,9 +8,12 @@ set it also counts repeated ``image_id`` values, ids shared by different image
 files, and repeated image-caption pairs (reported, not errors). Prints a
 readable summary, or with ``--json`` exactly one JSON object on stdout.
 
-Exit status: 0 when every given set has at least one usable entry (a readable
-image), 1 when some set has none, 2 for a usage error or a malformed set
-(:class:`~clipstudy.data.DataError`, message on stderr).
+Exit status: 0 when every given set has a readable image and at most
+``--max-unreadable`` (a fraction, default 0.01) of its images unreadable; 1
+when some set has no readable image or more unreadable ones than that (the
+summary names the set and the threshold); 2 for a usage error or a malformed
+set (:class:`~clipstudy.data.DataError`, message on stderr). When most of a
+set's images are missing, the summary names the image root to check.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ from clipstudy.data import (DataError, UnreadableImage, clean_caption, load_anno
 from clipstudy.demo_data import demo_paths
 
 SETS = ("train", "retrieval", "zeroshot")
+DEFAULT_MAX_UNREADABLE = 0.01
+MISSING_REASON = "file not found"  # clipstudy.images.UnreadableImage's reason for an absent file
 
 
 def _try_open(path: str) -> str | None:
@@ -103,6 +108,10 @@ def _check_pairs(kind: str, ann_file: str, image_root: str, max_words: int, prog
             (c for e in entries for c in ([e["caption"]] if isinstance(e["caption"], str) else e["caption"])),
             max_words)
     section["usable"] = section["readable_images"] > 0
+    missing = sum(1 for item in unreadable if item["reason"] == MISSING_REASON)
+    if entries and missing > len(entries) / 2:
+        section["hint"] = (f"{missing} of {len(entries)} images are missing: check the image root {image_root} "
+                           f"(the image paths in {ann_file} are relative to it)")
     return section
 
 
@@ -124,13 +133,16 @@ def _check_zeroshot(root: str, progress: bool, workers: int) -> dict:
 def check_data(*, train_ann: str | None = None, train_images: str | None = None,
                retrieval_ann: str | None = None, retrieval_images: str | None = None,
                zeroshot_images: str | None = None, data: str | None = None,
-               max_words: int = 30, progress: bool = False, workers: int | None = None) -> dict:
+               max_words: int = 30, progress: bool = False, workers: int | None = None,
+               max_unreadable: float = DEFAULT_MAX_UNREADABLE) -> dict:
     """Check the given sets; returns ``{"train": {...}, "retrieval": {...}, "zeroshot": {...}, "ok": bool}``.
 
     ``data`` is the demo layout shorthand (``data/train.json``, ``data/images``,
     ``data/retrieval.json``, ``data/zeroshot``); explicit paths win. Only sets
     with paths appear in the result. ``ok`` is False when some set has no
-    usable entry. ``workers`` threads decode images (default: CPU count).
+    usable entry, or more than ``max_unreadable`` (a fraction) of its images
+    unreadable (its ``over_threshold``). ``workers`` threads decode images
+    (default: CPU count).
 
     Raises:
         DataError: a malformed annotation file or missing folder.
@@ -150,6 +162,8 @@ def check_data(*, train_ann: str | None = None, train_images: str | None = None,
     if not (train_ann or retrieval_ann or zeroshot_images):
         raise ValueError("nothing to check: give --train-ann/--train-images, --retrieval-ann/--retrieval-images, "
                          "--zeroshot-images, or --data DIR")
+    if not 0 <= max_unreadable <= 1:
+        raise ValueError(f"--max-unreadable {max_unreadable}: give a fraction between 0 and 1 (e.g. 0.01 for 1%)")
     workers = workers or os.cpu_count() or 1
     report: dict = {}
     if train_ann:
@@ -158,7 +172,15 @@ def check_data(*, train_ann: str | None = None, train_images: str | None = None,
         report["retrieval"] = _check_pairs("retrieval", retrieval_ann, retrieval_images, max_words, progress, workers)
     if zeroshot_images:
         report["zeroshot"] = _check_zeroshot(zeroshot_images, progress, workers)
-    report["ok"] = all(report[name]["usable"] for name in SETS if name in report)
+    for name in SETS:
+        if name in report:
+            section = report[name]
+            total = section["readable_images"] + len(section["unreadable_files"])
+            section["unreadable_fraction"] = len(section["unreadable_files"]) / total if total else 0.0
+            section["over_threshold"] = section["unreadable_fraction"] > max_unreadable
+    report["max_unreadable"] = max_unreadable
+    report["ok"] = all(report[name]["usable"] and not report[name]["over_threshold"] for name in SETS
+                       if name in report)
     return report
 
 
@@ -208,10 +230,29 @@ def format_report(report: dict, max_listed: int = 20) -> str:
             lines.append(f"    {item['path']}: {item['reason']}")
         if len(bad) > max_listed:
             lines.append(f"    ... and {len(bad) - max_listed} more (use --json for the full list)")
+        if section.get("hint"):
+            lines.append(f"  {section['hint']}")
         if not section["usable"]:
             lines.append("  NOT USABLE: no readable image")
-    lines.append("OK" if report["ok"] else "FAILED: a set has no usable entry")
+    lines.append("OK" if report["ok"] else "FAILED: " + "; ".join(_failures(report)))
     return "\n".join(lines)
+
+
+def _failures(report: dict) -> list[str]:
+    """Why each failing set fails, naming the threshold it crossed."""
+    out = []
+    for name in SETS:
+        section = report.get(name)
+        if section is None:
+            continue
+        bad = len(section["unreadable_files"])
+        if not section["usable"]:
+            out.append(f"{name} set has no readable image")
+        elif section["over_threshold"]:
+            out.append(f"{name} set has {bad} of {bad + section['readable_images']} images unreadable "
+                       f"({100 * section['unreadable_fraction']:.1f}%), above --max-unreadable "
+                       f"{report['max_unreadable']:g} ({100 * report['max_unreadable']:g}%)")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                                        "DIR/zeroshot (explicit options win)")
     parser.add_argument("--max-words", type=int, default=30, help="caption word cap (default 30)")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU count)")
+    parser.add_argument("--max-unreadable", type=float, default=DEFAULT_MAX_UNREADABLE, metavar="FRACTION",
+                        help="fail (exit 1) when more than this fraction of a set's images is unreadable "
+                             f"(default {DEFAULT_MAX_UNREADABLE}, i.e. 1%%)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     try:
         args = parser.parse_args(argv)
@@ -235,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         report = check_data(train_ann=args.train_ann, train_images=args.train_images,
                             retrieval_ann=args.retrieval_ann, retrieval_images=args.retrieval_images,
                             zeroshot_images=args.zeroshot_images, data=args.data, max_words=args.max_words,
-                            progress=True, workers=args.workers)
+                            progress=True, workers=args.workers, max_unreadable=args.max_unreadable)
     except (DataError, ValueError) as error:
         print(f"check-data: {error}", file=sys.stderr)
         return 2

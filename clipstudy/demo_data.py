@@ -407,6 +407,44 @@ def existing_manifest(out: str | Path, parameters: dict) -> dict | None:
     return manifest
 
 
+class DifferentDataSet(ValueError):
+    """The output folder holds another data set; it is replaced only with ``force``."""
+
+
+def refuse_to_replace(out: str | Path, parameters: dict) -> None:
+    """Raise :class:`DifferentDataSet` when ``out`` holds files of a set other than ``parameters`` asks for.
+
+    A set made with the same parameters (complete or damaged) is not different:
+    rebuilding it gives the same bytes. Anything else (other parameters, another
+    generator version, files without a manifest) would silently change what
+    finished runs were trained on.
+    """
+    out = Path(out)
+    if not any((out / name).exists() for name in ("manifest.json",) + _OUTPUTS):
+        return
+    try:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict):
+        held, asked = "files but no readable manifest.json: an interrupted or foreign set", _settings(parameters)
+    elif manifest.get("generator_version") != GENERATOR_VERSION:
+        held = f"generator version {manifest.get('generator_version')}"
+        asked = f"version {GENERATOR_VERSION}"
+    elif manifest.get("parameters") != parameters:
+        old = manifest.get("parameters") or {}
+        keys = [k for k in parameters if old.get(k) != parameters[k]]
+        held, asked = _settings(old, keys), _settings(parameters, keys)
+    else:
+        return
+    raise DifferentDataSet(f"{out} holds another data set ({held}), not the one asked for ({asked}); runs trained "
+                           "on it would lose their data: pass --force to replace it, or choose another --out")
+
+
+def _settings(parameters: dict, keys=None) -> str:
+    return ", ".join(f"{k}={parameters.get(k)}" for k in (keys or parameters))
+
+
 def _chosen_classes(n: int) -> list[str]:
     ids = class_ids()
     # evenly spread over the sorted ids, so a small subset mixes colours and shapes
@@ -425,7 +463,8 @@ def make_demo_data(out: str | Path, *, seed: int = 0, image_size: int = 32, trai
         retrieval_size: retrieval images, 5 captions each (default 500).
         zeroshot_per_class: zero-shot images per class (default 10).
         zeroshot_classes: number of colour x shape classes (default None = all 35).
-        force: regenerate even when ``out`` already holds this exact set.
+        force: regenerate even when ``out`` already holds this exact set, and replace
+            a different set (without it, :class:`DifferentDataSet` is raised).
     """
     out = Path(out)
     parameters = _parameters(seed, image_size, train_size, retrieval_size, zeroshot_per_class, zeroshot_classes)
@@ -433,6 +472,7 @@ def make_demo_data(out: str | Path, *, seed: int = 0, image_size: int = 32, trai
         manifest = existing_manifest(out, parameters)
         if manifest is not None:
             return manifest
+        refuse_to_replace(out, parameters)
     for name in ("manifest.json",) + _OUTPUTS:  # only what this generator writes
         target = out / name
         if target.is_dir():
@@ -525,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="zero-shot images per class (default 10)")
     parser.add_argument("--zeroshot-classes", type=int, default=None,
                         help=f"number of colour x shape classes (default all {len(class_ids())})")
-    parser.add_argument("--force", action="store_true", help="regenerate even if DIR holds the same set")
+    parser.add_argument("--force", action="store_true",
+                        help="regenerate even if DIR holds the same set, and replace a different set in DIR")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
@@ -535,13 +576,15 @@ def main(argv: list[str] | None = None) -> int:
                   zeroshot_classes=args.zeroshot_classes)
     try:
         parameters = _parameters(**kwargs)
-    except ValueError as error:
+        if not args.force:
+            if existing_manifest(args.out, parameters) is not None:
+                print(f"{args.out}: demo data set already complete with these parameters; not regenerating "
+                      "(use --force to rebuild)")
+                return 0
+            refuse_to_replace(args.out, parameters)
+    except ValueError as error:  # a bad parameter, or DifferentDataSet
         print(f"make-demo-data: {error}", file=sys.stderr)
         return 2
-    if not args.force and existing_manifest(args.out, parameters) is not None:
-        print(f"{args.out}: demo data set already complete with these parameters; not regenerating "
-              "(use --force to rebuild)")
-        return 0
     start = time.perf_counter()
     manifest = make_demo_data(args.out, force=True, **kwargs)
     counts, chance = manifest["counts"], manifest["chance"]

@@ -84,17 +84,18 @@ def demo_manifest(data: str) -> dict | None:
 def data_fingerprint(config) -> dict:
     """Digests of what the run reads besides the images themselves (see the module docstring)."""
     paths = config.resolved_paths()
-    data = {"train_ann": file_digest(paths["train_ann"]) if paths["train_ann"] else "",
-            "retrieval_ann": file_digest(paths["retrieval_ann"]) if paths["retrieval_ann"] else ""}
+    data: dict = {}
+    if config.data:  # first: the generator's parameters say best what changed
+        manifest = demo_manifest(config.data)
+        if manifest is not None:
+            data["demo_manifest"] = manifest
+    data["train_ann"] = file_digest(paths["train_ann"]) if paths["train_ann"] else ""
+    data["retrieval_ann"] = file_digest(paths["retrieval_ann"]) if paths["retrieval_ann"] else ""
     if paths["zeroshot_images"]:
         data["zeroshot_listing"] = folder_digest(paths["zeroshot_images"])
         data["zeroshot_classnames"] = file_digest(Path(paths["zeroshot_images"]) / "classnames.json")
     if paths["tokenizer"]:
         data["tokenizer"] = folder_digest(paths["tokenizer"], contents=True)
-    if config.data:
-        manifest = demo_manifest(config.data)
-        if manifest is not None:
-            data["demo_manifest"] = manifest
     return data
 
 

@@ -7,6 +7,11 @@ resumes from its newest checkpoint, a failed cell is recorded and the sweep
 goes on (it is tried again on the next sweep). A cell whose lock is held by
 another live process is skipped, so two sweeps on one folder never train the
 same cell twice.
+
+A cell is *done* only when its recorded fingerprint (:mod:`clipstudy.fingerprint`)
+matches what the sweep asks for. A cell run with other settings or data is
+*stale*: it is listed with what changed, and not run unless ``--rerun-stale``,
+which first moves the old run to ``<runs>/stale/<cell>-<time>``.
 """
 from __future__ import annotations
 
@@ -21,7 +26,10 @@ from pathlib import Path
 
 from clipstudy import paths, records
 from clipstudy.checkpoint import SWEEP_LOCK_NAME, CellBusy, cell_lock, checkpoint_paths, is_locked
-from clipstudy.config import FIELDS, PROFILES, ConfigError, cell_name, make_config
+from clipstudy.config import FIELDS, PROFILES, ConfigError, RunConfig, cell_name, make_config
+from clipstudy.fingerprint import describe_change, fingerprint
+
+STALE_FOLDER = "stale"  # <runs>/stale/<cell>-<time>: archived stale runs (the report reads <runs>/*/ only)
 
 DEFAULT_OPTIMIZERS = ("adamw", "sgd", "adam")
 DEFAULT_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
@@ -38,29 +46,61 @@ class Cell:
     seed: int
     params: dict = field(default_factory=dict)   # papermill parameters
     out: Path = Path()
+    config: RunConfig | None = None              # the validated configuration the cell runs
 
     @property
     def name(self) -> str:
         return cell_name(self.label, self.loss, self.seed)
 
 
-def cell_state(out: Path) -> tuple[str, str]:
-    """(state, detail) of a run directory: done, diverged, failed, running, partial or pending."""
+def cell_state(out: Path, config: RunConfig | None = None) -> tuple[str, str]:
+    """(state, detail) of a run directory: done, diverged, stale, failed, running, partial or pending.
+
+    With ``config`` (what the sweep asks for) a run that recorded another
+    fingerprint is ``stale`` (the detail names what changed), and a run cut
+    by ``max_steps`` earlier than ``config`` asks is ``partial`` (it continues).
+    """
     if is_locked(out) or is_locked(out, SWEEP_LOCK_NAME):
         return "running", "locked by a live process"
+    return record_state(out, config)
+
+
+def record_state(out: Path, config: RunConfig | None = None) -> tuple[str, str]:
+    """:func:`cell_state` from the run's records alone (the caller holds or ignores the locks)."""
     m = records.read_metrics(out)
+    ckpts = checkpoint_paths(out / "checkpoints")
+    if config is not None and (records.is_finished(m) or ckpts):
+        change = describe_change(records.recorded_fingerprint(out), fingerprint(config))
+        if change:
+            return "stale", change
     if m is not None:
         status = m.get("status")
+        note = records.progress_note(m)
+        if status == records.COMPLETED and config is not None and not records.is_complete_for(m, config.max_steps):
+            return "partial", f"{note}; continues" if note else "continues"
         if status == records.COMPLETED:
-            return "done", f"average {m.get('average', float('nan')):.2f}" if "average" in m else "completed"
+            score = f"average {m['average']:.2f}" if isinstance(m.get("average"), (int, float)) else "completed"
+            return "done", f"{score}, {note}" if note else score
         if status == records.DIVERGED:
             return "diverged", f"at step {m.get('diverged_at_step')}"
         if status == records.FAILED:
             return "failed", m.get("error", "")[:120]
-    ckpts = checkpoint_paths(out / "checkpoints")
     if ckpts:
         return "partial", f"resumes from {ckpts[0].name}"
     return "pending", ""
+
+
+def archive_stale(out: Path) -> Path:
+    """Move a stale run directory to ``<runs>/stale/<cell>-<UTC time>`` (never deleted); return where."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = out.parent / STALE_FOLDER / f"{out.name}-{stamp}"
+    n = 1
+    while target.exists():
+        n += 1
+        target = out.parent / STALE_FOLDER / f"{out.name}-{stamp}-{n}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    out.rename(target)
+    return target
 
 
 def parse_mapping(text: str | None, what: str) -> dict[str, str]:
@@ -101,7 +141,7 @@ def plan_cells(profile: str, *, optimizers=DEFAULT_OPTIMIZERS, losses=DEFAULT_LO
                 cell = Cell(label, loss, int(seed))
                 cell.out = root / cell.name
                 params["out"] = str(cell.out)
-                make_config(profile, **params)  # validate now
+                cell.config = make_config(profile, **params)  # validate now
                 cell.params = {"profile": profile, **params}
                 cells.append(cell)
     return cells
@@ -130,9 +170,8 @@ def run_cell(cell: Cell, *, device: str | None = None, threads: int | None = Non
     cell.out.mkdir(parents=True, exist_ok=True)
     try:
         with cell_lock(cell.out, SWEEP_LOCK_NAME):
-            metrics = records.read_metrics(cell.out)
-            if records.is_finished(metrics):  # finished while we waited
-                return {**metrics, "sweep_wall_s": 0.0, "skipped": True}
+            if record_state(cell.out, cell.config)[0] in ("done", "diverged"):  # finished while we waited
+                return {**records.read_metrics(cell.out), "sweep_wall_s": 0.0, "skipped": True}
             return _run_cell_locked(cell, device, threads, notebook or paths.notebook("train.ipynb"))
     except CellBusy:
         return {"status": "busy", "cell": cell.name, "sweep_wall_s": 0.0}
@@ -218,23 +257,36 @@ def summary_line(cell: Cell, metrics: dict) -> str:
         return f"{cell.name:<28} DIVERGED at step {metrics.get('diverged_at_step')}  ({wall:.0f}s)"
     if status == "busy":
         return f"{cell.name:<28} skipped (another sweep is running it)"
+    if status == "stale":
+        return f"{cell.name:<28} NOT RUN: stale ({metrics.get('detail')})"
     return f"{cell.name:<28} FAILED: {metrics.get('error', '')}  ({wall:.0f}s)"
 
 
-def run_sweep(cells: list[Cell], *, jobs: int = 1, progress: bool = True) -> dict[str, dict]:
-    """Run every unfinished cell, ``jobs`` at a time; return cell name -> metrics."""
+def run_sweep(cells: list[Cell], *, jobs: int = 1, progress: bool = True,
+              rerun_stale: bool = False) -> dict[str, dict]:
+    """Run every unfinished cell, ``jobs`` at a time; return cell name -> metrics.
+
+    A stale cell is not run (its result is ``{"status": "stale", "detail": ...}``)
+    unless ``rerun_stale``: then its run directory is archived
+    (:func:`archive_stale`) and the cell runs afresh.
+    """
     import torch
     from tqdm.auto import tqdm
 
     results, todo = {}, []
     for cell in cells:
-        state, detail = cell_state(cell.out)
+        state, detail = cell_state(cell.out, cell.config)
         if state in ("done", "diverged"):
             print(f"{cell.name:<28} skipped ({state}{': ' + detail if detail else ''})", flush=True)
             results[cell.name] = records.read_metrics(cell.out)
         elif state == "running":
             print(f"{cell.name:<28} skipped (running in another process)", flush=True)
+        elif state == "stale" and not rerun_stale:
+            results[cell.name] = {"status": "stale", "cell": cell.name, "detail": detail}
+            print(summary_line(cell, results[cell.name]), flush=True)
         else:
+            if state == "stale":
+                print(f"{cell.name:<28} stale ({detail}): old run moved to {archive_stale(cell.out)}", flush=True)
             todo.append(cell)
     gpus = torch.cuda.device_count()
     devices: queue.Queue = queue.Queue()
@@ -287,6 +339,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runs", default=None, help="runs folder (default reports/runs/<profile>)")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "1")))
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+    parser.add_argument("--rerun-stale", action="store_true",
+                        help="rerun cells trained with other settings or data, moving each old run to "
+                             "RUNS/stale/CELL-TIME first (without it they are listed and not run)")
     args = parser.parse_args(argv)
     try:
         overrides = {}
@@ -325,15 +380,20 @@ def main(argv: list[str]) -> int:
             return 2
     if args.dry_run:
         for cell in cells:
-            state, detail = cell_state(cell.out)
-            print(f"{cell.name:<28} {state:<9} {detail}")
+            state, detail = cell_state(cell.out, cell.config)
+            print(f"{cell.name:<28} {state}{f' ({detail})' if detail else ''}")
         print(f"{len(cells)} cells in {cells[0].out.parent if cells else '-'}")
         return 0
     t0 = time.perf_counter()
-    results = run_sweep(cells, jobs=args.jobs)
+    results = run_sweep(cells, jobs=args.jobs, rerun_stale=args.rerun_stale)
     counts: dict[str, int] = {}
     for m in results.values():
         counts[m.get("status", "?")] = counts.get(m.get("status", "?"), 0) + 1
     print(f"sweep finished in {time.perf_counter() - t0:.0f}s: "
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    if counts.get("stale"):
+        print(f"error: {counts['stale']} stale cell(s) not run: their runs used other settings or data (listed "
+              "above). Rerun with --rerun-stale to archive and retrain them, or keep both results side by side "
+              "with a --variant (see README, \"Several settings side by side\")", file=sys.stderr)
+        return 1
     return 0

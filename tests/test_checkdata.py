@@ -55,7 +55,8 @@ def test_unreadable_files_listed_in_json(tmp_path, capsys):
     entries = [{"image": "ok.png", "caption": ["a", "b"]}, {"image": "gone.png", "caption": ["c"]},
                {"image": "text.png", "caption": "d"}]
     ann, images = write_pairs(tmp_path, entries, ["ok.png"], ["text.png"], kind="retrieval")
-    assert main(["--retrieval-ann", str(ann), "--retrieval-images", str(images), "--json"]) == 0
+    assert main(["--retrieval-ann", str(ann), "--retrieval-images", str(images), "--json",
+                 "--max-unreadable", "1"]) == 0  # 2 of 3 unreadable: allowed here, to see the listing
     report = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
     section = report["retrieval"]
     assert section["entries"] == 3 and section["readable_images"] == 1 and section["texts"] == 4
@@ -109,3 +110,32 @@ def test_malformed_annotation_exits_two_naming_the_file(tmp_path, capsys):
     good.write_text(json.dumps([{"image": "a.png", "caption": "x", "image_id": 0}]))
     assert main(["--train-ann", str(good), "--train-images", str(tmp_path / "missing_dir")]) == 2
     assert "missing_dir" in capsys.readouterr().err
+
+
+def test_too_many_unreadable_images_fail_naming_the_threshold(tmp_path, capsys):
+    # issue 15 case 8: 12 of 50 images unreadable (24%) passed as OK with exit 0
+    names = [f"{i}.png" for i in range(50)]
+    entries = [{"image": n, "caption": "x", "image_id": i} for i, n in enumerate(names)]
+    ann, images = write_pairs(tmp_path, entries, names[12:], names[:12])
+    args = ["--train-ann", str(ann), "--train-images", str(images)]
+    assert main(args) == 1
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last == ("FAILED: train set has 12 of 50 images unreadable (24.0%), above --max-unreadable 0.01 (1%)")
+    assert main(args + ["--max-unreadable", "0.25"]) == 0  # 24% is within a 25% threshold
+    assert capsys.readouterr().out.rstrip().endswith("OK")
+    # exactly at the threshold passes; one more image over it fails
+    assert check_data(train_ann=str(ann), train_images=str(images), max_unreadable=0.24)["ok"]
+    assert not check_data(train_ann=str(ann), train_images=str(images), max_unreadable=0.23)["ok"]
+    assert main(args + ["--max-unreadable", "2"]) == 2
+
+
+def test_mostly_missing_images_name_the_root_to_check(tmp_path, capsys):
+    names = [f"{i}.png" for i in range(10)]
+    entries = [{"image": n, "caption": "x", "image_id": i} for i, n in enumerate(names)]
+    ann, images = write_pairs(tmp_path, entries, names[:2])  # 8 of 10 files absent
+    assert main(["--train-ann", str(ann), "--train-images", str(images)]) == 1
+    out = capsys.readouterr().out
+    assert f"8 of 10 images are missing: check the image root {images}" in out
+    ann2, images2 = write_pairs(tmp_path / "few", entries, names[:8])  # 2 of 10 absent: no such hint
+    main(["--train-ann", str(ann2), "--train-images", str(images2)])
+    assert "check the image root" not in capsys.readouterr().out
