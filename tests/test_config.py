@@ -12,7 +12,7 @@ def test_profiles_and_overrides():
     assert (paper.batch_size, paper.epochs, paper.image_size, paper.temperature) == (128, 30, 256, 0.01)
     assert (paper.weight_decay, paper.warmup_lr, paper.min_lr, paper.max_length) == (0.02, 1e-5, 1e-6, 30)
     assert paper.image_encoder == "resnet50" and paper.text_encoder == "distilbert"
-    demo = make_config("demo", epochs="4", lr="1e-3", hflip="false", loss_params='{"gamma": 0.9}')
+    demo = make_config("demo", epochs="4", lr="1e-3", hflip="false", loss="sogclr", loss_params='{"gamma": 0.9}')
     assert demo.epochs == 4 and demo.lr == 1e-3 and demo.hflip is False and demo.loss_params == {"gamma": 0.9}
     assert make_config("demo", **{"batch-size": 64}).batch_size == 64
 
@@ -36,6 +36,27 @@ def test_invalid_values_name_the_field(field, value, words):
         make_config("demo", **{field: value})
     for word in words:
         assert word in str(err.value)
+
+
+@pytest.mark.parametrize("fields, words", [
+    # issue 15 case 5 / issue 13 item 4: each failed inside training (a traceback), not when the config was made
+    ({"loss": "sogclr", "loss_params": '{"gama": 0.9}'}, ["loss_params", "'gama'", "'gamma'", "'estimator'"]),
+    ({"loss": "clip", "loss_params": '{"gamma": 0.9}'}, ["loss_params", "'gamma'", "'clip'"]),
+    ({"loss": "sogclr", "loss_params": '{"gamma": 2.0}'}, ["loss_params", "gamma", "(0, 1]"]),
+    ({"optimizer": "adamw", "optimizer_params": '{"betas": 0.9}'}, ["optimizer_params", "'betas'=0.9", "adamw"]),
+    ({"optimizer": "sgd", "optimizer_params": '{"momentun": 0.5}'}, ["optimizer_params", "'momentun'", "'momentum'"]),
+    ({"optimizer": "adam", "optimizer_params": '{"eps": -1}'}, ["optimizer_params", "'eps'=-1"]),
+])
+def test_loss_and_optimizer_params_are_checked_when_the_config_is_made(fields, words):
+    with pytest.raises(ConfigError) as err:
+        make_config("demo", **fields)
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+    ok = make_config("demo", loss="sogclr", loss_params={"gamma": 0.5}, optimizer="adamw",
+                     optimizer_params={"betas": [0.9, 0.98]})
+    assert ok.loss_params == {"gamma": 0.5} and ok.optimizer_params == {"betas": [0.9, 0.98]}
 
 
 def test_unknown_profile():
