@@ -126,17 +126,26 @@ def check_recorded_fingerprint(out: Path, fingerprint: dict) -> None:
                           "settings, or use a new output directory (--out, or a --label for a variant)")
 
 
-def already_complete(out: Path, config: RunConfig) -> dict | None:
+def already_complete(out: Path, config: RunConfig, fingerprint: dict, *, announce: bool = True) -> dict | None:
     """metrics.json of a run in ``out`` that needs no more training for ``config``, else None.
 
     Complete: finished (completed or diverged), recorded at the newest
     checkpoint, and not cut earlier than ``config.max_steps`` asks
-    (:func:`clipstudy.records.is_complete_for`).
+    (:func:`clipstudy.records.is_complete_for`). A run in ``out`` recorded with
+    another fingerprint is refused first (:func:`check_recorded_fingerprint`).
     """
+    newest = newest_checkpoint_step(out)
+    if newest is None:  # nothing to continue
+        return None
+    check_recorded_fingerprint(out, fingerprint)
     done = records.read_metrics(out)
-    if records.is_complete_for(done, config.max_steps) and done.get("global_step") == newest_checkpoint_step(out):
-        return done
-    return None
+    if not (records.is_complete_for(done, config.max_steps) and done.get("global_step") == newest):
+        return None
+    if announce:
+        note = records.progress_note(done)
+        print(f"{out}: already complete ({done['status']}{', ' + note if note else ''}); nothing to do",
+              file=sys.stderr)
+    return done
 
 
 @dataclass

@@ -35,8 +35,7 @@ from clipstudy.config import ConfigError, RunConfig
 from clipstudy.distributed import unwrap_model
 from clipstudy.precision import autocast
 from clipstudy.fingerprint import fingerprint as fingerprint_of
-from clipstudy.runstate import (StopRequest, already_complete, capture_state, check_recorded_fingerprint,
-                                newest_checkpoint_step, resume, seed_everything)
+from clipstudy.runstate import StopRequest, already_complete, capture_state, resume, seed_everything
 from clipstudy.sampling import SeededSamples, batches_keeping_rng, train_loader
 
 log = logging.getLogger("clipstudy.train")
@@ -267,15 +266,9 @@ def _train(config: RunConfig, *, progress: bool = True) -> dict:
 def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, progress: bool) -> dict:
     is_main = rank == 0
     fingerprint = fingerprint_of(config)
-    if newest_checkpoint_step(out) is not None:  # a run to continue, or one already complete
-        check_recorded_fingerprint(out, fingerprint)  # other settings or data: refused, nothing written
-        done = already_complete(out, config)
-        if done is not None:
-            if is_main:
-                note = records.progress_note(done)
-                print(f"{out}: already complete ({done['status']}{', ' + note if note else ''}); nothing to do",
-                      file=sys.stderr)
-            return done
+    done = already_complete(out, config, fingerprint, announce=is_main)  # refuses other settings or data
+    if done is not None:
+        return done
     run = build_run(config, out, rank, world_size)
     wrap_distributed(run)
     point = resume(run, out, announce=is_main)  # refuses another format or configuration, writing nothing
