@@ -218,6 +218,18 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 def load_verified(path: str | Path) -> dict:
     """Load one checkpoint after checking its digest; CheckpointError if it is damaged."""
     path = Path(path)
+    data = verified_bytes(path)
+    import io
+
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged archive raises several types
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({err})") from err
+
+
+def verified_bytes(path: str | Path) -> bytes:
+    """A checkpoint's bytes, checked against its ``.sha256`` sidecar; CheckpointError if they differ."""
+    path = Path(path)
     sidecar = path.with_name(path.name + ".sha256")
     try:
         data = path.read_bytes()
@@ -229,12 +241,7 @@ def load_verified(path: str | Path) -> dict:
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise CheckpointError(f"{path}: content does not match its sha256 (truncated or corrupted)")
-    import io
-
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # a damaged archive raises several types
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({err})") from err
+    return data
 
 
 def load_latest(folder: str | Path) -> tuple[dict | None, Path | None, list[str]]:

@@ -92,7 +92,8 @@ class RunConfig:
     min_lr: float = 1e-6
     grad_clip: float = 0.0             # 0 = no clipping (the gradient norm is still logged)
     amp: str = "auto"                  # auto (bf16/fp16 on CUDA, none on CPU) | bf16 | fp16 | none
-    max_steps: int = 0                 # 0 = no limit; stops after this many optimizer steps
+    max_steps: int = 0                 # 0 = the whole run; N = stop at step N as if the whole run were cut there
+                                       # (same schedule; rerun with a later N, or 0, to continue it)
 
     # --- evaluation and bookkeeping
     eval_every: int = 1                # epochs between evaluations (the last epoch is always evaluated)

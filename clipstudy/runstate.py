@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from clipstudy import records
-from clipstudy.checkpoint import CKPT_RE, checkpoint_paths, load_latest
+from clipstudy.checkpoint import CKPT_RE, CheckpointError, checkpoint_paths, load_latest, verified_bytes
 from clipstudy.config import ConfigError, RunConfig
 from clipstudy.distributed import unwrap_model
 from clipstudy.fingerprint import RESULT_NEUTRAL_FIELDS, describe_change
@@ -106,12 +106,6 @@ def check_checkpoint_format(state: dict, path: Path) -> None:
                           "resume it with the clipstudy version that wrote it, or use a new output directory")
 
 
-def newest_checkpoint_step(out: Path) -> int | None:
-    """The step of the newest checkpoint file in ``out/checkpoints`` (by name), None if there is none."""
-    found = checkpoint_paths(Path(out) / "checkpoints")
-    return int(CKPT_RE.match(found[0].name).group(1)) if found else None
-
-
 def check_recorded_fingerprint(out: Path, fingerprint: dict) -> None:
     """Refuse (:class:`ConfigError`, nothing written) to continue a run that recorded another fingerprint.
 
@@ -130,16 +124,22 @@ def already_complete(out: Path, config: RunConfig, fingerprint: dict, *, announc
     """metrics.json of a run in ``out`` that needs no more training for ``config``, else None.
 
     Complete: finished (completed or diverged), recorded at the newest
-    checkpoint, and not cut earlier than ``config.max_steps`` asks
-    (:func:`clipstudy.records.is_complete_for`). A run in ``out`` recorded with
-    another fingerprint is refused first (:func:`check_recorded_fingerprint`).
+    checkpoint, which is intact, and not cut earlier than ``config.max_steps``
+    asks (:func:`clipstudy.records.is_complete_for`). A run in ``out``
+    recorded with another fingerprint is refused first
+    (:func:`check_recorded_fingerprint`).
     """
-    newest = newest_checkpoint_step(out)
-    if newest is None:  # nothing to continue
+    found = checkpoint_paths(Path(out) / "checkpoints")
+    if not found:  # nothing to continue
         return None
     check_recorded_fingerprint(out, fingerprint)
     done = records.read_metrics(out)
-    if not (records.is_complete_for(done, config.max_steps) and done.get("global_step") == newest):
+    if not (records.is_complete_for(done, config.max_steps)
+            and done.get("global_step") == int(CKPT_RE.match(found[0].name).group(1))):
+        return None
+    try:
+        verified_bytes(found[0])
+    except CheckpointError:  # resume() falls back to an older checkpoint, saying so, and trains on
         return None
     if announce:
         note = records.progress_note(done)
