@@ -102,6 +102,8 @@ def lock_problems(lock: dict[str, LockedPackage], requirements: list[Requirement
         pin = lock.get(name)
         if pin is None:
             problems.append(f"{req} is in pyproject.toml but not in the lock")
+        elif not pin.direct:
+            problems.append(f"{req} is in pyproject.toml but the lock has {name} only as another package's dependency")
         elif not req.specifier.contains(pin.version, prereleases=True):
             problems.append(f"pyproject.toml asks for {req}, the lock pins {name}=={pin.version}")
     for name, pin in lock.items():

@@ -164,6 +164,57 @@ def chance_levels_for(runs_root: str | Path) -> dict:
     return {}
 
 
+# ---------------------------------------------------------------- environment
+ENVIRONMENT_KEYS = ("python", "torch", "lock_sha256")
+
+
+def environment_table(runs_root: str | Path) -> pd.DataFrame:
+    """One row per run: the Python, torch and lock file digest its config.json recorded (None: not recorded)."""
+    rows = []
+    for cfg_file in sorted(Path(runs_root).glob("*/config.json")):
+        try:
+            versions = json.loads(cfg_file.read_text()).get("versions") or {}
+        except (OSError, json.JSONDecodeError, AttributeError):
+            versions = {}
+        rows.append({"run": cfg_file.parent.name, **{k: versions.get(k) for k in ENVIRONMENT_KEYS},
+                     "lock_mismatches": versions.get("lock_mismatches") or []})
+    return pd.DataFrame(rows, columns=["run", *ENVIRONMENT_KEYS, "lock_mismatches"])
+
+
+def _known(value) -> str | None:
+    return value if isinstance(value, str) and value else None  # pandas stores a gap as NaN
+
+
+def _describe_environment(python, torch, lock) -> str:
+    lock_text = f"lock sha256 {lock[:12]}" if _known(lock) else "no lock file recorded"
+    return f"Python {_known(python) or '?'}, torch {_known(torch) or '?'}, {lock_text}"
+
+
+def environment_notes(env: pd.DataFrame) -> list[str]:
+    """The environment the runs were made in; runs made in different ones, or off their lock, are named."""
+    if env.empty:
+        return ["No run recorded its environment (no config.json found)."]
+    groups: dict[str, list[str]] = {}
+    for row in env.itertuples():
+        groups.setdefault(_describe_environment(row.python, row.torch, row.lock_sha256), []).append(row.run)
+    if len(groups) == 1:
+        (described, runs), = groups.items()
+        notes = [f"All {len(runs)} runs: {described}." if len(runs) > 1 else f"The run: {described}."]
+    else:
+        ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+        notes = ["Runs made with different environments (compare their numbers with care): " + "; ".join(
+            f"{len(runs)} run{'s' if len(runs) > 1 else ''}: {described} ({', '.join(runs)})"
+            for described, runs in ordered) + "."]
+    drifted = env[env["lock_mismatches"].map(len) > 0]
+    if len(drifted):
+        notes.append(f"{len(drifted)} run{'s' if len(drifted) > 1 else ''} used packages other than "
+                     "{} lock file's: ".format("their" if len(drifted) > 1 else "its") + "; ".join(
+                         f"{r.run} ({', '.join(r.lock_mismatches[:3])}"
+                         + (f", {len(r.lock_mismatches) - 3} more" if len(r.lock_mismatches) > 3 else "") + ")"
+                         for r in drifted.itertuples()) + ".")
+    return notes
+
+
 # ---------------------------------------------------------------- conclusions
 def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
     """Plain-language findings computed from the runs (never typed in by hand).

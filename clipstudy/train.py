@@ -41,6 +41,7 @@ from clipstudy.checkpoint import (CellBusy, atomic_write_text, cell_lock, load_l
                                   save_checkpoint, write_json)
 from clipstudy.config import (ConfigError, RunConfig, add_config_arguments, make_config,
                               overrides_from_args, PROFILES)
+from clipstudy.environment import lock_versions
 
 log = logging.getLogger("clipstudy.train")
 
@@ -70,7 +71,7 @@ def package_versions() -> dict:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             versions[name] = None
-    return versions
+    return versions | lock_versions()  # the lock file's digest, and any package that differs from it
 
 
 def device_description(device: torch.device) -> dict:
