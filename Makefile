@@ -19,12 +19,13 @@ setup: $(STAMP)
 
 # The environment is pinned by $(LOCK) (every package, exact version, PyPI's sha256 hashes), made
 # by `make lock` from pyproject.toml. The stamp depends on both files, so a second `make setup` is
-# a no-op and a changed lock reinstalls. The lock (pip included) replaces the venv's own pip.
+# a no-op and a changed lock reinstalls. The locked pip replaces the venv's own first.
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else \
 	  "$(LOCK) is for Python 3.11; this venv has " + sys.version.split()[0] + \
 	  ": rm -rf $(VENV) and run make setup PYTHON=python3.11")'
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r <(sed -n '/^pip==/,/# via/p' $(LOCK))
 	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
