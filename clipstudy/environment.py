@@ -64,13 +64,8 @@ def _parse_block(path: Path, lines: list[str]) -> tuple[str, LockedPackage]:
     if not sep or not version or ";" in version:
         raise LockError(f"{path}: '{head}' is not an exact pin (name==version); run `make lock`")
     hashes = tuple(line.rstrip(" \\").removeprefix("--hash=") for line in lines[1:] if line.startswith("--hash="))
-    via = []
-    for line in lines[1:]:
-        if line.startswith("#"):
-            note = line.lstrip("#").strip()
-            note = note.removeprefix("via").strip()
-            if note:
-                via.append(note)
+    notes = (re.sub(r"^via(\s|$)", "", line.lstrip("#").strip()) for line in lines[1:] if line.startswith("#"))
+    via = [note.strip() for note in notes if note.strip()]
     return canonicalize_name(name), LockedPackage(canonicalize_name(name), version.strip(), hashes, tuple(via))
 
 

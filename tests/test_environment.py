@@ -28,7 +28,7 @@ numpy==2.4.6 \\
     --hash=sha256:cccc
     # via
     #   clipstudy (pyproject.toml)
-    #   pandas
+    #   viaduct
 setuptools==84.2.1 \\
     --hash=sha256:dddd
     # via clipstudy (pyproject.toml::build-system.requires)
@@ -89,7 +89,7 @@ def test_read_lock_parses_pins_hashes_and_annotations(tmp_path):
     assert sorted(lock) == ["jinja2", "numpy", "setuptools"]
     assert lock["jinja2"].version == "3.1.6" and lock["jinja2"].hashes == ("sha256:aaaa", "sha256:bbbb")
     assert lock["jinja2"].via == ("nbconvert",) and not lock["jinja2"].direct
-    assert lock["numpy"].via == ("clipstudy (pyproject.toml)", "pandas") and lock["numpy"].direct
+    assert lock["numpy"].via == ("clipstudy (pyproject.toml)", "viaduct") and lock["numpy"].direct
     assert lock["setuptools"].direct
 
 
