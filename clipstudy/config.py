@@ -58,14 +58,16 @@ class RunConfig:
     image_size: int = 256
     crop_scale_min: float = 0.5        # RandomResizedCrop scale (min, 1.0)
     hflip: bool = True
-    randaugment: bool = True           # torchvision RandAugment(2, 7)
+    augment: str = "torchvision"       # albef (the original's RandomAugment) | torchvision (RandAugment) | none; (2, 7)
     num_workers: int = 4
     cache_images: bool = False         # keep decoded images in memory (small data sets such as the demo)
+    zeroshot_transform: str = "clip"   # clip (square resize, CLIP stats) | original (short side + crop, ImageNet stats)
 
     # --- model
     image_encoder: str = "resnet50"    # resnet50 | small_resnet
     text_encoder: str = "distilbert"   # distilbert | small_distilbert
     pretrained: bool = True
+    image_weights: str = "torchvision" # ResNet-50: torchvision (IMAGENET1K_V1) | timm-a1 (timm resnet50.a1_in1k)
     embed_dim: int = 256
     tokenizer: str = ""                # tokenizer folder; empty = the encoder's own (or DATA/tokenizer)
     small_resnet_widths: list = field(default_factory=lambda: [32, 64, 128])
@@ -85,6 +87,7 @@ class RunConfig:
     epochs: int = 30
     batch_size: int = 128
     warmup_steps: int = -1             # -1 = one epoch of warm-up
+    lr_schedule: str = "smooth"        # smooth (per-step warm-up + cosine) | original (staircase, cosine per epoch)
     warmup_lr: float = 1e-5
     min_lr: float = 1e-6
     grad_clip: float = 0.0             # 0 = no clipping (the gradient norm is still logged)
@@ -99,6 +102,11 @@ class RunConfig:
     deterministic: bool = True
     keep_checkpoints: int = 2
     log_every: int = 1                 # steps between history rows
+
+    @property
+    def randaugment(self) -> bool:
+        """Legacy view of ``augment`` (the former boolean field): whether any augmentation runs."""
+        return self.augment != "none"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,8 +136,17 @@ class RunConfig:
         }
 
 
-# The original study's setting (STUDY.md, "paper" profile).
-PAPER: dict[str, Any] = {}
+# The original study's setting: the field defaults plus what its code base ran
+# (README, "Protocol fidelity"); each correction is the field's default or a
+# named option. Per-loss parameters are merged into `loss_params` for the
+# run's loss (see make_config); OnlineCLR got the SogCLR gamma.
+PAPER: dict[str, Any] = dict(
+    augment="albef", zeroshot_transform="original", image_weights="timm-a1", amp="fp16",
+    lr_schedule="original", warmup_steps=500,
+)
+PROFILE_LOSS_PARAMS: dict[str, dict[str, dict]] = {
+    "paper": {"sogclr": {"estimator": "original"}, "onlineclr": {"gamma": 0.8}},
+}
 
 # The embedded benchmark on a CPU: small encoders, 32 px, no flip / RandAugment
 # (they would contradict the position and colour words of the captions).
@@ -137,7 +154,7 @@ PAPER: dict[str, Any] = {}
 # (about 50 s of training per cell). Small batches: on this budget the number of
 # steps matters more than the number of negatives per step.
 DEMO: dict[str, Any] = dict(
-    profile="demo", data="data/demo", image_size=32, crop_scale_min=0.85, hflip=False, randaugment=False,
+    profile="demo", data="data/demo", image_size=32, crop_scale_min=0.85, hflip=False, augment="none",
     num_workers=0, cache_images=True, image_encoder="small_resnet", text_encoder="small_distilbert", pretrained=False,
     small_resnet_widths=[16, 32, 64], embed_dim=128, max_length=20, epochs=3, batch_size=32,
     warmup_steps=20, lr=2e-3, eval_batch_size=500, threads=0,
@@ -156,10 +173,28 @@ CHOICES: dict[str, tuple] = {
     "text_encoder": ("distilbert", "small_distilbert"),
     "amp": ("auto", "bf16", "fp16", "none"),
     "small_resnet_norm": ("batch", "group"),
+    "augment": ("albef", "torchvision", "none"),
+    "zeroshot_transform": ("original", "clip"),
+    "image_weights": ("timm-a1", "torchvision"),
+    "lr_schedule": ("smooth", "original"),
 }
+# Former fields still accepted by make_config: name -> function(value) -> {new field: value}.
+LEGACY_FIELDS = {"randaugment": lambda on: {"augment": "torchvision" if _coerce_bool("randaugment", on) else "none"}}
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 _TYPES = typing.get_type_hints(RunConfig)
+
+
+def _coerce_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+        return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ConfigError(f"config field {name!r}: {value!r} is not a valid bool")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -167,15 +202,7 @@ def _coerce(name: str, value: Any) -> Any:
     kind = _TYPES[name]
     try:
         if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-                return False
-            if isinstance(value, int) and value in (0, 1):
-                return bool(value)
-            raise ValueError
+            return _coerce_bool(name, value)
         if kind is int:
             if isinstance(value, bool):
                 raise ValueError
@@ -262,19 +289,25 @@ def make_config(profile: str = "demo", **overrides: Any) -> RunConfig:
     values: dict[str, Any] = {"profile": profile, **PROFILES[profile]}
     for name, value in overrides.items():
         name = name.replace("-", "_")
+        if name in LEGACY_FIELDS and name not in FIELDS:
+            values.update(LEGACY_FIELDS[name](value))
+            continue
         if name not in FIELDS:
             close = [f for f in FIELDS if name in f or f in name]
             hint = f" (did you mean {close}?)" if close else ""
             raise ConfigError(f"unknown config field {name!r}{hint}; valid fields: {sorted(FIELDS)}")
         values[name] = value
     values = {name: _coerce(name, value) for name, value in values.items()}
+    loss_defaults = PROFILE_LOSS_PARAMS.get(profile, {}).get(values.get("loss", RunConfig.loss), {})
+    values["loss_params"] = {**loss_defaults, **values.get("loss_params", {})}
     return validate(RunConfig(**values))
 
 
 def config_from_json(path: str | Path) -> RunConfig:
     data = json.loads(Path(path).read_text())
     data = data.get("config", data)
-    return make_config(data.get("profile", "demo"), **{k: v for k, v in data.items() if k in FIELDS and k != "profile"})
+    known = {k: v for k, v in data.items() if (k in FIELDS or k in LEGACY_FIELDS) and k != "profile"}
+    return make_config(data.get("profile", "demo"), **known)
 
 
 def add_config_arguments(parser) -> None:
@@ -290,7 +323,7 @@ def add_config_arguments(parser) -> None:
 def argparse_help(name: str) -> str:
     default = RunConfig.__dataclass_fields__[name]
     value = default.default if default.default is not dataclasses.MISSING else default.default_factory()
-    return f"(paper default: {value!r})"
+    return f"(paper default: {PAPER.get(name, value)!r})"
 
 
 def overrides_from_args(args) -> dict:

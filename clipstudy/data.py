@@ -35,11 +35,16 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from clipstudy.augment import AlbefRandomAugment
+
 log = logging.getLogger("clipstudy.data")
 
 # CLIP's normalisation (Radford et al. 2021), used by the study's code base.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# ImageNet's, which the code base's zero-shot transform used (see zeroshot_transform).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 TRAIN_FORMAT = '{"image": <path relative to the image root>, "caption": <str>, "image_id": <int or str>}'
 RETRIEVAL_FORMAT = '{"image": <path relative to the image root>, "caption": [<str>, ...]}'
@@ -151,17 +156,25 @@ def load_rgb_image(path: str | os.PathLike) -> Image.Image:
 
 # --------------------------------------------------------------------------- transforms
 
+AUGMENTS = ("albef", "torchvision", "none")
+ZEROSHOT_TRANSFORMS = ("original", "clip")
+
+
 def train_transform(image_size: int, *, crop_scale: tuple[float, float] | None = (0.5, 1.0),
-                    hflip: bool = True, randaugment: tuple[int, int] | None = (2, 7)) -> Callable:
-    """Training augmentation of STUDY.md (PIL RGB image -> normalised tensor).
+                    hflip: bool = True, randaugment: tuple[int, int] | None = (2, 7),
+                    augment: str = "torchvision") -> Callable:
+    """Training augmentation (PIL RGB image -> normalised tensor).
 
     Args:
         image_size: output side in pixels.
         crop_scale: area range of ``RandomResizedCrop`` (bicubic); default
             (0.5, 1.0). ``None`` resizes the whole image instead (no crop).
         hflip: random horizontal flip (default True).
-        randaugment: ``(num_ops, magnitude)`` of torchvision's ``RandAugment``;
-            default (2, 7); ``None`` disables it.
+        randaugment: ``(num_ops, magnitude)`` of the augmentation; default
+            (2, 7); ``None`` disables it (whatever ``augment`` says).
+        augment: ``"albef"`` (the original code base's ALBEF RandomAugment, see
+            :mod:`clipstudy.augment`), ``"torchvision"`` (torchvision's
+            ``RandAugment``, the default) or ``"none"``.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
@@ -176,9 +189,14 @@ def train_transform(image_size: int, *, crop_scale: tuple[float, float] | None =
                                          interpolation=T.InterpolationMode.BICUBIC))
     if hflip:
         steps.append(T.RandomHorizontalFlip())
-    if randaugment is not None:
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment={augment!r}; choose one of {AUGMENTS}")
+    if randaugment is not None and augment != "none":
         num_ops, magnitude = randaugment
-        steps.append(T.RandAugment(num_ops=num_ops, magnitude=magnitude))
+        if augment == "albef":
+            steps.append(AlbefRandomAugment(num_ops, magnitude))
+        else:
+            steps.append(T.RandAugment(num_ops=num_ops, magnitude=magnitude))
     steps += [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
     return Compose(steps)
 
@@ -192,6 +210,40 @@ def eval_transform(image_size: int) -> Callable:
         T.ToTensor(),
         T.Normalize(CLIP_MEAN, CLIP_STD),
     ])
+
+
+def zeroshot_transform(image_size: int, mode: str = "clip") -> Callable:
+    """The zero-shot (ImageNet) evaluation transform.
+
+    ``"original"``: what the study's code base used for ImageNet: resize the
+    shorter side to ``image_size`` (bilinear), centre-crop ``image_size`` x
+    ``image_size``, and normalise with the *ImageNet* mean and std, although
+    training used CLIP's. ``"clip"``: :func:`eval_transform` (the whole image
+    squashed to a square, CLIP normalisation), consistent with training and
+    with retrieval.
+    """
+    if mode not in ZEROSHOT_TRANSFORMS:
+        raise ValueError(f"zeroshot_transform={mode!r}; choose one of {ZEROSHOT_TRANSFORMS}")
+    if mode == "clip":
+        return eval_transform(image_size)
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    return Compose([
+        T.Resize(image_size, interpolation=T.InterpolationMode.BILINEAR),
+        T.CenterCrop(image_size),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def transforms_for(config) -> dict[str, Callable]:
+    """The ``train``, ``retrieval`` and ``zeroshot`` transforms of a :class:`~clipstudy.config.RunConfig`."""
+    return {
+        "train": train_transform(config.image_size, crop_scale=(config.crop_scale_min, 1.0), hflip=config.hflip,
+                                 augment=config.augment),
+        "retrieval": eval_transform(config.image_size),
+        "zeroshot": zeroshot_transform(config.image_size, config.zeroshot_transform),
+    }
 
 
 class Compose(T.Compose):
@@ -461,8 +513,8 @@ class RetrievalSet(Dataset):
 # --------------------------------------------------------------------------- zero-shot
 
 # The ImageNet class names and CLIP's 80 templates are kept as a data file
-# rather than a dependency on open_clip_torch, which would pull in timm,
-# huggingface_hub, ftfy and more for two constants. Sources and licences are
+# rather than a dependency on open_clip_torch, which would pull in ftfy and
+# more for two constants. Sources and licences are
 # recorded inside the file.
 _METADATA_FILE = "imagenet_metadata.json"
 

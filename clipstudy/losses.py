@@ -273,19 +273,36 @@ class SogClrLoss(PairLoss):
     :func:`_shifted_moving_average`). With duplicated indices in one batch the
     state keeps one of the rows' values.
 
+    ``estimator="original"`` reproduces the study's code base instead: its
+    shift ``b_i`` is a running maximum over every batch seen, taken over all
+    pairs *including the positive* (so ``b_i >= 0``), and its weights are
+    ``exp(x_ij - b_i) / (s_i + eps)`` with ``s_i = U_i exp(-b_i)`` and ``eps =
+    1e-8``, i.e. ``exp(x_ij) / (U_i + eps exp(b_i))``. For an easy anchor
+    (every negative far below the positive, so ``U_i`` is tiny at tau = 0.01)
+    the ``eps`` term dominates and damps that anchor's gradient by orders of
+    magnitude; ``s_i`` can also underflow to 0 (then the sample counts as not
+    seen, where the code base would restart its average at ``gamma g_i``).
+
     Args:
         temperature: tau (default 0.01).
         num_samples: training set size (required).
         gamma: moving-average rate in (0, 1] (default 0.8).
+        estimator: ``"exact"`` (default, above) or ``"original"`` (the code base's).
     """
 
     stateful = True
     per_sample_state = True
     min_batch = 2
+    ESTIMATORS = ("exact", "original")
+    #: the code base's stabiliser in the original estimator
+    ORIGINAL_EPS = 1e-8
 
-    def __init__(self, temperature: float = 0.01, num_samples: int | None = None, gamma: float = 0.8):
+    def __init__(self, temperature: float = 0.01, num_samples: int | None = None, gamma: float = 0.8,
+                 estimator: str = "exact"):
         super().__init__(temperature, num_samples)
         self.gamma = _rate("gamma", gamma)
+        _check("estimator", estimator, estimator in self.ESTIMATORS, f"choose one of {self.ESTIMATORS}")
+        self.estimator = estimator
         n = self.num_samples
         # U = u * exp(b) per sample and side; u == 0 marks a sample not seen yet.
         self.register_buffer("u_image", torch.zeros(n))
@@ -314,15 +331,33 @@ class SogClrLoss(PairLoss):
         with torch.no_grad():
             x = (diffs / tau.unsqueeze(1)).masked_fill(positive, -math.inf)
             u_old, b_old = u_buf[index].to(sim.dtype), b_buf[index].to(sim.dtype)
-            u_new, b_new, exps = _shifted_moving_average(u_old, b_old, x, self.gamma, 1.0 / (batch - 1),
-                                                         first_visit=u_old <= 0)
-            weights = exps / u_new.unsqueeze(1)  # exp(x_ij) / U_i, 0 on the diagonal
+            if self.estimator == "original":
+                u_new, b_new, exps, denominator = self._original_average(u_old, b_old, x)
+            else:
+                u_new, b_new, exps = _shifted_moving_average(u_old, b_old, x, self.gamma, 1.0 / (batch - 1),
+                                                             first_visit=u_old <= 0)
+                denominator = u_new
+            weights = exps / denominator.unsqueeze(1)  # exp(x_ij) / U_i, 0 on the diagonal
             u_buf[index] = u_new.to(u_buf.dtype)
             b_buf[index] = b_new.to(b_buf.dtype)
-            log_u = torch.log(u_new) + b_new
+            log_u = torch.log(u_new.clamp_min(torch.finfo(u_new.dtype).tiny)) + b_new
         surrogate = (weights * diffs).sum(dim=1).mean() / (batch - 1)
         estimate = (tau * log_u).mean()
         return surrogate, estimate, dict(weights=weights, x=x.masked_fill(positive, 0.0), log_u=log_u)
+
+    def _original_average(self, u_old, b_old, x):
+        """The code base's update: running-max shift over all pairs (positive included), eps-damped weights.
+
+        Returns ``(s_new, b_new, exp(x - b_new), s_new + eps)``; ``U = s exp(b)``.
+        """
+        # running max over this batch's x_ij and every earlier batch; the positive's x_ii = 0 belongs to
+        # the max (b starts at 0 for an unseen sample, so b >= 0 holds from the first step)
+        b_new = torch.maximum(b_old, x.amax(dim=-1).clamp_min(0.0))
+        exps = torch.exp(x - b_new.unsqueeze(-1))
+        batch_mean = exps.sum(dim=-1) / (x.shape[-1] - 1)
+        kept = (1.0 - self.gamma) * u_old * torch.exp(b_old - b_new)
+        s_new = torch.where(u_old <= 0, batch_mean, kept + self.gamma * batch_mean)
+        return s_new, b_new, exps, s_new + self.ORIGINAL_EPS
 
 
 # ---------------------------------------------------------------- iSogCLR
@@ -350,9 +385,15 @@ class ISogClrLoss(SogClrLoss):
     estimate uses the moving average ``U_i``, which mixes batches scored at the
     sample's earlier temperatures (as the official code does), so it can
     differ in sign from the batch gradient right after a large temperature
-    change. With the official step settings one update can move a temperature
-    by up to ``tau_lr * tau_grad_clip * tau_beta = 0.075``, more than the whole
-    ``[tau_min, tau_max]`` range.
+    change.
+
+    Defaults: one consistent set, the study's code base (``iSogCLR_New_Loss``
+    with per-sample temperatures): range [0.005, 0.05], rho 8, gamma 0.8,
+    momentum rate 0.5, clip 5 and step 1e-5. Since ``|m_i| <= tau_grad_clip``,
+    one update moves a temperature by at most ``tau_lr * tau_grad_clip =
+    5e-5``, about 1/900 of the range. (The iSogCLR authors' step of 0.03 with
+    this range and clip would allow 0.15 per update, more than the whole
+    range, so the temperatures would jump between the bounds.)
 
     Returned value: the estimate of the objective above (``mean_i tau_i
     (log U_i + rho)`` summed over sides), at the temperatures of this step.
@@ -363,13 +404,13 @@ class ISogClrLoss(SogClrLoss):
         gamma: moving-average rate of U in (0, 1] (default 0.8).
         rho: robustness parameter (default 8.0).
         tau_min, tau_max: temperature bounds (default 0.005, 0.05).
-        tau_lr: step size of the temperature update (default 0.03, official code).
-        tau_beta: momentum rate of the temperature gradient (default 0.5, official code).
-        tau_grad_clip: clip of the temperature gradient (default 5.0, official code).
+        tau_lr: step size of the temperature update (default 1e-5).
+        tau_beta: momentum rate of the temperature gradient (default 0.5).
+        tau_grad_clip: clip of the temperature gradient (default 5.0).
     """
 
     def __init__(self, temperature: float = 0.01, num_samples: int | None = None, gamma: float = 0.8,
-                 rho: float = 8.0, tau_min: float = 0.005, tau_max: float = 0.05, tau_lr: float = 0.03,
+                 rho: float = 8.0, tau_min: float = 0.005, tau_max: float = 0.05, tau_lr: float = 1e-5,
                  tau_beta: float = 0.5, tau_grad_clip: float = 5.0):
         super().__init__(temperature, num_samples, gamma)
         self.rho = _non_negative("rho", rho)

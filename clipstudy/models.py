@@ -6,17 +6,23 @@ Like open_clip's models it exposes ``encode_image(images)`` and
 
 Two builds:
 
-* ``paper``: torchvision ResNet-50 with ImageNet weights (classifier removed,
-  2048-d) + Hugging Face ``distilbert-base-uncased`` ([CLS] hidden state,
-  768-d), as in the original study.
+* ``paper``: ResNet-50 with ImageNet weights (classifier removed, 2048-d
+  pooled features) + Hugging Face ``distilbert-base-uncased`` ([CLS] hidden
+  state, 768-d), as in the original study. The ResNet-50 weights are chosen by
+  ``image_weights``: ``"timm-a1"`` is timm's ``resnet50.a1_in1k`` (what the
+  code base's ``timm.create_model('resnet50', pretrained=True)`` loaded; about
+  80% ImageNet top-1, trained with timm's A1 recipe), ``"torchvision"`` is
+  torchvision's ``IMAGENET1K_V1`` (76.1%). Both towers map images to the same
+  2048-d average-pooled features.
 * ``demo``: a small ResNet-family CNN (torchvision's ``BasicBlock``, random
   init) + a small random-init DistilBERT on the demo data set's own vocabulary.
 
 Pretrained weights are read from the local torch / Hugging Face caches only,
 so a training run never stalls on the network. ``python -m clipstudy
 fetch-weights`` fills those caches on a machine with internet; the variables
-``CLIPSTUDY_RESNET50_WEIGHTS`` (a ``.pth`` state dict) and
-``CLIPSTUDY_DISTILBERT`` (a ``save_pretrained`` folder) point to local copies.
+``CLIPSTUDY_RESNET50_WEIGHTS`` (a ``.pth`` or ``.safetensors`` state dict of
+the chosen ResNet-50 weights) and ``CLIPSTUDY_DISTILBERT`` (a
+``save_pretrained`` folder) point to local copies.
 """
 from __future__ import annotations
 
@@ -30,6 +36,9 @@ from torchvision.models import resnet50, ResNet50_Weights
 from torchvision.models.resnet import BasicBlock
 
 DISTILBERT_NAME = "distilbert-base-uncased"
+TIMM_RESNET50 = "resnet50.a1_in1k"            # timm's default `resnet50` weights in the code base's era
+TIMM_RESNET50_REPO = f"timm/{TIMM_RESNET50}"  # where timm keeps them on the Hugging Face hub
+IMAGE_WEIGHTS = ("timm-a1", "torchvision")
 RESNET50_ENV = "CLIPSTUDY_RESNET50_WEIGHTS"
 DISTILBERT_ENV = "CLIPSTUDY_DISTILBERT"
 
@@ -41,7 +50,7 @@ class WeightsUnavailable(RuntimeError):
 def _fetch_hint(what: str) -> str:
     return (
         f"{what} is not in the local cache and clipstudy does not download during a run.\n"
-        "Fix: on a machine with internet run `python -m clipstudy fetch-weights` (it fills\n"
+        "Fix: on a machine with internet run `python -m clipstudy fetch-weights [--profile P]` (it fills\n"
         "~/.cache/torch/hub and ~/.cache/huggingface; copy both folders to this machine, or set\n"
         "TORCH_HOME / HF_HOME to where they are), or point to local copies with\n"
         f"{RESNET50_ENV}=/path/resnet50.pth and {DISTILBERT_ENV}=/path/to/distilbert-folder."
@@ -95,27 +104,65 @@ class SmallResNet(nn.Module):
         return torch.flatten(self.pool(self.stages(self.stem(x))), 1)
 
 
-def resnet50_trunk(pretrained: bool = True) -> nn.Module:
-    """torchvision ResNet-50 with the classifier removed (2048-d output)."""
-    model = resnet50(weights=None)
-    if pretrained:
-        model.load_state_dict(_resnet50_state_dict())
-    model.fc = nn.Identity()
+def resnet50_trunk(pretrained: bool = True, weights: str = "torchvision") -> nn.Module:
+    """ResNet-50 with the classifier removed: images -> 2048-d average-pooled features.
+
+    ``weights``: ``"torchvision"`` (torchvision's model, IMAGENET1K_V1) or
+    ``"timm-a1"`` (timm's model, ``resnet50.a1_in1k``, the classifier removed
+    with ``reset_classifier(0)`` as the code base did). ``pretrained=False``
+    gives the same architecture with random weights.
+    """
+    if weights not in IMAGE_WEIGHTS:
+        raise ValueError(f"image_weights={weights!r}; choose one of {IMAGE_WEIGHTS}")
+    if weights == "timm-a1":
+        import timm
+
+        model = timm.create_model("resnet50", pretrained=False)
+        if pretrained:
+            model.load_state_dict(_resnet50_state_dict(weights))
+        model.reset_classifier(0)
+    else:
+        model = resnet50(weights=None)
+        if pretrained:
+            model.load_state_dict(_resnet50_state_dict(weights))
+        model.fc = nn.Identity()
     model.out_dim = 2048
     return model
 
 
-def _resnet50_state_dict() -> dict:
+def _load_state_dict_file(path: str | os.PathLike) -> dict:
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resnet50_cache_path(weights: str) -> Path | None:
+    """Where the cached weights are (None when they are not cached); never downloads."""
+    if weights == "timm-a1":
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(TIMM_RESNET50_REPO, "model.safetensors", local_files_only=True))
+        except Exception:  # noqa: BLE001  (not cached: the hub raises one of several error types)
+            return None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(ResNet50_Weights.IMAGENET1K_V1.url).name
+    return cached if cached.is_file() else None
+
+
+def _resnet50_state_dict(weights: str) -> dict:
+    name = f"ResNet-50 {TIMM_RESNET50 if weights == 'timm-a1' else 'torchvision IMAGENET1K_V1'} weights"
     local = os.environ.get(RESNET50_ENV)
     if local:
         if not Path(local).is_file():
-            raise WeightsUnavailable(f"{RESNET50_ENV}={local} is not a file. " + _fetch_hint("ResNet-50"))
-        return torch.load(local, map_location="cpu", weights_only=True)
-    weights = ResNet50_Weights.IMAGENET1K_V1
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if not cached.is_file():
-        raise WeightsUnavailable(f"ResNet-50 ImageNet weights ({cached})\n" + _fetch_hint("ResNet-50"))
-    return torch.load(cached, map_location="cpu", weights_only=True)
+            raise WeightsUnavailable(f"{RESNET50_ENV}={local} is not a file. " + _fetch_hint(name))
+        return _load_state_dict_file(local)
+    cached = resnet50_cache_path(weights)
+    if cached is None:
+        where = f"Hugging Face cache, {TIMM_RESNET50_REPO}" if weights == "timm-a1" else torch.hub.get_dir()
+        raise WeightsUnavailable(f"{name} ({where})\n" + _fetch_hint(name))
+    return _load_state_dict_file(cached)
 
 
 # ----------------------------------------------------------------- text towers
@@ -204,17 +251,19 @@ TEXT_ENCODERS = ("distilbert", "small_distilbert")
 
 def build_model(*, image_encoder: str = "resnet50", text_encoder: str = "distilbert",
                 embed_dim: int = 256, tokenizer_path: str | None = None, pretrained: bool = True,
+                image_weights: str = "torchvision",
                 small_resnet_widths=(32, 64, 128), small_resnet_blocks=(1, 1, 1), small_resnet_norm="batch",
                 text_dim: int = 128, text_layers: int = 2, max_length: int = 30):
     """Build ``(model, tokenizer)``.
 
     ``resnet50`` / ``distilbert`` are the paper towers (pretrained unless
     ``pretrained=False``); ``small_resnet`` / ``small_distilbert`` are the demo
-    towers (random init). ``small_distilbert`` needs ``tokenizer_path`` (the
+    towers (random init). ``image_weights`` picks the ResNet-50 weights
+    (``"torchvision"`` or ``"timm-a1"``). ``small_distilbert`` needs ``tokenizer_path`` (the
     demo set's tokenizer); ``distilbert`` uses DistilBERT's own tokenizer.
     """
     if image_encoder == "resnet50":
-        image_tower = resnet50_trunk(pretrained)
+        image_tower = resnet50_trunk(pretrained, image_weights)
     elif image_encoder == "small_resnet":
         image_tower = SmallResNet(tuple(small_resnet_widths), tuple(small_resnet_blocks), norm=small_resnet_norm)
     else:
@@ -240,39 +289,80 @@ def build_model(*, image_encoder: str = "resnet50", text_encoder: str = "distilb
 
 
 # --------------------------------------------------------------- fetch-weights
-def fetch_weights(dest: str | None = None) -> list[str]:
-    """Download the paper towers' weights into the torch / HF caches (or ``dest``)."""
-    from transformers import AutoTokenizer, DistilBertModel
+def weights_needed(config) -> dict:
+    """What a :class:`~clipstudy.config.RunConfig` loads: ``{"resnet50": weights or None, "distilbert": bool}``."""
+    return {"resnet50": config.image_weights if config.image_encoder == "resnet50" and config.pretrained else None,
+            "distilbert": config.text_encoder == "distilbert" and config.pretrained}
 
-    done = []
-    weights = ResNet50_Weights.IMAGENET1K_V1
-    state = weights.get_state_dict(progress=True)
-    done.append(str(Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name))
-    model = DistilBertModel.from_pretrained(DISTILBERT_NAME)
-    tokenizer = AutoTokenizer.from_pretrained(DISTILBERT_NAME)
-    if dest:
-        out = Path(dest)
+
+def fetch_weights(dest: str | None = None, *, image_weights: str | None = "timm-a1",
+                  distilbert: bool = True) -> list[str]:
+    """Download weights into the torch / Hugging Face caches (and plain copies into ``dest``).
+
+    ``image_weights``: the ResNet-50 weights to fetch (``"timm-a1"``,
+    ``"torchvision"`` or None for none); ``distilbert``: also DistilBERT and
+    its tokenizer.
+    """
+    done, out = [], Path(dest) if dest else None
+    if out:
         out.mkdir(parents=True, exist_ok=True)
-        torch.save(state, out / "resnet50.pth")
-        model.save_pretrained(out / "distilbert")
-        tokenizer.save_pretrained(out / "distilbert")
-        done = [str(out / "resnet50.pth"), str(out / "distilbert")]
-    else:
+    if image_weights == "timm-a1":
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(TIMM_RESNET50_REPO, "model.safetensors"))
+        done.append(str(path))
+        if out:
+            torch.save(_load_state_dict_file(path), out / "resnet50-timm-a1.pth")
+            done.append(str(out / "resnet50-timm-a1.pth"))
+    elif image_weights == "torchvision":
+        weights = ResNet50_Weights.IMAGENET1K_V1
+        state = weights.get_state_dict(progress=True)
+        done.append(str(Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name))
+        if out:
+            torch.save(state, out / "resnet50-torchvision.pth")
+            done.append(str(out / "resnet50-torchvision.pth"))
+    elif image_weights is not None:
+        raise ValueError(f"image_weights={image_weights!r}; choose one of {IMAGE_WEIGHTS}")
+    if distilbert:
+        from transformers import AutoTokenizer, DistilBertModel
+
+        model = DistilBertModel.from_pretrained(DISTILBERT_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(DISTILBERT_NAME)
         done.append(f"Hugging Face cache: {DISTILBERT_NAME}")
+        if out:
+            model.save_pretrained(out / "distilbert")
+            tokenizer.save_pretrained(out / "distilbert")
+            done.append(str(out / "distilbert"))
     return done
 
 
 def fetch_weights_main(argv: list[str]) -> int:
+    from clipstudy.config import PROFILES, ConfigError, make_config
+
     parser = argparse.ArgumentParser(prog="python -m clipstudy fetch-weights",
-                                     description="Download ResNet-50 (ImageNet) and DistilBERT for the paper profile.")
+                                     description="Download the pretrained weights a profile loads "
+                                                 "(paper: timm ResNet-50 resnet50.a1_in1k and DistilBERT).")
+    parser.add_argument("--profile", default="paper", choices=sorted(PROFILES),
+                        help="fetch what this profile loads (default paper)")
+    parser.add_argument("--image-weights", choices=IMAGE_WEIGHTS, default=None,
+                        help="ResNet-50 weights to fetch instead of the profile's")
     parser.add_argument("--dest", help="also save plain copies here; then set "
-                        f"{RESNET50_ENV}=DEST/resnet50.pth and {DISTILBERT_ENV}=DEST/distilbert")
+                        f"{RESNET50_ENV}=DEST/resnet50-<weights>.pth and {DISTILBERT_ENV}=DEST/distilbert")
     args = parser.parse_args(argv)
     try:
-        for path in fetch_weights(args.dest):
+        needed = weights_needed(make_config(args.profile))
+    except ConfigError as err:
+        print(f"error: {err}")
+        return 2
+    image_weights = args.image_weights or needed["resnet50"]
+    if image_weights is None and not needed["distilbert"]:
+        print(f"profile {args.profile!r} loads no pretrained weights; nothing to fetch")
+        return 0
+    try:
+        for path in fetch_weights(args.dest, image_weights=image_weights, distilbert=needed["distilbert"]):
             print("saved", path)
     except Exception as err:  # network errors come in many types
         print(f"fetch-weights failed: {err}\nThis command needs internet access "
-              "(download.pytorch.org and huggingface.co).", flush=True)
+              "(huggingface.co, and download.pytorch.org for the torchvision weights).", flush=True)
         return 1
     return 0

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 __all__ = ["OPTIMIZERS", "OptimizerSpec", "register_optimizer", "available_optimizers", "default_lr",
-           "param_groups", "build_optimizer", "make_scheduler", "WarmupCosineLR"]
+           "param_groups", "build_optimizer", "make_scheduler", "WarmupCosineLR", "StaircaseEpochCosineLR"]
 
 #: Modules whose parameters (scale and shift) never get weight decay.
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
@@ -251,12 +251,70 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
         return lambda step: self.lr_at(step, base) / base if base > 0 else 0.0
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int,
-                   warmup_lr: float = 1e-5, min_lr: float = 1e-6) -> WarmupCosineLR:
-    """Warm-up from ``warmup_lr`` to each group's base rate over ``warmup_steps``
-    iterations, then cosine decay to ``min_lr`` at ``total_steps`` (see
-    :class:`WarmupCosineLR`). Call ``step()`` after every optimizer step; it
-    has ``state_dict``/``load_state_dict`` for resuming.
+class StaircaseEpochCosineLR(WarmupCosineLR):
+    """The original code base's schedule, stepped once per iteration like :class:`WarmupCosineLR`.
+
+    For a group with base rate ``base``, iteration ``t`` (0-based), epoch ``e =
+    t // steps_per_epoch``:
+
+    * epoch 0, ``t < warmup_steps``: a staircase from ``start = min(warmup_lr,
+      base)``: ``start + (base - start) * k * warmup_every / warmup_steps`` with
+      ``k = t // warmup_every`` (the code base stepped its warm-up every 100
+      iterations, 5 times: 500 iterations);
+    * the rest of epoch 0: ``base``;
+    * epoch ``e >= 1``: ``end + (base - end) * (1 + cos(pi * e / epochs)) / 2``,
+      constant within the epoch (timm's cosine, stepped once per epoch), with
+      ``end = min(min_lr, base)``.
+
+    A warm-up longer than epoch 0 is cut at the end of epoch 0, as in the code
+    base.
     """
+
+    _SETTINGS = WarmupCosineLR._SETTINGS + ("steps_per_epoch", "epochs", "warmup_every")
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int,
+                 steps_per_epoch: int, epochs: int, warmup_every: int = 100, warmup_lr: float = 1e-5,
+                 min_lr: float = 1e-6, last_epoch: int = -1):
+        for key, value in (("steps_per_epoch", steps_per_epoch), ("epochs", epochs), ("warmup_every", warmup_every)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key}={value!r}: must be an integer >= 1")
+        self.steps_per_epoch, self.epochs, self.warmup_every = steps_per_epoch, epochs, warmup_every
+        super().__init__(optimizer, total_steps=total_steps, warmup_steps=warmup_steps, warmup_lr=warmup_lr,
+                         min_lr=min_lr, last_epoch=last_epoch)
+
+    def lr_at(self, step: int, base: float) -> float:
+        start, end = min(self.warmup_lr, base), min(self.min_lr, base)
+        epoch = step // self.steps_per_epoch
+        if epoch == 0:
+            if step < self.warmup_steps:
+                return start + (base - start) * (step // self.warmup_every) * self.warmup_every / self.warmup_steps
+            return base
+        if epoch >= self.epochs:
+            return end
+        return end + (base - end) * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
+
+
+LR_SCHEDULES = ("smooth", "original")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int,
+                   warmup_lr: float = 1e-5, min_lr: float = 1e-6, kind: str = "smooth",
+                   steps_per_epoch: int | None = None, epochs: int | None = None) -> WarmupCosineLR:
+    """The learning-rate schedule, stepped after every optimizer step (``state_dict`` resumes it).
+
+    ``kind="smooth"`` (default): warm-up from ``warmup_lr`` to each group's base
+    rate over ``warmup_steps`` iterations, then cosine decay to ``min_lr`` at
+    ``total_steps`` (:class:`WarmupCosineLR`). ``kind="original"``: the code
+    base's staircase warm-up and per-epoch cosine
+    (:class:`StaircaseEpochCosineLR`; needs ``steps_per_epoch`` and ``epochs``).
+    """
+    if kind == "original":
+        if steps_per_epoch is None or epochs is None:
+            raise ValueError("the original schedule needs steps_per_epoch and epochs")
+        return StaircaseEpochCosineLR(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
+                                      steps_per_epoch=steps_per_epoch, epochs=epochs, warmup_lr=warmup_lr,
+                                      min_lr=min_lr)
+    if kind != "smooth":
+        raise ValueError(f"lr_schedule={kind!r}; choose one of {LR_SCHEDULES}")
     return WarmupCosineLR(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
                           warmup_lr=warmup_lr, min_lr=min_lr)

@@ -60,3 +60,64 @@ def test_cell_names_are_single_safe_components():
         assert "/" not in name and "\\" not in name and ".." not in name and not name.startswith(".")
     assert make_config("demo", label="adam-nol2").cell_name() == "adam-nol2-clip-s0"
     assert RunConfig().cell_name() == "adamw-clip-s0"
+
+
+def test_paper_profile_runs_what_the_original_code_ran():
+    paper = make_config("paper")
+    assert (paper.augment, paper.zeroshot_transform, paper.image_weights, paper.amp) == (
+        "albef", "original", "timm-a1", "fp16")
+    # per-loss parameters of the code base, merged for the run's loss only; an explicit value wins
+    assert make_config("paper", loss="sogclr").loss_params == {"estimator": "original"}
+    assert make_config("paper", loss="onlineclr").loss_params == {"gamma": 0.8}
+    assert make_config("paper", loss="clip").loss_params == {}
+    assert make_config("paper", loss="onlineclr", loss_params={"gamma": 0.5}).loss_params == {"gamma": 0.5}
+    exact = make_config("paper", loss="sogclr", loss_params='{"estimator": "exact"}')
+    assert exact.loss_params == {"estimator": "exact"}
+    # the corrections are named options
+    corrected = make_config("paper", augment="torchvision", zeroshot_transform="clip", image_weights="torchvision")
+    assert (corrected.augment, corrected.zeroshot_transform, corrected.image_weights) == (
+        "torchvision", "clip", "torchvision")
+
+
+def test_demo_profile_keeps_its_setting():
+    demo = make_config("demo")
+    assert (demo.augment, demo.zeroshot_transform, demo.randaugment) == ("none", "clip", False)
+    assert make_config("demo", loss="onlineclr").loss_params == {}
+    assert make_config("demo", loss="sogclr").loss_params == {}
+
+
+def test_demo_transforms_are_the_former_ones():
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from clipstudy.data import eval_transform, train_transform, transforms_for
+
+    demo = make_config("demo")
+    new = transforms_for(demo)
+    former_train = train_transform(32, crop_scale=(0.85, 1.0), hflip=False, randaugment=None)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        a = new["train"](image)
+        torch.manual_seed(seed)
+        assert torch.equal(a, former_train(image))
+    assert torch.equal(new["zeroshot"](image), eval_transform(32)(image))
+    assert torch.equal(new["retrieval"](image), eval_transform(32)(image))
+
+
+def test_legacy_randaugment_field_is_migrated(tmp_path):
+    assert make_config("demo", randaugment=True).augment == "torchvision"
+    assert make_config("paper", randaugment="false").augment == "none"
+    old = tmp_path / "config.json"
+    old.write_text(json.dumps({"profile": "demo", "randaugment": True, "epochs": 2}))
+    assert config_from_json(old).augment == "torchvision"
+    with pytest.raises(ConfigError, match="randaugment"):
+        make_config("demo", randaugment="maybe")
+
+
+@pytest.mark.parametrize("field, value", [("augment", "autoaugment"), ("zeroshot_transform", "imagenet"),
+                                          ("image_weights", "resnet50.a2_in1k")])
+def test_new_choices_are_validated(field, value):
+    with pytest.raises(ConfigError, match=field):
+        make_config("paper", **{field: value})

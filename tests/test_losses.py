@@ -354,7 +354,8 @@ def test_isogclr_temperature_direction(rho, direction):
 
 
 def test_isogclr_temperatures_stay_in_bounds():
-    loss = make_loss("isogclr", temperature=0.01, num_samples=12)  # defaults: rho 8, gamma 0.8, tau_lr 0.03
+    # the authors' step 0.03 (not the default) reaches the bounds within a few steps
+    loss = make_loss("isogclr", temperature=0.01, num_samples=12, tau_lr=0.03)
     g = torch.Generator().manual_seed(0)
     seen_low = seen_high = False
     for step in range(8):
@@ -557,3 +558,99 @@ def test_register_loss_adds_one_entry():
             register_loss("test_mse")(MseLoss)
     finally:
         LOSSES.pop("test_mse")
+
+
+# ------------------------------------------- SogCLR, the code base's estimator
+class RefOriginalSogClr:
+    """Float64 loop of the code base's SogCLR: a running-max shift over every pair including the
+    positive (b_i >= 0, never decreases), s_i <- g_i on first visit, else (1-gamma) s_i exp(b_old - b_i)
+    + gamma g_i with g_i = mean_{j != i} exp(x_ij - b_i), and weights exp(x_ij - b_i) / (s_i + 1e-8)."""
+
+    def __init__(self, gamma, tau, eps=1e-8):
+        self.gamma, self.tau, self.eps, self.state = gamma, tau, eps, {"img": {}, "txt": {}}
+
+    def __call__(self, img, txt, index):
+        _, _, s = similarity(img, txt)
+        n = len(s)
+        surrogate, estimate = 0.0, 0.0
+        for side, table in self.state.items():
+            score = (lambda a, c: s[a][c]) if side == "img" else (lambda a, c: s[c][a])
+            for i in range(n):
+                key = int(index[i])
+                diffs = {j: score(i, j) - score(i, i) for j in range(n)}  # j == i included: 0
+                x = {j: float(d.detach()) / self.tau for j, d in diffs.items()}
+                s_old, b_old = table.get(key, (None, 0.0))
+                b = max([b_old] + list(x.values()))
+                g = sum(math.exp(x[j] - b) for j in range(n) if j != i) / (n - 1)
+                s_new = g if s_old is None else (1 - self.gamma) * s_old * math.exp(b_old - b) + self.gamma * g
+                table[key] = (s_new, b)
+                for j in range(n):
+                    if j != i:
+                        surrogate = surrogate + math.exp(x[j] - b) / (s_new + self.eps) * diffs[j] / ((n - 1) * n)
+                estimate = estimate + self.tau * (math.log(s_new) + b) / n
+        return surrogate, estimate
+
+
+def test_sogclr_original_estimator_matches_loop_reference_over_steps():
+    tau, gamma = 0.05, 0.8
+    loss = make_loss("sogclr", temperature=tau, num_samples=12, gamma=gamma, estimator="original").double()
+    ref = RefOriginalSogClr(gamma, tau)
+    indices = [torch.arange(0, 6), torch.arange(3, 9), torch.tensor([8, 0, 4, 2, 10, 6])]
+    for step, index in enumerate(indices):
+        img, txt = batch(20 + step)
+        img[:, 0] += 3.0 * (step - 1)  # move the scores between steps so the running max matters
+        value, g_img, g_txt = value_and_grads(loss, img, txt, index)
+        ri, rt = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+        surrogate, estimate = ref(ri, rt, index)
+        r_img, r_txt = torch.autograd.grad(surrogate, (ri, rt))
+        assert_close(value, estimate)
+        assert_close(g_img, r_img)
+        assert_close(g_txt, r_txt)
+    for key, (s_ref, b_ref) in ref.state["img"].items():
+        assert_close(loss.u_image[key], s_ref)
+        assert_close(loss.b_image[key], b_ref)
+        assert b_ref >= 0
+    for key, (s_ref, b_ref) in ref.state["txt"].items():
+        assert_close(loss.u_text[key], s_ref)
+        assert_close(loss.b_text[key], b_ref)
+
+
+def test_sogclr_original_estimator_damps_easy_anchors_at_tau_001():
+    # Three unit vectors with pairwise cosine 0.75, image i = text i: every anchor has s_ii = 1 and
+    # s_ij = 0.75, so x_ij = -25 at tau = 0.01 and U_i = e^-25 for every anchor and side. The exact
+    # weights are exp(x)/U; the code base's are exp(x)/(U + 1e-8 e^b) with b = 0 (the positive's x_ii),
+    # so every gradient is the exact one times e^-25 / (e^-25 + 1e-8) = 1.387e-3.
+    # u_i = a e_i + c e_4 in R^4: u_i.u_j = a^2 [i == j] + c^2, so a^2 = 0.25, c^2 = 0.75
+    rows = torch.zeros(3, 4, dtype=torch.float64)
+    rows[:, :3] = torch.eye(3, dtype=torch.float64) * math.sqrt(0.25)
+    rows[:, 3] = math.sqrt(0.75)
+    sim = rows @ rows.T
+    assert_close(sim, 0.75 + 0.25 * torch.eye(3, dtype=torch.float64))
+    grads = {}
+    for estimator in ("exact", "original"):
+        loss = make_loss("sogclr", temperature=0.01, num_samples=3, estimator=estimator).double()
+        _, g_img, g_txt = value_and_grads(loss, rows, rows.clone(), torch.arange(3))
+        grads[estimator] = torch.cat([g_img, g_txt])
+    assert grads["exact"].norm() > 1e-3
+    ratio = math.exp(-25) / (math.exp(-25) + 1e-8)
+    assert ratio == pytest.approx(1.387e-3, rel=1e-3)
+    assert_close(grads["original"], grads["exact"] * ratio, rtol=1e-7, atol=0)
+
+
+def test_sogclr_estimator_is_validated():
+    with pytest.raises(ValueError, match="estimator"):
+        make_loss("sogclr", num_samples=4, estimator="approximate")
+
+
+def test_isogclr_defaults_cannot_cross_the_temperature_range_in_one_update():
+    # Defaults (the code base's set): |step| <= tau_lr * tau_grad_clip = 1e-5 * 5 = 5e-5, while the
+    # range is 0.05 - 0.005 = 0.045. Push as hard as possible: rho = 8 lowers tau from the top bound.
+    loss = make_loss("isogclr", temperature=0.05, num_samples=B, gamma=1.0)
+    assert loss.tau_lr * loss.tau_grad_clip == pytest.approx(5e-5)
+    for step in range(3):
+        before = torch.cat([loss.tau_image, loss.tau_text]).clone()
+        loss(*batch(step, dtype=torch.float32), torch.arange(B))
+        moved = (torch.cat([loss.tau_image, loss.tau_text]) - before).abs()
+        assert moved.max() <= 5e-5 + 1e-9
+        assert moved.max() > 0
+    assert (loss.tau_max - loss.tau_min) / (loss.tau_lr * loss.tau_grad_clip) >= 900

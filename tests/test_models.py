@@ -65,3 +65,92 @@ def test_resnet50_loads_local_weights(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(trunk(x), reference(x))
     assert trunk(x).shape == (1, 2048)
+
+
+def _empty_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("CLIPSTUDY_RESNET50_WEIGHTS", raising=False)
+    import huggingface_hub.constants  # reads HF_HUB_CACHE at import, before this test set it
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+
+
+def _timm_reference():
+    import timm
+
+    torch.manual_seed(0)
+    reference = timm.create_model("resnet50", pretrained=False)
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    reference.reset_classifier(0)
+    return reference.eval(), state
+
+
+def test_timm_weights_missing_fail_at_once_naming_them(tmp_path, monkeypatch):
+    _empty_caches(tmp_path, monkeypatch)
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailable) as err:
+        build_model(image_weights="timm-a1")
+    assert time.perf_counter() - start < 20
+    message = str(err.value)
+    assert "resnet50.a1_in1k" in message and "fetch-weights" in message and "CLIPSTUDY_RESNET50_WEIGHTS" in message
+
+
+def test_timm_resnet50_loads_a_local_state_dict(tmp_path, monkeypatch):
+    from clipstudy.models import resnet50_trunk
+
+    _empty_caches(tmp_path, monkeypatch)
+    reference, state = _timm_reference()
+    torch.save(state, tmp_path / "r50-timm.pth")
+    monkeypatch.setenv("CLIPSTUDY_RESNET50_WEIGHTS", str(tmp_path / "r50-timm.pth"))
+    trunk = resnet50_trunk(pretrained=True, weights="timm-a1").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(trunk(x), reference(x))
+    assert trunk(x).shape == (2, 2048) and trunk.out_dim == 2048
+
+
+def test_timm_resnet50_loads_from_the_hugging_face_cache_layout(tmp_path, monkeypatch):
+    """What `fetch-weights` leaves: HF_HUB_CACHE/models--timm--resnet50.a1_in1k/snapshots/<rev>/model.safetensors."""
+    from safetensors.torch import save_file
+
+    from clipstudy.models import resnet50_cache_path, resnet50_trunk
+
+    _empty_caches(tmp_path, monkeypatch)
+    assert resnet50_cache_path("timm-a1") is None
+    reference, state = _timm_reference()
+    repo = tmp_path / "hf" / "hub" / "models--timm--resnet50.a1_in1k"
+    revision = "0" * 40
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    save_file({k: v.contiguous() for k, v in state.items()}, repo / "snapshots" / revision / "model.safetensors")
+    assert resnet50_cache_path("timm-a1") == repo / "snapshots" / revision / "model.safetensors"
+    trunk = resnet50_trunk(pretrained=True, weights="timm-a1").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(trunk(x), reference(x))
+
+
+def test_both_resnet50_backbones_give_2048_d_pooled_features():
+    from clipstudy.models import resnet50_trunk
+
+    x = torch.randn(2, 3, 64, 64)
+    for weights in ("timm-a1", "torchvision"):
+        trunk = resnet50_trunk(pretrained=False, weights=weights).eval()
+        with torch.no_grad():
+            assert trunk(x).shape == (2, 2048)
+        assert trunk.out_dim == 2048
+    with pytest.raises(ValueError, match="image_weights"):
+        resnet50_trunk(pretrained=False, weights="resnet50.a2_in1k")
+
+
+def test_fetch_weights_fetches_what_the_profile_loads():
+    from clipstudy.config import make_config
+    from clipstudy.models import weights_needed
+
+    assert weights_needed(make_config("paper")) == {"resnet50": "timm-a1", "distilbert": True}
+    assert weights_needed(make_config("paper", image_weights="torchvision"))["resnet50"] == "torchvision"
+    assert weights_needed(make_config("paper", pretrained=False)) == {"resnet50": None, "distilbert": False}

@@ -215,3 +215,56 @@ def test_schedule_edge_cases():
     with pytest.raises(ValueError, match="min_lr"):
         make_scheduler(opt, total_steps=10, warmup_steps=1, min_lr=-1.0)
     assert isinstance(make_scheduler(opt, total_steps=10, warmup_steps=1), torch.optim.lr_scheduler.LambdaLR)
+
+
+def original_code_base_lrs(base, warmup_lr, min_lr, epochs, steps_per_epoch, warmup_epochs=5, step_size=100):
+    """Replays the code base's calls: timm's CosineLRScheduler(t_initial=epochs, warmup_t=5, warmup_prefix,
+    cycle_limit=1) stepped with t = i // 100 at i % 100 == 0, i <= 500 in epoch 0, and t = e + 6 after epoch e."""
+    def lr_of(t):
+        if t < warmup_epochs:
+            return warmup_lr + t * (base - warmup_lr) / warmup_epochs
+        t -= warmup_epochs
+        if t >= epochs:  # past the single cycle
+            return min_lr
+        return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t / epochs))
+
+    lr, out = lr_of(0), []  # the scheduler's constructor sets warmup_lr
+    for epoch in range(epochs):
+        for i in range(steps_per_epoch):
+            if epoch == 0 and i % step_size == 0 and i <= warmup_epochs * step_size:
+                lr = lr_of(i // step_size)
+            out.append(lr)
+        lr = lr_of(epoch + warmup_epochs + 1)
+    return out
+
+
+@pytest.mark.parametrize("steps_per_epoch", [700, 300])  # warm-up inside epoch 0, or cut by its end
+def test_original_schedule_replays_the_code_base(steps_per_epoch):
+    epochs = 4
+    opt = build_optimizer("adamw", nn.Linear(2, 2), lr=2e-4)
+    sched = make_scheduler(opt, total_steps=epochs * steps_per_epoch, warmup_steps=500, kind="original",
+                           steps_per_epoch=steps_per_epoch, epochs=epochs, warmup_lr=1e-5, min_lr=1e-6)
+    lrs = [row[0] for row in lr_sequence(sched, opt, epochs * steps_per_epoch)]
+    expected = original_code_base_lrs(2e-4, 1e-5, 1e-6, epochs, steps_per_epoch)
+    assert lrs == pytest.approx(expected, rel=1e-9)
+    # hand-worked points: the staircase (1e-5 + k * 3.8e-5) and the first cosine epoch
+    assert lrs[99] == pytest.approx(1e-5) and lrs[100] == pytest.approx(4.8e-5) and lrs[299] == pytest.approx(8.6e-5)
+    assert lrs[steps_per_epoch] == pytest.approx(1e-6 + (2e-4 - 1e-6) * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_original_schedule_resumes_and_validates():
+    opt = build_optimizer("adamw", nn.Linear(2, 2), lr=2e-4)
+    sched = make_scheduler(opt, total_steps=40, warmup_steps=5, kind="original", steps_per_epoch=10, epochs=4)
+    lr_sequence(sched, opt, 17)
+    state, opt_state = sched.state_dict(), opt.state_dict()
+    rest = lr_sequence(sched, opt, 23)
+    # resume as the training loop does: build, then optimizer state, then scheduler state
+    opt2 = build_optimizer("adamw", nn.Linear(2, 2), lr=2e-4)
+    sched2 = make_scheduler(opt2, total_steps=40, warmup_steps=5, kind="original", steps_per_epoch=10, epochs=4)
+    opt2.load_state_dict(opt_state)
+    sched2.load_state_dict(state)
+    assert lr_sequence(sched2, opt2, 23) == rest
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        make_scheduler(opt, total_steps=40, warmup_steps=5, kind="original")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        make_scheduler(opt, total_steps=40, warmup_steps=5, kind="step")
