@@ -40,12 +40,14 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT_DIR, REPO, machine, median, table, torch_threads, write_json  # noqa: E402
 
+from clipstudy import paths  # noqa: E402
 from clipstudy.config import make_config  # noqa: E402
 from clipstudy.data import CLIP_MEAN, CLIP_STD  # noqa: E402
-from clipstudy.train import SeededSamples, build_datasets, sample_seed  # noqa: E402
+from clipstudy.sampling import SeededSamples, sample_seed  # noqa: E402
+from clipstudy.train import build_datasets  # noqa: E402
 
 DEFAULT_OUT = OUT_DIR / "data.json"
-RUNS = REPO / "reports" / "runs" / "demo"
+RUNS = paths.runs_dir("demo")
 
 
 # ---------------------------------------------------------------- synthetic JPEGs
@@ -306,7 +308,8 @@ def demo_loop(quick: bool, tmp: Path) -> dict:
 
     from clipstudy.data import make_collate
     from clipstudy.demo_data import make_demo_data
-    from clipstudy.train import EpochBatches, build_run, train_step
+    from clipstudy.sampling import EpochBatches
+    from clipstudy.train import build_run, train_step
 
     make_demo_data(tmp / "loop_data", seed=0, image_size=32, train_size=1024, retrieval_size=8,
                    zeroshot_per_class=1, zeroshot_classes=2)

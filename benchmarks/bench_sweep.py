@@ -40,8 +40,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT_DIR, REPO, table, write_json  # noqa: E402
 
+from clipstudy import paths  # noqa: E402
+
 DEFAULT_OUT = OUT_DIR / "sweep.json"
-DEFAULT_RUNS = REPO / "reports" / "runs" / "demo"
+DEFAULT_RUNS = paths.runs_dir("demo")
 GOAL_PERCENT = 10.0
 PARTS = ("kernel", "imports", "setup", "data", "steps", "eval", "loop_other", "after")
 

@@ -28,7 +28,6 @@ writes ``reports/benchmarks/train_step.json``. ``run(quick)`` does the same from
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import sys
 import tempfile
@@ -42,7 +41,8 @@ from common import OUT_DIR, machine, median, table, timed, torch_threads, write_
 from clipstudy.config import make_config  # noqa: E402
 from clipstudy.losses import available_losses, make_loss  # noqa: E402
 from clipstudy.optim import build_optimizer, make_scheduler  # noqa: E402
-from clipstudy.train import Run, build_run, choose_amp, choose_device, train_step  # noqa: E402
+from clipstudy.precision import autocast, choose_amp  # noqa: E402
+from clipstudy.train import Run, build_run, choose_device, planned_steps, train_step  # noqa: E402
 
 DEFAULT_OUT = OUT_DIR / "train_step.json"
 GOAL_PERCENT = 10.0
@@ -57,7 +57,7 @@ def demo_run(data_dir: Path, out: Path, loss: str, optimizer: str, device: str,
     from torch.utils.data import DataLoader
 
     from clipstudy.data import make_collate
-    from clipstudy.train import EpochBatches, SeededSamples
+    from clipstudy.sampling import EpochBatches, SeededSamples
 
     config = make_config("demo", data=str(data_dir), out=str(out), loss=loss, optimizer=optimizer, device=device,
                          optimizer_params=optimizer_params or {})
@@ -102,13 +102,15 @@ def paper_run(model, loss: str, optimizer: str, batch_size: int, device: torch.d
                         **config.loss_params).to(device)
     opt = build_optimizer(config.optimizer, model, loss_fn, lr=config.lr or None,
                           weight_decay=config.weight_decay, **config.optimizer_params)
-    steps = num_samples // batch_size * config.epochs
+    steps = planned_steps(config, num_samples // batch_size)
     scheduler = make_scheduler(opt, total_steps=steps, warmup_steps=num_samples // batch_size,
                                warmup_lr=config.warmup_lr, min_lr=config.min_lr)
     amp_dtype = choose_amp(config.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    return Run(config, Path("."), device, model, None, loss_fn, opt, scheduler, scaler, None, None, None,
-               num_samples // batch_size, amp_dtype)
+    return Run(config=config, out=Path("."), device=device, model=model, tokenizer=None, loss=loss_fn,
+               optimizer=opt, scheduler=scheduler, scaler=scaler, train_set=None, retrieval_set=None,
+               zeroshot_set=None, steps_per_epoch=num_samples // batch_size, total_steps=steps,
+               amp_dtype=amp_dtype)
 
 
 # ---------------------------------------------------------------- the pieces
@@ -121,11 +123,6 @@ def _inputs(run: Run, batch: dict):
             batch["index"].to(device))
 
 
-def _autocast(run: Run):
-    return (torch.autocast(run.device.type, dtype=run.amp_dtype) if run.amp_dtype is not None
-            else contextlib.nullcontext())
-
-
 def bare_forward_backward(run: Run, inputs) -> None:
     """The encoders alone: forward, trivial loss, backward (gradients are left for the optimizer part).
 
@@ -135,7 +132,7 @@ def bare_forward_backward(run: Run, inputs) -> None:
     round until SGD's momentum blows the model up and the timed steps turn non-finite.
     """
     images, ids, mask, _ = inputs
-    with _autocast(run):
+    with autocast(run.device, run.amp_dtype):
         image_emb, text_emb = run.model(images, ids, mask)
     (0.0 * (image_emb.float().sum() + text_emb.float().sum())).backward()
 
@@ -163,7 +160,7 @@ def time_run(run: Run, batch: dict, repeats: int, warmup: int) -> dict:
     device = run.device
     run.model.train()
     inputs = _inputs(run, batch)
-    with torch.no_grad(), _autocast(run):
+    with torch.no_grad(), autocast(run.device, run.amp_dtype):
         image_emb, text_emb = (e.float() for e in run.model(*inputs[:3]))
     times = {"bare": [], "optimizer": [], "step": [], "loss": []}
     losses = []

@@ -125,7 +125,8 @@ def _sync(device):
 def measure(run, workers: int, steps: int, warmup: int) -> dict:
     """Train ``warmup + steps`` steps from the real loader; time the last ``steps``."""
     from clipstudy.data import make_collate
-    from clipstudy.train import SeededSamples, train_loader, train_step
+    from clipstudy.sampling import SeededSamples, train_loader
+    from clipstudy.train import train_step
 
     config = run.config
     items = SeededSamples(run.train_set, config.seed)

@@ -103,11 +103,6 @@ class RunConfig:
     keep_checkpoints: int = 2
     log_every: int = 1                 # steps between history rows
 
-    @property
-    def randaugment(self) -> bool:
-        """Legacy view of ``augment`` (the former boolean field): whether any augmentation runs."""
-        return self.augment != "none"
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -287,20 +282,45 @@ def make_config(profile: str = "demo", **overrides: Any) -> RunConfig:
     if profile not in PROFILES:
         raise ConfigError(f"config field 'profile'={profile!r}: choose one of {sorted(PROFILES)}")
     values: dict[str, Any] = {"profile": profile, **PROFILES[profile]}
+    given: dict[str, Any] = {}
     for name, value in overrides.items():
         name = name.replace("-", "_")
         if name in LEGACY_FIELDS and name not in FIELDS:
-            values.update(LEGACY_FIELDS[name](value))
+            given.update(LEGACY_FIELDS[name](value))
             continue
         if name not in FIELDS:
             close = [f for f in FIELDS if name in f or f in name]
             hint = f" (did you mean {close}?)" if close else ""
             raise ConfigError(f"unknown config field {name!r}{hint}; valid fields: {sorted(FIELDS)}")
-        values[name] = value
-    values = {name: _coerce(name, value) for name, value in values.items()}
+        given[name] = value
+    values = {name: _coerce(name, value) for name, value in {**values, **given}.items()}
     loss_defaults = PROFILE_LOSS_PARAMS.get(profile, {}).get(values.get("loss", RunConfig.loss), {})
     values["loss_params"] = {**loss_defaults, **values.get("loss_params", {})}
+    for name in PATH_FIELDS:
+        if values.get(name):
+            values[name] = _absolute_path(name, values[name], from_profile=name not in given)
     return validate(RunConfig(**values))
+
+
+# Fields holding a file or folder; stored absolute and normalised (see _absolute_path).
+PATH_FIELDS = ("out", "data", "train_ann", "train_images", "retrieval_ann", "retrieval_images",
+               "zeroshot_images", "tokenizer")
+
+
+def _absolute_path(name: str, value: str, *, from_profile: bool) -> str:
+    """A relative path from a profile is relative to the project root; one given by the caller, to the
+    current directory (as a shell user means it). Either way it is stored absolute, once."""
+    from clipstudy import paths
+
+    if not value or Path(value).is_absolute():
+        return paths.absolute(value, "/")
+    if not from_profile:
+        return paths.absolute(value, Path.cwd())
+    try:
+        return paths.absolute(value, paths.project_root())
+    except paths.ProjectRootNotFound as err:
+        raise ConfigError(f"config field {name!r}={value!r} (profile default) is relative to the project "
+                          f"folder: {err}") from None
 
 
 def config_from_json(path: str | Path) -> RunConfig:

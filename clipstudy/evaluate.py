@@ -255,23 +255,17 @@ def _eval_mode(model) -> Iterator[None]:
             m.training = mode
 
 
-def _autocast(device: torch.device, amp: bool):
-    # bf16 autocast only on CUDA: on CPU it is slow and would change the numbers.
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=bool(amp) and device.type == "cuda")
+def _autocast(device: torch.device, amp):
+    """``amp``: the autocast dtype chosen by :func:`clipstudy.precision.choose_amp` (None: full precision);
+    True means bf16. Only on CUDA: on a CPU autocast is slow and would change the numbers."""
+    from clipstudy.precision import autocast
 
-
-def collate_skip_none(batch: list) -> tuple[Tensor, Tensor] | None:
-    """Stack ``(image, id)`` items, dropping ``None`` (unreadable) ones; None if all dropped."""
-    items = [item for item in batch if item is not None]
-    if not items:
-        return None
-    images = torch.stack([item[0] for item in items])
-    ids = torch.tensor([int(item[1]) for item in items], dtype=torch.long)
-    return images, ids
+    dtype = torch.bfloat16 if amp is True else (amp or None)
+    return autocast(device, dtype if device.type == "cuda" else None)
 
 
 def extract_image_features(model, dataset, *, batch_size: int = 256, device="cpu", num_workers: int = 0,
-                           amp: bool = False, progress: bool = True) -> tuple[Tensor, Tensor]:
+                           amp: bool | torch.dtype | None = False, progress: bool = True) -> tuple[Tensor, Tensor]:
     """L2-normalised image embeddings of every readable item of `dataset`.
 
     Args:
@@ -282,7 +276,7 @@ def extract_image_features(model, dataset, *, batch_size: int = 256, device="cpu
         batch_size: images per forward (default 256).
         device: where the forward runs (default "cpu").
         num_workers: DataLoader worker processes (default 0: in-process).
-        amp: bf16 autocast on CUDA (default False; ignored on CPU).
+        amp: autocast dtype on CUDA (default False: none; True: bf16; ignored on CPU).
         progress: show a tqdm bar (default True).
 
     Returns:
@@ -291,6 +285,8 @@ def extract_image_features(model, dataset, *, batch_size: int = 256, device="cpu
         Unreadable items are skipped.
     """
     from tqdm.auto import tqdm
+
+    from clipstudy.data import collate_skip_none
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -301,9 +297,9 @@ def extract_image_features(model, dataset, *, batch_size: int = 256, device="cpu
     features, ids = [], []
     with _eval_mode(model), torch.inference_mode():
         for batch in tqdm(loader, desc="image features", disable=not progress, leave=False):
-            if batch is None:
-                continue
             images, batch_ids = batch
+            if batch_ids.numel() == 0:  # every image of the batch was unreadable
+                continue
             with _autocast(device, amp):
                 embedded = model.encode_image(images.to(device, non_blocking=True))
             features.append(F.normalize(embedded.float(), dim=-1).cpu())
@@ -314,7 +310,7 @@ def extract_image_features(model, dataset, *, batch_size: int = 256, device="cpu
 
 
 def extract_text_features(model, tokenizer, texts: Sequence[str], *, batch_size: int = 256, max_length: int = 30,
-                          device="cpu", amp: bool = False) -> Tensor:
+                          device="cpu", amp: bool | torch.dtype | None = False) -> Tensor:
     """L2-normalised text embeddings, float32 ``[len(texts), D]`` on CPU.
 
     Args:
@@ -326,7 +322,7 @@ def extract_text_features(model, tokenizer, texts: Sequence[str], *, batch_size:
         batch_size: texts per forward (default 256).
         max_length: token length after padding/truncation (default 30, the study's).
         device: where the forward runs (default "cpu").
-        amp: bf16 autocast on CUDA (default False; ignored on CPU).
+        amp: autocast dtype on CUDA (default False: none; True: bf16; ignored on CPU).
     """
     texts = list(texts)
     if not texts:
@@ -350,7 +346,7 @@ def extract_text_features(model, tokenizer, texts: Sequence[str], *, batch_size:
 # --------------------------------------------------------------------------
 
 def evaluate_retrieval(model, tokenizer, dataset, *, batch_size: int = 256, text_batch_size: int = 1024,
-                       max_length: int = 30, device="cpu", num_workers: int = 0, amp: bool = False,
+                       max_length: int = 30, device="cpu", num_workers: int = 0, amp: bool | torch.dtype | None = False,
                        progress: bool = True, chunk_size: int | None = None) -> dict[str, float]:
     """Image <-> text retrieval scores of `model` on a retrieval set.
 
@@ -407,7 +403,7 @@ def evaluate_retrieval(model, tokenizer, dataset, *, batch_size: int = 256, text
 # --------------------------------------------------------------------------
 
 def zeroshot_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], *,
-                        max_length: int = 30, batch_size: int = 1024, device="cpu", amp: bool = False) -> Tensor:
+                        max_length: int = 30, batch_size: int = 1024, device="cpu", amp: bool | torch.dtype | None = False) -> Tensor:
     """Zero-shot classifier weights, float32 ``[D, n_classes]`` on CPU.
 
     Class c's weight is ``normalise(mean_t normalise(embed(template_t.format(c))))``
@@ -474,7 +470,7 @@ def zeroshot_metrics(image_features: Tensor, labels, classifier: Tensor, *,
 
 
 def evaluate_zeroshot(model, tokenizer, dataset, *, batch_size: int = 256, text_batch_size: int = 1024,
-                      max_length: int = 30, device="cpu", num_workers: int = 0, amp: bool = False,
+                      max_length: int = 30, device="cpu", num_workers: int = 0, amp: bool | torch.dtype | None = False,
                       progress: bool = True, chunk_size: int | None = None) -> dict[str, float]:
     """Zero-shot top-1/top-5 of `model` on a labelled image set.
 

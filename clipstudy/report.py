@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-ANALYSIS_NOTEBOOK = REPO_ROOT / "notebooks" / "analysis.ipynb"
+from clipstudy import paths, records
 
-METRICS = ["txt_r1", "img_r1", "zeroshot_top1", "average"]
+METRICS = list(records.HEADLINE)
 METRIC_NAMES = {"txt_r1": "TR@1", "img_r1": "IR@1", "zeroshot_top1": "ACC@1", "average": "Average"}
 OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD", "adam": "Adam", "adam-nol2": "Adam (no L2)",
                    "sgd-lr0.05": "SGD (lr 0.05, clip 1)"}
@@ -51,11 +50,8 @@ def published_table() -> pd.DataFrame:
 def collect_runs(runs_root: str | Path) -> pd.DataFrame:
     """One row per run directory under ``runs_root`` that has a ``metrics.json``."""
     rows = []
-    for metrics_file in sorted(Path(runs_root).glob("*/metrics.json")):
-        try:
-            m = json.loads(metrics_file.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            m = {"status": "failed", "error": f"unreadable metrics.json: {err}"}
+    for metrics_file in sorted(Path(runs_root).glob(f"*/{records.METRICS_FILE}")):
+        m = records.read_metrics(metrics_file.parent) or {}
         row = {col: m.get(col) for col in RESULT_COLUMNS}
         row["run_dir"] = str(metrics_file.parent)
         if row["optimizer"] is None or row["loss"] is None:  # fall back to the directory name
@@ -153,11 +149,11 @@ def chance_levels_for(runs_root: str | Path) -> dict:
             cfg = json.loads(cfg_file.read_text())["config"]
             from clipstudy.config import make_config
 
-            paths = make_config(cfg["profile"], **{k: v for k, v in cfg.items() if k != "profile"}).resolved_paths()
-            entries = json.loads(Path(paths["retrieval_ann"]).read_text())
+            data_paths = make_config(cfg["profile"], **{k: v for k, v in cfg.items() if k != "profile"}).resolved_paths()
+            entries = json.loads(Path(data_paths["retrieval_ann"]).read_text())
             txt2img = [i for i, e in enumerate(entries)
                        for _ in (e["caption"] if isinstance(e["caption"], list) else [e["caption"]])]
-            n_classes = sum(1 for p in Path(paths["zeroshot_images"]).iterdir() if p.is_dir())
+            n_classes = sum(1 for p in Path(data_paths["zeroshot_images"]).iterdir() if p.is_dir())
             return chance_levels(txt2img, len(entries), n_classes)
         except Exception:  # a run from another machine may point to data that is not here
             continue
@@ -297,7 +293,7 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
 
 
 # ---------------------------------------------------------------------- CLI
-def render(profile: str, runs_root: Path, out_dir: Path, *, notebook: Path = ANALYSIS_NOTEBOOK) -> Path:
+def render(profile: str, runs_root: Path, out_dir: Path, *, notebook: Path | None = None) -> Path:
     """Execute the analysis notebook and render it to HTML without code; return the HTML path."""
     import nbformat
     from nbconvert import HTMLExporter
@@ -306,7 +302,7 @@ def render(profile: str, runs_root: Path, out_dir: Path, *, notebook: Path = ANA
 
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / "analysis.ipynb"
-    execute_notebook(notebook, executed, {"profile": profile, "runs": str(runs_root.resolve()),
+    execute_notebook(notebook or paths.notebook("analysis.ipynb"), executed, {"profile": profile, "runs": str(runs_root.resolve()),
                                           "out_dir": str(out_dir.resolve())})
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
@@ -322,8 +318,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runs", default=None, help="runs folder (default reports/runs/<profile>)")
     parser.add_argument("--out", default=None, help="output folder (default reports/<profile>)")
     args = parser.parse_args(argv)
-    runs = Path(args.runs) if args.runs else REPO_ROOT / "reports" / "runs" / args.profile
-    out = Path(args.out) if args.out else REPO_ROOT / "reports" / args.profile
+    try:
+        runs = Path(args.runs) if args.runs else paths.runs_dir(args.profile)
+        out = Path(args.out) if args.out else paths.reports_dir(args.profile)
+    except paths.ProjectRootNotFound as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not runs.is_dir() or not any(runs.glob("*/metrics.json")):
         print(f"error: no finished runs under {runs}; run `make sweep PROFILE={args.profile}` "
               "(or `make demo`) first", file=sys.stderr)

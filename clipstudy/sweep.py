@@ -11,7 +11,6 @@ same cell twice.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import queue
 import sys
@@ -20,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clipstudy import paths, records
 from clipstudy.checkpoint import SWEEP_LOCK_NAME, CellBusy, cell_lock, checkpoint_paths, is_locked
 from clipstudy.config import FIELDS, PROFILES, ConfigError, cell_name, make_config
 
@@ -29,8 +29,6 @@ DEFAULT_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
 VARIANTS: dict[str, dict] = {
     "adam-nol2": {"optimizer": "adam", "weight_decay": 0.0},  # Adam without its L2 penalty
 }
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TRAIN_NOTEBOOK = REPO_ROOT / "notebooks" / "train.ipynb"
 
 
 @dataclass
@@ -48,20 +46,16 @@ class Cell:
 
 def cell_state(out: Path) -> tuple[str, str]:
     """(state, detail) of a run directory: done, diverged, failed, running, partial or pending."""
-    metrics = out / "metrics.json"
     if is_locked(out) or is_locked(out, SWEEP_LOCK_NAME):
         return "running", "locked by a live process"
-    if metrics.is_file():
-        try:
-            m = json.loads(metrics.read_text())
-        except (OSError, json.JSONDecodeError):
-            m = {"status": "unreadable"}
+    m = records.read_metrics(out)
+    if m is not None:
         status = m.get("status")
-        if status == "completed":
+        if status == records.COMPLETED:
             return "done", f"average {m.get('average', float('nan')):.2f}" if "average" in m else "completed"
-        if status == "diverged":
+        if status == records.DIVERGED:
             return "diverged", f"at step {m.get('diverged_at_step')}"
-        if status == "failed":
+        if status == records.FAILED:
             return "failed", m.get("error", "")[:120]
     ckpts = checkpoint_paths(out / "checkpoints")
     if ckpts:
@@ -89,7 +83,7 @@ def plan_cells(profile: str, *, optimizers=DEFAULT_OPTIMIZERS, losses=DEFAULT_LO
     ``variants`` adds named optimizer variants to :data:`VARIANTS`.
     """
     known = {**VARIANTS, **(variants or {})}
-    root = Path(runs_root) if runs_root else REPO_ROOT / "reports" / "runs" / profile
+    root = Path(runs_root).resolve() if runs_root else paths.runs_dir(profile)
     overrides = dict(overrides or {})
     cells = []
     for label in optimizers:
@@ -127,7 +121,7 @@ def notebook_parameters(cell: Cell, device: str | None, threads: int | None) -> 
 
 
 def run_cell(cell: Cell, *, device: str | None = None, threads: int | None = None,
-             notebook: Path = TRAIN_NOTEBOOK) -> dict:
+             notebook: Path | None = None) -> dict:
     """Execute the training notebook for one cell; return its metrics (or the failure).
 
     The cell's sweep lock is held throughout, so a second sweep on the same
@@ -136,20 +130,12 @@ def run_cell(cell: Cell, *, device: str | None = None, threads: int | None = Non
     cell.out.mkdir(parents=True, exist_ok=True)
     try:
         with cell_lock(cell.out, SWEEP_LOCK_NAME):
-            if cell_state_unlocked(cell.out) in ("done", "diverged"):  # finished while we waited
-                metrics = json.loads((cell.out / "metrics.json").read_text())
+            metrics = records.read_metrics(cell.out)
+            if records.is_finished(metrics):  # finished while we waited
                 return {**metrics, "sweep_wall_s": 0.0, "skipped": True}
-            return _run_cell_locked(cell, device, threads, notebook)
+            return _run_cell_locked(cell, device, threads, notebook or paths.notebook("train.ipynb"))
     except CellBusy:
         return {"status": "busy", "cell": cell.name, "sweep_wall_s": 0.0}
-
-
-def cell_state_unlocked(out: Path) -> str:
-    metrics = out / "metrics.json"
-    try:
-        return {"completed": "done", "diverged": "diverged"}.get(json.loads(metrics.read_text()).get("status"), "")
-    except (OSError, json.JSONDecodeError):
-        return ""
 
 
 def local_socket_kernel_manager(folder: str):
@@ -171,7 +157,8 @@ def local_socket_kernel_manager(folder: str):
 def execute_notebook(notebook: Path, output: Path, parameters: dict, **kwargs) -> None:
     """Run ``notebook`` with papermill into ``output`` as clipstudy does everywhere.
 
-    The kernel runs from the repository root and talks over Unix sockets in a
+    The kernel runs from the project root (the output's folder for an installed
+    clipstudy; no path depends on it) and talks over Unix sockets in a
     private temporary folder (:func:`local_socket_kernel_manager`); other keyword
     arguments go to ``papermill.execute_notebook``.
     """
@@ -184,10 +171,15 @@ def execute_notebook(notebook: Path, output: Path, parameters: dict, **kwargs) -
     sockets = tempfile.mkdtemp(prefix="clipstudy-kernel-")
     try:
         papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name="python3",
-                                   progress_bar=False, cwd=str(REPO_ROOT),
+                                   progress_bar=False, cwd=str(_kernel_directory(output)),
                                    kernel_manager_class=local_socket_kernel_manager(sockets), **kwargs)
     finally:
         shutil.rmtree(sockets, ignore_errors=True)
+
+
+def _kernel_directory(output: Path) -> Path:
+    root = paths.checkout_root()
+    return root if root is not None else Path(output).resolve().parent
 
 
 def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
@@ -201,16 +193,14 @@ def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
                          shutdown_kernel="immediate")
     except Exception as err:  # papermill wraps the notebook's exception
         error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
-    metrics = {}
-    if (cell.out / "metrics.json").is_file():
-        metrics = json.loads((cell.out / "metrics.json").read_text())
-    if error and metrics.get("status") not in ("failed", "completed", "diverged"):
+    metrics = records.read_metrics(cell.out) or {}
+    if error and metrics.get("status") not in (records.FAILED, *records.FINISHED):
         # the notebook failed before train() could record it (e.g. a bad parameter); a result
         # train() finished before the kernel went down is kept, never overwritten as failed
-        metrics = {"status": "failed", "error": error, "cell": cell.name}
-        from clipstudy.checkpoint import write_json
-        write_json(cell.out / "metrics.json", {**metrics, "optimizer": cell.label, "loss": cell.loss,
-                                               "seed": cell.seed, "profile": cell.params["profile"]})
+        metrics = records.failure_metrics(
+            cell=cell.name, profile=cell.params["profile"], optimizer=cell.label,
+            base_optimizer=cell.params.get("optimizer", cell.label), loss=cell.loss, seed=cell.seed, error=error)
+        records.write_metrics(cell.out, metrics)
     metrics["sweep_wall_s"] = time.perf_counter() - started
     return metrics
 
@@ -221,7 +211,7 @@ def summary_line(cell: Cell, metrics: dict) -> str:
     if metrics.get("skipped"):  # another sweep finished it while this one waited for it
         return f"{cell.name:<28} skipped (done by another sweep)"
     if status == "completed":
-        scores = " ".join(f"{k}={metrics[k]:.2f}" for k in ("txt_r1", "img_r1", "zeroshot_top1", "average")
+        scores = " ".join(f"{k}={metrics[k]:.2f}" for k in records.HEADLINE
                           if isinstance(metrics.get(k), (int, float)))
         return f"{cell.name:<28} completed  {scores}  ({wall:.0f}s)"
     if status == "diverged":
@@ -241,7 +231,7 @@ def run_sweep(cells: list[Cell], *, jobs: int = 1, progress: bool = True) -> dic
         state, detail = cell_state(cell.out)
         if state in ("done", "diverged"):
             print(f"{cell.name:<28} skipped ({state}{': ' + detail if detail else ''})", flush=True)
-            results[cell.name] = json.loads((cell.out / "metrics.json").read_text())
+            results[cell.name] = records.read_metrics(cell.out)
         elif state == "running":
             print(f"{cell.name:<28} skipped (running in another process)", flush=True)
         else:
@@ -307,8 +297,6 @@ def main(argv: list[str]) -> int:
                 raise ConfigError(f"--set: unknown config field {name!r}")
         if args.data:
             overrides["data"] = str(Path(args.data).resolve())
-        elif args.profile in ("demo", "smoke"):
-            overrides.setdefault("data", str((REPO_ROOT / "data" / "demo").resolve()))
         variants = {}
         for spec in args.variant:
             name, _, rest = spec.partition("=")
@@ -324,7 +312,7 @@ def main(argv: list[str]) -> int:
                            losses=[x for x in args.losses.split(",") if x],
                            seeds=[_number(s, "--seeds", int) for s in args.seeds.split(",") if s], lr=lr,
                            overrides=overrides, variants=variants, runs_root=args.runs)
-    except (ConfigError, ValueError) as err:
+    except (ConfigError, ValueError, paths.ProjectRootNotFound) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if cells and not args.dry_run:

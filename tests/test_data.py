@@ -352,7 +352,7 @@ def test_collate_skip_none():
 
 
 def test_decoded_image_cache_reads_each_file_once_and_retries_unreadable(tmp_path, monkeypatch):
-    import clipstudy.data as data_mod
+    import clipstudy.images as images_mod  # where the data sets' ImageReader reads
 
     for i in range(3):
         save(Image.new("RGB", (8, 8), (40 * i, 0, 0)), tmp_path / "img" / f"{i}.png")
@@ -360,8 +360,8 @@ def test_decoded_image_cache_reads_each_file_once_and_retries_unreadable(tmp_pat
     ann = tmp_path / "train.json"
     ann.write_text(json.dumps([{"image": f"{i}.png", "caption": "c", "image_id": i} for i in range(3)]))
     reads = []
-    real = data_mod.load_rgb_image
-    monkeypatch.setattr(data_mod, "load_rgb_image", lambda path: reads.append(str(path)) or real(path))
+    real = images_mod.load_rgb_image
+    monkeypatch.setattr(images_mod, "load_rgb_image", lambda path: reads.append(str(path)) or real(path))
 
     cached = TrainPairs(ann, tmp_path / "img", to_tensor, cache_images=True)
     disk = TrainPairs(ann, tmp_path / "img", to_tensor)

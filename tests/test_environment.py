@@ -179,7 +179,7 @@ def test_report_flags_runs_made_with_different_environments(tmp_path):
 
 
 def test_runs_record_the_lock_digest_beside_the_versions():
-    from clipstudy.train import package_versions
+    from clipstudy.records import package_versions
 
     versions = package_versions()
     assert versions["lock_sha256"] == hashlib.sha256((ROOT / "requirements" / "lock.txt").read_bytes()).hexdigest()

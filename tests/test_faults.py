@@ -28,6 +28,7 @@ import pandas as pd
 import pytest
 import torch
 
+import clipstudy.cli as cli_mod
 import clipstudy.train as train_mod
 from clipstudy.checkdata import check_data, main as check_data_main
 from clipstudy.checkpoint import (SWEEP_LOCK_NAME, CheckpointWriteError, checkpoint_paths, is_locked,
@@ -248,7 +249,7 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(reference_run, demo_da
 def test_checkpoint_write_error_through_the_cli(demo_data_dir, tmp_path, monkeypatch, capsys):
     fake, _ = failing("fsync", ".ckpt-", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     monkeypatch.setattr(os, "fsync", fake)
-    code = train_mod.main(["--profile", "smoke", "--data", str(demo_data_dir), "--out", str(tmp_path / "run"),
+    code = cli_mod.train_main(["--profile", "smoke", "--data", str(demo_data_dir), "--out", str(tmp_path / "run"),
                            "--epochs", "1", "--threads", "1", "--no-progress"])
     err = capsys.readouterr().err
     line = error_line(err)
@@ -264,7 +265,7 @@ def test_run_directory_that_cannot_be_created(demo_data_dir, tmp_path, capsys):
         with pytest.raises(ConfigError, match="'out'") as caught:
             train(smoke(demo_data_dir, out), progress=False)
         assert str(out) in str(caught.value) and "choose a folder you can write to" in str(caught.value)
-    code = train_mod.main(["--profile", "smoke", "--data", str(demo_data_dir), "--out", str(blocker / "run"),
+    code = cli_mod.train_main(["--profile", "smoke", "--data", str(demo_data_dir), "--out", str(blocker / "run"),
                            "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and str(blocker / "run") in err and "Traceback" not in err
@@ -307,7 +308,7 @@ def test_training_set_without_a_readable_image(demo_data_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "NOT USABLE" in out and f"unreadable: {len(entries)}" in out
 
-    code = train_mod.main(["--profile", "smoke", "--data", str(data), "--out", str(tmp_path / "cli"),
+    code = cli_mod.train_main(["--profile", "smoke", "--data", str(data), "--out", str(tmp_path / "cli"),
                            "--threads", "1", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
@@ -413,7 +414,7 @@ def test_image_path_climbing_out_is_rejected_by_train(demo_data_dir, tmp_path, c
     entries = json.loads((data / "train.json").read_text())
     entries[7]["image"] = "../../" + entries[7]["image"]
     (data / "train.json").write_text(json.dumps(entries))
-    code = train_mod.main(["--profile", "smoke", "--data", str(data), "--out", str(tmp_path / "run"),
+    code = cli_mod.train_main(["--profile", "smoke", "--data", str(data), "--out", str(tmp_path / "run"),
                            "--no-progress"])
     err = capsys.readouterr().err
     line = error_line(err)
@@ -436,7 +437,7 @@ def test_image_path_climbing_out_is_rejected_by_train(demo_data_dir, tmp_path, c
 ])
 def test_train_cli_rejects_bad_parameters(demo_data_dir, tmp_path, capsys, args, names):
     run = tmp_path / "run"
-    code = train_mod.main(["--profile", "smoke", "--data", str(demo_data_dir), "--out", str(run), "--no-progress",
+    code = cli_mod.train_main(["--profile", "smoke", "--data", str(demo_data_dir), "--out", str(run), "--no-progress",
                            *args])
     err = capsys.readouterr().err
     line = error_line(err)
@@ -452,7 +453,7 @@ def test_train_cli_rejects_bad_parameters(demo_data_dir, tmp_path, capsys, args,
 ])
 def test_train_cli_rejects_unknown_choices_and_flags(capsys, args, names):
     with pytest.raises(SystemExit) as caught:
-        train_mod.main(args)
+        cli_mod.train_main(args)
     err = capsys.readouterr().err
     assert caught.value.code == 2
     for name in names:
@@ -489,7 +490,7 @@ def test_sweep_cli_rejects_unknown_profile(capsys):
 
 def test_evaluate_and_report_cli_name_the_missing_run(tmp_path, capsys):
     from clipstudy.report import main as report_main
-    from clipstudy.train import evaluate_main
+    from clipstudy.cli import evaluate_main
 
     assert evaluate_main(["--run", str(tmp_path / "nowhere")]) == 2
     assert str(tmp_path / "nowhere") in capsys.readouterr().err
