@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from clipstudy import __version__
 from clipstudy.checkpoint import (CellBusy, atomic_write_text, cell_lock, load_latest, remove_stale_temporaries,
                                   save_checkpoint, write_json)
+from clipstudy.tensorboard_log import TensorBoardLog
 from clipstudy.config import (ConfigError, RunConfig, add_config_arguments, make_config,
                               overrides_from_args, PROFILES)
 
@@ -374,7 +375,8 @@ def restore_state(run: Run, state: dict) -> None:
     set_rng_state(state["rng"])
 
 
-TRAINING_FIELDS_THAT_MAY_CHANGE_ON_RESUME = {"out", "num_workers", "threads", "device", "log_every", "cache_images"}
+TRAINING_FIELDS_THAT_MAY_CHANGE_ON_RESUME = {"out", "num_workers", "threads", "device", "log_every", "cache_images",
+                                              "tensorboard"}
 
 
 def check_resume_compatible(config: RunConfig, saved_json: str, path: Path) -> None:
@@ -488,6 +490,7 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
                 return done
 
     from clipstudy.data import DataError, make_collate
+    board = TensorBoardLog(out, enabled=is_main and config.tensorboard, resume_step=global_step)
 
     train_items = SeededSamples(run.train_set, config.seed)
     collate = make_collate(run.tokenizer, max_length=config.max_length)
@@ -547,6 +550,7 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
                            "step_time": step_time}
                     row.update({k: float(v) for k, v in run.loss.extra_metrics().items()})
                     history.append(row)
+                    board.history_row(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
                                 sps=f"{n / max(step_time + data_time, 1e-9):.0f}", refresh=False)
@@ -572,6 +576,7 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
                 metrics = evaluate_run(run)
                 epochs.append({"epoch": epoch, "step": global_step, **metrics,
                                "eval_time": time.perf_counter() - t_eval})
+                board.epoch_row(epochs[-1])
                 tqdm.write(f"epoch {epoch}: " + ", ".join(
                     f"{k}={metrics[k]:.2f}" for k in ("txt_r1", "img_r1", "zeroshot_top1", "average") if k in metrics),
                     file=sys.stderr) if progress else None
@@ -579,6 +584,7 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
                 torch.distributed.barrier()
             save(epoch, 0)
     bar.close()
+    board.close()
     if status == STATUS_INTERRUPTED:
         if world_size > 1:
             torch.distributed.destroy_process_group()
