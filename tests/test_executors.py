@@ -190,3 +190,84 @@ def test_local_executor_two_cells_then_the_report(demo_data_dir, tmp_path, capsy
     html = report.render("smoke", runs, tmp_path / "report")
     assert "Adamw" in html.read_text() or "AdamW" in html.read_text()
     assert len(report.collect_runs(runs)) == 2
+
+
+def resumed_step(run: Path) -> int:
+    """The step the executed notebook says training resumed from (the line train() prints on resume)."""
+    found = re.findall(r"resumed from \S+ \(epoch \d+, batch \d+, step (\d+)\)", (run / "train.ipynb").read_text())
+    assert found, f"{run.name} did not resume: no 'resumed from' line in its notebook"
+    return int(found[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_local_cell_killed_mid_run_resumes_on_resubmission(demo_data_dir, tmp_path):
+    from test_faults import completed, has_full_checkpoint, kill_everything, start_sweep, wait_for
+
+    from clipstudy.checkpoint import load_latest
+
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "clipstudy", "sweep", *sweep_args(demo_data_dir, runs, "clip", "--executor", "local")]
+    cell = runs / "adamw-clip-s0"
+    log = tmp_path / "sweep.log"
+    proc = start_sweep(cmd, log)
+    wait_for(lambda: has_full_checkpoint(cell), proc, log)
+    kill_everything(proc)  # the sweep, submitit's controller, the task and the kernel, all with kill -9
+    assert not completed(cell), "the cell finished before the kill; nothing was interrupted"
+    _, newest, _ = load_latest(cell / "checkpoints")
+    saved_step = int(re.search(r"(\d+)", newest.name).group(1))
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+    assert again.returncode == 0 and re.search(r"adamw-clip-s0\s+completed", again.stdout), again.stdout + again.stderr
+    assert 0 < resumed_step(cell) == saved_step
+    assert comparable(json.loads((cell / "metrics.json").read_text())) == comparable(
+        reference(demo_data_dir, tmp_path / "reference"))
+    assert history_losses(cell) == history_losses(tmp_path / "reference")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_preempted_local_job_checkpoints_is_requeued_and_resumes(demo_data_dir, tmp_path):
+    """USR2, the signal Slurm sends before a time limit or on preemption (submitit's local executor sends it too),
+    reaches the task: submitit calls CellTask.checkpoint, training checkpoints, the job is requeued and resumes."""
+    import signal
+
+    from test_faults import has_full_checkpoint
+
+    runs = tmp_path / "runs"
+    (cell,) = plan_cells("smoke", optimizers=["adamw"], losses=["clip"],
+                         overrides={"data": str(demo_data_dir), **SHORT, "epochs": 5}, runs_root=runs)
+    (job,) = executors.submit_cells("local", [cell], executors.Resources(time_min=30), runs / ".submitit")
+    deadline = time.time() + 600
+    while not has_full_checkpoint(cell.out) and not job.done() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not job.done(), "the job ended before it could be preempted"
+    tasks = executors.child_pids(int(job.job_id))  # submitit's controller -> the task running CellTask
+    assert len(tasks) == 1
+    os.kill(tasks[0], signal.SIGUSR2)
+    metrics = job.results()[0]
+    assert metrics["status"] == "completed", metrics
+    assert "Requeued job" in Path(job.paths.stderr).read_text() + Path(job.paths.stdout).read_text()
+    assert resumed_step(cell.out) > 0
+    assert comparable(metrics) == comparable(reference(demo_data_dir, tmp_path / "reference", epochs=5))
+    assert history_losses(cell.out) == history_losses(tmp_path / "reference")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("executor", ["local", "inline"])
+def test_two_process_ddp_cell(demo_data_dir, tmp_path, capsys, executor):
+    """--procs-per-node 2 on a CPU: two gloo ranks (local: submitit tasks + TorchDistributedEnvironment;
+    inline: torchrun); rank 0 runs the notebook; the cell equals one process on the global batch."""
+    runs = tmp_path / "runs"
+    args = sweep_args(demo_data_dir, runs, "sogclr", "--executor", executor, "--procs-per-node", "2",
+                      "--set", "small_resnet_norm=group", "--set", "epochs=1")
+    assert sweep_main(args) == 0
+    assert re.search(r"adamw-sogclr-s0\s+completed", capsys.readouterr().out)
+    cell = runs / "adamw-sogclr-s0"
+    assert json.loads((cell / "config.json").read_text())["world_size"] == 2
+    assert (cell / "train.ipynb").is_file() and list(cell.glob("events.out.tfevents.*"))
+    one = reference(demo_data_dir, tmp_path / "one", loss="sogclr", epochs=1, small_resnet_norm="group")
+    two = json.loads((cell / "metrics.json").read_text())
+    assert history_losses(cell) == pytest.approx(history_losses(tmp_path / "one"), rel=1e-4, abs=1e-5)
+    for key in ("txt_r1", "img_r1", "zeroshot_top1"):
+        assert two[key] == pytest.approx(one[key], abs=1e-6)
