@@ -83,7 +83,8 @@ class CellTask:
     """One sweep cell as a submitit callable (picklable; a requeued job calls it again)."""
 
     def __init__(self, cell, device: str | None = None, threads: int | None = None):
-        self.cell, self.device, self.threads = cell, device, threads
+        # threads set for the cell (--set threads=N) win over the executor's share of the cores
+        self.cell, self.device, self.threads = cell, device, None if cell.params.get("threads") else threads
 
     def __call__(self) -> dict:
         from clipstudy.sweep import run_cell
