@@ -99,10 +99,15 @@ def ddp_two_steps(config, out: Path, gpus: int, allow_cpu: bool) -> dict:
     """Two optimizer steps of a 2-process DDP run through torchrun (NCCL on GPUs; gloo on a CPU if allowed)."""
     if gpus < 2 and not allow_cpu:
         return {"skipped": f"needs 2+ GPUs (found {gpus})"}
+    # training ends with an evaluation: a few training pairs serve as its retrieval set
+    pairs = json.loads(Path(config.train_ann).read_text())[:8]
+    retrieval = out.parent / "retrieval.json"
+    retrieval.write_text(json.dumps([{"image": p["image"], "caption": [p["caption"]]} for p in pairs]))
     fields = {"train_ann": config.train_ann, "train_images": config.train_images, "tokenizer": config.tokenizer,
               "pretrained": "false", "image_size": config.image_size, "batch_size": 2 * min(config.batch_size, 64),
               "max_steps": 2, "epochs": 1, "amp": config.amp, "num_workers": 2, "out": str(out),
-              "device": "auto" if gpus >= 2 else "cpu"}
+              "device": "auto" if gpus >= 2 else "cpu",
+              "retrieval_ann": str(retrieval), "retrieval_images": config.train_images}
     if config.image_encoder != "resnet50":
         fields.update(image_encoder=config.image_encoder, text_encoder=config.text_encoder,
                       small_resnet_widths=json.dumps(config.small_resnet_widths), text_dim=config.text_dim,
@@ -117,7 +122,7 @@ def ddp_two_steps(config, out: Path, gpus: int, allow_cpu: bool) -> dict:
         result["world_size"] = json.loads((out / "config.json").read_text())["world_size"]
         result["global_step"] = json.loads((out / "metrics.json").read_text())["global_step"]
     else:
-        result["error"] = done.stderr[-1500:]
+        result["error"] = "\n".join(line for line in done.stderr.splitlines() if "error" in line.lower())[-1500:]
     return result
 
 
