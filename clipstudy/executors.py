@@ -98,7 +98,9 @@ class CellTask:
         """Called by submitit on preemption or time-out: checkpoint now, then be requeued as is."""
         from submitit.helpers import DelayedSubmission
 
-        stop_kernels(self.cell.out)
+        from submitit import JobEnvironment
+
+        stop_kernels(self.cell.out, grace_s=60.0 if JobEnvironment().cluster == "slurm" else 0.0)
         return DelayedSubmission(CellTask(self.cell, self.device, self.threads))
 
 
@@ -126,12 +128,20 @@ def child_pids(pid: int) -> list[int]:
     return found
 
 
-def stop_kernels(out: Path, timeout_s: float = 60.0) -> None:
-    """SIGTERM this process's children (the training kernel) and wait until the cell's lock is released.
+def stop_kernels(out: Path, *, grace_s: float = 0.0, timeout_s: float = 60.0) -> None:
+    """Have the training kernel checkpoint and stop; return once the cell's lock is released.
 
-    Training turns SIGTERM into a checkpoint after the current step and then
-    lets go of the run directory's lock, which is what is waited for.
+    On Slurm every process of the job step gets USR2, the kernel included, and
+    training stops on it by itself: wait ``grace_s`` for that first, since a
+    second signal would interrupt the checkpoint it is writing. Then (and at
+    once under the local executor, which signals only the task) SIGTERM this
+    process's children, the kernel papermill started.
     """
+    deadline = time.time() + grace_s
+    while is_locked(out, LOCK_NAME) and time.time() < deadline:
+        time.sleep(0.2)
+    if not is_locked(out, LOCK_NAME):
+        return
     for pid in child_pids(os.getpid()):
         try:
             os.kill(pid, signal.SIGTERM)
