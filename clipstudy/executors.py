@@ -100,7 +100,8 @@ class CellTask:
 
         from submitit import JobEnvironment
 
-        stop_kernels(self.cell.out, grace_s=60.0 if JobEnvironment().cluster == "slurm" else 0.0)
+        # within the 90 s between Slurm's USR2 and its kill: up to 30 s for the kernel alone, 40 s after SIGTERM
+        stop_kernels(self.cell.out, grace_s=30.0 if JobEnvironment().cluster == "slurm" else 0.0, timeout_s=40.0)
         return DelayedSubmission(CellTask(self.cell, self.device, self.threads))
 
 
@@ -141,6 +142,7 @@ def stop_kernels(out: Path, *, grace_s: float = 0.0, timeout_s: float = 60.0) ->
     while is_locked(out, LOCK_NAME) and time.time() < deadline:
         time.sleep(0.2)
     if not is_locked(out, LOCK_NAME):
+        print(f"{out.name}: training checkpointed and stopped on the scheduler's signal; requeuing", flush=True)
         return
     for pid in child_pids(os.getpid()):
         try:
@@ -150,6 +152,8 @@ def stop_kernels(out: Path, *, grace_s: float = 0.0, timeout_s: float = 60.0) ->
     deadline = time.time() + timeout_s
     while is_locked(out, LOCK_NAME) and time.time() < deadline:
         time.sleep(0.2)
+    print(f"{out.name}: " + ("training still running after SIGTERM; requeued anyway" if is_locked(out, LOCK_NAME)
+                             else "training checkpointed and stopped; requeuing"), flush=True)
 
 
 # ------------------------------------------------------------ the executors
