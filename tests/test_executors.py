@@ -170,6 +170,7 @@ def test_slurm_options_are_checked_before_submitting(demo_data_dir, tmp_path, fa
 
 # ===================================================================== the local executor
 @pytest.mark.slow
+@pytest.mark.faults  # excluded from the default run like the other slow end-to-end tests: `make test-faults`
 @pytest.mark.timeout(900)
 def test_local_executor_two_cells_then_the_report(demo_data_dir, tmp_path, capsys):
     from clipstudy import report
@@ -200,6 +201,7 @@ def resumed_step(run: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.faults  # excluded from the default run like the other slow end-to-end tests: `make test-faults`
 @pytest.mark.timeout(900)
 def test_local_cell_killed_mid_run_resumes_on_resubmission(demo_data_dir, tmp_path):
     from test_faults import completed, has_full_checkpoint, kill_everything, start_sweep, wait_for
@@ -225,6 +227,7 @@ def test_local_cell_killed_mid_run_resumes_on_resubmission(demo_data_dir, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.faults  # excluded from the default run like the other slow end-to-end tests: `make test-faults`
 @pytest.mark.timeout(900)
 def test_preempted_local_job_checkpoints_is_requeued_and_resumes(demo_data_dir, tmp_path):
     """USR2, the signal Slurm sends before a time limit or on preemption (submitit's local executor sends it too),
@@ -255,6 +258,7 @@ def test_preempted_local_job_checkpoints_is_requeued_and_resumes(demo_data_dir, 
 
 
 @pytest.mark.slow
+@pytest.mark.faults  # excluded from the default run like the other slow end-to-end tests: `make test-faults`
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("executor", ["local", "inline"])
 def test_two_process_ddp_cell(demo_data_dir, tmp_path, capsys, executor):

@@ -36,6 +36,7 @@ def test_gpu_check_tiny_on_cpu_writes_one_json_and_says_it_needs_a_gpu(tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.faults  # excluded from the default run like the other slow end-to-end tests: `make test-faults`
 @pytest.mark.timeout(600)
 def test_gpu_check_ddp_part_runs_two_ranks(tmp_path):
     """The 2-process part, on gloo here (NCCL on 2+ GPUs): the same torchrun command trains two steps."""
