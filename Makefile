@@ -12,8 +12,11 @@ DEMO_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 DEMO_DATA ?= data/demo
 SWEEP_ARGS ?=
 LOCK_ARGS ?=
+# where sweep cells run: inline (this process), local (submitit subprocesses) or slurm (one job array)
+EXECUTOR ?= inline
+TB_PORT ?= 6006
 
-.PHONY: setup lock test test-faults demo demo-data sweep report bench lab clean
+.PHONY: setup lock test test-faults demo demo-data sweep report bench gpu-check tensorboard lab clean
 
 setup: $(STAMP)
 
@@ -56,13 +59,21 @@ demo: demo-data
 	$(PY) -m clipstudy report --profile demo
 
 sweep: setup
-	$(PY) -m clipstudy sweep --profile $(PROFILE) --jobs $(JOBS) $(SWEEP_ARGS)
+	$(PY) -m clipstudy sweep --profile $(PROFILE) --jobs $(JOBS) --executor $(EXECUTOR) $(SWEEP_ARGS)
 
 report: setup
 	$(PY) -m clipstudy report --profile $(PROFILE)
 
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+# One GPU, under 4 minutes: throughput, MFU, peak memory, loader vs GPU, retrieval eval, 2-GPU DDP.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
+
+# Every cell's event files (loss, lr, gradient norm, temperatures, per-epoch metrics), live.
+tensorboard: setup
+	$(VENV)/bin/tensorboard --logdir reports/runs --port $(TB_PORT)
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/

@@ -20,8 +20,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 log = logging.getLogger("clipstudy.checkpoint")
 CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -167,6 +165,8 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, keep: int = 2) -
     """
     import io
 
+    import torch  # here, not at the top: the sweep's job processes need this module's locks, not torch
+
     folder = Path(folder)
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -230,6 +230,8 @@ def load_verified(path: str | Path) -> dict:
     if actual != expected:
         raise CheckpointError(f"{path}: content does not match its sha256 (truncated or corrupted)")
     import io
+
+    import torch
 
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

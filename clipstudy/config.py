@@ -102,6 +102,7 @@ class RunConfig:
     deterministic: bool = True
     keep_checkpoints: int = 2
     log_every: int = 1                 # steps between history rows
+    tensorboard: bool = True           # TensorBoard event files beside history.csv (clipstudy.tensorboard_log)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -144,18 +144,28 @@ class RunLog:
     continues the same lists) and :meth:`flush` writes both files atomically.
     """
 
-    def __init__(self, run_dir: Path, history: list[dict] | None = None, epochs: list[dict] | None = None):
+    def __init__(self, run_dir: Path, history: list[dict] | None = None, epochs: list[dict] | None = None,
+                 board=None):
         self.run_dir = Path(run_dir)
         self.history = history if history is not None else []
         self.epochs = epochs if epochs is not None else []
+        self.board = board  # a TensorBoardLog (or None): the same rows as event files
 
     def log_step(self, row: dict) -> None:
         """One ``history.csv`` row: step, epoch, loss, lr, grad_norm, timings, loss extras."""
         self.history.append(row)
+        if self.board is not None:
+            self.board.history_row(row)
 
     def log_epoch(self, row: dict) -> None:
         """One ``epochs.csv`` row: epoch, step, every evaluation score, eval_time."""
         self.epochs.append(row)
+        if self.board is not None:
+            self.board.epoch_row(row)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
     def flush(self) -> None:
         write_csv(self.run_dir / "history.csv", self.history)

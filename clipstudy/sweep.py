@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipstudy import paths, records
+from clipstudy import executors, paths, records
 from clipstudy.checkpoint import SWEEP_LOCK_NAME, CellBusy, cell_lock, checkpoint_paths, is_locked
 from clipstudy.config import FIELDS, PROFILES, ConfigError, cell_name, make_config
 
@@ -221,11 +221,8 @@ def summary_line(cell: Cell, metrics: dict) -> str:
     return f"{cell.name:<28} FAILED: {metrics.get('error', '')}  ({wall:.0f}s)"
 
 
-def run_sweep(cells: list[Cell], *, jobs: int = 1, progress: bool = True) -> dict[str, dict]:
-    """Run every unfinished cell, ``jobs`` at a time; return cell name -> metrics."""
-    import torch
-    from tqdm.auto import tqdm
-
+def unfinished_cells(cells: list[Cell]) -> tuple[dict[str, dict], list[Cell]]:
+    """(metrics of the finished cells, the cells left to run); says why each skipped cell is skipped."""
     results, todo = {}, []
     for cell in cells:
         state, detail = cell_state(cell.out)
@@ -236,6 +233,15 @@ def run_sweep(cells: list[Cell], *, jobs: int = 1, progress: bool = True) -> dic
             print(f"{cell.name:<28} skipped (running in another process)", flush=True)
         else:
             todo.append(cell)
+    return results, todo
+
+
+def run_sweep(cells: list[Cell], *, jobs: int = 1, progress: bool = True) -> dict[str, dict]:
+    """Run every unfinished cell, ``jobs`` at a time; return cell name -> metrics."""
+    import torch
+    from tqdm.auto import tqdm
+
+    results, todo = unfinished_cells(cells)
     gpus = torch.cuda.device_count()
     devices: queue.Queue = queue.Queue()
     for slot in range(jobs):
@@ -287,6 +293,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runs", default=None, help="runs folder (default reports/runs/<profile>)")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "1")))
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+    executors.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         overrides = {}
@@ -308,6 +315,7 @@ def main(argv: list[str]) -> int:
                   if "=" in args.lr else _number(args.lr, "--lr", float))
         if args.jobs < 1:
             raise ConfigError("--jobs must be >= 1")
+        resources = executors.resources_from_args(args)
         cells = plan_cells(args.profile, optimizers=[o for o in args.optimizers.split(",") if o],
                            losses=[x for x in args.losses.split(",") if x],
                            seeds=[_number(s, "--seeds", int) for s in args.seeds.split(",") if s], lr=lr,
@@ -315,7 +323,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, ValueError, paths.ProjectRootNotFound) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if cells and not args.dry_run:
+    if cells and not (args.dry_run or args.status):
         root = cells[0].out.parent
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -323,6 +331,9 @@ def main(argv: list[str]) -> int:
             print(f"error: --runs {root}: cannot create the runs folder ({err.strerror or err}); "
                   "choose a folder you can write to", file=sys.stderr)
             return 2
+    if args.status:
+        executors.print_status(cells)
+        return 0
     if args.dry_run:
         for cell in cells:
             state, detail = cell_state(cell.out)
@@ -330,7 +341,15 @@ def main(argv: list[str]) -> int:
         print(f"{len(cells)} cells in {cells[0].out.parent if cells else '-'}")
         return 0
     t0 = time.perf_counter()
-    results = run_sweep(cells, jobs=args.jobs)
+    if args.executor == "inline" and resources.world_size == 1:
+        results = run_sweep(cells, jobs=args.jobs)
+    else:
+        results, todo = unfinished_cells(cells)
+        ran = executors.run_cells(args.executor, todo, resources, cells[0].out.parent if cells else Path(),
+                                  jobs=args.jobs, wait=args.wait)
+        if ran is None:  # submitted to Slurm, not waited for
+            return 0
+        results.update(ran)
     counts: dict[str, int] = {}
     for m in results.values():
         counts[m.get("status", "?")] = counts.get(m.get("status", "?"), 0) + 1

@@ -36,6 +36,7 @@ from clipstudy.distributed import unwrap_model
 from clipstudy.precision import autocast
 from clipstudy.runstate import StopRequest, capture_state, resume, seed_everything
 from clipstudy.sampling import SeededSamples, batches_keeping_rng, train_loader
+from clipstudy.tensorboard_log import TensorBoardLog
 
 log = logging.getLogger("clipstudy.train")
 
@@ -268,14 +269,16 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
     is_main = rank == 0
     point = resume(run, out, announce=is_main)  # refuses another format or configuration, writing nothing
     state = LoopState(session_start=time.perf_counter())
-    log_rows = records.RunLog(out)
+    history, epochs = [], []
     if point is not None:
         done = records.read_metrics(out)
         if records.is_finished(done) and done.get("global_step") == point.global_step:
             return done
         state.epoch, state.batch_in_epoch, state.global_step = point.epoch, point.batch_in_epoch, point.global_step
         state.elapsed = point.elapsed
-        log_rows = records.RunLog(out, point.history, point.epochs)
+        history, epochs = point.history, point.epochs
+    board = TensorBoardLog(out, enabled=is_main and config.tensorboard, resume_step=state.global_step)
+    log_rows = records.RunLog(out, history, epochs, board=board)
     if is_main:  # the checks passed: now the run may change its directory
         for stale in remove_stale_temporaries(out / "checkpoints") + remove_stale_temporaries(out):
             print(f"removed {stale.name}, left by an interrupted write", file=sys.stderr)
@@ -284,7 +287,10 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
         else:
             records.record_resume(out, config, device=run.device, world_size=world_size, command=sys.argv,
                                   when=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    train_epochs(run, state, log_rows, progress)
+    try:
+        train_epochs(run, state, log_rows, progress)
+    finally:
+        log_rows.close()
     if state.status == records.INTERRUPTED:
         if world_size > 1:
             torch.distributed.destroy_process_group()
