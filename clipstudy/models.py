@@ -119,17 +119,33 @@ def _resnet50_state_dict() -> dict:
 
 
 # ----------------------------------------------------------------- text towers
-class TextTower(nn.Module):
-    """A Hugging Face DistilBERT whose feature is the first ([CLS]) token's hidden state."""
+TEXT_POOLINGS = ("first", "mean")
 
-    def __init__(self, transformer: nn.Module):
+
+class TextTower(nn.Module):
+    """A Hugging Face DistilBERT pooled to one feature per caption.
+
+    ``pooling="first"`` takes the first ([CLS]) token's hidden state, as the
+    original code did; ``"mean"`` averages the hidden states of the caption's
+    tokens (padding excluded). Without a pretraining objective for [CLS]
+    (DistilBERT has none, and a random tower certainly not) the first token
+    barely depends on the caption, so mean pooling is the safer choice there.
+    """
+
+    def __init__(self, transformer: nn.Module, pooling: str = "first"):
         super().__init__()
+        if pooling not in TEXT_POOLINGS:
+            raise ValueError(f"text pooling {pooling!r}; choose one of {TEXT_POOLINGS}")
         self.transformer = transformer
+        self.pooling = pooling
         self.out_dim = transformer.config.dim
 
     def forward(self, input_ids, attention_mask):
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return hidden[:, 0]
+        if self.pooling == "first":
+            return hidden[:, 0]
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 def distilbert_location() -> str:
@@ -205,7 +221,7 @@ TEXT_ENCODERS = ("distilbert", "small_distilbert")
 def build_model(*, image_encoder: str = "resnet50", text_encoder: str = "distilbert",
                 embed_dim: int = 256, tokenizer_path: str | None = None, pretrained: bool = True,
                 small_resnet_widths=(32, 64, 128), small_resnet_blocks=(1, 1, 1), small_resnet_norm="batch",
-                text_dim: int = 128, text_layers: int = 2, max_length: int = 30):
+                text_dim: int = 128, text_layers: int = 2, max_length: int = 30, text_pooling: str = "first"):
     """Build ``(model, tokenizer)``.
 
     ``resnet50`` / ``distilbert`` are the paper towers (pretrained unless
@@ -236,7 +252,7 @@ def build_model(*, image_encoder: str = "resnet50", text_encoder: str = "distilb
                                        pad_token_id=tokenizer.pad_token_id or 0)
     else:
         raise ValueError(f"text_encoder={text_encoder!r}; choose one of {TEXT_ENCODERS}")
-    return DualEncoder(image_tower, TextTower(transformer), embed_dim), tokenizer
+    return DualEncoder(image_tower, TextTower(transformer, text_pooling), embed_dim), tokenizer
 
 
 # --------------------------------------------------------------- fetch-weights

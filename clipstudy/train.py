@@ -41,6 +41,8 @@ from clipstudy.checkpoint import (CellBusy, atomic_write_text, cell_lock, load_l
                                   save_checkpoint, write_json)
 from clipstudy.config import (ConfigError, RunConfig, add_config_arguments, make_config,
                               overrides_from_args, PROFILES)
+from clipstudy.diagnostics import start_end_summary, step_diagnostics
+from clipstudy.pretrain import load_pretrained_towers
 
 log = logging.getLogger("clipstudy.train")
 
@@ -261,7 +263,8 @@ def build_model_for(config: RunConfig):
                        pretrained=config.pretrained, small_resnet_widths=config.small_resnet_widths,
                        small_resnet_blocks=config.small_resnet_blocks,
                        small_resnet_norm=config.small_resnet_norm, text_dim=config.text_dim,
-                       text_layers=config.text_layers, max_length=config.max_length)
+                       text_layers=config.text_layers, max_length=config.max_length,
+                       text_pooling=config.text_pooling)
 
 
 def build_run(config: RunConfig, out: Path, rank: int = 0, world_size: int = 1) -> Run:
@@ -282,6 +285,7 @@ def build_run(config: RunConfig, out: Path, rank: int = 0, world_size: int = 1) 
                           f"({len(train_set)} pairs in {config.resolved_paths()['train_ann']}); lower batch_size")
     seed_everything(config.seed)  # same initial weights for every cell of a seed
     model, tokenizer = build_model_for(config)
+    load_pretrained_towers(model, config)  # hook (pretrain.py): demo towers' pretrained weights, built on first use
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -546,6 +550,7 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
                            "samples_per_s": n / max(step_time + data_time, 1e-9), "data_time": data_time,
                            "step_time": step_time}
                     row.update({k: float(v) for k, v in run.loss.extra_metrics().items()})
+                    row.update(step_diagnostics(run))  # hook (diagnostics.py): collapse figures of this step
                     history.append(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
@@ -597,6 +602,7 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
         "train_samples_per_s": samples_seen_this_session / session_train_time if session_train_time else None,
         "peak_memory_mb": peak_memory_mb(run.device),
         "skipped_images": skipped_images,
+        **start_end_summary(history),  # hook (diagnostics.py): collapse figures at the start and the end
         "git_commit": git_commit(),
     }
     if is_main:
@@ -637,6 +643,7 @@ def train_step(run: Run, batch: dict) -> tuple[float, float]:
                 else contextlib.nullcontext())
     with autocast:
         image_emb, text_emb = run.model(images, input_ids, attention_mask)
+    run.last_embeddings = (image_emb.detach(), text_emb.detach())  # hook (diagnostics.py): read when logging
     loss = run.loss(image_emb.float(), text_emb.float(), index)
     loss_value = loss.item()
     run.optimizer.zero_grad(set_to_none=True)
