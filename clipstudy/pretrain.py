@@ -178,12 +178,27 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
     return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
-def _cosine_optimizer(params, lr: float, weight_decay: float, total: int):
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+def _fit(batch_loss, modules, n: int, batch_size: int, epochs: int, lr: float, settings: PretrainSettings,
+         bar, stage: str) -> None:
+    """AdamW with warm-up (first 5 %) then cosine decay over ``epochs`` passes of shuffled batches."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    params = [p for module in modules for p in module.parameters()]
+    total = epochs * (n // batch_size)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
     warmup = max(1, total // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)
                                                  * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    return optimizer, schedule
+    for _ in range(epochs):
+        for module in modules:
+            module.train()
+        for rows in _batches(n, batch_size, generator):
+            loss = batch_loss(rows)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.update(1)
+            bar.set_postfix(stage=stage, loss=f"{loss.item():.3f}", refresh=False)
 
 
 def train_image_tower(config, settings: PretrainSettings, images: np.ndarray, labels: np.ndarray, bar) -> tuple:
@@ -200,21 +215,12 @@ def train_image_tower(config, settings: PretrainSettings, images: np.ndarray, la
                         norm=config.small_resnet_norm)
     sizes = head_sizes()
     head = nn.Linear(tower.out_dim, sum(sizes))
-    generator = torch.Generator().manual_seed(settings.seed)
-    steps = settings.image_epochs * (len(x_train) // settings.image_batch_size)
-    optimizer, schedule = _cosine_optimizer([*tower.parameters(), *head.parameters()], settings.image_lr,
-                                            settings.weight_decay, steps)
-    for _ in range(settings.image_epochs):
-        tower.train()
-        for rows in _batches(len(x_train), settings.image_batch_size, generator):
-            logits = head(tower(x_train[rows])).split(sizes, dim=1)
-            loss = sum(F.cross_entropy(z, y_train[rows, k]) for k, z in enumerate(logits))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.update(1)
-            bar.set_postfix(stage="image", loss=f"{loss.item():.3f}", refresh=False)
+    def batch_loss(rows):
+        logits = head(tower(x_train[rows])).split(sizes, dim=1)
+        return sum(F.cross_entropy(z, y_train[rows, k]) for k, z in enumerate(logits))
+
+    _fit(batch_loss, [tower, head], len(x_train), settings.image_batch_size, settings.image_epochs,
+         settings.image_lr, settings, bar, "image")
     tower.eval()
     with torch.no_grad():
         logits = head(tower(x_val)).split(sizes, dim=1)
@@ -238,25 +244,14 @@ def train_text_tower(config, settings: PretrainSettings, captions: list[str], to
     train_ids, val_ids = encoded[n_val:], encoded[:n_val]
     collate = DataCollatorForLanguageModeling(tokenizer, mlm_probability=settings.mlm_probability,
                                               seed=settings.seed)
-    generator = torch.Generator().manual_seed(settings.seed)
-    steps = settings.text_epochs * (len(train_ids) // settings.text_batch_size)
-    optimizer, schedule = _cosine_optimizer(model.parameters(), settings.text_lr, settings.weight_decay, steps)
 
     def forward(ids):
         batch = collate([{"input_ids": i} for i in ids])
         mask = (batch["input_ids"] != tokenizer.pad_token_id).long()
         return model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"]), batch["labels"]
 
-    for _ in range(settings.text_epochs):
-        model.train()
-        for rows in _batches(len(train_ids), settings.text_batch_size, generator):
-            out, _ = forward([train_ids[i] for i in rows])
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.update(1)
-            bar.set_postfix(stage="text", loss=f"{out.loss.item():.3f}", refresh=False)
+    _fit(lambda rows: forward([train_ids[i] for i in rows])[0].loss, [model], len(train_ids),
+         settings.text_batch_size, settings.text_epochs, settings.text_lr, settings, bar, "text")
     model.eval()
     with torch.no_grad():
         out, labels = forward(val_ids)
