@@ -167,7 +167,9 @@ def spearman_by_optimizer(df: pd.DataFrame) -> pd.DataFrame:
 def average_grid(df: pd.DataFrame) -> pd.DataFrame:
     """Mean Average per optimizer (rows) and loss (columns), completed runs only."""
     summary = cell_summary(df).dropna(subset=["average_mean"])
-    return summary.pivot(index="optimizer", columns="loss", values="average_mean")
+    grid = summary.pivot(index="optimizer", columns="loss", values="average_mean")
+    return grid.reindex(columns=sorted(grid.columns, key=lambda loss: (list(LOSS_NAMES).index(loss)
+                                                                       if loss in LOSS_NAMES else 99, loss)))
 
 
 def findings_from_grid(grid: pd.DataFrame) -> list[dict]:
@@ -241,15 +243,26 @@ def collapse_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> l
     out.append("Norm of the weight matrices, start -> end, mean over losses: " + ", ".join(
         f"{OPTIMIZER_NAMES.get(o, o)} {r.weight_norm_start:.1f} -> {r.weight_norm_end:.1f}"
         for o, r in norms.iterrows()) + ".")
-    if chance_avg is not None:
-        summary = cell_summary(df).set_index(["optimizer", "loss"])["average_mean"]
-        for r in table.itertuples():
-            avg = summary.get((r.optimizer, r.loss), float("nan"))
-            if avg == avg and avg <= 2 * chance_avg:
-                out.append(f"{label(r)} did not learn (Average {avg:.2f}): image cosine {r.image_cos_mean_start:.2f} "
-                           f"-> {r.image_cos_mean_end:.2f}, text cosine {r.text_cos_mean_start:.2f} -> "
-                           f"{r.text_cos_mean_end:.2f}, weight norm {r.weight_norm_start:.1f} -> "
-                           f"{r.weight_norm_end:.1f}.")
+    summary = cell_summary(df)
+    # the best Average per loss among cells of the same initialisation (pretrained or scratch)
+    summary["scratch"] = summary["optimizer"].astype(str).str.endswith("-scratch")
+    best = summary.groupby(["scratch", "loss"])["average_mean"].max()
+    averages = summary.set_index(["optimizer", "loss"])["average_mean"]
+    for r in table.itertuples():
+        avg = averages.get((r.optimizer, r.loss), float("nan"))
+        top = best.get((str(r.optimizer).endswith("-scratch"), r.loss), float("nan"))
+        if avg != avg:
+            continue
+        if chance_avg is not None and avg <= 2 * chance_avg:
+            why = f"did not learn (Average {avg:.2f})"
+        elif avg < 0.5 * top:
+            why = (f"reaches less than half the best Average for {LOSS_NAMES.get(r.loss, r.loss)} "
+                   f"({avg:.2f} against {top:.2f})")
+        else:
+            continue
+        out.append(f"{label(r)} {why}: image cosine {r.image_cos_mean_start:.2f} -> {r.image_cos_mean_end:.2f}, "
+                   f"text cosine {r.text_cos_mean_start:.2f} -> {r.text_cos_mean_end:.2f}, weight norm "
+                   f"{r.weight_norm_start:.1f} -> {r.weight_norm_end:.1f}.")
     return out
 
 
@@ -265,6 +278,10 @@ def optimizer_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> 
                 f"best with {LOSS_NAMES.get(row.idxmax(), row.idxmax())} ({row.max():.2f})")
         if chance_avg is not None:
             line += f"; learns (above twice chance) with {int((row > 2 * chance_avg).sum())} of {len(row)} losses"
+        if o != "adamw" and "adamw" in grid.index:
+            line += "; against AdamW: " + ", ".join(
+                f"{LOSS_NAMES.get(loss, loss)} {row[loss] - grid.loc['adamw', loss]:+.2f}" for loss in row.index
+                if grid.loc["adamw", loss] == grid.loc["adamw", loss])
         out.append(line + ".")
     return out
 

@@ -203,3 +203,11 @@ def test_collapse_figures_flag_collapsed_cells(tmp_path):
     # Adam's mean end norm: (3 + 4 * 27) / 5
     assert any(f"Adam 27.0 -> {(3 + 4 * 27) / 5:.1f}" in line for line in lines)
     assert any(line.startswith("Adam + SogCLR did not learn") for line in lines)
+    # relative weakness: SGD + SogCLR (1.81, above twice a chance of 0.5) is below half of AdamW's 16.68;
+    # SGD + CLIP (11.44 against 14.81) is not
+    lines = report.collapse_conclusions(df, chance_avg=0.5)
+    assert any(line.startswith("SGD + SogCLR reaches less than half the best Average for SogCLR (1.81 against "
+                               "16.68)") for line in lines)
+    assert not any(line.startswith("SGD + CLIP") for line in lines)
+    sgd = next(line for line in report.optimizer_conclusions(df) if line.startswith("SGD"))
+    assert sgd.endswith("against AdamW: CLIP -3.37, SogCLR -14.87, CyCLIP -5.38, VICReg -1.59, OnlineCLR -12.44.")
