@@ -9,8 +9,10 @@ Two builds:
 * ``paper``: torchvision ResNet-50 with ImageNet weights (classifier removed,
   2048-d) + Hugging Face ``distilbert-base-uncased`` ([CLS] hidden state,
   768-d), as in the original study.
-* ``demo``: a small ResNet-family CNN (torchvision's ``BasicBlock``, random
-  init) + a small random-init DistilBERT on the demo data set's own vocabulary.
+* ``demo``: a small ResNet-family CNN (torchvision's ``BasicBlock``) + a small
+  DistilBERT on the demo data set's own vocabulary, built here with random
+  weights; a demo run then loads their pretrained weights
+  (:mod:`clipstudy.pretrain`) unless ``pretrained=False``.
 
 Pretrained weights are read from the local torch / Hugging Face caches only,
 so a training run never stalls on the network. ``python -m clipstudy
@@ -226,7 +228,8 @@ def build_model(*, image_encoder: str = "resnet50", text_encoder: str = "distilb
 
     ``resnet50`` / ``distilbert`` are the paper towers (pretrained unless
     ``pretrained=False``); ``small_resnet`` / ``small_distilbert`` are the demo
-    towers (random init). ``small_distilbert`` needs ``tokenizer_path`` (the
+    towers (random init here; :func:`clipstudy.pretrain.load_pretrained_towers`
+    loads their pretrained weights). ``small_distilbert`` needs ``tokenizer_path`` (the
     demo set's tokenizer); ``distilbert`` uses DistilBERT's own tokenizer.
     """
     if image_encoder == "resnet50":
