@@ -39,8 +39,10 @@ SWEEP_LOCK_NAME = ".sweep.lock"
 
 
 @contextlib.contextmanager
-def cell_lock(folder: str | Path, name: str = LOCK_NAME):
+def cell_lock(folder: str | Path, name: str = LOCK_NAME, *, wait: bool = False):
     """Hold an exclusive lock on ``folder/<name>`` for the duration of a run.
+
+    With ``wait`` it blocks until the lock is free instead of raising CellBusy.
 
     An ``flock`` belongs to the open file, so the kernel releases it when the
     holder dies, even by ``kill -9``: a killed run never leaves a stuck lock.
@@ -51,7 +53,7 @@ def cell_lock(folder: str | Path, name: str = LOCK_NAME):
     fh = open(path, "a+")
     try:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise CellBusy(f"{folder} is being trained by another process (lock {path}); "
                            "wait for it or use another output directory") from None

@@ -28,6 +28,8 @@ DEFAULT_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
 # Named optimizer variants beyond the original grid; more with --variant.
 VARIANTS: dict[str, dict] = {
     "adam-nol2": {"optimizer": "adam", "weight_decay": 0.0},  # Adam without its L2 penalty
+    # the initialisation ablation: the same cells from random towers instead of pretrained ones
+    **{f"{name}-scratch": {"optimizer": name, "pretrained": False} for name in DEFAULT_OPTIMIZERS},
 }
 
 
