@@ -20,8 +20,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 log = logging.getLogger("clipstudy.checkpoint")
 CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -41,8 +39,10 @@ SWEEP_LOCK_NAME = ".sweep.lock"
 
 
 @contextlib.contextmanager
-def cell_lock(folder: str | Path, name: str = LOCK_NAME):
+def cell_lock(folder: str | Path, name: str = LOCK_NAME, *, wait: bool = False):
     """Hold an exclusive lock on ``folder/<name>`` for the duration of a run.
+
+    With ``wait`` it blocks until the lock is free instead of raising CellBusy.
 
     An ``flock`` belongs to the open file, so the kernel releases it when the
     holder dies, even by ``kill -9``: a killed run never leaves a stuck lock.
@@ -53,7 +53,7 @@ def cell_lock(folder: str | Path, name: str = LOCK_NAME):
     fh = open(path, "a+")
     try:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise CellBusy(f"{folder} is being trained by another process (lock {path}); "
                            "wait for it or use another output directory") from None
@@ -167,6 +167,8 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, keep: int = 2) -
     """
     import io
 
+    import torch  # here, not at the top: the sweep's job processes need this module's locks, not torch
+
     folder = Path(folder)
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -220,6 +222,8 @@ def load_verified(path: str | Path) -> dict:
     path = Path(path)
     data = verified_bytes(path)
     import io
+
+    import torch
 
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

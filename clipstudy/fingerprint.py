@@ -25,10 +25,10 @@ import json
 import os
 from pathlib import Path
 
-# Fields that do not change a run's numbers: where it runs and how fast, how often it logs,
-# how many checkpoints it keeps, and where it stops (max_steps: the schedule is the full run's).
+# Fields that do not change a run's numbers: where it runs and how fast, how often it logs, how many
+# checkpoints it keeps, TensorBoard logs, and where it stops (max_steps: the schedule is the full run's).
 RESULT_NEUTRAL_FIELDS = frozenset({"out", "num_workers", "threads", "device", "log_every", "cache_images",
-                                   "keep_checkpoints", "max_steps"})
+                                   "keep_checkpoints", "max_steps", "tensorboard"})
 # Replaced in the fingerprint by the resolved paths (see RunConfig.resolved_paths).
 PATH_FIELDS = ("data", "train_ann", "train_images", "retrieval_ann", "retrieval_images", "zeroshot_images",
                "tokenizer")

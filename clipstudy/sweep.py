@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipstudy import paths, records
+from clipstudy import executors, paths, records
 from clipstudy.checkpoint import SWEEP_LOCK_NAME, CellBusy, cell_lock, checkpoint_paths, is_locked
 from clipstudy.config import FIELDS, PROFILES, ConfigError, RunConfig, cell_name, make_config
 from clipstudy.fingerprint import describe_change, fingerprint
@@ -36,6 +36,8 @@ DEFAULT_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
 # Named optimizer variants beyond the original grid; more with --variant.
 VARIANTS: dict[str, dict] = {
     "adam-nol2": {"optimizer": "adam", "weight_decay": 0.0},  # Adam without its L2 penalty
+    # the initialisation ablation: the same cells from random towers instead of pretrained ones
+    **{f"{name}-scratch": {"optimizer": name, "pretrained": False} for name in DEFAULT_OPTIMIZERS},
 }
 
 
@@ -262,17 +264,13 @@ def summary_line(cell: Cell, metrics: dict) -> str:
     return f"{cell.name:<28} FAILED: {metrics.get('error', '')}  ({wall:.0f}s)"
 
 
-def run_sweep(cells: list[Cell], *, jobs: int = 1, progress: bool = True,
-              rerun_stale: bool = False) -> dict[str, dict]:
-    """Run every unfinished cell, ``jobs`` at a time; return cell name -> metrics.
+def unfinished_cells(cells: list[Cell], rerun_stale: bool = False) -> tuple[dict[str, dict], list[Cell]]:
+    """(metrics of the finished cells, the cells left to run); says why each skipped cell is skipped.
 
     A stale cell is not run (its result is ``{"status": "stale", "detail": ...}``)
     unless ``rerun_stale``: then its run directory is archived
     (:func:`archive_stale`) and the cell runs afresh.
     """
-    import torch
-    from tqdm.auto import tqdm
-
     results, todo = {}, []
     for cell in cells:
         state, detail = cell_state(cell.out, cell.config)
@@ -288,6 +286,17 @@ def run_sweep(cells: list[Cell], *, jobs: int = 1, progress: bool = True,
             if state == "stale":
                 print(f"{cell.name:<28} stale ({detail}): old run moved to {archive_stale(cell.out)}", flush=True)
             todo.append(cell)
+    return results, todo
+
+
+def run_sweep(cells: list[Cell], *, jobs: int = 1, progress: bool = True,
+              rerun_stale: bool = False) -> dict[str, dict]:
+    """Run every unfinished cell, ``jobs`` at a time; return cell name -> metrics (stale cells:
+    see :func:`unfinished_cells`)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    results, todo = unfinished_cells(cells, rerun_stale)
     gpus = torch.cuda.device_count()
     devices: queue.Queue = queue.Queue()
     for slot in range(jobs):
@@ -339,6 +348,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runs", default=None, help="runs folder (default reports/runs/<profile>)")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "1")))
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+    executors.add_arguments(parser)
     parser.add_argument("--rerun-stale", action="store_true",
                         help="rerun cells trained with other settings or data, moving each old run to "
                              "RUNS/stale/CELL-TIME first (without it they are listed and not run)")
@@ -363,6 +373,7 @@ def main(argv: list[str]) -> int:
                   if "=" in args.lr else _number(args.lr, "--lr", float))
         if args.jobs < 1:
             raise ConfigError("--jobs must be >= 1")
+        resources = executors.resources_from_args(args)
         cells = plan_cells(args.profile, optimizers=[o for o in args.optimizers.split(",") if o],
                            losses=[x for x in args.losses.split(",") if x],
                            seeds=[_number(s, "--seeds", int) for s in args.seeds.split(",") if s], lr=lr,
@@ -370,7 +381,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, ValueError, paths.ProjectRootNotFound) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if cells and not args.dry_run:
+    if cells and not (args.dry_run or args.status):
         root = cells[0].out.parent
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -378,6 +389,9 @@ def main(argv: list[str]) -> int:
             print(f"error: --runs {root}: cannot create the runs folder ({err.strerror or err}); "
                   "choose a folder you can write to", file=sys.stderr)
             return 2
+    if args.status:
+        executors.print_status(cells)
+        return 0
     if args.dry_run:
         for cell in cells:
             state, detail = cell_state(cell.out, cell.config)
@@ -385,7 +399,15 @@ def main(argv: list[str]) -> int:
         print(f"{len(cells)} cells in {cells[0].out.parent if cells else '-'}")
         return 0
     t0 = time.perf_counter()
-    results = run_sweep(cells, jobs=args.jobs, rerun_stale=args.rerun_stale)
+    if args.executor == "inline" and resources.world_size == 1:
+        results = run_sweep(cells, jobs=args.jobs, rerun_stale=args.rerun_stale)
+    else:
+        results, todo = unfinished_cells(cells, rerun_stale=args.rerun_stale)
+        ran = executors.run_cells(args.executor, todo, resources, cells[0].out.parent if cells else Path(),
+                                  jobs=args.jobs, wait=args.wait)
+        if ran is None:  # submitted to Slurm, not waited for
+            return 0
+        results.update(ran)
     counts: dict[str, int] = {}
     for m in results.values():
         counts[m.get("status", "?")] = counts.get(m.get("status", "?"), 0) + 1
