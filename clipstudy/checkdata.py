@@ -27,6 +27,7 @@ from typing import Iterable
 from clipstudy.data import (DataError, UnreadableImage, clean_caption, load_annotation_list, load_rgb_image,
                             scan_image_folder)
 from clipstudy.demo_data import demo_paths
+from clipstudy.errors import StartupError
 
 SETS = ("train", "retrieval", "zeroshot")
 
@@ -236,9 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                             retrieval_ann=args.retrieval_ann, retrieval_images=args.retrieval_images,
                             zeroshot_images=args.zeroshot_images, data=args.data, max_words=args.max_words,
                             progress=True, workers=args.workers)
-    except (DataError, ValueError) as error:
-        print(f"check-data: {error}", file=sys.stderr)
-        return 2
+    except ValueError as error:  # DataError is reported by the dispatcher
+        raise StartupError(f"check-data: {error}") from None
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0 if report["ok"] else 1
 

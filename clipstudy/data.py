@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from clipstudy.errors import StartupError
 from clipstudy.images import (AUGMENTS, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,  # noqa: F401 (API)
                               ZEROSHOT_TRANSFORMS, Compose, ImageReader, UnreadableImage, eval_transform,
                               load_rgb_image, train_transform, transforms_for, zeroshot_transform)
@@ -42,7 +43,7 @@ TRAIN_FORMAT = '{"image": <path relative to the image root>, "caption": <str>, "
 RETRIEVAL_FORMAT = '{"image": <path relative to the image root>, "caption": [<str>, ...]}'
 
 
-class DataError(Exception):
+class DataError(StartupError):
     """A data set cannot be used as given (bad annotation file, missing folder...).
 
     Raised when a set is built, never mid-epoch; the message names the file or

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from clipstudy.errors import StartupError
+
 GENERATOR_VERSION = 1
 
 # canonical colour -> (RGB, synonyms used in captions; the canonical word first)
@@ -536,8 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parameters = _parameters(**kwargs)
     except ValueError as error:
-        print(f"make-demo-data: {error}", file=sys.stderr)
-        return 2
+        raise StartupError(f"make-demo-data: {error}") from None
     if not args.force and existing_manifest(args.out, parameters) is not None:
         print(f"{args.out}: demo data set already complete with these parameters; not regenerating "
               "(use --force to rebuild)")

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from clipstudy.errors import StartupError
 from torchvision.models import resnet50, ResNet50_Weights
 from torchvision.models.resnet import BasicBlock
 
@@ -43,7 +45,7 @@ RESNET50_ENV = "CLIPSTUDY_RESNET50_WEIGHTS"
 DISTILBERT_ENV = "CLIPSTUDY_DISTILBERT"
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(StartupError, RuntimeError):
     """Pretrained weights are not in the local caches (and are never downloaded mid-run)."""
 
 
@@ -295,6 +297,35 @@ def weights_needed(config) -> dict:
             "distilbert": config.text_encoder == "distilbert" and config.pretrained}
 
 
+def require_weights(config) -> None:
+    """Raise :class:`WeightsUnavailable` (naming the field and the fix) when ``config`` loads
+    pretrained weights that are not in the local caches; loads nothing."""
+    needed = weights_needed(config)
+    fix = (f"run `python -m clipstudy fetch-weights --profile {config.profile}` on a machine with internet "
+           f"(it fills ~/.cache/torch/hub and ~/.cache/huggingface), point {RESNET50_ENV} / {DISTILBERT_ENV} "
+           "to local copies, or set pretrained=false")
+    if needed["resnet50"]:
+        local = os.environ.get(RESNET50_ENV)
+        if local and not Path(local).is_file():
+            raise WeightsUnavailable(f"{RESNET50_ENV}={local} is not a file; {fix}")
+        if not local and resnet50_cache_path(needed["resnet50"]) is None:
+            raise WeightsUnavailable(f"config field 'image_weights'={needed['resnet50']!r}: the ResNet-50 weights "
+                                     f"are not in the local cache; {fix}")
+    if needed["distilbert"] and not distilbert_cached():
+        raise WeightsUnavailable(f"config field 'text_encoder'='distilbert': DistilBERT "
+                                 f"({distilbert_location()}) is not in the local cache; {fix}")
+
+
+def distilbert_cached() -> bool:
+    """Whether DistilBERT's configuration is on disk (a local folder, or the Hugging Face cache)."""
+    local = os.environ.get(DISTILBERT_ENV)
+    if local:
+        return (Path(local) / "config.json").is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(DISTILBERT_NAME, "config.json"), str)
+
+
 def fetch_weights(dest: str | None = None, *, image_weights: str | None = "timm-a1",
                   distilbert: bool = True) -> list[str]:
     """Download weights into the torch / Hugging Face caches (and plain copies into ``dest``).
@@ -337,7 +368,7 @@ def fetch_weights(dest: str | None = None, *, image_weights: str | None = "timm-
 
 
 def fetch_weights_main(argv: list[str]) -> int:
-    from clipstudy.config import PROFILES, ConfigError, make_config
+    from clipstudy.config import PROFILES, make_config
 
     parser = argparse.ArgumentParser(prog="python -m clipstudy fetch-weights",
                                      description="Download the pretrained weights a profile loads "
@@ -349,11 +380,7 @@ def fetch_weights_main(argv: list[str]) -> int:
     parser.add_argument("--dest", help="also save plain copies here; then set "
                         f"{RESNET50_ENV}=DEST/resnet50-<weights>.pth and {DISTILBERT_ENV}=DEST/distilbert")
     args = parser.parse_args(argv)
-    try:
-        needed = weights_needed(make_config(args.profile))
-    except ConfigError as err:
-        print(f"error: {err}")
-        return 2
+    needed = weights_needed(make_config(args.profile))
     image_weights = args.image_weights or needed["resnet50"]
     if image_weights is None and not needed["distilbert"]:
         print(f"profile {args.profile!r} loads no pretrained weights; nothing to fetch")

@@ -19,11 +19,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from clipstudy.errors import StartupError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 ROOT_VARIABLE = "CLIPSTUDY_ROOT"
 
 
-class ProjectRootNotFound(RuntimeError):
+class ProjectRootNotFound(StartupError, RuntimeError):
     """No source checkout and no ``$CLIPSTUDY_ROOT``: a default folder cannot be placed."""
 
 

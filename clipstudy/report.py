@@ -258,25 +258,3 @@ def render(profile: str, runs_root: Path, out_dir: Path, *, notebook: Path | Non
     html = out_dir / "report.html"
     html.write_text(body, encoding="utf-8")
     return html
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clipstudy report",
-                                     description="Render the analysis notebook to reports/<profile>/report.html.")
-    parser.add_argument("--profile", default="demo")
-    parser.add_argument("--runs", default=None, help="runs folder (default reports/runs/<profile>)")
-    parser.add_argument("--out", default=None, help="output folder (default reports/<profile>)")
-    args = parser.parse_args(argv)
-    try:
-        runs = Path(args.runs) if args.runs else paths.runs_dir(args.profile)
-        out = Path(args.out) if args.out else paths.reports_dir(args.profile)
-    except paths.ProjectRootNotFound as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not runs.is_dir() or not any(runs.glob("*/metrics.json")):
-        print(f"error: no finished runs under {runs}; run `make sweep PROFILE={args.profile}` "
-              "(or `make demo`) first", file=sys.stderr)
-        return 2
-    html = render(args.profile, runs, out)
-    print(f"wrote {html} and {out / 'results.csv'}")
-    return 0

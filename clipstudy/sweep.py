@@ -21,7 +21,7 @@ from pathlib import Path
 
 from clipstudy import paths, records
 from clipstudy.checkpoint import SWEEP_LOCK_NAME, CellBusy, cell_lock, checkpoint_paths, is_locked
-from clipstudy.config import FIELDS, PROFILES, ConfigError, cell_name, make_config
+from clipstudy.config import FIELDS, PROFILES, ConfigError, RunConfig, cell_name, make_config
 
 DEFAULT_OPTIMIZERS = ("adamw", "sgd", "adam")
 DEFAULT_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
@@ -38,6 +38,7 @@ class Cell:
     seed: int
     params: dict = field(default_factory=dict)   # papermill parameters
     out: Path = Path()
+    config: RunConfig | None = None               # the validated configuration the cell will run
 
     @property
     def name(self) -> str:
@@ -101,10 +102,42 @@ def plan_cells(profile: str, *, optimizers=DEFAULT_OPTIMIZERS, losses=DEFAULT_LO
                 cell = Cell(label, loss, int(seed))
                 cell.out = root / cell.name
                 params["out"] = str(cell.out)
-                make_config(profile, **params)  # validate now
+                cell.config = make_config(profile, **params)  # validate now
                 cell.params = {"profile": profile, **params}
                 cells.append(cell)
     return cells
+
+
+def check_sweep_inputs(cells: list[Cell]) -> None:
+    """Data and weights of every cell are there, checked once per distinct setting before any kernel starts."""
+    from clipstudy.models import weights_needed
+    from clipstudy.preflight import check_inputs
+
+    seen = set()
+    for cell in cells:
+        key = (tuple(sorted(cell.config.resolved_paths().items())), tuple(sorted(weights_needed(cell.config).items())))
+        if key not in seen:
+            seen.add(key)
+            check_inputs(cell.config)
+
+
+def check_names(lr: dict | float | None, variants: dict[str, dict]) -> None:
+    """Every ``--lr`` key names an optimizer or a variant, every ``--variant`` a known optimizer and fields."""
+    from clipstudy.optim import available_optimizers
+
+    optimizers = available_optimizers()
+    for name, variant in variants.items():
+        if variant.get("optimizer") not in optimizers:
+            raise ConfigError(f"--variant {name}: optimizer {variant.get('optimizer')!r} is unknown; "
+                              f"valid optimizers: {optimizers}")
+        unknown = [key for key in variant if key.replace("-", "_") not in FIELDS]
+        if unknown:
+            raise ConfigError(f"--variant {name}: unknown config field(s) {unknown}; valid fields: {sorted(FIELDS)}")
+    if isinstance(lr, dict):
+        known = sorted({*optimizers, *VARIANTS, *variants})
+        for name in lr:
+            if name not in known:
+                raise ConfigError(f"--lr: {name!r} is not an optimizer or variant name; valid names: {known}")
 
 
 def notebook_parameters(cell: Cell, device: str | None, threads: int | None) -> dict:
@@ -288,47 +321,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "1")))
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
     args = parser.parse_args(argv)
-    try:
-        overrides = {}
-        for item in args.set:
-            overrides.update(parse_mapping(item, "--set"))
-        for name in overrides:
-            if name.replace("-", "_") not in FIELDS:
-                raise ConfigError(f"--set: unknown config field {name!r}")
-        if args.data:
-            overrides["data"] = str(Path(args.data).resolve())
-        variants = {}
-        for spec in args.variant:
-            name, _, rest = spec.partition("=")
-            optimizer, _, fields = rest.partition(":")
-            variants[name] = {"optimizer": optimizer, **parse_mapping(fields.replace(";", ","), "--variant")}
-        lr = None
-        if args.lr:
-            lr = ({k: _number(v, "--lr", float) for k, v in parse_mapping(args.lr, "--lr").items()}
-                  if "=" in args.lr else _number(args.lr, "--lr", float))
-        if args.jobs < 1:
-            raise ConfigError("--jobs must be >= 1")
-        cells = plan_cells(args.profile, optimizers=[o for o in args.optimizers.split(",") if o],
-                           losses=[x for x in args.losses.split(",") if x],
-                           seeds=[_number(s, "--seeds", int) for s in args.seeds.split(",") if s], lr=lr,
-                           overrides=overrides, variants=variants, runs_root=args.runs)
-    except (ConfigError, ValueError, paths.ProjectRootNotFound) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if cells and not args.dry_run:
-        root = cells[0].out.parent
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            print(f"error: --runs {root}: cannot create the runs folder ({err.strerror or err}); "
-                  "choose a folder you can write to", file=sys.stderr)
-            return 2
+    cells = plan_from_args(args)
     if args.dry_run:
         for cell in cells:
             state, detail = cell_state(cell.out)
             print(f"{cell.name:<28} {state:<9} {detail}")
         print(f"{len(cells)} cells in {cells[0].out.parent if cells else '-'}")
         return 0
+    check_sweep_inputs(cells)
+    if cells:
+        root = cells[0].out.parent
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"--runs {root}: cannot create the runs folder ({err.strerror or err}); "
+                              "choose a folder you can write to") from None
     t0 = time.perf_counter()
     results = run_sweep(cells, jobs=args.jobs)
     counts: dict[str, int] = {}
@@ -336,4 +343,36 @@ def main(argv: list[str]) -> int:
         counts[m.get("status", "?")] = counts.get(m.get("status", "?"), 0) + 1
     print(f"sweep finished in {time.perf_counter() - t0:.0f}s: "
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    return 0
+    failed = counts.get(records.FAILED, 0)
+    if failed:  # a diverged cell is a result; a failed one is not
+        print(f"{failed} cell(s) failed: see the FAILED lines above and each cell's metrics.json and "
+              "train.ipynb; rerun the same command to retry them", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def plan_from_args(args) -> list[Cell]:
+    """The sweep's cells from its command line, every name and value checked (ConfigError otherwise)."""
+    overrides = {}
+    for item in args.set:
+        overrides.update(parse_mapping(item, "--set"))
+    for name in overrides:
+        if name.replace("-", "_") not in FIELDS:
+            raise ConfigError(f"--set: unknown config field {name!r}; valid fields: {sorted(FIELDS)}")
+    if args.data:
+        overrides["data"] = str(Path(args.data).resolve())
+    variants = {}
+    for spec in args.variant:
+        name, _, rest = spec.partition("=")
+        optimizer, _, fields = rest.partition(":")
+        variants[name] = {"optimizer": optimizer, **parse_mapping(fields.replace(";", ","), "--variant")}
+    lr = None
+    if args.lr:
+        lr = ({k: _number(v, "--lr", float) for k, v in parse_mapping(args.lr, "--lr").items()}
+              if "=" in args.lr else _number(args.lr, "--lr", float))
+    check_names(lr, variants)
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be >= 1")
+    return plan_cells(args.profile, optimizers=[o for o in args.optimizers.split(",") if o],
+                      losses=[x for x in args.losses.split(",") if x],
+                      seeds=[_number(s, "--seeds", int) for s in args.seeds.split(",") if s], lr=lr,
+                      overrides=overrides, variants=variants, runs_root=args.runs)

@@ -34,6 +34,7 @@ from clipstudy.checkpoint import CellBusy, cell_lock, remove_stale_temporaries, 
 from clipstudy.config import ConfigError, RunConfig
 from clipstudy.distributed import unwrap_model
 from clipstudy.precision import autocast
+from clipstudy.preflight import check_inputs
 from clipstudy.runstate import StopRequest, capture_state, resume, seed_everything
 from clipstudy.sampling import SeededSamples, batches_keeping_rng, train_loader
 
@@ -91,9 +92,6 @@ def build_datasets(config: RunConfig):
     from clipstudy.data import RetrievalSet, TrainPairs, ZeroShotSet, require_readable_image, transforms_for
 
     paths = config.resolved_paths()
-    if not paths["train_ann"] or not paths["train_images"]:
-        raise ConfigError("config fields 'train_ann'/'train_images' are empty: set `data` (demo layout) "
-                          "or both paths (formats in docs/protocol.md)")
     transforms = transforms_for(config)
     train_set = TrainPairs(paths["train_ann"], paths["train_images"], transforms["train"],
                            max_words=config.max_words, cache_images=config.cache_images)
@@ -127,10 +125,21 @@ def build_model_for(config: RunConfig):
                        text_layers=config.text_layers, max_length=config.max_length)
 
 
+@contextlib.contextmanager
+def params_named(field: str, value: dict):
+    """A loss or optimizer refusing its parameters (TypeError / ValueError) becomes a ConfigError naming
+    ``field``; a safety net behind the configuration's own checks."""
+    try:
+        yield
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config field {field!r}={value!r}: {err}") from err
+
+
 def build_run(config: RunConfig, out: Path, rank: int = 0, world_size: int = 1) -> Run:
     from clipstudy.losses import make_loss
     from clipstudy.optim import build_optimizer, make_scheduler
 
+    check_inputs(config)  # data and weights are there, before anything is built
     device = choose_device(config.device)
     if world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -148,10 +157,12 @@ def build_run(config: RunConfig, out: Path, rank: int = 0, world_size: int = 1) 
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    loss = make_loss(config.loss, temperature=config.temperature, num_samples=len(train_set),
-                     **config.loss_params).to(device)
-    optimizer = build_optimizer(config.optimizer, model, loss, lr=config.lr or None,
-                                weight_decay=config.weight_decay, **config.optimizer_params)
+    with params_named("loss_params", config.loss_params):
+        loss = make_loss(config.loss, temperature=config.temperature, num_samples=len(train_set),
+                         **config.loss_params).to(device)
+    with params_named("optimizer_params", config.optimizer_params):
+        optimizer = build_optimizer(config.optimizer, model, loss, lr=config.lr or None,
+                                    weight_decay=config.weight_decay, **config.optimizer_params)
     total_steps = planned_steps(config, steps_per_epoch)
     warmup = steps_per_epoch if config.warmup_steps < 0 else config.warmup_steps
     scheduler = make_scheduler(optimizer, total_steps=total_steps, warmup_steps=min(warmup, total_steps),
@@ -176,12 +187,6 @@ def wrap_distributed(run: Run) -> None:
 
 
 # ------------------------------------------------------------- bookkeeping
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -288,7 +293,8 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
     if state.status == records.INTERRUPTED:
         if world_size > 1:
             torch.distributed.destroy_process_group()
-        raise KeyboardInterrupt(f"interrupted by signal; checkpoint saved in {out / 'checkpoints'}")
+        raise KeyboardInterrupt(f"interrupted; checkpoint saved in {out / 'checkpoints'}: "
+                                "rerun the same command to resume")
     return finish(run, state, log_rows)
 
 

@@ -7,7 +7,8 @@ import statistics
 import pytest
 from PIL import Image
 
-from clipstudy.checkdata import check_data, main
+from clipstudy.__main__ import main as clipstudy_main
+from clipstudy.checkdata import check_data
 from conftest import TINY_DEMO
 
 
@@ -35,7 +36,7 @@ def test_demo_set_counts_and_exit_zero(demo_data_dir, capsys):
     assert report["zeroshot"]["classes"] == TINY_DEMO["zeroshot_classes"]
     assert report["zeroshot"]["images_per_class"] == {"min": per_class, "max": per_class}
     assert report["zeroshot"]["empty_classes"] == [] and report["zeroshot"]["classnames_file"] is True
-    assert main(["--data", str(demo_data_dir)]) == 0
+    assert clipstudy_main(["check-data", "--data", str(demo_data_dir)]) == 0
     out = capsys.readouterr().out
     assert "[train]" in out and "[zeroshot]" in out and out.rstrip().endswith("OK")
 
@@ -55,7 +56,7 @@ def test_unreadable_files_listed_in_json(tmp_path, capsys):
     entries = [{"image": "ok.png", "caption": ["a", "b"]}, {"image": "gone.png", "caption": ["c"]},
                {"image": "text.png", "caption": "d"}]
     ann, images = write_pairs(tmp_path, entries, ["ok.png"], ["text.png"], kind="retrieval")
-    assert main(["--retrieval-ann", str(ann), "--retrieval-images", str(images), "--json"]) == 0
+    assert clipstudy_main(["check-data", "--retrieval-ann", str(ann), "--retrieval-images", str(images), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
     section = report["retrieval"]
     assert section["entries"] == 3 and section["readable_images"] == 1 and section["texts"] == 4
@@ -68,12 +69,12 @@ def test_unreadable_files_listed_in_json(tmp_path, capsys):
 def test_set_without_usable_image_exits_one(tmp_path, capsys):
     entries = [{"image": "a.png", "caption": "x", "image_id": 0}, {"image": "b.png", "caption": "y", "image_id": 1}]
     ann, images = write_pairs(tmp_path, entries, [], ["a.png"])
-    assert main(["--train-ann", str(ann), "--train-images", str(images)]) == 1
+    assert clipstudy_main(["check-data", "--train-ann", str(ann), "--train-images", str(images)]) == 1
     out = capsys.readouterr().out
     assert "NOT USABLE" in out and "a.png" in out and "b.png" in out
     empty_ann = tmp_path / "empty.json"
     empty_ann.write_text("[]")
-    assert main(["--train-ann", str(empty_ann), "--train-images", str(images)]) == 1
+    assert clipstudy_main(["check-data", "--train-ann", str(empty_ann), "--train-images", str(images)]) == 1
 
 
 def test_zeroshot_empty_class_folders(tmp_path):
@@ -95,7 +96,7 @@ def test_zeroshot_empty_class_folders(tmp_path):
     ["--no-such-option"],
 ])
 def test_usage_errors_exit_two(args, capsys):
-    assert main(args) == 2
+    assert clipstudy_main(["check-data", *args]) == 2
     assert capsys.readouterr().err
 
 
@@ -103,9 +104,9 @@ def test_malformed_annotation_exits_two_naming_the_file(tmp_path, capsys):
     ann = tmp_path / "broken.json"
     ann.write_text("[{]")
     (tmp_path / "images").mkdir()
-    assert main(["--train-ann", str(ann), "--train-images", str(tmp_path / "images")]) == 2
+    assert clipstudy_main(["check-data", "--train-ann", str(ann), "--train-images", str(tmp_path / "images")]) == 2
     assert str(ann) in capsys.readouterr().err
     good = tmp_path / "good.json"
     good.write_text(json.dumps([{"image": "a.png", "caption": "x", "image_id": 0}]))
-    assert main(["--train-ann", str(good), "--train-images", str(tmp_path / "missing_dir")]) == 2
+    assert clipstudy_main(["check-data", "--train-ann", str(good), "--train-images", str(tmp_path / "missing_dir")]) == 2
     assert "missing_dir" in capsys.readouterr().err
