@@ -18,7 +18,7 @@ COMMANDS = {
     "check-data": ("clipstudy.checkdata", "main", "validate a data set before training"),
     "make-demo-data": ("clipstudy.demo_data", "main", "generate the embedded synthetic benchmark"),
     "prepare-data": ("clipstudy.prepare_data", "main", "turn CC3M / COCO / ImageNet downloads into the formats"),
-    "fetch-weights": ("clipstudy.models", "fetch_weights_main", "download pretrained weights into the local caches"),
+    "fetch-weights": ("clipstudy.cli", "fetch_weights_main", "download pretrained weights into the local caches"),
     "train": ("clipstudy.cli", "train_main", "train and evaluate one optimizer x loss cell"),
     "evaluate": ("clipstudy.cli", "evaluate_main", "evaluate a saved checkpoint"),
     "sweep": ("clipstudy.sweep", "main", "run the optimizer x loss grid through papermill"),

@@ -24,8 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
-from clipstudy.data import (DataError, UnreadableImage, clean_caption, load_annotation_list, load_rgb_image,
-                            scan_image_folder)
 from clipstudy.demo_data import demo_paths
 from clipstudy.errors import StartupError
 
@@ -33,6 +31,8 @@ SETS = ("train", "retrieval", "zeroshot")
 
 
 def _try_open(path: str) -> str | None:
+    from clipstudy.data import UnreadableImage, load_rgb_image  # torch: imported when checking, not for --help
+
     """None if the image decodes, else the reason it does not."""
     try:
         load_rgb_image(path)
@@ -53,6 +53,8 @@ def _open_all(paths: list[str], label: str, progress: bool, workers: int) -> lis
 
 
 def _word_summary(captions: Iterable[str], max_words: int) -> dict:
+    from clipstudy.data import clean_caption
+
     counts = [len(clean_caption(c, max_words).split()) for c in captions]
     if not counts:
         return {"count": 0}
@@ -84,6 +86,8 @@ def _duplicates(entries: list[dict], examples: int = 5) -> dict:
 
 
 def _check_pairs(kind: str, ann_file: str, image_root: str, max_words: int, progress: bool, workers: int) -> dict:
+    from clipstudy.data import DataError, load_annotation_list
+
     entries = load_annotation_list(ann_file, kind)
     if not Path(image_root).is_dir():
         raise DataError(f"{image_root}: image root folder not found; pass the folder the image paths "
@@ -108,6 +112,8 @@ def _check_pairs(kind: str, ann_file: str, image_root: str, max_words: int, prog
 
 
 def _check_zeroshot(root: str, progress: bool, workers: int) -> dict:
+    from clipstudy.data import scan_image_folder
+
     classes, _, samples = scan_image_folder(root)
     per_class = {name: 0 for name in classes}
     for _, label in samples:

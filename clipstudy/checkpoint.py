@@ -22,8 +22,6 @@ from typing import Any
 
 from clipstudy.errors import RunFailure, StartupError, WriteFailure, human_size
 
-import torch
-
 log = logging.getLogger("clipstudy.checkpoint")
 CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -181,6 +179,8 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, keep: int = 2) -
     """
     import io
 
+    import torch  # here, so commands that only read records (sweep, --help) start without it
+
     folder = Path(folder)
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -245,6 +245,8 @@ def load_verified(path: str | Path) -> dict:
     if actual != expected:
         raise CheckpointError(f"{path}: content does not match its sha256 (truncated or corrupted)")
     import io
+
+    import torch
 
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

@@ -57,6 +57,9 @@ def evaluate_main(argv: list[str]) -> int:
     add_config_arguments(parser, None)
     args = parser.parse_args(argv)
     config = run_config(Path(args.run), overrides_from_args(args))
+    from clipstudy.preflight import check_inputs
+
+    check_inputs(config)
     state = run_checkpoint(Path(args.run), args.checkpoint)
     from clipstudy import precision
     from clipstudy.train import build_datasets, build_model_for, choose_device
@@ -97,6 +100,38 @@ def report_main(argv: list[str]) -> int:
 
     html = render(args.profile, runs, out)
     print(f"wrote {html} and {out / 'results.csv'}")
+    return 0
+
+
+def fetch_weights_main(argv: list[str]) -> int:
+    """``python -m clipstudy fetch-weights``: download what a profile loads into the local caches."""
+    from clipstudy.config import CHOICES, make_config
+    from clipstudy.errors import RunFailure
+    from clipstudy.paths import DISTILBERT_ENV, RESNET50_ENV
+
+    parser = argparse.ArgumentParser(prog="python -m clipstudy fetch-weights",
+                                     description="Download the pretrained weights a profile loads "
+                                                 "(paper: timm ResNet-50 resnet50.a1_in1k and DistilBERT).")
+    parser.add_argument("--profile", default="paper", choices=sorted(PROFILES),
+                        help="fetch what this profile loads (default paper)")
+    parser.add_argument("--image-weights", choices=CHOICES["image_weights"], default=None,
+                        help="ResNet-50 weights to fetch instead of the profile's")
+    parser.add_argument("--dest", help="also save plain copies here; then set "
+                        f"{RESNET50_ENV}=DEST/resnet50-<weights>.pth and {DISTILBERT_ENV}=DEST/distilbert")
+    args = parser.parse_args(argv)
+    from clipstudy.models import fetch_weights, weights_needed
+
+    needed = weights_needed(make_config(args.profile))
+    image_weights = args.image_weights or needed["resnet50"]
+    if image_weights is None and not needed["distilbert"]:
+        print(f"profile {args.profile!r} loads no pretrained weights; nothing to fetch")
+        return 0
+    try:
+        for path in fetch_weights(args.dest, image_weights=image_weights, distilbert=needed["distilbert"]):
+            print("saved", path)
+    except Exception as err:  # network errors come in many types
+        raise RunFailure(f"fetch-weights: download failed ({err}); this command needs internet access "
+                         "(huggingface.co, and download.pytorch.org for the torchvision weights)") from err
     return 0
 
 

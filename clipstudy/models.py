@@ -26,7 +26,6 @@ the chosen ResNet-50 weights) and ``CLIPSTUDY_DISTILBERT`` (a
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from clipstudy.errors import StartupError
+from clipstudy.paths import DISTILBERT_ENV, RESNET50_ENV
 from torchvision.models import resnet50, ResNet50_Weights
 from torchvision.models.resnet import BasicBlock
 
@@ -41,8 +41,6 @@ DISTILBERT_NAME = "distilbert-base-uncased"
 TIMM_RESNET50 = "resnet50.a1_in1k"            # timm's default `resnet50` weights in the code base's era
 TIMM_RESNET50_REPO = f"timm/{TIMM_RESNET50}"  # where timm keeps them on the Hugging Face hub
 IMAGE_WEIGHTS = ("timm-a1", "torchvision")
-RESNET50_ENV = "CLIPSTUDY_RESNET50_WEIGHTS"
-DISTILBERT_ENV = "CLIPSTUDY_DISTILBERT"
 
 
 class WeightsUnavailable(StartupError, RuntimeError):
@@ -365,31 +363,3 @@ def fetch_weights(dest: str | None = None, *, image_weights: str | None = "timm-
             tokenizer.save_pretrained(out / "distilbert")
             done.append(str(out / "distilbert"))
     return done
-
-
-def fetch_weights_main(argv: list[str]) -> int:
-    from clipstudy.config import PROFILES, make_config
-
-    parser = argparse.ArgumentParser(prog="python -m clipstudy fetch-weights",
-                                     description="Download the pretrained weights a profile loads "
-                                                 "(paper: timm ResNet-50 resnet50.a1_in1k and DistilBERT).")
-    parser.add_argument("--profile", default="paper", choices=sorted(PROFILES),
-                        help="fetch what this profile loads (default paper)")
-    parser.add_argument("--image-weights", choices=IMAGE_WEIGHTS, default=None,
-                        help="ResNet-50 weights to fetch instead of the profile's")
-    parser.add_argument("--dest", help="also save plain copies here; then set "
-                        f"{RESNET50_ENV}=DEST/resnet50-<weights>.pth and {DISTILBERT_ENV}=DEST/distilbert")
-    args = parser.parse_args(argv)
-    needed = weights_needed(make_config(args.profile))
-    image_weights = args.image_weights or needed["resnet50"]
-    if image_weights is None and not needed["distilbert"]:
-        print(f"profile {args.profile!r} loads no pretrained weights; nothing to fetch")
-        return 0
-    try:
-        for path in fetch_weights(args.dest, image_weights=image_weights, distilbert=needed["distilbert"]):
-            print("saved", path)
-    except Exception as err:  # network errors come in many types
-        print(f"fetch-weights failed: {err}\nThis command needs internet access "
-              "(huggingface.co, and download.pytorch.org for the torchvision weights).", flush=True)
-        return 1
-    return 0

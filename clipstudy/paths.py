@@ -23,6 +23,9 @@ from clipstudy.errors import StartupError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ROOT_VARIABLE = "CLIPSTUDY_ROOT"
+# Local copies of the pretrained weights, used instead of the torch / Hugging Face caches when set.
+RESNET50_ENV = "CLIPSTUDY_RESNET50_WEIGHTS"
+DISTILBERT_ENV = "CLIPSTUDY_DISTILBERT"
 
 
 class ProjectRootNotFound(StartupError, RuntimeError):

@@ -139,7 +139,6 @@ def build_run(config: RunConfig, out: Path, rank: int = 0, world_size: int = 1) 
     from clipstudy.losses import make_loss
     from clipstudy.optim import build_optimizer, make_scheduler
 
-    check_inputs(config)  # data and weights are there, before anything is built
     device = choose_device(config.device)
     if world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -225,7 +224,9 @@ def train(config: RunConfig, *, progress: bool = True) -> dict:
 
     An exception other than an interruption or a refused configuration is
     recorded as status ``failed`` in ``metrics.json`` (with the error) and raised again.
+    Missing data or weights are refused first, with nothing written.
     """
+    check_inputs(config)
     try:
         return _train(config, progress=progress)
     except (KeyboardInterrupt, ConfigError, CellBusy):
