@@ -21,15 +21,21 @@ from clipstudy import paths, records
 
 METRICS = list(records.HEADLINE)
 METRIC_NAMES = {"txt_r1": "TR@1", "img_r1": "IR@1", "zeroshot_top1": "ACC@1", "average": "Average"}
-OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD", "adam": "Adam", "adam-nol2": "Adam (no L2)",
-                   "sgd-lr0.05": "SGD (lr 0.05, clip 1)"}
+# Display names; a variant not named here shows its label. Which optimizer a variant modifies is read
+# from its runs (metrics.json's base_optimizer), never from its name.
+OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD", "adam": "Adam", "adam-nol2": "Adam (no L2)"}
 LOSS_NAMES = {"clip": "CLIP", "sogclr": "SogCLR", "cyclip": "CyCLIP", "vicreg": "VICReg",
               "onlineclr": "OnlineCLR", "isogclr": "iSogCLR", "siglip": "SigLIP"}
-RESULT_COLUMNS = ["optimizer", "loss", "seed", "status", "txt_r1", "img_r1", "zeroshot_top1", "average",
+RESULT_COLUMNS = ["optimizer", "base_optimizer", "loss", "seed", "status", "txt_r1", "img_r1", "zeroshot_top1", "average",
                   "txt_r5", "txt_r10", "img_r5", "img_r10", "zeroshot_top5", "diverged_at_step", "global_step",
-                  "wall_time_s", "train_samples_per_s", "peak_memory_mb", "skipped_images", "error", "run_dir"]
+                  "wall_time_s", "train_samples_per_s", "peak_memory_mb", "skipped_images",
+                  "image_cos_mean_end", "text_cos_mean_end", "error", "run_dir"]
+TEXT_COLUMNS = ("optimizer", "base_optimizer", "loss", "status", "error", "run_dir")
+# Collapse: the mean off-diagonal cosine of a batch's embeddings at the end of training (training's
+# collapse diagnostics, image_cos_mean / text_cos_mean) at or above this in either modality.
+COLLAPSED_COS = 0.95
 
-# The original study's published numbers (STUDY.md): optimizer, loss, TR@1, IR@1, ACC@1, Average.
+# The original study's published numbers (docs/protocol.md): optimizer, loss, TR@1, IR@1, ACC@1, Average.
 PUBLISHED_ROWS = [
     ("adamw", "sogclr", 13.18, 10.30, 24.55, 16.68), ("adamw", "clip", 11.62, 9.16, 21.66, 14.81),
     ("adamw", "cyclip", 14.10, 10.68, 25.91, 16.90), ("adamw", "vicreg", 2.86, 2.16, 5.79, 3.60),
@@ -58,13 +64,31 @@ def collect_runs(runs_root: str | Path) -> pd.DataFrame:
             parts = metrics_file.parent.name.rsplit("-", 2)
             if len(parts) == 3:
                 row["optimizer"], row["loss"], row["seed"] = parts[0], parts[1], int(parts[2].lstrip("s") or 0)
+        row["base_optimizer"] = row["base_optimizer"] or row["optimizer"]  # runs from before the field
         rows.append(row)
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     for col in RESULT_COLUMNS:
-        if col not in ("optimizer", "loss", "status", "error", "run_dir"):
+        if col not in TEXT_COLUMNS:
             df[col] = pd.to_numeric(df[col], errors="coerce")
     df["seed"] = df["seed"].astype("Int64")
     return df.sort_values(["optimizer", "loss", "seed"], key=_order_key).reset_index(drop=True)
+
+
+def load_logs(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Every run's ``history.csv`` or ``epochs.csv`` (``name``) in one table, each row tagged with its run's
+    ``optimizer``, ``loss_name`` (``loss`` is a history column) and ``seed``; runs without rows are left out."""
+    if name not in ("history.csv", "epochs.csv"):
+        raise ValueError(f"name={name!r}: choose history.csv or epochs.csv")
+    frames = []
+    for row in df.itertuples():
+        path = Path(row.run_dir) / name
+        if not path.is_file() or not path.stat().st_size:
+            continue
+        frame = pd.read_csv(path)
+        if frame.empty:  # a header only: the run stopped before its first row
+            continue
+        frames.append(frame.assign(optimizer=row.optimizer, loss_name=row.loss, seed=row.seed))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def _order_key(col: pd.Series) -> pd.Series:
@@ -119,9 +143,12 @@ def study_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def with_published(df: pd.DataFrame) -> pd.DataFrame:
     """This study's mean Average beside the original published one, per cell of the original grid."""
-    summary = cell_summary(df)[["optimizer", "loss", "average_mean", "average_std"]]
+    summary = cell_summary(df)
+    columns = ["optimizer", "loss", "average_mean"]
+    if (summary["average_count"] > 1).any():  # a spread exists only with several seeds
+        columns.append("average_std")
     pub = published_table().rename(columns={m: f"published_{m}" for m in METRICS})
-    return pub.merge(summary, on=["optimizer", "loss"], how="left")
+    return pub.merge(summary[columns], on=["optimizer", "loss"], how="left")
 
 
 def spearman_vs_published(df: pd.DataFrame) -> dict:
@@ -198,16 +225,13 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
     adamw_wins = int((per_loss_best["optimizer"] == "adamw").sum())
     out.append(f"'AdamW is best for every loss': AdamW is best for {adamw_wins} of {len(per_loss_best)} losses.")
     by_opt = done.groupby("optimizer")["average_mean"].mean()
-    if "adam" in by_opt and "adam-nol2" in by_opt:
-        out.append(f"Adam with its L2 penalty averages {by_opt['adam']:.2f}; without it {by_opt['adam-nol2']:.2f}: "
-                   + ("dropping the L2 term helps." if by_opt["adam-nol2"] > by_opt["adam"] else
-                      "dropping the L2 term does not help."))
     chance_avg = None
     if chance and all(k in chance for k in ("txt_r1", "img_r1", "zeroshot_top1")):
         chance_avg = (chance["txt_r1"] + chance["img_r1"] + chance["zeroshot_top1"]) / 3
-    for label, value in by_opt.items():  # other variants (e.g. sgd-lr0.05) against the optimizer they modify
-        base = str(label).split("-")[0]
-        if label in ("adam-nol2", base) or base not in by_opt:
+    bases = df.dropna(subset=["base_optimizer"]).groupby("optimizer")["base_optimizer"].first()
+    for label, value in by_opt.items():  # each variant against the optimizer its runs say it modifies
+        base = bases.get(label, label)
+        if label == base or base not in by_opt:
             continue
         name, base_name = OPTIMIZER_NAMES.get(label, label), OPTIMIZER_NAMES.get(base, base)
         line = f"{name} averages {value:.2f} over losses against {by_opt[base]:.2f} for {base_name} with its defaults: "
@@ -225,10 +249,8 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
                    f"({chance_avg:.2f}).")
         below = done[done["average_mean"] < chance_avg]
         if len(below):
-            out.append("Below chance (collapsed embeddings: with ties counted pessimistically, identical scores "
-                       "rank every correct item last): " + ", ".join(
-                           f"{OPTIMIZER_NAMES.get(r.optimizer, r.optimizer)} + {LOSS_NAMES.get(r.loss, r.loss)}"
-                           for r in below.itertuples()) + ".")
+            out.append("Below chance: " + ", ".join(_cell_name(r) for r in below.itertuples()) + ".")
+    out += collapse_lines(df)
     diverged = df[df["status"] == "diverged"]
     failed = df[df["status"] == "failed"]
     if len(diverged):
@@ -241,7 +263,25 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------- CLI
+def _cell_name(r) -> str:
+    return f"{OPTIMIZER_NAMES.get(r.optimizer, r.optimizer)} + {LOSS_NAMES.get(r.loss, r.loss)}"
+
+
+def collapse_lines(df: pd.DataFrame) -> list[str]:
+    """Cells whose embeddings collapsed, by the collapse diagnostics of their completed runs (mean over
+    seeds of the final off-diagonal cosine, image or text, >= :data:`COLLAPSED_COS`); nothing when the
+    runs did not record them. A low score alone does not make a cell collapsed."""
+    done = df[df["status"] == "completed"].dropna(subset=["image_cos_mean_end", "text_cos_mean_end"], how="all")
+    if done.empty:
+        return []
+    cos = done.groupby(["optimizer", "loss"], sort=False)[["image_cos_mean_end", "text_cos_mean_end"]].mean()
+    hit = cos[(cos >= COLLAPSED_COS).any(axis=1)].reset_index()
+    return [f"Collapsed embeddings (final mean off-diagonal cosine >= {COLLAPSED_COS} in a modality): " + (
+        ", ".join(f"{_cell_name(r)} (image {r.image_cos_mean_end:.2f}, text {r.text_cos_mean_end:.2f})"
+                  for r in hit.itertuples()) or "none") + "."]
+
+
+# ------------------------------------------------------------------ rendering
 def render(profile: str, runs_root: Path, out_dir: Path, *, notebook: Path | None = None) -> Path:
     """Execute the analysis notebook and render it to HTML without code; return the HTML path."""
     import nbformat
