@@ -223,7 +223,7 @@ def format_report(report: dict, max_listed: int = 20) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clipstudy check-data",
-                                     description="Validate data sets (formats in STUDY.md) before training.")
+                                     description="Validate data sets (formats in docs/protocol.md) before training.")
     parser.add_argument("--train-ann", help="training annotation JSON (list of image/caption/image_id)")
     parser.add_argument("--train-images", help="folder the training image paths are relative to")
     parser.add_argument("--retrieval-ann", help="retrieval annotation JSON (list of image/caption list)")

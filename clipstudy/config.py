@@ -47,7 +47,7 @@ class RunConfig:
     seed: int = 0
     out: str = ""                      # run directory; empty = reports/runs/<profile>/<cell>
 
-    # --- data (STUDY.md formats); `data` is the demo layout shorthand (DIR/train.json, ...)
+    # --- data (docs/protocol.md formats); `data` is the demo layout shorthand (DIR/train.json, ...)
     data: str = ""
     train_ann: str = ""
     train_images: str = ""
