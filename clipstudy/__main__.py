@@ -58,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {errors.one_line(err)}", file=sys.stderr)
         return err.exit_code
     except OSError as err:  # a file the command reads or writes, outside the records (those raise WriteFailure)
-        if debug or err.filename is None:
+        if debug:
             raise
-        print(f"error: {err.filename}: {err.strerror or err}; check the path, its permissions and the free "
-              "disk space", file=sys.stderr)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}; check the paths, their permissions and the free disk space "
+              "(--debug shows where it happened)", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
         if debug:

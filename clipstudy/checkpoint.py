@@ -57,10 +57,14 @@ def cell_lock(folder: str | Path, name: str = LOCK_NAME):
         except BlockingIOError:
             raise CellBusy(f"{folder} is being trained by another process (lock {path}); "
                            "wait for it or use another output directory") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
+        pid = f"{os.getpid()}\n".encode()
+        try:  # unbuffered, so a full disk fails here and not again when the file is closed
+            os.ftruncate(fh.fileno(), 0)
+            os.pwrite(fh.fileno(), pid, 0)
+        except OSError as err:
+            raise WriteFailure(f"cannot write {path} ({human_size(len(pid))}): {err.strerror or err}. Free disk "
+                               f"space or make {folder} writable, then rerun the same command",
+                               path=path, size=len(pid)) from err
         yield path
     finally:
         fh.close()

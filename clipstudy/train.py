@@ -132,7 +132,8 @@ def params_named(field: str, value: dict):
     try:
         yield
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"config field {field!r}={value!r}: {err}") from err
+        raise ConfigError(f"config field {field!r}={value!r}: {err} (check each key and the type of its "
+                          "value against what the loss or optimizer accepts)") from err
 
 
 def build_run(config: RunConfig, out: Path, rank: int = 0, world_size: int = 1) -> Run:

@@ -204,6 +204,27 @@ def test_full_disk_while_writing_a_record(demo_data_dir, tmp_path, monkeypatch, 
                     r"No space left on device\. Free disk space", line), line
 
 
+def test_full_disk_while_writing_the_lock(demo_data_dir, tmp_path, monkeypatch, capsys):
+    def no_space(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", no_space)
+    out = tmp_path / "run"
+    assert clipstudy_main(smoke_train(demo_data_dir, out)) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: cannot write {out / '.lock'} (") and "No space left on device" in line
+
+
+def test_other_os_errors_are_one_line_too(monkeypatch, capsys):
+    def full(config, progress):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(train_mod, "train", full)
+    assert clipstudy_main(["train", "--profile", "smoke", "--data", "/nowhere", "--no-progress"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "No space left on device" in line and "--debug" in line
+
+
 # ============================================================ interrupt, ranks, sweep status
 def test_interrupt_says_how_to_resume_and_keeps_the_csv_headers(demo_data_dir, tmp_path, monkeypatch, capsys):
     original = train_mod.train_step
