@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from clipstudy.config import PROFILES, add_config_arguments, make_config, overrides_from_args
+from clipstudy.config import PROFILES, add_config_arguments, make_config, overrides_from_args, profile_named_in
 
 
 # ----------------------------------------------------------------------- CLI
@@ -24,14 +24,6 @@ def parse_args(argv, prog="python -m clipstudy train"):
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_arguments(parser, profile_named_in(argv, "demo"))
     return parser.parse_args(argv)
-
-
-def profile_named_in(argv: list[str], default: str) -> str:
-    """The ``--profile`` given in ``argv`` (for the help's defaults), else ``default``."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--profile", default=default)
-    name = pre.parse_known_args(argv)[0].profile
-    return name if name in PROFILES else default
 
 
 def train_main(argv: list[str]) -> int:

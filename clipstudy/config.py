@@ -348,6 +348,23 @@ def add_config_arguments(parser, profile: str | None) -> None:
                            help=field_help(name, profile))
 
 
+def profile_named_in(argv: list[str], default: str) -> str:
+    """The ``--profile`` given in ``argv`` (for the help's defaults), else ``default``."""
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--profile", default=default)
+    name = pre.parse_known_args(argv)[0].profile
+    return name if name in PROFILES else default
+
+
+def fields_epilog(profile: str) -> str:
+    """Every field, one line each with its default in ``profile``: the help of ``sweep --set``."""
+    lines = [f"configuration fields for --set (defaults of the {profile!r} profile):"]
+    lines += [f"  {name:<20} {field_help(name, profile).replace('%%', '%')}" for name in FIELDS if name != "profile"]
+    return "\n".join(lines).replace("%", "%%")
+
+
 def profile_default(name: str, profile: str) -> Any:
     """A field's value in ``profile`` before any override (paths as the profile writes them)."""
     spec = FIELDS[name]

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from clipstudy import paths, records
 from clipstudy.checkpoint import SWEEP_LOCK_NAME, CellBusy, cell_lock, checkpoint_paths, is_locked
-from clipstudy.config import FIELDS, PROFILES, ConfigError, RunConfig, cell_name, make_config
+from clipstudy.config import (FIELDS, PROFILES, ConfigError, RunConfig, cell_name, fields_epilog, make_config,
+                              profile_named_in)
 
 DEFAULT_OPTIMIZERS = ("adamw", "sgd", "adam")
 DEFAULT_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
@@ -304,14 +305,19 @@ def _number(text: str, option: str, kind):
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m clipstudy sweep",
-                                     description="Run the optimizer x loss grid through papermill.")
+                                     description="Run the optimizer x loss grid through papermill.",
+                                     epilog=fields_epilog(profile_named_in(argv, "demo")),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="demo", choices=sorted(PROFILES))
     parser.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
                         help=f"comma list; optimizer names or variants {sorted(VARIANTS)}")
-    parser.add_argument("--losses", default=",".join(DEFAULT_LOSSES))
+    parser.add_argument("--losses", default=",".join(DEFAULT_LOSSES),
+                        help="comma list of losses (default: the original five; isogclr and siglip run only "
+                             "when named)")
     parser.add_argument("--seeds", default="0", help="comma list of seeds, e.g. 0,1,2")
     parser.add_argument("--lr", default=None,
-                        help="one learning rate for all cells, or per optimizer: adamw=2e-4,sgd=0.05")
+                        help="one learning rate for all cells, or per optimizer or variant name: "
+                             "adamw=2e-4,sgd=0.05 (an unknown name fails at start)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIMIZER[:FIELD=VALUE;...]",
                         help="a named optimizer variant, e.g. sgd-hi=sgd:lr=0.1;weight_decay=0")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

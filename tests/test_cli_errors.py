@@ -298,6 +298,9 @@ def test_help_shows_the_profile_defaults_and_the_sentinels(capsys):
     default = help_text(["train", "--help"], capsys)  # no --profile: the command's default, demo
     assert "[demo: 0.002]" in default
     assert "[demo:" not in help_text(["evaluate", "--help"], capsys)  # evaluate's defaults are the run's
+    sweep = help_text(["sweep", "--profile", "paper", "--help"], capsys)  # the fields of --set
+    assert "lr peak learning rate; 0 = the optimizer's default [paper: 0.0]" in sweep
+    assert "warmup_steps linear warm-up steps; -1 = one epoch [paper: 500]" in sweep
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "sweep", "report", "check-data", "make-demo-data",
