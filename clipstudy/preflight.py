@@ -29,7 +29,7 @@ def require_data(config: RunConfig) -> None:
     if not paths["train_ann"] or not paths["train_images"]:
         raise ConfigError("config fields 'train_ann'/'train_images' are empty: set `data` (demo layout) "
                           "or both paths (formats in docs/protocol.md)")
-    if config.data:
+    if config.data and not (config.train_ann and config.train_images):  # the training set comes from `data`
         missing = [name for name in DEMO_LAYOUT if not (Path(config.data) / name).exists()]
         if missing:
             raise DataError(f"config field 'data'={config.data!r}: no data set there ({', '.join(missing)} "

@@ -215,6 +215,17 @@ def test_full_disk_while_writing_the_lock(demo_data_dir, tmp_path, monkeypatch, 
     assert line.startswith(f"error: cannot write {out / '.lock'} (") and "No space left on device" in line
 
 
+def test_a_multi_line_message_becomes_one_line(monkeypatch, capsys):
+    from clipstudy.models import WeightsUnavailable
+
+    def unavailable(config, progress):
+        raise WeightsUnavailable("DistilBERT (distilbert-base-uncased)\nFix: run fetch-weights\n")
+
+    monkeypatch.setattr(train_mod, "train", unavailable)
+    assert clipstudy_main(["train", "--profile", "smoke", "--data", "/nowhere", "--no-progress"]) == 2
+    assert one_error_line(capsys.readouterr().err) == "error: DistilBERT (distilbert-base-uncased) Fix: run fetch-weights"
+
+
 def test_other_os_errors_are_one_line_too(monkeypatch, capsys):
     def full(config, progress):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
