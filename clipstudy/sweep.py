@@ -219,6 +219,7 @@ def _kernel_directory(output: Path) -> Path:
 def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
     started = time.perf_counter()
     error = None
+    before = records.read_metrics(cell.out)  # an earlier attempt's record, if any
     try:
         # once every cell has run, nothing is left to lose (train() has written its files
         # atomically): ending the kernel at once saves the ~2 s a kernel with torch loaded
@@ -228,9 +229,11 @@ def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
     except Exception as err:  # papermill wraps the notebook's exception
         error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
     metrics = records.read_metrics(cell.out) or {}
-    if error and metrics.get("status") not in (records.FAILED, *records.FINISHED):
-        # the notebook failed before train() could record it (e.g. a bad parameter); a result
-        # train() finished before the kernel went down is kept, never overwritten as failed
+    recorded_now = metrics.get("status") == records.FAILED and metrics != before
+    if error and not recorded_now and metrics.get("status") not in records.FINISHED:
+        # the notebook failed before train() could record it (a bad parameter, missing data), or left
+        # an earlier attempt's failure; a result train() finished before the kernel went down is
+        # kept, never overwritten as failed
         metrics = records.failure_metrics(
             cell=cell.name, profile=cell.params["profile"], optimizer=cell.label,
             base_optimizer=cell.params.get("optimizer", cell.label), loss=cell.loss, seed=cell.seed, error=error)
