@@ -4,24 +4,45 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.clipstudy-installed
+LOCK := requirements/lock.txt
 PROFILE ?= demo
 JOBS ?= 1
 # the demo runs one cell per core (one torch thread each): faster than threads on small models
 DEMO_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 DEMO_DATA ?= data/demo
 SWEEP_ARGS ?=
+LOCK_ARGS ?=
+# where sweep cells run: inline (this process), local (submitit subprocesses) or slurm (one job array)
+EXECUTOR ?= inline
+TB_PORT ?= 6006
 
-.PHONY: setup test test-faults demo demo-data sweep report bench lab clean
+.PHONY: setup lock test test-faults demo demo-data sweep report bench gpu-check tensorboard lab clean
 
 setup: $(STAMP)
 
-# Re-installs only when the package metadata changes, so a second `make setup` is a no-op.
-$(STAMP): pyproject.toml
+# The environment is pinned by $(LOCK) (every package, exact version, PyPI's sha256 hashes), made
+# by `make lock` from pyproject.toml. The stamp depends on both files, so a second `make setup` is
+# a no-op and a changed lock reinstalls. The locked pip replaces the venv's own first.
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else \
+	  "$(LOCK) is for Python 3.11; this venv has " + sys.version.split()[0] + \
+	  ": rm -rf $(VENV) and run make setup PYTHON=python3.11")'
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r <(sed -n '/^pip==/,/# via/p' $(LOCK))
+	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $(STAMP)
+
+# Re-resolves pyproject.toml (+ dev extra, build requirements) against PyPI alone (the machine's
+# own pip configuration is set aside so the hashes are PyPI's) for this Python on Linux x86_64.
+# Keeps every pin that still fits; LOCK_ARGS=--upgrade moves all to their newest releases.
+lock: setup
+	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL PIP_CONFIG_FILE=/dev/null \
+	  CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet \
+	  --generate-hashes --allow-unsafe --all-build-deps --extra dev --strip-extras \
+	  --no-emit-index-url --no-emit-find-links --constraint requirements/constraints.txt \
+	  --output-file $(LOCK) $(LOCK_ARGS) pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q
@@ -38,13 +59,21 @@ demo: demo-data
 	$(PY) -m clipstudy report --profile demo
 
 sweep: setup
-	$(PY) -m clipstudy sweep --profile $(PROFILE) --jobs $(JOBS) $(SWEEP_ARGS)
+	$(PY) -m clipstudy sweep --profile $(PROFILE) --jobs $(JOBS) --executor $(EXECUTOR) $(SWEEP_ARGS)
 
 report: setup
 	$(PY) -m clipstudy report --profile $(PROFILE)
 
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+# One GPU, under 4 minutes: throughput, MFU, peak memory, loader vs GPU, retrieval eval, 2-GPU DDP.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
+
+# Every cell's event files (loss, lr, gradient norm, temperatures, per-epoch metrics), live.
+tensorboard: setup
+	$(VENV)/bin/tensorboard --logdir reports/runs --port $(TB_PORT)
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/

@@ -283,7 +283,9 @@ def data_wait(quick: bool, tmp: Path, runs: Path = RUNS) -> dict:
 
     make_demo_data(tmp / "demo_run_data", seed=0, image_size=32, train_size=640, retrieval_size=8,
                    zeroshot_per_class=1, zeroshot_classes=2)
-    config = make_config("demo", data=str(tmp / "demo_run_data"), out=str(tmp / "demo_run"), epochs=1,
+    # speed only: random towers, so the benchmark does not pretrain the demo towers first
+    config = make_config("demo", pretrained=False, data=str(tmp / "demo_run_data"), out=str(tmp / "demo_run"),
+                         epochs=1,
                          max_steps=8 if quick else 20, threads=1)
     train(config, progress=False)
     found = _history_fraction([tmp / "demo_run" / "history.csv"])
@@ -318,7 +320,8 @@ def demo_loop(quick: bool, tmp: Path) -> dict:
             ("clipstudy (decoded-image cache, from epoch 2 on)", {}, True),
             ("clipstudy without the image cache", {}, False),
             ("torchvision Compose + torch's default optimizer, no cache", {"foreach": None}, False)):
-        config = make_config("demo", data=str(tmp / "loop_data"), out=str(tmp / "loop_run"), optimizer_params=params,
+        config = make_config("demo", pretrained=False, data=str(tmp / "loop_data"), out=str(tmp / "loop_run"),
+                             optimizer_params=params,
                              cache_images=cache)
         run = build_run(config, tmp / "loop_run")
         if params:

@@ -59,7 +59,9 @@ def demo_run(data_dir: Path, out: Path, loss: str, optimizer: str, device: str,
     from clipstudy.data import make_collate
     from clipstudy.sampling import EpochBatches, SeededSamples
 
-    config = make_config("demo", data=str(data_dir), out=str(out), loss=loss, optimizer=optimizer, device=device,
+    # speed only: random towers, so the benchmark does not pretrain the demo towers first
+    config = make_config("demo", pretrained=False, data=str(data_dir), out=str(out), loss=loss, optimizer=optimizer,
+                         device=device,
                          optimizer_params=optimizer_params or {})
     run = build_run(config, out)
     loader = DataLoader(SeededSamples(run.train_set, config.seed),

@@ -22,6 +22,7 @@ COMMANDS = {
     "train": ("clipstudy.cli", "train_main", "train and evaluate one optimizer x loss cell"),
     "evaluate": ("clipstudy.cli", "evaluate_main", "evaluate a saved checkpoint"),
     "sweep": ("clipstudy.sweep", "main", "run the optimizer x loss grid through papermill"),
+    "choose-lr": ("clipstudy.lrsearch", "main", "pick one learning rate for every optimizer (short search)"),
     "report": ("clipstudy.cli", "report_main", "render the analysis notebook to HTML"),
 }
 

@@ -41,8 +41,10 @@ SWEEP_LOCK_NAME = ".sweep.lock"
 
 
 @contextlib.contextmanager
-def cell_lock(folder: str | Path, name: str = LOCK_NAME):
+def cell_lock(folder: str | Path, name: str = LOCK_NAME, *, wait: bool = False):
     """Hold an exclusive lock on ``folder/<name>`` for the duration of a run.
+
+    With ``wait`` it blocks until the lock is free instead of raising CellBusy.
 
     An ``flock`` belongs to the open file, so the kernel releases it when the
     holder dies, even by ``kill -9``: a killed run never leaves a stuck lock.
@@ -53,7 +55,7 @@ def cell_lock(folder: str | Path, name: str = LOCK_NAME):
     fh = open(path, "a+")
     try:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise CellBusy(f"{folder} is being trained by another process (lock {path}); "
                            "wait for it or use another output directory") from None
@@ -183,7 +185,7 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, keep: int = 2) -
     """
     import io
 
-    import torch  # here, so commands that only read records (sweep, --help) start without it
+    import torch  # here, not at the top: the sweep's job processes need this module's locks, not torch
 
     folder = Path(folder)
     buffer = io.BytesIO()

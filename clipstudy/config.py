@@ -68,8 +68,10 @@ class RunConfig:
     # --- model
     image_encoder: str = "resnet50"    # resnet50 | small_resnet
     text_encoder: str = "distilbert"   # distilbert | small_distilbert
-    pretrained: bool = True
+    pretrained: bool = True            # False = random init ("scratch"); demo towers: see clipstudy.pretrain
     image_weights: str = "torchvision" # ResNet-50: torchvision (IMAGENET1K_V1) | timm-a1 (timm resnet50.a1_in1k)
+    pretrain: dict = field(default_factory=dict)      # demo pretraining settings (clipstudy.pretrain.PretrainSettings)
+    text_pooling: str = "first"        # first ([CLS], the original) | mean (mean over the caption's tokens)
     embed_dim: int = 256
     tokenizer: str = ""                # tokenizer folder; empty = the encoder's own (or DATA/tokenizer)
     small_resnet_widths: list = field(default_factory=lambda: [32, 64, 128])
@@ -104,6 +106,7 @@ class RunConfig:
     deterministic: bool = True
     keep_checkpoints: int = 2
     log_every: int = 1                 # steps between history rows
+    tensorboard: bool = True           # TensorBoard event files beside history.csv (clipstudy.tensorboard_log)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -145,22 +148,29 @@ PROFILE_LOSS_PARAMS: dict[str, dict[str, dict]] = {
     "paper": {"sogclr": {"estimator": "original"}, "onlineclr": {"gamma": 0.8}},
 }
 
-# The embedded benchmark on a CPU: small encoders, 32 px, no flip / RandAugment
-# (they would contradict the position and colour words of the captions).
-# Sized so the 15-cell sweep takes about 10 minutes on a 2-core CPU with JOBS=2
-# (about 50 s of training per cell). Small batches: on this budget the number of
-# steps matters more than the number of negatives per step.
+# The embedded benchmark on a CPU, in the paper's regime: small towers pretrained
+# on their own disjoint data (clipstudy.pretrain: supervised image classes, masked
+# language modelling), then fine-tuned with ONE learning rate for every optimizer,
+# the paper's weight decay (0.02) and temperature (0.01), warm-up then cosine.
+# lr: chosen once by `python -m clipstudy choose-lr --profile demo` (the rate of
+# {1e-4, 3e-4, 1e-3, 3e-3} with the highest Average averaged over AdamW, SGD and Adam
+# with CLIP, seed 0; table in reports/demo/lr_search.csv).
+# Text pooling: mean, because the first token of the MLM-pretrained tower starts
+# nearly collapsed (README, "Collapse diagnostics"). 32 px, no flip / RandAugment
+# (they would contradict the position and colour words of the captions). Small
+# batches: on this budget the number of steps matters more than the negatives per step.
 DEMO: dict[str, Any] = dict(
     profile="demo", data="data/demo", image_size=32, crop_scale_min=0.85, hflip=False, augment="none",
-    num_workers=0, cache_images=True, image_encoder="small_resnet", text_encoder="small_distilbert", pretrained=False,
-    small_resnet_widths=[16, 32, 64], embed_dim=128, max_length=20, epochs=3, batch_size=32,
-    warmup_steps=20, lr=2e-3, eval_batch_size=500, threads=0,
+    num_workers=0, cache_images=True, image_encoder="small_resnet", text_encoder="small_distilbert", pretrained=True,
+    text_pooling="mean", small_resnet_widths=[16, 32, 64], embed_dim=128, max_length=20, epochs=3, batch_size=32,
+    warmup_steps=20, lr=1e-3, eval_batch_size=500, threads=0,
 )
 
-# Seconds, for tests: tiny encoders on a tiny demo set.
+# Seconds, for tests: tiny encoders on a tiny demo set, random init (a test that
+# needs the pretrained towers sets pretrained=True and a tiny `pretrain`).
 SMOKE: dict[str, Any] = dict(
     DEMO, profile="smoke", small_resnet_widths=[8, 16, 32], text_dim=32, text_layers=1, embed_dim=32,
-    epochs=2, batch_size=16, warmup_steps=2, eval_batch_size=64, max_length=16,
+    epochs=2, batch_size=16, warmup_steps=2, eval_batch_size=64, max_length=16, pretrained=False, lr=2e-3,
 )
 
 PROFILES: dict[str, dict[str, Any]] = {"paper": PAPER, "demo": DEMO, "smoke": SMOKE}
@@ -174,6 +184,7 @@ CHOICES: dict[str, tuple] = {
     "zeroshot_transform": ("original", "clip"),
     "image_weights": ("timm-a1", "torchvision"),
     "lr_schedule": ("smooth", "original"),
+    "text_pooling": ("first", "mean"),
 }
 # Former fields still accepted by make_config: name -> function(value) -> {new field: value}.
 LEGACY_FIELDS = {"randaugment": lambda on: {"augment": "torchvision" if _coerce_bool("randaugment", on) else "none"}}

@@ -37,7 +37,8 @@ FIELD_HELP: dict[str, str] = {
     # model
     "image_encoder": "image tower: resnet50 (paper) or small_resnet (demo)",
     "text_encoder": "text tower: distilbert (paper) or small_distilbert (demo)",
-    "pretrained": "start the paper towers from pretrained weights (needs fetch-weights once)",
+    "pretrained": "start from pretrained towers (paper: cached weights, see fetch-weights; demo: pretrained by "
+                  "clipstudy.pretrain); false = random initialisation",
     "image_weights": "ResNet-50 weights: timm-a1 (timm resnet50.a1_in1k) or torchvision (IMAGENET1K_V1)",
     "embed_dim": "dimension of the shared embedding space",
     "tokenizer": "tokenizer folder; empty = the text encoder's own (small_distilbert: DATA/tokenizer)",
@@ -46,6 +47,8 @@ FIELD_HELP: dict[str, str] = {
     "small_resnet_norm": "small_resnet normalisation: batch or group (group: exact multi-process equivalence on CPU)",
     "text_dim": "small_distilbert hidden size",
     "text_layers": "small_distilbert transformer layers",
+    "pretrain": "demo towers' pretraining settings as JSON (see clipstudy.pretrain.PretrainSettings); {} = its defaults",
+    "text_pooling": "text feature: first (the [CLS] token, the original) or mean (mean over the caption's tokens)",
     # loss
     "temperature": "softmax temperature of the contrastive losses (> 0)",
     "loss_params": "extra loss parameters as JSON, e.g. '{\"gamma\": 0.8}' for sogclr; only the loss's own "
@@ -71,4 +74,5 @@ FIELD_HELP: dict[str, str] = {
     "deterministic": "deterministic algorithms (reproducible, slower on GPU)",
     "keep_checkpoints": "checkpoints kept in RUN/checkpoints (the newest ones)",
     "log_every": "optimizer steps between rows of history.csv",
+    "tensorboard": "also write history.csv and epochs.csv rows as TensorBoard event files in the run directory",
 }

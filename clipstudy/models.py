@@ -14,8 +14,10 @@ Two builds:
   80% ImageNet top-1, trained with timm's A1 recipe), ``"torchvision"`` is
   torchvision's ``IMAGENET1K_V1`` (76.1%). Both towers map images to the same
   2048-d average-pooled features.
-* ``demo``: a small ResNet-family CNN (torchvision's ``BasicBlock``, random
-  init) + a small random-init DistilBERT on the demo data set's own vocabulary.
+* ``demo``: a small ResNet-family CNN (torchvision's ``BasicBlock``) + a small
+  DistilBERT on the demo data set's own vocabulary, built here with random
+  weights; a demo run then loads their pretrained weights
+  (:mod:`clipstudy.pretrain`) unless ``pretrained=False``.
 
 Pretrained weights are read from the local torch / Hugging Face caches only,
 so a training run never stalls on the network. ``python -m clipstudy
@@ -166,17 +168,33 @@ def _resnet50_state_dict(weights: str) -> dict:
 
 
 # ----------------------------------------------------------------- text towers
-class TextTower(nn.Module):
-    """A Hugging Face DistilBERT whose feature is the first ([CLS]) token's hidden state."""
+TEXT_POOLINGS = ("first", "mean")
 
-    def __init__(self, transformer: nn.Module):
+
+class TextTower(nn.Module):
+    """A Hugging Face DistilBERT pooled to one feature per caption.
+
+    ``pooling="first"`` takes the first ([CLS]) token's hidden state, as the
+    original code did; ``"mean"`` averages the hidden states of the caption's
+    tokens (padding excluded). Without a pretraining objective for [CLS]
+    (DistilBERT has none, and a random tower certainly not) the first token
+    barely depends on the caption, so mean pooling is the safer choice there.
+    """
+
+    def __init__(self, transformer: nn.Module, pooling: str = "first"):
         super().__init__()
+        if pooling not in TEXT_POOLINGS:
+            raise ValueError(f"text pooling {pooling!r}; choose one of {TEXT_POOLINGS}")
         self.transformer = transformer
+        self.pooling = pooling
         self.out_dim = transformer.config.dim
 
     def forward(self, input_ids, attention_mask):
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return hidden[:, 0]
+        if self.pooling == "first":
+            return hidden[:, 0]
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 def distilbert_location() -> str:
@@ -253,12 +271,13 @@ def build_model(*, image_encoder: str = "resnet50", text_encoder: str = "distilb
                 embed_dim: int = 256, tokenizer_path: str | None = None, pretrained: bool = True,
                 image_weights: str = "torchvision",
                 small_resnet_widths=(32, 64, 128), small_resnet_blocks=(1, 1, 1), small_resnet_norm="batch",
-                text_dim: int = 128, text_layers: int = 2, max_length: int = 30):
+                text_dim: int = 128, text_layers: int = 2, max_length: int = 30, text_pooling: str = "first"):
     """Build ``(model, tokenizer)``.
 
     ``resnet50`` / ``distilbert`` are the paper towers (pretrained unless
     ``pretrained=False``); ``small_resnet`` / ``small_distilbert`` are the demo
-    towers (random init). ``image_weights`` picks the ResNet-50 weights
+    towers (random init here; :func:`clipstudy.pretrain.load_pretrained_towers`
+    loads their pretrained weights). ``image_weights`` picks the ResNet-50 weights
     (``"torchvision"`` or ``"timm-a1"``). ``small_distilbert`` needs ``tokenizer_path`` (the
     demo set's tokenizer); ``distilbert`` uses DistilBERT's own tokenizer.
     """
@@ -285,7 +304,7 @@ def build_model(*, image_encoder: str = "resnet50", text_encoder: str = "distilb
                                        pad_token_id=tokenizer.pad_token_id or 0)
     else:
         raise ValueError(f"text_encoder={text_encoder!r}; choose one of {TEXT_ENCODERS}")
-    return DualEncoder(image_tower, TextTower(transformer), embed_dim), tokenizer
+    return DualEncoder(image_tower, TextTower(transformer, text_pooling), embed_dim), tokenizer
 
 
 # --------------------------------------------------------------- fetch-weights

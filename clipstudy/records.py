@@ -24,6 +24,7 @@ from pathlib import Path
 
 from clipstudy import __version__
 from clipstudy.checkpoint import atomic_write_text, write_json
+from clipstudy.environment import lock_versions
 
 COMPLETED, DIVERGED, FAILED, INTERRUPTED = "completed", "diverged", "failed", "interrupted"
 FINISHED = (COMPLETED, DIVERGED)
@@ -59,7 +60,7 @@ def package_versions() -> dict:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             versions[name] = None
-    return versions
+    return versions | lock_versions()  # the lock file's digest, and any package that differs from it
 
 
 def device_description(device) -> dict:
@@ -150,18 +151,28 @@ class RunLog:
     continues the same lists) and :meth:`flush` writes both files atomically.
     """
 
-    def __init__(self, run_dir: Path, history: list[dict] | None = None, epochs: list[dict] | None = None):
+    def __init__(self, run_dir: Path, history: list[dict] | None = None, epochs: list[dict] | None = None,
+                 board=None):
         self.run_dir = Path(run_dir)
         self.history = history if history is not None else []
         self.epochs = epochs if epochs is not None else []
+        self.board = board  # a TensorBoardLog (or None): the same rows as event files
 
     def log_step(self, row: dict) -> None:
         """One ``history.csv`` row: step, epoch, loss, lr, grad_norm, timings, loss extras."""
         self.history.append(row)
+        if self.board is not None:
+            self.board.history_row(row)
 
     def log_epoch(self, row: dict) -> None:
         """One ``epochs.csv`` row: epoch, step, every evaluation score, eval_time."""
         self.epochs.append(row)
+        if self.board is not None:
+            self.board.epoch_row(row)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
     def flush(self) -> None:
         write_csv(self.run_dir / "history.csv", self.history, HISTORY_COLUMNS)

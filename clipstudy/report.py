@@ -18,22 +18,23 @@ import numpy as np
 import pandas as pd
 
 from clipstudy import paths, records
+from clipstudy.diagnostics import COLLAPSED_COS, DIAGNOSTICS
 
 METRICS = list(records.HEADLINE)
 METRIC_NAMES = {"txt_r1": "TR@1", "img_r1": "IR@1", "zeroshot_top1": "ACC@1", "average": "Average"}
 # Display names; a variant not named here shows its label. Which optimizer a variant modifies is read
 # from its runs (metrics.json's base_optimizer), never from its name.
-OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD", "adam": "Adam", "adam-nol2": "Adam (no L2)"}
+OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD", "adam": "Adam", "adam-nol2": "Adam (no L2)",
+                   "adamw-scratch": "AdamW (scratch)", "sgd-scratch": "SGD (scratch)", "adam-scratch": "Adam (scratch)"}
 LOSS_NAMES = {"clip": "CLIP", "sogclr": "SogCLR", "cyclip": "CyCLIP", "vicreg": "VICReg",
               "onlineclr": "OnlineCLR", "isogclr": "iSogCLR", "siglip": "SigLIP"}
 RESULT_COLUMNS = ["optimizer", "base_optimizer", "loss", "seed", "status", "txt_r1", "img_r1", "zeroshot_top1", "average",
                   "txt_r5", "txt_r10", "img_r5", "img_r10", "zeroshot_top5", "diverged_at_step", "global_step",
                   "wall_time_s", "train_samples_per_s", "peak_memory_mb", "skipped_images",
-                  "image_cos_mean_end", "text_cos_mean_end", "error", "run_dir"]
+                  *[f"{name}_{when}" for name in DIAGNOSTICS for when in ("start", "end")], "error", "run_dir"]
 TEXT_COLUMNS = ("optimizer", "base_optimizer", "loss", "status", "error", "run_dir")
-# Collapse: the mean off-diagonal cosine of a batch's embeddings at the end of training (training's
-# collapse diagnostics, image_cos_mean / text_cos_mean) at or above this in either modality.
-COLLAPSED_COS = 0.95
+PAPER_OPTIMIZERS = ("adamw", "sgd", "adam")
+PAPER_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
 
 # The original study's published numbers (docs/protocol.md): optimizer, loss, TR@1, IR@1, ACC@1, Average.
 PUBLISHED_ROWS = [
@@ -162,6 +163,165 @@ def spearman_vs_published(df: pd.DataFrame) -> dict:
     return {"rho": float(rho), "p_value": float(p), "n_cells": int(len(both))}
 
 
+def spearman_by_optimizer(df: pd.DataFrame) -> pd.DataFrame:
+    """Spearman's rho against the published Averages over all cells and within each optimizer's row.
+
+    A row's rho says whether the demo orders the *losses* of that optimizer as
+    the paper did; the overall rho is dominated by the split between optimizers.
+    """
+    from scipy.stats import spearmanr
+
+    both = with_published(df).dropna(subset=["average_mean"])
+    scopes = [("all", both)] + [(o, both[both["optimizer"] == o]) for o in PAPER_OPTIMIZERS]
+    rows = []
+    for scope, part in scopes:
+        rho = p = float("nan")
+        if len(part) >= 3 and part["average_mean"].nunique() > 1:
+            rho, p = (float(v) for v in spearmanr(part["average_mean"], part["published_average"]))
+        rows.append({"scope": scope, "rho": rho, "p_value": p, "n_cells": int(len(part))})
+    return pd.DataFrame(rows)
+
+
+def average_grid(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean Average per optimizer (rows) and loss (columns), completed runs only."""
+    summary = cell_summary(df).dropna(subset=["average_mean"])
+    grid = summary.pivot(index="optimizer", columns="loss", values="average_mean")
+    return grid.reindex(columns=sorted(grid.columns, key=lambda loss: (list(LOSS_NAMES).index(loss)
+                                                                       if loss in LOSS_NAMES else 99, loss)))
+
+
+def findings_from_grid(grid: pd.DataFrame) -> list[dict]:
+    """The original study's four conclusions, each tested on a grid of mean Averages (optimizer x loss).
+
+    Returns one ``{"finding", "reproduced", "evidence"}`` per conclusion;
+    ``reproduced`` is None when cells are missing.
+    """
+    name = lambda k: OPTIMIZER_NAMES.get(k, LOSS_NAMES.get(k, k))  # noqa: E731
+    losses = [loss for loss in PAPER_LOSSES if loss in grid.columns]
+    complete = all(o in grid.index for o in PAPER_OPTIMIZERS) and len(losses) == len(PAPER_LOSSES)
+    complete = complete and not grid.loc[list(PAPER_OPTIMIZERS), losses].isna().any().any()
+    claims = ["AdamW is the best optimizer for every loss", "CyCLIP and SogCLR are the best losses (with AdamW)",
+              "Adam is poor everywhere (last of the three optimizers for every loss)",
+              "SGD is second (mean Average over losses: AdamW > SGD > Adam)"]
+    if not complete:
+        return [{"finding": c, "reproduced": None, "evidence": "not every cell of the 3 x 5 grid completed"}
+                for c in claims]
+    grid = grid.loc[list(PAPER_OPTIMIZERS), losses]
+    best = grid.idxmax(axis=0)
+    worst = grid.idxmin(axis=0)
+    top2 = grid.loc["adamw"].sort_values(ascending=False).index[:2].tolist()
+    order = grid.mean(axis=1).sort_values(ascending=False)
+    not_adamw = [f"{name(loss)} (best: {name(best[loss])})" for loss in losses if best[loss] != "adamw"]
+    not_adam = [f"{name(loss)} (last: {name(worst[loss])})" for loss in losses if worst[loss] != "adam"]
+    return [
+        {"finding": claims[0], "reproduced": not not_adamw,
+         "evidence": f"AdamW is best for {len(losses) - len(not_adamw)} of {len(losses)} losses"
+                     + (f"; not for {', '.join(not_adamw)}" if not_adamw else "")},
+        {"finding": claims[1], "reproduced": set(top2) == {"cyclip", "sogclr"},
+         "evidence": f"with AdamW the two best losses are {name(top2[0])} ({grid.loc['adamw', top2[0]]:.2f}) and "
+                     f"{name(top2[1])} ({grid.loc['adamw', top2[1]]:.2f})"},
+        {"finding": claims[2], "reproduced": not not_adam,
+         "evidence": f"Adam is last for {len(losses) - len(not_adam)} of {len(losses)} losses"
+                     + (f"; not for {', '.join(not_adam)}" if not_adam else "")},
+        {"finding": claims[3], "reproduced": list(order.index) == ["adamw", "sgd", "adam"],
+         "evidence": "mean Average over losses: " + ", ".join(f"{name(k)} {v:.2f}" for k, v in order.items())},
+    ]
+
+
+def paper_findings(df: pd.DataFrame) -> pd.DataFrame:
+    """:func:`findings_from_grid` on these runs (pretrained-init cells of the original grid)."""
+    return pd.DataFrame(findings_from_grid(average_grid(df)))
+
+
+def collapse_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per cell: mean over seeds of the diagnostics at the start and end, and how many seeds end collapsed."""
+    cols = [c for c in RESULT_COLUMNS if c.endswith(("_start", "_end"))]
+    done = df[df["status"] == "completed"].copy()
+    done["collapsed"] = (done[["image_cos_mean_end", "text_cos_mean_end"]] >= COLLAPSED_COS).any(axis=1)
+    out = done.groupby(["optimizer", "loss"], sort=False).agg(
+        **{c: (c, "mean") for c in cols}, collapsed_seeds=("collapsed", "sum"), seeds=("collapsed", "size"))
+    return out.reset_index().sort_values(["optimizer", "loss"], key=_order_key).reset_index(drop=True)
+
+
+def collapse_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> list[str]:
+    """What the diagnostics say: collapsed cells, and the weights and embeddings of cells that did not learn."""
+    table = collapse_table(df)
+    if table.empty or table["text_cos_mean_end"].isna().all():
+        return ["No collapse diagnostics in these runs (they predate them)."]
+    label = lambda r: f"{OPTIMIZER_NAMES.get(r.optimizer, r.optimizer)} + {LOSS_NAMES.get(r.loss, r.loss)}"  # noqa
+    out = []
+    for when in ("start", "end"):
+        hit = table[(table[[f"image_cos_mean_{when}", f"text_cos_mean_{when}"]] >= COLLAPSED_COS).any(axis=1)]
+        verb = "start" if when == "start" else "end"
+        out.append(f"Cells whose embeddings {verb} collapsed (mean off-diagonal cosine >= {COLLAPSED_COS} in a "
+                   f"modality, mean over seeds): " + (", ".join(
+                       f"{label(r)} (image {getattr(r, f'image_cos_mean_{when}'):.2f}, text "
+                       f"{getattr(r, f'text_cos_mean_{when}'):.2f})" for r in hit.itertuples()) or "none") + ".")
+    norms = table.groupby("optimizer", sort=False)[["weight_norm_start", "weight_norm_end"]].mean()
+    out.append("Norm of the weight matrices, start -> end, mean over losses: " + ", ".join(
+        f"{OPTIMIZER_NAMES.get(o, o)} {r.weight_norm_start:.1f} -> {r.weight_norm_end:.1f}"
+        for o, r in norms.iterrows()) + ".")
+    summary = cell_summary(df)
+    # the best Average per loss among cells of the same initialisation (pretrained or scratch)
+    summary["scratch"] = summary["optimizer"].astype(str).str.endswith("-scratch")
+    best = summary.groupby(["scratch", "loss"])["average_mean"].max()
+    averages = summary.set_index(["optimizer", "loss"])["average_mean"]
+    for r in table.itertuples():
+        avg = averages.get((r.optimizer, r.loss), float("nan"))
+        top = best.get((str(r.optimizer).endswith("-scratch"), r.loss), float("nan"))
+        if avg != avg:
+            continue
+        if chance_avg is not None and avg <= 2 * chance_avg:
+            why = f"did not learn (Average {avg:.2f})"
+        elif avg < 0.5 * top:
+            why = (f"reaches less than half the best Average for {LOSS_NAMES.get(r.loss, r.loss)} "
+                   f"({avg:.2f} against {top:.2f})")
+        else:
+            continue
+        out.append(f"{label(r)} {why}: image cosine {r.image_cos_mean_start:.2f} -> {r.image_cos_mean_end:.2f}, "
+                   f"text cosine {r.text_cos_mean_start:.2f} -> {r.text_cos_mean_end:.2f}, weight norm "
+                   f"{r.weight_norm_start:.1f} -> {r.weight_norm_end:.1f}.")
+    return out
+
+
+def optimizer_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> list[str]:
+    """Per optimizer of the original grid: its rank, where it learns, its best loss (e.g. the SGD conclusion)."""
+    grid = average_grid(df)
+    rows = [o for o in PAPER_OPTIMIZERS if o in grid.index]
+    means = grid.loc[rows].mean(axis=1).sort_values(ascending=False)
+    out = []
+    for rank, (o, mean) in enumerate(means.items(), start=1):
+        row = grid.loc[o].dropna()
+        line = (f"{OPTIMIZER_NAMES[o]}: mean Average over {len(row)} losses {mean:.2f} (rank {rank} of {len(means)}); "
+                f"best with {LOSS_NAMES.get(row.idxmax(), row.idxmax())} ({row.max():.2f})")
+        if chance_avg is not None:
+            line += f"; learns (above twice chance) with {int((row > 2 * chance_avg).sum())} of {len(row)} losses"
+        if o != "adamw" and "adamw" in grid.index:
+            line += "; against AdamW: " + ", ".join(
+                f"{LOSS_NAMES.get(loss, loss)} {row[loss] - grid.loc['adamw', loss]:+.2f}" for loss in row.index
+                if grid.loc["adamw", loss] == grid.loc["adamw", loss])
+        out.append(line + ".")
+    return out
+
+
+def initialisation_conclusions(df: pd.DataFrame) -> list[str]:
+    """How the conclusions change from pretrained towers to random ones (the ``<optimizer>-scratch`` cells)."""
+    scratch = df[df["optimizer"].astype(str).str.endswith("-scratch")].copy()
+    if scratch.empty:
+        return []
+    scratch["optimizer"] = scratch["optimizer"].str.removesuffix("-scratch")
+    grid, base = average_grid(scratch), average_grid(df[df["optimizer"].isin(PAPER_OPTIMIZERS)])
+    out = ["From scratch (random towers, otherwise identical): mean Average over losses " + ", ".join(
+        f"{OPTIMIZER_NAMES.get(o, o)} {grid.loc[o].mean():.2f} (pretrained {base.loc[o].mean():.2f})"
+        for o in grid.index if o in base.index) + "."]
+    rho = spearman_by_optimizer(scratch).set_index("scope")["rho"]
+    out.append(f"From scratch, Spearman's rho against the published ranking: {rho['all']:.2f} overall.")
+    for f in findings_from_grid(grid):
+        verdict = {True: "reproduced", False: "not reproduced", None: "not testable"}[f["reproduced"]]
+        out.append(f"From scratch, '{f['finding']}': {verdict} ({f['evidence']}).")
+    return out
+
+
 def cost_table(df: pd.DataFrame) -> pd.DataFrame:
     cols = ["wall_time_s", "train_samples_per_s", "peak_memory_mb"]
     return df.groupby(["optimizer", "loss"], sort=False)[cols].mean().reset_index()
@@ -185,6 +345,57 @@ def chance_levels_for(runs_root: str | Path) -> dict:
         except Exception:  # a run from another machine may point to data that is not here
             continue
     return {}
+
+
+# ---------------------------------------------------------------- environment
+ENVIRONMENT_KEYS = ("python", "torch", "lock_sha256")
+
+
+def environment_table(runs_root: str | Path) -> pd.DataFrame:
+    """One row per run: the Python, torch and lock file digest its config.json recorded (None: not recorded)."""
+    rows = []
+    for cfg_file in sorted(Path(runs_root).glob("*/config.json")):
+        try:
+            versions = json.loads(cfg_file.read_text()).get("versions") or {}
+        except (OSError, json.JSONDecodeError, AttributeError):
+            versions = {}
+        rows.append({"run": cfg_file.parent.name, **{k: versions.get(k) for k in ENVIRONMENT_KEYS},
+                     "lock_mismatches": versions.get("lock_mismatches") or []})
+    return pd.DataFrame(rows, columns=["run", *ENVIRONMENT_KEYS, "lock_mismatches"])
+
+
+def _known(value) -> str | None:
+    return value if isinstance(value, str) and value else None  # pandas stores a gap as NaN
+
+
+def _describe_environment(python, torch, lock) -> str:
+    lock_text = f"lock sha256 {lock[:12]}" if _known(lock) else "no lock file recorded"
+    return f"Python {_known(python) or '?'}, torch {_known(torch) or '?'}, {lock_text}"
+
+
+def environment_notes(env: pd.DataFrame) -> list[str]:
+    """The environment the runs were made in; runs made in different ones, or off their lock, are named."""
+    if env.empty:
+        return ["No run recorded its environment (no config.json found)."]
+    groups: dict[str, list[str]] = {}
+    for row in env.itertuples():
+        groups.setdefault(_describe_environment(row.python, row.torch, row.lock_sha256), []).append(row.run)
+    if len(groups) == 1:
+        (described, runs), = groups.items()
+        notes = [f"All {len(runs)} runs: {described}." if len(runs) > 1 else f"The run: {described}."]
+    else:
+        ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+        notes = ["Runs made with different environments (compare their numbers with care): " + "; ".join(
+            f"{len(runs)} run{'s' if len(runs) > 1 else ''}: {described} ({', '.join(runs)})"
+            for described, runs in ordered) + "."]
+    drifted = env[env["lock_mismatches"].map(len) > 0]
+    if len(drifted):
+        notes.append(f"{len(drifted)} run{'s' if len(drifted) > 1 else ''} used packages other than "
+                     "{} lock file's: ".format("their" if len(drifted) > 1 else "its") + "; ".join(
+                         f"{r.run} ({', '.join(r.lock_mismatches[:3])}"
+                         + (f", {len(r.lock_mismatches) - 3} more" if len(r.lock_mismatches) > 3 else "") + ")"
+                         for r in drifted.itertuples()) + ".")
+    return notes
 
 
 # ---------------------------------------------------------------- conclusions
@@ -221,9 +432,14 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
                 line += " (single seed: no spread to compare against)"
         out.append(line + ".")
     # The original claims, tested on these runs.
-    per_loss_best = done.sort_values("average_mean", ascending=False).groupby("loss", sort=False).head(1)
-    adamw_wins = int((per_loss_best["optimizer"] == "adamw").sum())
-    out.append(f"'AdamW is best for every loss': AdamW is best for {adamw_wins} of {len(per_loss_best)} losses.")
+    for f in findings_from_grid(average_grid(df)):
+        verdict = {True: "reproduced", False: "NOT reproduced", None: "not testable"}[f["reproduced"]]
+        out.append(f"Paper finding '{f['finding']}': {verdict} ({f['evidence']}).")
+    rho = spearman_by_optimizer(df)
+    if rho["n_cells"].iloc[0] >= 3:
+        out.append("Spearman's rho against the published ranking: " + ", ".join(
+            f"{'overall' if r.scope == 'all' else OPTIMIZER_NAMES[r.scope] + ' row'} {r.rho:.2f}"
+            for r in rho.itertuples() if r.n_cells >= 3) + ".")
     by_opt = done.groupby("optimizer")["average_mean"].mean()
     chance_avg = None
     if chance and all(k in chance for k in ("txt_r1", "img_r1", "zeroshot_top1")):
@@ -231,7 +447,8 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
     bases = df.dropna(subset=["base_optimizer"]).groupby("optimizer")["base_optimizer"].first()
     for label, value in by_opt.items():  # each variant against the optimizer its runs say it modifies
         base = bases.get(label, label)
-        if label == base or base not in by_opt:
+        # scratch cells (random towers) are compared in initialisation_conclusions
+        if label == base or base not in by_opt or str(label).endswith("-scratch"):
             continue
         name, base_name = OPTIMIZER_NAMES.get(label, label), OPTIMIZER_NAMES.get(base, base)
         line = f"{name} averages {value:.2f} over losses against {by_opt[base]:.2f} for {base_name} with its defaults: "
@@ -243,6 +460,8 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
     if len(by_opt) > 1:
         ranking = ", ".join(f"{OPTIMIZER_NAMES.get(k, k)} {v:.2f}" for k, v in by_opt.sort_values(ascending=False).items())
         out.append(f"Mean Average over losses by optimizer: {ranking}.")
+    out += optimizer_conclusions(df, chance_avg) + collapse_conclusions(df, chance_avg)
+    out += initialisation_conclusions(df)
     if chance_avg is not None:
         learned = done[done["average_mean"] > 2 * chance_avg]
         out.append(f"{len(learned)} of {len(done)} cells reach more than twice the chance Average "
@@ -250,7 +469,6 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
         below = done[done["average_mean"] < chance_avg]
         if len(below):
             out.append("Below chance: " + ", ".join(_cell_name(r) for r in below.itertuples()) + ".")
-    out += collapse_lines(df)
     diverged = df[df["status"] == "diverged"]
     failed = df[df["status"] == "failed"]
     if len(diverged):
@@ -265,20 +483,6 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
 
 def _cell_name(r) -> str:
     return f"{OPTIMIZER_NAMES.get(r.optimizer, r.optimizer)} + {LOSS_NAMES.get(r.loss, r.loss)}"
-
-
-def collapse_lines(df: pd.DataFrame) -> list[str]:
-    """Cells whose embeddings collapsed, by the collapse diagnostics of their completed runs (mean over
-    seeds of the final off-diagonal cosine, image or text, >= :data:`COLLAPSED_COS`); nothing when the
-    runs did not record them. A low score alone does not make a cell collapsed."""
-    done = df[df["status"] == "completed"].dropna(subset=["image_cos_mean_end", "text_cos_mean_end"], how="all")
-    if done.empty:
-        return []
-    cos = done.groupby(["optimizer", "loss"], sort=False)[["image_cos_mean_end", "text_cos_mean_end"]].mean()
-    hit = cos[(cos >= COLLAPSED_COS).any(axis=1)].reset_index()
-    return [f"Collapsed embeddings (final mean off-diagonal cosine >= {COLLAPSED_COS} in a modality): " + (
-        ", ".join(f"{_cell_name(r)} (image {r.image_cos_mean_end:.2f}, text {r.text_cos_mean_end:.2f})"
-                  for r in hit.itertuples()) or "none") + "."]
 
 
 # ------------------------------------------------------------------ rendering

@@ -84,7 +84,8 @@ def restore_state(run, state: dict) -> None:
     set_rng_state(state["rng"])
 
 
-TRAINING_FIELDS_THAT_MAY_CHANGE_ON_RESUME = {"out", "num_workers", "threads", "device", "log_every", "cache_images"}
+TRAINING_FIELDS_THAT_MAY_CHANGE_ON_RESUME = {"out", "num_workers", "threads", "device", "log_every", "cache_images",
+                                             "tensorboard"}
 
 
 def check_resume_compatible(config: RunConfig, saved_json: str, path: Path) -> None:
@@ -138,14 +139,14 @@ def resume(run, out: Path, *, announce: bool = True) -> ResumePoint | None:
 
 
 class StopRequest:
-    """Turns SIGTERM / SIGINT into a flag checked between steps (then a checkpoint is written)."""
+    """Turns SIGTERM / SIGINT / SIGUSR2 into a flag checked between steps (then a checkpoint is written)."""
 
     def __init__(self):
         self.signal = None
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):  # USR2: Slurm before a time limit
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. some notebook runners): no handler

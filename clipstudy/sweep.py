@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipstudy import paths, records
+from clipstudy import executors, paths, records
 from clipstudy.checkpoint import SWEEP_LOCK_NAME, CellBusy, cell_lock, checkpoint_paths, is_locked
 from clipstudy.config import (FIELDS, PROFILES, ConfigError, RunConfig, cell_name, fields_epilog, make_config,
                               profile_named_in)
@@ -29,6 +29,8 @@ DEFAULT_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
 # Named optimizer variants beyond the original grid; more with --variant.
 VARIANTS: dict[str, dict] = {
     "adam-nol2": {"optimizer": "adam", "weight_decay": 0.0},  # Adam without its L2 penalty
+    # the initialisation ablation: the same cells from random towers instead of pretrained ones
+    **{f"{name}-scratch": {"optimizer": name, "pretrained": False} for name in DEFAULT_OPTIMIZERS},
 }
 
 
@@ -258,11 +260,8 @@ def summary_line(cell: Cell, metrics: dict) -> str:
     return f"{cell.name:<28} FAILED: {metrics.get('error', '')}  ({wall:.0f}s)"
 
 
-def run_sweep(cells: list[Cell], *, jobs: int = 1, progress: bool = True) -> dict[str, dict]:
-    """Run every unfinished cell, ``jobs`` at a time; return cell name -> metrics."""
-    import torch
-    from tqdm.auto import tqdm
-
+def unfinished_cells(cells: list[Cell]) -> tuple[dict[str, dict], list[Cell]]:
+    """(metrics of the finished cells, the cells left to run); says why each skipped cell is skipped."""
     results, todo = {}, []
     for cell in cells:
         state, detail = cell_state(cell.out)
@@ -273,6 +272,15 @@ def run_sweep(cells: list[Cell], *, jobs: int = 1, progress: bool = True) -> dic
             print(f"{cell.name:<28} skipped (running in another process)", flush=True)
         else:
             todo.append(cell)
+    return results, todo
+
+
+def run_sweep(cells: list[Cell], *, jobs: int = 1, progress: bool = True) -> dict[str, dict]:
+    """Run every unfinished cell, ``jobs`` at a time; return cell name -> metrics."""
+    import torch
+    from tqdm.auto import tqdm
+
+    results, todo = unfinished_cells(cells)
     gpus = torch.cuda.device_count()
     devices: queue.Queue = queue.Queue()
     for slot in range(jobs):
@@ -329,8 +337,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runs", default=None, help="runs folder (default reports/runs/<profile>)")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "1")))
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+    executors.add_arguments(parser)
     args = parser.parse_args(argv)
     cells = plan_from_args(args)
+    resources = executors.resources_from_args(args)
+    if args.status:
+        executors.print_status(cells)
+        return 0
     if args.dry_run:
         for cell in cells:
             state, detail = cell_state(cell.out)
@@ -346,7 +359,15 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"--runs {root}: cannot create the runs folder ({err.strerror or err}); "
                               "choose a folder you can write to") from None
     t0 = time.perf_counter()
-    results = run_sweep(cells, jobs=args.jobs)
+    if args.executor == "inline" and resources.world_size == 1:
+        results = run_sweep(cells, jobs=args.jobs)
+    else:
+        results, todo = unfinished_cells(cells)
+        ran = executors.run_cells(args.executor, todo, resources, cells[0].out.parent if cells else Path(),
+                                  jobs=args.jobs, wait=args.wait)
+        if ran is None:  # submitted to Slurm, not waited for
+            return 0
+        results.update(ran)
     counts: dict[str, int] = {}
     for m in results.values():
         counts[m.get("status", "?")] = counts.get(m.get("status", "?"), 0) + 1

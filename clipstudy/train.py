@@ -37,6 +37,9 @@ from clipstudy.precision import autocast
 from clipstudy.preflight import check_inputs
 from clipstudy.runstate import StopRequest, capture_state, resume, seed_everything
 from clipstudy.sampling import SeededSamples, batches_keeping_rng, train_loader
+from clipstudy.tensorboard_log import TensorBoardLog
+from clipstudy.diagnostics import start_end_summary, step_diagnostics
+from clipstudy.pretrain import load_pretrained_towers
 
 log = logging.getLogger("clipstudy.train")
 
@@ -62,6 +65,7 @@ class Run:
     amp_dtype: torch.dtype | None
     rank: int = 0
     world_size: int = 1
+    last_embeddings: tuple | None = None  # the last step's (image, text) embeddings, for the diagnostics
 
 
 def choose_device(name: str) -> torch.device:
@@ -122,7 +126,8 @@ def build_model_for(config: RunConfig):
                        small_resnet_widths=config.small_resnet_widths,
                        small_resnet_blocks=config.small_resnet_blocks,
                        small_resnet_norm=config.small_resnet_norm, text_dim=config.text_dim,
-                       text_layers=config.text_layers, max_length=config.max_length)
+                       text_layers=config.text_layers, max_length=config.max_length,
+                       text_pooling=config.text_pooling)
 
 
 @contextlib.contextmanager
@@ -154,6 +159,7 @@ def build_run(config: RunConfig, out: Path, rank: int = 0, world_size: int = 1) 
                           f"({len(train_set)} pairs in {config.resolved_paths()['train_ann']}); lower batch_size")
     seed_everything(config.seed)  # same initial weights for every cell of a seed
     model, tokenizer = build_model_for(config)
+    load_pretrained_towers(model, config)  # the demo towers' pretrained weights, built on first use
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -275,14 +281,16 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
     is_main = rank == 0
     point = resume(run, out, announce=is_main)  # refuses another format or configuration, writing nothing
     state = LoopState(session_start=time.perf_counter())
-    log_rows = records.RunLog(out)
+    history, epochs = [], []
     if point is not None:
         done = records.read_metrics(out)
         if records.is_finished(done) and done.get("global_step") == point.global_step:
             return done
         state.epoch, state.batch_in_epoch, state.global_step = point.epoch, point.batch_in_epoch, point.global_step
         state.elapsed = point.elapsed
-        log_rows = records.RunLog(out, point.history, point.epochs)
+        history, epochs = point.history, point.epochs
+    board = TensorBoardLog(out, enabled=is_main and config.tensorboard, resume_step=state.global_step)
+    log_rows = records.RunLog(out, history, epochs, board=board)
     if is_main:  # the checks passed: now the run may change its directory
         for stale in remove_stale_temporaries(out / "checkpoints") + remove_stale_temporaries(out):
             print(f"removed {stale.name}, left by an interrupted write", file=sys.stderr)
@@ -291,7 +299,10 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
         else:
             records.record_resume(out, config, device=run.device, world_size=world_size, command=sys.argv,
                                   when=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    train_epochs(run, state, log_rows, progress)
+    try:
+        train_epochs(run, state, log_rows, progress)
+    finally:
+        log_rows.close()
     if state.status == records.INTERRUPTED:
         if world_size > 1:
             torch.distributed.destroy_process_group()
@@ -374,6 +385,7 @@ def train_one_epoch(run: Run, state: LoopState, log_rows: records.RunLog, loader
                    "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s,
                    "data_time": data_time, "step_time": step_time}
             row.update({k: float(v) for k, v in run.loss.extra_metrics().items()})
+            row.update(step_diagnostics(run))  # collapse figures of this step (clipstudy.diagnostics)
             log_rows.log_step(row)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_s:.0f}", refresh=False)
@@ -417,6 +429,7 @@ def finish(run: Run, state: LoopState, log_rows: records.RunLog) -> dict:
         wall_time_s=state.elapsed + time.perf_counter() - state.session_start,
         train_samples_per_s=state.samples_seen / state.train_time if state.train_time else None,
         peak_memory_mb=peak_memory_mb(run.device), skipped_images=state.skipped_images)
+    metrics.update(start_end_summary(log_rows.history))  # collapse figures at the start and the end
     if run.rank == 0:
         if state.status == records.DIVERGED:
             save(run, state, log_rows)
@@ -438,6 +451,7 @@ def train_step(run: Run, batch: dict) -> tuple[float, float]:
     index = batch["index"].to(device, non_blocking=True)
     with autocast(device, run.amp_dtype):
         image_emb, text_emb = run.model(images, input_ids, attention_mask)
+    run.last_embeddings = (image_emb.detach(), text_emb.detach())  # read by step_diagnostics when logging
     loss = run.loss(image_emb.float(), text_emb.float(), index)
     loss_value = loss.item()
     run.optimizer.zero_grad(set_to_none=True)

@@ -301,13 +301,14 @@ def test_every_field_has_a_help_line():
 
 def test_help_shows_the_profile_defaults_and_the_sentinels(capsys):
     demo = help_text(["train", "--profile", "demo", "--help"], capsys)
-    assert "peak learning rate; 0 = the optimizer's default [demo: 0.002]" in demo
+    demo_lr = config_mod.DEMO["lr"]
+    assert f"peak learning rate; 0 = the optimizer's default [demo: {demo_lr!r}]" in demo
     assert "linear warm-up steps; -1 = one epoch [demo: 20]" in demo
     paper = help_text(["train", "--profile", "paper", "--help"], capsys)
     assert "0 = the optimizer's default [paper: 0.0]" in paper
     assert "-1 = one epoch [paper: 500]" in paper and "[paper: 'original']" in paper
     default = help_text(["train", "--help"], capsys)  # no --profile: the command's default, demo
-    assert "[demo: 0.002]" in default
+    assert f"[demo: {demo_lr!r}]" in default
     assert "[demo:" not in help_text(["evaluate", "--help"], capsys)  # evaluate's defaults are the run's
     sweep = help_text(["sweep", "--profile", "paper", "--help"], capsys)  # the fields of --set
     assert "lr peak learning rate; 0 = the optimizer's default [paper: 0.0]" in sweep

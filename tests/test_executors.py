@@ -1,0 +1,279 @@
+"""The sweep's executors: submitit's local executor (real subprocesses), Slurm with fake commands on PATH,
+multi-process (DDP) cells, preemption and resubmission; TensorBoard event files of a cell."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipstudy import executors
+from clipstudy.config import make_config
+from clipstudy.sweep import main as sweep_main, plan_cells
+from clipstudy.tensorboard_log import read_scalars
+from clipstudy.train import train
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# a short cell: 3 epochs of 4 steps on the tiny demo data, one torch thread
+SHORT = {"threads": 1, "epochs": 3}
+
+
+def sweep_args(data, runs, losses="clip", *extra):
+    return ["--profile", "smoke", "--data", str(data), "--runs", str(runs), "--optimizers", "adamw",
+            "--losses", losses, "--set", "threads=1", "--set", "epochs=3", *extra]
+
+
+def comparable(metrics: dict) -> dict:
+    """The numbers a resumed or relocated run must reproduce (not timings or places)."""
+    keys = ("status", "txt_r1", "img_r1", "zeroshot_top1", "average", "global_step", "epochs_completed")
+    return {k: metrics.get(k) for k in keys}
+
+
+def history_losses(run: Path) -> list[float]:
+    with open(run / "history.csv") as fh:
+        return [float(row["loss"]) for row in csv.DictReader(fh)]
+
+
+def reference(data, out: Path, loss: str = "clip", **fields) -> dict:
+    """The same cell trained in this process without any executor, never interrupted."""
+    config = make_config("smoke", optimizer="adamw", loss=loss, seed=0, data=str(data), out=str(out),
+                         **{**SHORT, **fields})
+    return train(config, progress=False)
+
+
+# ===================================================================== TensorBoard
+def test_tensorboard_events_hold_every_logged_scalar(demo_data_dir, tmp_path):
+    run = tmp_path / "run"
+    reference(demo_data_dir, run, loss="isogclr", epochs=2)
+    scalars = read_scalars(run)
+    with open(run / "history.csv") as fh:
+        history = list(csv.DictReader(fh))
+    with open(run / "epochs.csv") as fh:
+        epochs = list(csv.DictReader(fh))
+    # every numeric history column, diagnostics included (iSogCLR's temperatures), one event per row
+    assert {"train/loss", "train/lr", "train/grad_norm"} <= set(scalars)
+    assert any(tag.startswith("train/") and "tau" in tag for tag in scalars), sorted(scalars)
+    for column in history[0]:
+        if column in ("step", "epoch"):
+            continue
+        events = scalars[f"train/{column}"]
+        assert [s for s, _ in events] == [int(row["step"]) for row in history], column
+        np.testing.assert_allclose([v for _, v in events], [float(row[column]) for row in history],
+                                   rtol=1e-6, err_msg=column)  # TensorBoard stores float32
+    for column in ("txt_r1", "img_r1", "zeroshot_top1", "average"):
+        events = scalars[f"eval/{column}"]
+        assert [s for s, _ in events] == [int(row["step"]) for row in epochs]
+        np.testing.assert_allclose([v for _, v in events], [float(row[column]) for row in epochs], rtol=1e-6)
+
+
+def test_tensorboard_off_writes_no_event_file(demo_data_dir, tmp_path):
+    run = tmp_path / "run"
+    reference(demo_data_dir, run, epochs=1, tensorboard=False)
+    assert (run / "history.csv").is_file() and not list(run.glob("events.out.tfevents.*"))
+
+
+# ===================================================================== Slurm, faked
+FAKE_SBATCH = """#!/bin/bash
+# records the job script it is given and answers as sbatch does
+cp "$1" "$FAKE_SLURM/submitted-$(ls "$FAKE_SLURM" | grep -c submitted).sh"
+echo "Submitted batch job 4242"
+"""
+FAKE_SACCT = """#!/bin/bash
+# every task of array 4242 in the state written to $FAKE_SLURM/state
+echo "JobID|State|NodeList"
+for i in 0 1; do echo "4242_$i|$(cat "$FAKE_SLURM/state")|node1"; done
+"""
+FAKE_SQUEUE = """#!/bin/bash
+echo "JOBID PARTITION NAME USER ST"
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """sbatch / sacct / squeue / srun / scontrol on PATH that record what they are given (as submitit's own tests
+    do with a mock); returns the folder holding the submitted scripts and the state sacct reports."""
+    import submitit
+
+    record, bin_dir = tmp_path / "slurm", tmp_path / "bin"
+    record.mkdir()
+    bin_dir.mkdir()
+    (record / "state").write_text("RUNNING")
+    for name, text in {"sbatch": FAKE_SBATCH, "sacct": FAKE_SACCT, "squeue": FAKE_SQUEUE,
+                       "srun": "#!/bin/bash\nexit 0\n", "scontrol": "#!/bin/bash\nexit 0\n"}.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM", str(record))
+    submitit.SlurmJob.watcher.clear()
+    yield record
+    submitit.SlurmJob.watcher.clear()
+
+
+def test_slurm_sweep_submits_one_array_and_status_shows_jobs(demo_data_dir, tmp_path, fake_slurm, capsys):
+    import submitit
+
+    runs = tmp_path / "runs"
+    args = sweep_args(demo_data_dir, runs, "clip,sogclr", "--executor", "slurm", "--partition", "gpu",
+                      "--account", "study", "--time", "90", "--gpus-per-cell", "2", "--cpus-per-cell", "8",
+                      "--mem-gb", "64", "--sbatch", "qos=high", "--sbatch", "constraint=a100")
+    assert sweep_main(args) == 0
+    out = capsys.readouterr().out
+    scripts = sorted(fake_slurm.glob("submitted-*.sh"))
+    assert len(scripts) == 1, "the cells must go out as one job array"
+    script = scripts[0].read_text()
+    for line in ("#SBATCH --array=0-1%2", "#SBATCH --gpus-per-node=2", "#SBATCH --ntasks-per-node=2",
+                 "#SBATCH --time=90", "#SBATCH --requeue", "#SBATCH --partition=gpu", "#SBATCH --account=study",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB", "#SBATCH --qos=high",
+                 "#SBATCH --constraint=a100", "#SBATCH --signal=USR2@90"):
+        assert line in script.splitlines(), f"{line} missing from\n{script}"
+    assert "submitit.core._submit" in script  # the task is submitit's runner of the pickled CellTask
+    for k, loss in enumerate(("clip", "sogclr")):
+        cell = runs / f"adamw-{loss}-s0"
+        job = json.loads((cell / "job.json").read_text())
+        assert job["executor"] == "slurm" and job["job_id"] == f"4242_{k}"
+        assert os.readlink(cell / "job.out") == job["stdout"] and "4242_" in job["stdout"]
+        assert re.search(rf"adamw-{loss}-s0\s+submitted as Slurm job 4242_{k}", out), out
+        # the pickled task is the same papermill cell the local sweep runs, in the same run directory
+        task = submitit.SlurmJob(folder=job["folder"], job_id=f"4242_{k}").submission().function
+        assert isinstance(task, executors.CellTask) and task.cell.out == cell and task.cell.loss == loss
+        assert hasattr(task, "checkpoint")
+
+    assert sweep_main(args + ["--status"]) == 0
+    status = capsys.readouterr().out
+    assert re.search(r"adamw-clip-s0\s+pending\s+4242_0\s+RUNNING\s+\S+adamw-clip-s0/job.out", status), status
+    # resubmitting while the jobs are queued or running submits nothing
+    assert sweep_main(args) == 0
+    assert "still active" in capsys.readouterr().out and len(list(fake_slurm.glob("submitted-*.sh"))) == 1
+    # once Slurm has given up on them (e.g. cancelled), a resubmission sends the unfinished cells again
+    (fake_slurm / "state").write_text("CANCELLED")
+    submitit.SlurmJob.watcher.clear()
+    assert sweep_main(args) == 0
+    assert len(list(fake_slurm.glob("submitted-*.sh"))) == 2
+
+
+def test_slurm_options_are_checked_before_submitting(demo_data_dir, tmp_path, fake_slurm, capsys):
+    runs = tmp_path / "runs"
+    assert sweep_main(sweep_args(demo_data_dir, runs, "clip", "--executor", "local", "--nodes", "2")) == 2
+    assert "--executor slurm" in capsys.readouterr().err
+    assert sweep_main(sweep_args(demo_data_dir, runs, "clip", "--executor", "slurm", "--sbatch", "qos")) == 2
+    assert "--sbatch" in capsys.readouterr().err
+    assert not list(fake_slurm.glob("submitted-*.sh"))
+
+
+# ===================================================================== the local executor
+@pytest.mark.slow
+@pytest.mark.faults  # excluded from the default run like the other slow end-to-end tests: `make test-faults`
+@pytest.mark.timeout(900)
+def test_local_executor_two_cells_then_the_report(demo_data_dir, tmp_path, capsys):
+    from clipstudy import report
+
+    runs = tmp_path / "runs"
+    assert sweep_main(sweep_args(demo_data_dir, runs, "clip,sogclr", "--executor", "local", "--jobs", "2")) == 0
+    out = capsys.readouterr().out
+    for loss in ("clip", "sogclr"):
+        cell = runs / f"adamw-{loss}-s0"
+        assert re.search(rf"adamw-{loss}-s0\s+completed", out), out
+        job = json.loads((cell / "job.json").read_text())
+        assert job["executor"] == "local" and (cell / "job.out").resolve() == Path(job["stdout"]).resolve()
+        assert int(job["job_id"]) != os.getpid()  # ran in a subprocess
+        assert (cell / "train.ipynb").is_file() and list(cell.glob("events.out.tfevents.*"))
+        # the same numbers as the cell trained here, without an executor
+        assert comparable(json.loads((cell / "metrics.json").read_text())) == comparable(
+            reference(demo_data_dir, tmp_path / "reference" / loss, loss=loss))
+    html = report.render("smoke", runs, tmp_path / "report")
+    assert "Adamw" in html.read_text() or "AdamW" in html.read_text()
+    assert len(report.collect_runs(runs)) == 2
+
+
+def resumed_step(run: Path) -> int:
+    """The step the executed notebook says training resumed from (the line train() prints on resume)."""
+    found = re.findall(r"resumed from \S+ \(epoch \d+, batch \d+, step (\d+)\)", (run / "train.ipynb").read_text())
+    assert found, f"{run.name} did not resume: no 'resumed from' line in its notebook"
+    return int(found[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.faults  # excluded from the default run like the other slow end-to-end tests: `make test-faults`
+@pytest.mark.timeout(900)
+def test_local_cell_killed_mid_run_resumes_on_resubmission(demo_data_dir, tmp_path):
+    from test_faults import completed, has_full_checkpoint, kill_everything, start_sweep, wait_for
+
+    from clipstudy.checkpoint import load_latest
+
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "clipstudy", "sweep", *sweep_args(demo_data_dir, runs, "clip", "--executor", "local")]
+    cell = runs / "adamw-clip-s0"
+    log = tmp_path / "sweep.log"
+    proc = start_sweep(cmd, log)
+    wait_for(lambda: has_full_checkpoint(cell), proc, log)
+    kill_everything(proc)  # the sweep, submitit's controller, the task and the kernel, all with kill -9
+    assert not completed(cell), "the cell finished before the kill; nothing was interrupted"
+    _, newest, _ = load_latest(cell / "checkpoints")
+    saved_step = int(re.search(r"(\d+)", newest.name).group(1))
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+    assert again.returncode == 0 and re.search(r"adamw-clip-s0\s+completed", again.stdout), again.stdout + again.stderr
+    assert 0 < resumed_step(cell) == saved_step
+    assert comparable(json.loads((cell / "metrics.json").read_text())) == comparable(
+        reference(demo_data_dir, tmp_path / "reference"))
+    assert history_losses(cell) == history_losses(tmp_path / "reference")
+
+
+@pytest.mark.slow
+@pytest.mark.faults  # excluded from the default run like the other slow end-to-end tests: `make test-faults`
+@pytest.mark.timeout(900)
+def test_preempted_local_job_checkpoints_is_requeued_and_resumes(demo_data_dir, tmp_path):
+    """USR2, the signal Slurm sends before a time limit or on preemption (submitit's local executor sends it too),
+    reaches the task: submitit calls CellTask.checkpoint, training checkpoints, the job is requeued and resumes."""
+    import signal
+
+    from test_faults import has_full_checkpoint
+
+    runs = tmp_path / "runs"
+    (cell,) = plan_cells("smoke", optimizers=["adamw"], losses=["clip"],
+                         overrides={"data": str(demo_data_dir), **SHORT, "epochs": 5}, runs_root=runs)
+    (job,) = executors.submit_cells("local", [cell], executors.Resources(time_min=30), runs / ".submitit")
+    deadline = time.time() + 600
+    while not has_full_checkpoint(cell.out) and not job.done() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not job.done(), "the job ended before it could be preempted"
+    tasks = executors.child_pids(int(job.job_id))  # submitit's controller -> the task running CellTask
+    assert len(tasks) == 1
+    os.kill(tasks[0], signal.SIGUSR2)
+    metrics = job.results()[0]
+    assert metrics["status"] == "completed", metrics
+    logs = Path(job.paths.stderr).read_text() + Path(job.paths.stdout).read_text()
+    assert "Requeued job" in logs  # submitit requeued it ...
+    assert "adamw-clip-s0: training checkpointed and stopped; requeuing" in logs  # ... after CellTask.checkpoint
+    assert resumed_step(cell.out) > 0
+    assert comparable(metrics) == comparable(reference(demo_data_dir, tmp_path / "reference", epochs=5))
+    assert history_losses(cell.out) == history_losses(tmp_path / "reference")
+
+
+@pytest.mark.slow
+@pytest.mark.faults  # excluded from the default run like the other slow end-to-end tests: `make test-faults`
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("executor", ["local", "inline"])
+def test_two_process_ddp_cell(demo_data_dir, tmp_path, capsys, executor):
+    """--procs-per-node 2 on a CPU: two gloo ranks (local: submitit tasks + TorchDistributedEnvironment;
+    inline: torchrun); rank 0 runs the notebook; the cell equals one process on the global batch."""
+    runs = tmp_path / "runs"
+    args = sweep_args(demo_data_dir, runs, "sogclr", "--executor", executor, "--procs-per-node", "2",
+                      "--set", "small_resnet_norm=group", "--set", "epochs=1")
+    assert sweep_main(args) == 0
+    assert re.search(r"adamw-sogclr-s0\s+completed", capsys.readouterr().out)
+    cell = runs / "adamw-sogclr-s0"
+    assert json.loads((cell / "config.json").read_text())["world_size"] == 2
+    assert (cell / "train.ipynb").is_file() and list(cell.glob("events.out.tfevents.*"))
+    one = reference(demo_data_dir, tmp_path / "one", loss="sogclr", epochs=1, small_resnet_norm="group")
+    two = json.loads((cell / "metrics.json").read_text())
+    assert history_losses(cell) == pytest.approx(history_losses(tmp_path / "one"), rel=1e-4, abs=1e-5)
+    for key in ("txt_r1", "img_r1", "zeroshot_top1"):
+        assert two[key] == pytest.approx(one[key], abs=1e-6)

@@ -1,0 +1,161 @@
+"""The demo's pretrained towers: disjoint from the study's data, deterministic, cached, race-free."""
+import hashlib
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipstudy import pretrain
+from clipstudy.config import ConfigError, make_config
+from clipstudy.data import clean_caption
+
+TINY = dict(images=48, image_epochs=1, image_batch_size=16, captions=96, text_epochs=1, text_batch_size=16)
+
+
+@pytest.fixture
+def data_dir(demo_data_dir, tmp_path):
+    """A private copy of the tiny demo set (pretraining writes its cache into the data folder)."""
+    return shutil.copytree(demo_data_dir, tmp_path / "demo")
+
+
+def smoke(data_dir, **overrides):
+    return make_config("smoke", **{"data": str(data_dir), "pretrained": True, "pretrain": dict(TINY), **overrides})
+
+
+def pixel_digest(path):
+    # an independent hash of the decoded pixels, written here rather than imported
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("RGB"))
+    return hashlib.sha256(repr(array.shape).encode() + array.tobytes()).hexdigest()
+
+
+def test_pretraining_images_are_disjoint_from_every_study_image(data_dir):
+    config = smoke(data_dir)
+    study = {pixel_digest(p) for p in sorted(data_dir.rglob("*.png"))}
+    n_study = sum(1 for folder in ("images/train", "images/retrieval", "zeroshot")
+                  for _ in (data_dir / folder).rglob("*.png"))
+    assert len(study) == n_study == len(pretrain.study_image_hashes(config))
+    settings = pretrain.settings_from(config)
+    images, labels, dropped = pretrain.pretraining_images(settings, 32, pretrain.study_image_hashes(config))
+    assert len(images) == len(labels) == TINY["images"] and dropped == 0
+    ours = {hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest() for a in images}
+    assert not ours & study
+    # the filter works: excluding the first image's hash drops exactly that image
+    first = next(iter(sorted(ours)))
+    again, _, dropped = pretrain.pretraining_images(settings, 32, {first})
+    assert dropped == 1 and first not in {hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()
+                                          for a in again}
+
+
+def test_pretraining_captions_are_disjoint_from_the_study_captions(data_dir):
+    config = smoke(data_dir)
+    train = [e["caption"] for e in json.loads((data_dir / "train.json").read_text())]
+    retrieval = [c for e in json.loads((data_dir / "retrieval.json").read_text()) for c in e["caption"]]
+    spec = json.loads((data_dir / "zeroshot" / "classnames.json").read_text())
+    prompts = [t.format(n) for n in spec["classnames"].values() for t in spec["templates"]]
+    study = {clean_caption(t) for t in train + retrieval + prompts}
+    assert pretrain.study_captions(config) == study
+    settings = pretrain.settings_from(config)
+    # a large corpus, so that some generated captions do coincide with study ones and get dropped
+    big = pretrain.PretrainSettings(captions=3000)
+    captions, dropped = pretrain.pretraining_captions(big, study)
+    assert len(captions) == 3000 and dropped > 0 and not set(captions) & study
+    unfiltered, none_dropped = pretrain.pretraining_captions(big, set())
+    assert none_dropped == 0 and set(unfiltered) & study  # without the filter they would overlap
+    assert pretrain.pretraining_captions(settings, study)[0] == pretrain.pretraining_captions(settings, study)[0]
+
+
+def test_pretraining_is_deterministic(data_dir):
+    config = smoke(data_dir)
+    settings = pretrain.settings_from(config)
+    first, meta = pretrain.build_towers(config, settings, progress=False)
+    second, _ = pretrain.build_towers(config, settings, progress=False)
+    for part in ("image_tower", "text_tower"):
+        assert first[part].keys() == second[part].keys()
+        for name in first[part]:
+            assert torch.equal(first[part][name], second[part][name]), (part, name)
+    assert meta["images"] == TINY["images"] and meta["captions"] == TINY["captions"]
+
+
+def test_cache_is_reused_keyed_by_content_and_leaves_the_run_rng_alone(data_dir, monkeypatch):
+    config = smoke(data_dir)
+    before = torch.get_rng_state()
+    path, meta = pretrain.ensure_pretrained(config, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == meta["sha256"]
+    monkeypatch.setattr(pretrain, "build_towers", lambda *a, **k: pytest.fail("rebuilt a cached entry"))
+    assert pretrain.ensure_pretrained(config, progress=False)[0] == path
+    digest = json.loads((data_dir / "manifest.json").read_text())["digest"]
+    settings = pretrain.settings_from(config)
+    key = pretrain.cache_key(config, settings, digest)
+    assert path.parent.name == key
+    assert pretrain.cache_key(config, pretrain.PretrainSettings(**{**TINY, "seed": 1}), digest) != key
+    assert pretrain.cache_key(config, settings, "0" * 64) != key
+    assert pretrain.cache_key(smoke(data_dir, text_dim=16), settings, digest) != key
+    # a damaged file is not reused
+    path.write_bytes(b"damaged")
+    with pytest.raises(pytest.fail.Exception):
+        pretrain.ensure_pretrained(config, progress=False)
+
+
+def test_concurrent_runs_build_once(data_dir, monkeypatch):
+    config = smoke(data_dir)
+    calls, real = [], pretrain.build_towers
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "build_towers", counted)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(pretrain.ensure_pretrained(config, progress=False)[0]))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
+
+
+def test_runs_load_the_towers_and_scratch_does_not(data_dir):
+    from clipstudy.train import build_model_for, seed_everything
+
+    config = smoke(data_dir)
+    seed_everything(0)
+    model, _ = build_model_for(config)
+    assert pretrain.load_pretrained_towers(model, config, progress=False) is not None
+    path, _ = pretrain.ensure_pretrained(config, progress=False)
+    state = torch.load(path, weights_only=True)
+    for name, value in model.image_tower.state_dict().items():
+        assert torch.equal(value, state["image_tower"][name])
+    for name, value in model.text_tower.transformer.state_dict().items():
+        assert torch.equal(value, state["text_tower"][name])
+    scratch = smoke(data_dir, pretrained=False)
+    assert pretrain.load_pretrained_towers(model, scratch, progress=False) is None
+
+
+def test_bad_settings_and_foreign_data_fail_clearly(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="'pretrain'.*unknown key.*imgs"):
+        pretrain.settings_from(make_config("smoke", data=str(data_dir), pretrain={"imgs": 3}))
+    foreign = shutil.copytree(data_dir, tmp_path / "foreign")
+    (foreign / "manifest.json").unlink()
+    with pytest.raises(ConfigError, match="make-demo-data.*pretrained=false"):
+        pretrain.ensure_pretrained(smoke(foreign), progress=False)
+
+
+def test_a_pretrained_run_logs_collapse_diagnostics(data_dir, tmp_path):
+    import pandas as pd
+
+    from clipstudy.train import train
+
+    metrics = train(smoke(data_dir, out=str(tmp_path / "run"), epochs=1), progress=False)
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    for name in ("image_cos_mean", "text_cos_mean", "image_std_mean", "text_std_mean", "weight_norm"):
+        assert history[name].notna().all(), name
+        assert metrics[f"{name}_start"] == pytest.approx(history[name].iloc[0])
+        assert metrics[f"{name}_end"] == pytest.approx(history[name].iloc[-1])
+    assert ((history["text_cos_mean"] > -1) & (history["text_cos_mean"] < 1)).all()
