@@ -1,23 +1,29 @@
 """Command line: ``python -m clipstudy <command> [options]``.
 
 Each command lives in the module that owns the concern; this file only
-dispatches, so importing it stays cheap.
+dispatches, so importing it stays cheap, and turns the user-facing errors of
+:mod:`clipstudy.errors` into one line and an exit status (2: cannot start as
+given; 1: a write or the run failed; 130: interrupted). ``--debug`` anywhere
+on the command line, or ``CLIPSTUDY_DEBUG=1``, shows the traceback instead.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from clipstudy import errors
 
 COMMANDS = {
     "check-data": ("clipstudy.checkdata", "main", "validate a data set before training"),
     "make-demo-data": ("clipstudy.demo_data", "main", "generate the embedded synthetic benchmark"),
     "prepare-data": ("clipstudy.prepare_data", "main", "turn CC3M / COCO / ImageNet downloads into the formats"),
-    "fetch-weights": ("clipstudy.models", "fetch_weights_main", "download pretrained weights into the local caches"),
+    "fetch-weights": ("clipstudy.cli", "fetch_weights_main", "download pretrained weights into the local caches"),
     "train": ("clipstudy.cli", "train_main", "train and evaluate one optimizer x loss cell"),
     "evaluate": ("clipstudy.cli", "evaluate_main", "evaluate a saved checkpoint"),
     "sweep": ("clipstudy.sweep", "main", "run the optimizer x loss grid through papermill"),
     "choose-lr": ("clipstudy.lrsearch", "main", "pick one learning rate for every optimizer (short search)"),
-    "report": ("clipstudy.report", "main", "render the analysis notebook to HTML"),
+    "report": ("clipstudy.cli", "report_main", "render the analysis notebook to HTML"),
 }
 
 
@@ -25,20 +31,45 @@ def usage() -> str:
     lines = ["usage: python -m clipstudy <command> [options]", "", "commands:"]
     for name, (_, _, help_) in COMMANDS.items():
         lines.append(f"  {name:<16} {help_}")
+    lines += ["", "`python -m clipstudy <command> --help` lists a command's options; --debug (or "
+              f"{errors.DEBUG_VARIABLE}=1) shows tracebacks instead of one-line errors."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    debug = "--debug" in argv or os.environ.get(errors.DEBUG_VARIABLE, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if argv and argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"clipstudy: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    try:
+        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except errors.ClipstudyError as err:
+        if debug:
+            raise
+        print(f"error: {errors.one_line(err)}", file=sys.stderr)
+        return err.exit_code
+    except OSError as err:  # a file the command reads or writes, outside the records (those raise WriteFailure)
+        if debug:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}; check the paths, their permissions and the free disk space "
+              "(--debug shows where it happened)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        if debug:
+            raise
+        print(f"stopped: {errors.one_line(err) if str(err) else 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

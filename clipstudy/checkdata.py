@@ -27,9 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
-from clipstudy.data import (DataError, UnreadableImage, clean_caption, load_annotation_list, load_rgb_image,
-                            scan_image_folder)
 from clipstudy.demo_data import demo_paths
+from clipstudy.errors import StartupError
 
 SETS = ("train", "retrieval", "zeroshot")
 DEFAULT_MAX_UNREADABLE = 0.01
@@ -37,6 +36,8 @@ MISSING_REASON = "file not found"  # clipstudy.images.UnreadableImage's reason f
 
 
 def _try_open(path: str) -> str | None:
+    from clipstudy.data import UnreadableImage, load_rgb_image  # torch: imported when checking, not for --help
+
     """None if the image decodes, else the reason it does not."""
     try:
         load_rgb_image(path)
@@ -57,6 +58,8 @@ def _open_all(paths: list[str], label: str, progress: bool, workers: int) -> lis
 
 
 def _word_summary(captions: Iterable[str], max_words: int) -> dict:
+    from clipstudy.data import clean_caption
+
     counts = [len(clean_caption(c, max_words).split()) for c in captions]
     if not counts:
         return {"count": 0}
@@ -88,6 +91,8 @@ def _duplicates(entries: list[dict], examples: int = 5) -> dict:
 
 
 def _check_pairs(kind: str, ann_file: str, image_root: str, max_words: int, progress: bool, workers: int) -> dict:
+    from clipstudy.data import DataError, load_annotation_list
+
     entries = load_annotation_list(ann_file, kind)
     if not Path(image_root).is_dir():
         raise DataError(f"{image_root}: image root folder not found; pass the folder the image paths "
@@ -116,6 +121,8 @@ def _check_pairs(kind: str, ann_file: str, image_root: str, max_words: int, prog
 
 
 def _check_zeroshot(root: str, progress: bool, workers: int) -> dict:
+    from clipstudy.data import scan_image_folder
+
     classes, _, samples = scan_image_folder(root)
     per_class = {name: 0 for name in classes}
     for _, label in samples:
@@ -257,7 +264,7 @@ def _failures(report: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clipstudy check-data",
-                                     description="Validate data sets (formats in STUDY.md) before training.")
+                                     description="Validate data sets (formats in docs/protocol.md) before training.")
     parser.add_argument("--train-ann", help="training annotation JSON (list of image/caption/image_id)")
     parser.add_argument("--train-images", help="folder the training image paths are relative to")
     parser.add_argument("--retrieval-ann", help="retrieval annotation JSON (list of image/caption list)")
@@ -280,9 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                             retrieval_ann=args.retrieval_ann, retrieval_images=args.retrieval_images,
                             zeroshot_images=args.zeroshot_images, data=args.data, max_words=args.max_words,
                             progress=True, workers=args.workers, max_unreadable=args.max_unreadable)
-    except (DataError, ValueError) as error:
-        print(f"check-data: {error}", file=sys.stderr)
-        return 2
+    except ValueError as error:  # DataError is reported by the dispatcher
+        raise StartupError(f"check-data: {error}") from None
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0 if report["ok"] else 1
 

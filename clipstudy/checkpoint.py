@@ -20,15 +20,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from clipstudy.errors import RunFailure, StartupError, WriteFailure, human_size
+
 log = logging.getLogger("clipstudy.checkpoint")
 CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(StartupError, RuntimeError):
+    """No usable checkpoint where one is needed (evaluate), or one of another format."""
 
 
-class CellBusy(RuntimeError):
+class CellBusy(RunFailure, RuntimeError):
     """Another live process holds this run directory's lock."""
 
 
@@ -57,10 +59,14 @@ def cell_lock(folder: str | Path, name: str = LOCK_NAME, *, wait: bool = False):
         except BlockingIOError:
             raise CellBusy(f"{folder} is being trained by another process (lock {path}); "
                            "wait for it or use another output directory") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
+        pid = f"{os.getpid()}\n".encode()
+        try:  # unbuffered, so a full disk fails here and not again when the file is closed
+            os.ftruncate(fh.fileno(), 0)
+            os.pwrite(fh.fileno(), pid, 0)
+        except OSError as err:
+            raise WriteFailure(f"cannot write {path} ({human_size(len(pid))}): {err.strerror or err}. Free disk "
+                               f"space or make {folder} writable, then rerun the same command",
+                               path=path, size=len(pid)) from err
         yield path
     finally:
         fh.close()
@@ -109,9 +115,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
     The file gets the permissions a plain ``open()`` would give it (0666 less
     the umask), not the owner-only mode of a temporary file, so results stay
-    readable by whoever may read the folder.
+    readable by whoever may read the folder. A failed write (full disk, no
+    permission) raises :class:`~clipstudy.errors.WriteFailure` naming the file
+    and its size; the file keeps its previous content.
     """
     path = Path(path)
+    try:
+        _replace_atomically(path, data)
+    except OSError as err:
+        raise WriteFailure(
+            f"cannot write {path} ({human_size(len(data))}): {err.strerror or err}. Free disk space or make "
+            f"{path.parent} writable, then rerun the same command; the file keeps its previous content",
+            path=path, size=len(data)) from err
+
+
+def _replace_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -155,7 +173,7 @@ def checkpoint_paths(folder: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)), reverse=True)
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(WriteFailure):
     """A checkpoint could not be written (full disk, no permission); older ones are intact."""
 
 
@@ -184,10 +202,11 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, keep: int = 2) -
                 p.unlink()
             except OSError:
                 pass
+        reason = getattr(err.__cause__, "strerror", None) or err.strerror or err
         raise CheckpointWriteError(
-            f"cannot write checkpoint {path} ({len(data) / 2**20:.1f} MiB): {err.strerror or err}. "
+            f"cannot write checkpoint {path} ({human_size(len(data))}): {reason}. "
             f"Free disk space or make {folder} writable, then rerun the same command: it resumes from the "
-            "newest checkpoint still there") from err
+            "newest checkpoint still there", path=path, size=len(data)) from err
     for old in checkpoint_paths(folder)[keep:]:
         for p in (old, old.with_name(old.name + ".sha256")):
             try:

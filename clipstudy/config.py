@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipstudy.errors import StartupError
 
-class ConfigError(ValueError):
+
+class ConfigError(StartupError, ValueError):
     """An invalid configuration value; the message names the field."""
 
 
@@ -45,7 +47,7 @@ class RunConfig:
     seed: int = 0
     out: str = ""                      # run directory; empty = reports/runs/<profile>/<cell>
 
-    # --- data (STUDY.md formats); `data` is the demo layout shorthand (DIR/train.json, ...)
+    # --- data (docs/protocol.md formats); `data` is the demo layout shorthand (DIR/train.json, ...)
     data: str = ""
     train_ann: str = ""
     train_images: str = ""
@@ -366,20 +368,58 @@ def config_from_json(path: str | Path) -> RunConfig:
     return make_config(data.get("profile", "demo"), **known)
 
 
-def add_config_arguments(parser) -> None:
-    """One ``--field`` option per configuration field (values are coerced by make_config)."""
+def add_config_arguments(parser, profile: str | None) -> None:
+    """One ``--field`` option per configuration field (values are coerced by make_config).
+
+    Each help line says what the field is and its default in ``profile``
+    (None: the defaults come from elsewhere, e.g. a run's config.json).
+    """
+    group = parser.add_argument_group(
+        "configuration fields" + (f" (defaults of the {profile!r} profile)" if profile else ""))
     for name in FIELDS:
         if name == "profile":  # the command's own choice argument
             continue
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        parser.add_argument(*flags, dest=name, default=None, metavar=_TYPES[name].__name__.upper(),
-                            help=argparse_help(name))
+        group.add_argument(*flags, dest=name, default=None, metavar=_TYPES[name].__name__.upper(),
+                           help=field_help(name, profile))
 
 
-def argparse_help(name: str) -> str:
-    default = RunConfig.__dataclass_fields__[name]
-    value = default.default if default.default is not dataclasses.MISSING else default.default_factory()
-    return f"(paper default: {PAPER.get(name, value)!r})"
+def profile_named_in(argv: list[str], default: str) -> str:
+    """The ``--profile`` given in ``argv`` (for the help's defaults), else ``default``."""
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--profile", default=default)
+    name = pre.parse_known_args(argv)[0].profile
+    return name if name in PROFILES else default
+
+
+def fields_epilog(profile: str) -> str:
+    """Every field, one line each with its default in ``profile``: the help of ``sweep --set``."""
+    lines = [f"configuration fields for --set (defaults of the {profile!r} profile):"]
+    lines += [f"  {name:<20} {field_help(name, profile).replace('%%', '%')}" for name in FIELDS if name != "profile"]
+    return "\n".join(lines).replace("%", "%%")
+
+
+def profile_default(name: str, profile: str) -> Any:
+    """A field's value in ``profile`` before any override (paths as the profile writes them)."""
+    spec = FIELDS[name]
+    value = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+    return PROFILES[profile].get(name, value)
+
+
+def field_help(name: str, profile: str | None) -> str:
+    """``--help`` text of a field: what it is, then its default in ``profile``."""
+    from clipstudy.config_help import FIELD_HELP
+
+    text = FIELD_HELP[name].replace("%", "%%")  # argparse formats help with %
+    if profile is None:
+        return text
+    value = profile_default(name, profile)
+    shown = json.dumps(value) if isinstance(value, (list, dict, bool)) else repr(value)
+    extra = PROFILE_LOSS_PARAMS.get(profile, {}) if name == "loss_params" else {}
+    suffix = f"; plus per loss {json.dumps(extra)}" if extra else ""
+    return f"{text} [{profile}: {shown.replace('%', '%%')}{suffix}]"
 
 
 def overrides_from_args(args) -> dict:

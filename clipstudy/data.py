@@ -1,4 +1,4 @@
-"""Data sets, image loading, transforms and collation (formats in STUDY.md).
+"""Data sets, image loading, transforms and collation (formats in docs/protocol.md).
 
 Three sets feed a run:
 
@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from clipstudy.errors import StartupError
 from clipstudy.images import (AUGMENTS, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,  # noqa: F401 (API)
                               ZEROSHOT_TRANSFORMS, Compose, ImageReader, UnreadableImage, eval_transform,
                               load_rgb_image, train_transform, transforms_for, zeroshot_transform)
@@ -42,7 +43,7 @@ TRAIN_FORMAT = '{"image": <path relative to the image root>, "caption": <str>, "
 RETRIEVAL_FORMAT = '{"image": <path relative to the image root>, "caption": [<str>, ...]}'
 
 
-class DataError(Exception):
+class DataError(StartupError):
     """A data set cannot be used as given (bad annotation file, missing folder...).
 
     Raised when a set is built, never mid-epoch; the message names the file or
@@ -63,7 +64,7 @@ def clean_caption(text: str, max_words: int = 30) -> str:
     Lower-cased; apostrophes removed (``"don't"`` -> ``"dont"``); every other run
     of characters that are not letters or digits becomes one space (so
     ``"top-left"`` -> ``"top left"``); leading/trailing space stripped; at most
-    ``max_words`` words (default 30, STUDY.md).
+    ``max_words`` words (default 30, docs/protocol.md).
     """
     if not isinstance(text, str):
         raise TypeError(f"clean_caption expects a str, got {type(text).__name__}")
@@ -198,7 +199,7 @@ class _AnnotatedImages(Dataset):
 
 
 class TrainPairs(_AnnotatedImages):
-    """Image-caption training pairs (STUDY.md train format).
+    """Image-caption training pairs (docs/protocol.md train format).
 
     Args:
         ann_file: JSON list of ``{"image", "caption", "image_id"}``.
@@ -232,7 +233,7 @@ class TrainPairs(_AnnotatedImages):
 
 
 class RetrievalSet(_AnnotatedImages):
-    """Images with several captions each, for image-text retrieval (STUDY.md format).
+    """Images with several captions each, for image-text retrieval (docs/protocol.md format).
 
     Args:
         ann_file: JSON list of ``{"image", "caption": [str, ...]}`` (a single

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from clipstudy.errors import StartupError
+
 GENERATOR_VERSION = 1
 
 # canonical colour -> (RGB, synonyms used in captions; the canonical word first)
@@ -583,8 +585,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             refuse_to_replace(args.out, parameters)
     except ValueError as error:  # a bad parameter, or DifferentDataSet
-        print(f"make-demo-data: {error}", file=sys.stderr)
-        return 2
+        raise StartupError(f"make-demo-data: {error}") from None
     start = time.perf_counter()
     manifest = make_demo_data(args.out, force=True, **kwargs)
     counts, chance = manifest["counts"], manifest["chance"]

@@ -1,6 +1,6 @@
 """Evaluation of a dual encoder: MSCOCO-style retrieval and zero-shot classification.
 
-Scores the study reports (see STUDY.md):
+Scores the study reports (see docs/protocol.md):
 
 - text retrieval ``txt_r@K`` (image -> text): an image is a hit at K when ANY of
   its captions ranks within the top K texts;
@@ -407,7 +407,7 @@ def zeroshot_classifier(model, tokenizer, classnames: Sequence[str], templates: 
     """Zero-shot classifier weights, float32 ``[D, n_classes]`` on CPU.
 
     Class c's weight is ``normalise(mean_t normalise(embed(template_t.format(c))))``
-    (STUDY.md). All class x template prompts are encoded together in batches of
+    (docs/protocol.md). All class x template prompts are encoded together in batches of
     `batch_size` (default 1024), not one forward per class.
 
     Args:

@@ -29,7 +29,7 @@ Common behaviour (the base class :class:`PairLoss`):
 Adding a loss is one decorated class: ``@register_loss("name")`` on a
 :class:`PairLoss` subclass that implements ``compute``.
 
-The definitions follow the study's protocol (``STUDY.md``) and the official code
+The definitions follow the study's protocol (``docs/protocol.md``) and the official code
 of each method; each class says where it departs from that code and why.
 """
 from __future__ import annotations

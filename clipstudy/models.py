@@ -28,12 +28,14 @@ the chosen ResNet-50 weights) and ``CLIPSTUDY_DISTILBERT`` (a
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from clipstudy.errors import StartupError
+from clipstudy.paths import DISTILBERT_ENV, RESNET50_ENV
 from torchvision.models import resnet50, ResNet50_Weights
 from torchvision.models.resnet import BasicBlock
 
@@ -41,11 +43,9 @@ DISTILBERT_NAME = "distilbert-base-uncased"
 TIMM_RESNET50 = "resnet50.a1_in1k"            # timm's default `resnet50` weights in the code base's era
 TIMM_RESNET50_REPO = f"timm/{TIMM_RESNET50}"  # where timm keeps them on the Hugging Face hub
 IMAGE_WEIGHTS = ("timm-a1", "torchvision")
-RESNET50_ENV = "CLIPSTUDY_RESNET50_WEIGHTS"
-DISTILBERT_ENV = "CLIPSTUDY_DISTILBERT"
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(StartupError, RuntimeError):
     """Pretrained weights are not in the local caches (and are never downloaded mid-run)."""
 
 
@@ -314,6 +314,35 @@ def weights_needed(config) -> dict:
             "distilbert": config.text_encoder == "distilbert" and config.pretrained}
 
 
+def require_weights(config) -> None:
+    """Raise :class:`WeightsUnavailable` (naming the field and the fix) when ``config`` loads
+    pretrained weights that are not in the local caches; loads nothing."""
+    needed = weights_needed(config)
+    fix = (f"run `python -m clipstudy fetch-weights --profile {config.profile}` on a machine with internet "
+           f"(it fills ~/.cache/torch/hub and ~/.cache/huggingface), point {RESNET50_ENV} / {DISTILBERT_ENV} "
+           "to local copies, or set pretrained=false")
+    if needed["resnet50"]:
+        local = os.environ.get(RESNET50_ENV)
+        if local and not Path(local).is_file():
+            raise WeightsUnavailable(f"{RESNET50_ENV}={local} is not a file; {fix}")
+        if not local and resnet50_cache_path(needed["resnet50"]) is None:
+            raise WeightsUnavailable(f"config field 'image_weights'={needed['resnet50']!r}: the ResNet-50 weights "
+                                     f"are not in the local cache; {fix}")
+    if needed["distilbert"] and not distilbert_cached():
+        raise WeightsUnavailable(f"config field 'text_encoder'='distilbert': DistilBERT "
+                                 f"({distilbert_location()}) is not in the local cache; {fix}")
+
+
+def distilbert_cached() -> bool:
+    """Whether DistilBERT's configuration is on disk (a local folder, or the Hugging Face cache)."""
+    local = os.environ.get(DISTILBERT_ENV)
+    if local:
+        return (Path(local) / "config.json").is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(DISTILBERT_NAME, "config.json"), str)
+
+
 def fetch_weights(dest: str | None = None, *, image_weights: str | None = "timm-a1",
                   distilbert: bool = True) -> list[str]:
     """Download weights into the torch / Hugging Face caches (and plain copies into ``dest``).
@@ -353,35 +382,3 @@ def fetch_weights(dest: str | None = None, *, image_weights: str | None = "timm-
             tokenizer.save_pretrained(out / "distilbert")
             done.append(str(out / "distilbert"))
     return done
-
-
-def fetch_weights_main(argv: list[str]) -> int:
-    from clipstudy.config import PROFILES, ConfigError, make_config
-
-    parser = argparse.ArgumentParser(prog="python -m clipstudy fetch-weights",
-                                     description="Download the pretrained weights a profile loads "
-                                                 "(paper: timm ResNet-50 resnet50.a1_in1k and DistilBERT).")
-    parser.add_argument("--profile", default="paper", choices=sorted(PROFILES),
-                        help="fetch what this profile loads (default paper)")
-    parser.add_argument("--image-weights", choices=IMAGE_WEIGHTS, default=None,
-                        help="ResNet-50 weights to fetch instead of the profile's")
-    parser.add_argument("--dest", help="also save plain copies here; then set "
-                        f"{RESNET50_ENV}=DEST/resnet50-<weights>.pth and {DISTILBERT_ENV}=DEST/distilbert")
-    args = parser.parse_args(argv)
-    try:
-        needed = weights_needed(make_config(args.profile))
-    except ConfigError as err:
-        print(f"error: {err}")
-        return 2
-    image_weights = args.image_weights or needed["resnet50"]
-    if image_weights is None and not needed["distilbert"]:
-        print(f"profile {args.profile!r} loads no pretrained weights; nothing to fetch")
-        return 0
-    try:
-        for path in fetch_weights(args.dest, image_weights=image_weights, distilbert=needed["distilbert"]):
-            print("saved", path)
-    except Exception as err:  # network errors come in many types
-        print(f"fetch-weights failed: {err}\nThis command needs internet access "
-              "(huggingface.co, and download.pytorch.org for the torchvision weights).", flush=True)
-        return 1
-    return 0

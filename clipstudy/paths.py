@@ -19,11 +19,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from clipstudy.errors import StartupError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 ROOT_VARIABLE = "CLIPSTUDY_ROOT"
+# Local copies of the pretrained weights, used instead of the torch / Hugging Face caches when set.
+RESNET50_ENV = "CLIPSTUDY_RESNET50_WEIGHTS"
+DISTILBERT_ENV = "CLIPSTUDY_DISTILBERT"
 
 
-class ProjectRootNotFound(RuntimeError):
+class ProjectRootNotFound(StartupError, RuntimeError):
     """No source checkout and no ``$CLIPSTUDY_ROOT``: a default folder cannot be placed."""
 
 

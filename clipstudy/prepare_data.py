@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from clipstudy.data import imagenet_wnids
+from clipstudy.errors import StartupError
 
 
-class PrepareError(Exception):
+class PrepareError(StartupError):
     """An input cannot be used as given; the message names the file and the fix."""
 
 

@@ -155,12 +155,19 @@ def progress_note(metrics: dict) -> str:
 
 
 # ------------------------------------------------------------------- CSV logs
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """Rows as CSV (columns in order of first appearance), atomically; no rows, an empty file."""
-    if not rows:
+# The columns every history.csv / epochs.csv has, so a log without rows yet (a run stopped
+# before its first evaluation) still has its header; rows may add more (loss extras, scores).
+HISTORY_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "data_time", "step_time")
+EPOCH_COLUMNS = ("epoch", "step", *HEADLINE, "eval_time")
+
+
+def write_csv(path: Path, rows: list[dict], columns: tuple[str, ...] = ()) -> None:
+    """Rows as CSV, atomically: ``columns`` first when there are no rows, else the columns in order
+    of first appearance; no rows and no columns, an empty file."""
+    keys = list(dict.fromkeys(k for row in rows for k in row)) or list(columns)
+    if not keys:
         atomic_write_text(path, "")
         return
-    keys = list(dict.fromkeys(k for row in rows for k in row))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys)
     writer.writeheader()
@@ -199,8 +206,8 @@ class RunLog:
             self.board.close()
 
     def flush(self) -> None:
-        write_csv(self.run_dir / "history.csv", self.history)
-        write_csv(self.run_dir / "epochs.csv", self.epochs)
+        write_csv(self.run_dir / "history.csv", self.history, HISTORY_COLUMNS)
+        write_csv(self.run_dir / "epochs.csv", self.epochs, EPOCH_COLUMNS)
 
 
 # ----------------------------------------------------------------- config.json

@@ -22,19 +22,21 @@ from clipstudy.diagnostics import COLLAPSED_COS, DIAGNOSTICS
 
 METRICS = list(records.HEADLINE)
 METRIC_NAMES = {"txt_r1": "TR@1", "img_r1": "IR@1", "zeroshot_top1": "ACC@1", "average": "Average"}
+# Display names; a variant not named here shows its label. Which optimizer a variant modifies is read
+# from its runs (metrics.json's base_optimizer), never from its name.
 OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD", "adam": "Adam", "adam-nol2": "Adam (no L2)",
-                   "sgd-lr0.05": "SGD (lr 0.05, clip 1)", "adamw-scratch": "AdamW (scratch)",
-                   "sgd-scratch": "SGD (scratch)", "adam-scratch": "Adam (scratch)"}
+                   "adamw-scratch": "AdamW (scratch)", "sgd-scratch": "SGD (scratch)", "adam-scratch": "Adam (scratch)"}
 LOSS_NAMES = {"clip": "CLIP", "sogclr": "SogCLR", "cyclip": "CyCLIP", "vicreg": "VICReg",
               "onlineclr": "OnlineCLR", "isogclr": "iSogCLR", "siglip": "SigLIP"}
-RESULT_COLUMNS = ["optimizer", "loss", "seed", "status", "txt_r1", "img_r1", "zeroshot_top1", "average",
+RESULT_COLUMNS = ["optimizer", "base_optimizer", "loss", "seed", "status", "txt_r1", "img_r1", "zeroshot_top1", "average",
                   "txt_r5", "txt_r10", "img_r5", "img_r10", "zeroshot_top5", "diverged_at_step", "global_step",
                   "wall_time_s", "train_samples_per_s", "peak_memory_mb", "skipped_images",
                   *[f"{name}_{when}" for name in DIAGNOSTICS for when in ("start", "end")], "error", "run_dir"]
+TEXT_COLUMNS = ("optimizer", "base_optimizer", "loss", "status", "error", "run_dir")
 PAPER_OPTIMIZERS = ("adamw", "sgd", "adam")
 PAPER_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
 
-# The original study's published numbers (STUDY.md): optimizer, loss, TR@1, IR@1, ACC@1, Average.
+# The original study's published numbers (docs/protocol.md): optimizer, loss, TR@1, IR@1, ACC@1, Average.
 PUBLISHED_ROWS = [
     ("adamw", "sogclr", 13.18, 10.30, 24.55, 16.68), ("adamw", "clip", 11.62, 9.16, 21.66, 14.81),
     ("adamw", "cyclip", 14.10, 10.68, 25.91, 16.90), ("adamw", "vicreg", 2.86, 2.16, 5.79, 3.60),
@@ -63,13 +65,31 @@ def collect_runs(runs_root: str | Path) -> pd.DataFrame:
             parts = metrics_file.parent.name.rsplit("-", 2)
             if len(parts) == 3:
                 row["optimizer"], row["loss"], row["seed"] = parts[0], parts[1], int(parts[2].lstrip("s") or 0)
+        row["base_optimizer"] = row["base_optimizer"] or row["optimizer"]  # runs from before the field
         rows.append(row)
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     for col in RESULT_COLUMNS:
-        if col not in ("optimizer", "loss", "status", "error", "run_dir"):
+        if col not in TEXT_COLUMNS:
             df[col] = pd.to_numeric(df[col], errors="coerce")
     df["seed"] = df["seed"].astype("Int64")
     return df.sort_values(["optimizer", "loss", "seed"], key=_order_key).reset_index(drop=True)
+
+
+def load_logs(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Every run's ``history.csv`` or ``epochs.csv`` (``name``) in one table, each row tagged with its run's
+    ``optimizer``, ``loss_name`` (``loss`` is a history column) and ``seed``; runs without rows are left out."""
+    if name not in ("history.csv", "epochs.csv"):
+        raise ValueError(f"name={name!r}: choose history.csv or epochs.csv")
+    frames = []
+    for row in df.itertuples():
+        path = Path(row.run_dir) / name
+        if not path.is_file() or not path.stat().st_size:
+            continue
+        frame = pd.read_csv(path)
+        if frame.empty:  # a header only: the run stopped before its first row
+            continue
+        frames.append(frame.assign(optimizer=row.optimizer, loss_name=row.loss, seed=row.seed))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def _order_key(col: pd.Series) -> pd.Series:
@@ -124,9 +144,12 @@ def study_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def with_published(df: pd.DataFrame) -> pd.DataFrame:
     """This study's mean Average beside the original published one, per cell of the original grid."""
-    summary = cell_summary(df)[["optimizer", "loss", "average_mean", "average_std"]]
+    summary = cell_summary(df)
+    columns = ["optimizer", "loss", "average_mean"]
+    if (summary["average_count"] > 1).any():  # a spread exists only with several seeds
+        columns.append("average_std")
     pub = published_table().rename(columns={m: f"published_{m}" for m in METRICS})
-    return pub.merge(summary, on=["optimizer", "loss"], how="left")
+    return pub.merge(summary[columns], on=["optimizer", "loss"], how="left")
 
 
 def spearman_vs_published(df: pd.DataFrame) -> dict:
@@ -418,16 +441,14 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
             f"{'overall' if r.scope == 'all' else OPTIMIZER_NAMES[r.scope] + ' row'} {r.rho:.2f}"
             for r in rho.itertuples() if r.n_cells >= 3) + ".")
     by_opt = done.groupby("optimizer")["average_mean"].mean()
-    if "adam" in by_opt and "adam-nol2" in by_opt:
-        out.append(f"Adam with its L2 penalty averages {by_opt['adam']:.2f}; without it {by_opt['adam-nol2']:.2f}: "
-                   + ("dropping the L2 term helps." if by_opt["adam-nol2"] > by_opt["adam"] else
-                      "dropping the L2 term does not help."))
     chance_avg = None
     if chance and all(k in chance for k in ("txt_r1", "img_r1", "zeroshot_top1")):
         chance_avg = (chance["txt_r1"] + chance["img_r1"] + chance["zeroshot_top1"]) / 3
-    for label, value in by_opt.items():  # other variants (e.g. sgd-lr0.05) against the optimizer they modify
-        base = str(label).split("-")[0]
-        if label in ("adam-nol2", base) or base not in by_opt or str(label).endswith("-scratch"):
+    bases = df.dropna(subset=["base_optimizer"]).groupby("optimizer")["base_optimizer"].first()
+    for label, value in by_opt.items():  # each variant against the optimizer its runs say it modifies
+        base = bases.get(label, label)
+        # scratch cells (random towers) are compared in initialisation_conclusions
+        if label == base or base not in by_opt or str(label).endswith("-scratch"):
             continue
         name, base_name = OPTIMIZER_NAMES.get(label, label), OPTIMIZER_NAMES.get(base, base)
         line = f"{name} averages {value:.2f} over losses against {by_opt[base]:.2f} for {base_name} with its defaults: "
@@ -447,10 +468,7 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
                    f"({chance_avg:.2f}).")
         below = done[done["average_mean"] < chance_avg]
         if len(below):
-            out.append("Below chance (collapsed embeddings: with ties counted pessimistically, identical scores "
-                       "rank every correct item last): " + ", ".join(
-                           f"{OPTIMIZER_NAMES.get(r.optimizer, r.optimizer)} + {LOSS_NAMES.get(r.loss, r.loss)}"
-                           for r in below.itertuples()) + ".")
+            out.append("Below chance: " + ", ".join(_cell_name(r) for r in below.itertuples()) + ".")
     diverged = df[df["status"] == "diverged"]
     failed = df[df["status"] == "failed"]
     if len(diverged):
@@ -463,7 +481,11 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------- CLI
+def _cell_name(r) -> str:
+    return f"{OPTIMIZER_NAMES.get(r.optimizer, r.optimizer)} + {LOSS_NAMES.get(r.loss, r.loss)}"
+
+
+# ------------------------------------------------------------------ rendering
 def render(profile: str, runs_root: Path, out_dir: Path, *, notebook: Path | None = None) -> Path:
     """Execute the analysis notebook and render it to HTML without code; return the HTML path."""
     import nbformat
@@ -480,25 +502,3 @@ def render(profile: str, runs_root: Path, out_dir: Path, *, notebook: Path | Non
     html = out_dir / "report.html"
     html.write_text(body, encoding="utf-8")
     return html
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clipstudy report",
-                                     description="Render the analysis notebook to reports/<profile>/report.html.")
-    parser.add_argument("--profile", default="demo")
-    parser.add_argument("--runs", default=None, help="runs folder (default reports/runs/<profile>)")
-    parser.add_argument("--out", default=None, help="output folder (default reports/<profile>)")
-    args = parser.parse_args(argv)
-    try:
-        runs = Path(args.runs) if args.runs else paths.runs_dir(args.profile)
-        out = Path(args.out) if args.out else paths.reports_dir(args.profile)
-    except paths.ProjectRootNotFound as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not runs.is_dir() or not any(runs.glob("*/metrics.json")):
-        print(f"error: no finished runs under {runs}; run `make sweep PROFILE={args.profile}` "
-              "(or `make demo`) first", file=sys.stderr)
-        return 2
-    html = render(args.profile, runs, out)
-    print(f"wrote {html} and {out / 'results.csv'}")
-    return 0

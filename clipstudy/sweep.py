@@ -26,7 +26,8 @@ from pathlib import Path
 
 from clipstudy import executors, paths, records
 from clipstudy.checkpoint import SWEEP_LOCK_NAME, CellBusy, cell_lock, checkpoint_paths, is_locked
-from clipstudy.config import FIELDS, PROFILES, ConfigError, RunConfig, cell_name, make_config
+from clipstudy.config import (FIELDS, PROFILES, ConfigError, RunConfig, cell_name, fields_epilog, make_config,
+                              profile_named_in)
 from clipstudy.fingerprint import describe_change, fingerprint
 
 STALE_FOLDER = "stale"  # <runs>/stale/<cell>-<time>: archived stale runs (the report reads <runs>/*/ only)
@@ -149,6 +150,38 @@ def plan_cells(profile: str, *, optimizers=DEFAULT_OPTIMIZERS, losses=DEFAULT_LO
     return cells
 
 
+def check_sweep_inputs(cells: list[Cell]) -> None:
+    """Data and weights of every cell are there, checked once per distinct setting before any kernel starts."""
+    from clipstudy.models import weights_needed
+    from clipstudy.preflight import check_inputs
+
+    seen = set()
+    for cell in cells:
+        key = (tuple(sorted(cell.config.resolved_paths().items())), tuple(sorted(weights_needed(cell.config).items())))
+        if key not in seen:
+            seen.add(key)
+            check_inputs(cell.config)
+
+
+def check_names(lr: dict | float | None, variants: dict[str, dict]) -> None:
+    """Every ``--lr`` key names an optimizer or a variant, every ``--variant`` a known optimizer and fields."""
+    from clipstudy.optim import available_optimizers
+
+    optimizers = available_optimizers()
+    for name, variant in variants.items():
+        if variant.get("optimizer") not in optimizers:
+            raise ConfigError(f"--variant {name}: optimizer {variant.get('optimizer')!r} is unknown; "
+                              f"valid optimizers: {optimizers}")
+        unknown = [key for key in variant if key.replace("-", "_") not in FIELDS]
+        if unknown:
+            raise ConfigError(f"--variant {name}: unknown config field(s) {unknown}; valid fields: {sorted(FIELDS)}")
+    if isinstance(lr, dict):
+        known = sorted({*optimizers, *VARIANTS, *variants})
+        for name in lr:
+            if name not in known:
+                raise ConfigError(f"--lr: {name!r} is not an optimizer or variant name; valid names: {known}")
+
+
 def notebook_parameters(cell: Cell, device: str | None, threads: int | None) -> dict:
     """Papermill parameters of the training notebook for one cell."""
     params = dict(cell.params)
@@ -226,6 +259,7 @@ def _kernel_directory(output: Path) -> Path:
 def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
     started = time.perf_counter()
     error = None
+    before = records.read_metrics(cell.out)  # an earlier attempt's record, if any
     try:
         # once every cell has run, nothing is left to lose (train() has written its files
         # atomically): ending the kernel at once saves the ~2 s a kernel with torch loaded
@@ -235,9 +269,11 @@ def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
     except Exception as err:  # papermill wraps the notebook's exception
         error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
     metrics = records.read_metrics(cell.out) or {}
-    if error and metrics.get("status") not in (records.FAILED, *records.FINISHED):
-        # the notebook failed before train() could record it (e.g. a bad parameter); a result
-        # train() finished before the kernel went down is kept, never overwritten as failed
+    recorded_now = metrics.get("status") == records.FAILED and metrics != before
+    if error and not recorded_now and metrics.get("status") not in records.FINISHED:
+        # the notebook failed before train() could record it (a bad parameter, missing data), or left
+        # an earlier attempt's failure; a result train() finished before the kernel went down is
+        # kept, never overwritten as failed
         metrics = records.failure_metrics(
             cell=cell.name, profile=cell.params["profile"], optimizer=cell.label,
             base_optimizer=cell.params.get("optimizer", cell.label), loss=cell.loss, seed=cell.seed, error=error)
@@ -332,14 +368,19 @@ def _number(text: str, option: str, kind):
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m clipstudy sweep",
-                                     description="Run the optimizer x loss grid through papermill.")
+                                     description="Run the optimizer x loss grid through papermill.",
+                                     epilog=fields_epilog(profile_named_in(argv, "demo")),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="demo", choices=sorted(PROFILES))
     parser.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
                         help=f"comma list; optimizer names or variants {sorted(VARIANTS)}")
-    parser.add_argument("--losses", default=",".join(DEFAULT_LOSSES))
+    parser.add_argument("--losses", default=",".join(DEFAULT_LOSSES),
+                        help="comma list of losses (default: the original five; isogclr and siglip run only "
+                             "when named)")
     parser.add_argument("--seeds", default="0", help="comma list of seeds, e.g. 0,1,2")
     parser.add_argument("--lr", default=None,
-                        help="one learning rate for all cells, or per optimizer: adamw=2e-4,sgd=0.05")
+                        help="one learning rate for all cells, or per optimizer or variant name: "
+                             "adamw=2e-4,sgd=0.05 (an unknown name fails at start)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIMIZER[:FIELD=VALUE;...]",
                         help="a named optimizer variant, e.g. sgd-hi=sgd:lr=0.1;weight_decay=0")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -353,42 +394,8 @@ def main(argv: list[str]) -> int:
                         help="rerun cells trained with other settings or data, moving each old run to "
                              "RUNS/stale/CELL-TIME first (without it they are listed and not run)")
     args = parser.parse_args(argv)
-    try:
-        overrides = {}
-        for item in args.set:
-            overrides.update(parse_mapping(item, "--set"))
-        for name in overrides:
-            if name.replace("-", "_") not in FIELDS:
-                raise ConfigError(f"--set: unknown config field {name!r}")
-        if args.data:
-            overrides["data"] = str(Path(args.data).resolve())
-        variants = {}
-        for spec in args.variant:
-            name, _, rest = spec.partition("=")
-            optimizer, _, fields = rest.partition(":")
-            variants[name] = {"optimizer": optimizer, **parse_mapping(fields.replace(";", ","), "--variant")}
-        lr = None
-        if args.lr:
-            lr = ({k: _number(v, "--lr", float) for k, v in parse_mapping(args.lr, "--lr").items()}
-                  if "=" in args.lr else _number(args.lr, "--lr", float))
-        if args.jobs < 1:
-            raise ConfigError("--jobs must be >= 1")
-        resources = executors.resources_from_args(args)
-        cells = plan_cells(args.profile, optimizers=[o for o in args.optimizers.split(",") if o],
-                           losses=[x for x in args.losses.split(",") if x],
-                           seeds=[_number(s, "--seeds", int) for s in args.seeds.split(",") if s], lr=lr,
-                           overrides=overrides, variants=variants, runs_root=args.runs)
-    except (ConfigError, ValueError, paths.ProjectRootNotFound) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if cells and not (args.dry_run or args.status):
-        root = cells[0].out.parent
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            print(f"error: --runs {root}: cannot create the runs folder ({err.strerror or err}); "
-                  "choose a folder you can write to", file=sys.stderr)
-            return 2
+    cells = plan_from_args(args)
+    resources = executors.resources_from_args(args)
     if args.status:
         executors.print_status(cells)
         return 0
@@ -398,6 +405,14 @@ def main(argv: list[str]) -> int:
             print(f"{cell.name:<28} {state}{f' ({detail})' if detail else ''}")
         print(f"{len(cells)} cells in {cells[0].out.parent if cells else '-'}")
         return 0
+    check_sweep_inputs(cells)
+    if cells:
+        root = cells[0].out.parent
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"--runs {root}: cannot create the runs folder ({err.strerror or err}); "
+                              "choose a folder you can write to") from None
     t0 = time.perf_counter()
     if args.executor == "inline" and resources.world_size == 1:
         results = run_sweep(cells, jobs=args.jobs, rerun_stale=args.rerun_stale)
@@ -413,9 +428,40 @@ def main(argv: list[str]) -> int:
         counts[m.get("status", "?")] = counts.get(m.get("status", "?"), 0) + 1
     print(f"sweep finished in {time.perf_counter() - t0:.0f}s: "
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    failed = counts.get(records.FAILED, 0)
+    if failed:  # a diverged cell is a result; a failed one is not
+        print(f"{failed} cell(s) failed: see the FAILED lines above and each cell's metrics.json and "
+              "train.ipynb; rerun the same command to retry them", file=sys.stderr)
     if counts.get("stale"):
         print(f"error: {counts['stale']} stale cell(s) not run: their runs used other settings or data (listed "
               "above). Rerun with --rerun-stale to archive and retrain them, or keep both results side by side "
               "with a --variant (see README, \"Several settings side by side\")", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed or counts.get("stale") else 0
+
+
+def plan_from_args(args) -> list[Cell]:
+    """The sweep's cells from its command line, every name and value checked (ConfigError otherwise)."""
+    overrides = {}
+    for item in args.set:
+        overrides.update(parse_mapping(item, "--set"))
+    for name in overrides:
+        if name.replace("-", "_") not in FIELDS:
+            raise ConfigError(f"--set: unknown config field {name!r}; valid fields: {sorted(FIELDS)}")
+    if args.data:
+        overrides["data"] = str(Path(args.data).resolve())
+    variants = {}
+    for spec in args.variant:
+        name, _, rest = spec.partition("=")
+        optimizer, _, fields = rest.partition(":")
+        variants[name] = {"optimizer": optimizer, **parse_mapping(fields.replace(";", ","), "--variant")}
+    lr = None
+    if args.lr:
+        lr = ({k: _number(v, "--lr", float) for k, v in parse_mapping(args.lr, "--lr").items()}
+              if "=" in args.lr else _number(args.lr, "--lr", float))
+    check_names(lr, variants)
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be >= 1")
+    return plan_cells(args.profile, optimizers=[o for o in args.optimizers.split(",") if o],
+                      losses=[x for x in args.losses.split(",") if x],
+                      seeds=[_number(s, "--seeds", int) for s in args.seeds.split(",") if s], lr=lr,
+                      overrides=overrides, variants=variants, runs_root=args.runs)

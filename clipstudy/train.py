@@ -35,6 +35,7 @@ from clipstudy.config import ConfigError, RunConfig
 from clipstudy.distributed import unwrap_model
 from clipstudy.precision import autocast
 from clipstudy.fingerprint import fingerprint as fingerprint_of
+from clipstudy.preflight import check_inputs
 from clipstudy.runstate import StopRequest, already_complete, capture_state, resume, seed_everything
 from clipstudy.sampling import SeededSamples, batches_keeping_rng, train_loader
 from clipstudy.tensorboard_log import TensorBoardLog
@@ -102,9 +103,6 @@ def build_datasets(config: RunConfig):
     from clipstudy.data import RetrievalSet, TrainPairs, ZeroShotSet, require_readable_image, transforms_for
 
     paths = config.resolved_paths()
-    if not paths["train_ann"] or not paths["train_images"]:
-        raise ConfigError("config fields 'train_ann'/'train_images' are empty: set `data` (demo layout) "
-                          "or both paths (formats in docs/protocol.md)")
     transforms = transforms_for(config)
     train_set = TrainPairs(paths["train_ann"], paths["train_images"], transforms["train"],
                            max_words=config.max_words, cache_images=config.cache_images)
@@ -139,6 +137,17 @@ def build_model_for(config: RunConfig):
                        text_pooling=config.text_pooling)
 
 
+@contextlib.contextmanager
+def params_named(field: str, value: dict):
+    """A loss or optimizer refusing its parameters (TypeError / ValueError) becomes a ConfigError naming
+    ``field``; a safety net behind the configuration's own checks."""
+    try:
+        yield
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config field {field!r}={value!r}: {err} (check each key and the type of its "
+                          "value against what the loss or optimizer accepts)") from err
+
+
 def build_run(config: RunConfig, out: Path, rank: int = 0, world_size: int = 1) -> Run:
     from clipstudy.losses import make_loss
     from clipstudy.optim import build_optimizer, make_scheduler
@@ -161,10 +170,12 @@ def build_run(config: RunConfig, out: Path, rank: int = 0, world_size: int = 1) 
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    loss = make_loss(config.loss, temperature=config.temperature, num_samples=len(train_set),
-                     **config.loss_params).to(device)
-    optimizer = build_optimizer(config.optimizer, model, loss, lr=config.lr or None,
-                                weight_decay=config.weight_decay, **config.optimizer_params)
+    with params_named("loss_params", config.loss_params):
+        loss = make_loss(config.loss, temperature=config.temperature, num_samples=len(train_set),
+                         **config.loss_params).to(device)
+    with params_named("optimizer_params", config.optimizer_params):
+        optimizer = build_optimizer(config.optimizer, model, loss, lr=config.lr or None,
+                                    weight_decay=config.weight_decay, **config.optimizer_params)
     total_steps, stop_step = planned_steps(config, steps_per_epoch)
     warmup = steps_per_epoch if config.warmup_steps < 0 else config.warmup_steps
     scheduler = make_scheduler(optimizer, total_steps=total_steps, warmup_steps=min(warmup, total_steps),
@@ -227,7 +238,9 @@ def train(config: RunConfig, *, progress: bool = True) -> dict:
 
     An exception other than an interruption or a refused configuration is
     recorded as status ``failed`` in ``metrics.json`` (with the error) and raised again.
+    Missing data or weights are refused first, with nothing written.
     """
+    check_inputs(config)
     try:
         return _train(config, progress=progress)
     except (KeyboardInterrupt, ConfigError, CellBusy):
@@ -303,7 +316,8 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
     if state.status == records.INTERRUPTED:
         if world_size > 1:
             torch.distributed.destroy_process_group()
-        raise KeyboardInterrupt(f"interrupted by signal; checkpoint saved in {out / 'checkpoints'}")
+        raise KeyboardInterrupt(f"interrupted; checkpoint saved in {out / 'checkpoints'}: "
+                                "rerun the same command to resume")
     return finish(run, state, log_rows, fingerprint["digest"])
 
 

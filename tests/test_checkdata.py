@@ -7,7 +7,8 @@ import statistics
 import pytest
 from PIL import Image
 
-from clipstudy.checkdata import check_data, main
+from clipstudy.__main__ import main as clipstudy_main
+from clipstudy.checkdata import check_data
 from conftest import TINY_DEMO
 
 
@@ -35,7 +36,7 @@ def test_demo_set_counts_and_exit_zero(demo_data_dir, capsys):
     assert report["zeroshot"]["classes"] == TINY_DEMO["zeroshot_classes"]
     assert report["zeroshot"]["images_per_class"] == {"min": per_class, "max": per_class}
     assert report["zeroshot"]["empty_classes"] == [] and report["zeroshot"]["classnames_file"] is True
-    assert main(["--data", str(demo_data_dir)]) == 0
+    assert clipstudy_main(["check-data", "--data", str(demo_data_dir)]) == 0
     out = capsys.readouterr().out
     assert "[train]" in out and "[zeroshot]" in out and out.rstrip().endswith("OK")
 
@@ -55,8 +56,8 @@ def test_unreadable_files_listed_in_json(tmp_path, capsys):
     entries = [{"image": "ok.png", "caption": ["a", "b"]}, {"image": "gone.png", "caption": ["c"]},
                {"image": "text.png", "caption": "d"}]
     ann, images = write_pairs(tmp_path, entries, ["ok.png"], ["text.png"], kind="retrieval")
-    assert main(["--retrieval-ann", str(ann), "--retrieval-images", str(images), "--json",
-                 "--max-unreadable", "1"]) == 0  # 2 of 3 unreadable: allowed here, to see the listing
+    assert clipstudy_main(["check-data", "--retrieval-ann", str(ann), "--retrieval-images", str(images), "--json",
+                           "--max-unreadable", "1"]) == 0  # 2 of 3 unreadable: allowed here, to see the listing
     report = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
     section = report["retrieval"]
     assert section["entries"] == 3 and section["readable_images"] == 1 and section["texts"] == 4
@@ -69,12 +70,12 @@ def test_unreadable_files_listed_in_json(tmp_path, capsys):
 def test_set_without_usable_image_exits_one(tmp_path, capsys):
     entries = [{"image": "a.png", "caption": "x", "image_id": 0}, {"image": "b.png", "caption": "y", "image_id": 1}]
     ann, images = write_pairs(tmp_path, entries, [], ["a.png"])
-    assert main(["--train-ann", str(ann), "--train-images", str(images)]) == 1
+    assert clipstudy_main(["check-data", "--train-ann", str(ann), "--train-images", str(images)]) == 1
     out = capsys.readouterr().out
     assert "NOT USABLE" in out and "a.png" in out and "b.png" in out
     empty_ann = tmp_path / "empty.json"
     empty_ann.write_text("[]")
-    assert main(["--train-ann", str(empty_ann), "--train-images", str(images)]) == 1
+    assert clipstudy_main(["check-data", "--train-ann", str(empty_ann), "--train-images", str(images)]) == 1
 
 
 def test_zeroshot_empty_class_folders(tmp_path):
@@ -96,7 +97,7 @@ def test_zeroshot_empty_class_folders(tmp_path):
     ["--no-such-option"],
 ])
 def test_usage_errors_exit_two(args, capsys):
-    assert main(args) == 2
+    assert clipstudy_main(["check-data", *args]) == 2
     assert capsys.readouterr().err
 
 
@@ -104,11 +105,11 @@ def test_malformed_annotation_exits_two_naming_the_file(tmp_path, capsys):
     ann = tmp_path / "broken.json"
     ann.write_text("[{]")
     (tmp_path / "images").mkdir()
-    assert main(["--train-ann", str(ann), "--train-images", str(tmp_path / "images")]) == 2
+    assert clipstudy_main(["check-data", "--train-ann", str(ann), "--train-images", str(tmp_path / "images")]) == 2
     assert str(ann) in capsys.readouterr().err
     good = tmp_path / "good.json"
     good.write_text(json.dumps([{"image": "a.png", "caption": "x", "image_id": 0}]))
-    assert main(["--train-ann", str(good), "--train-images", str(tmp_path / "missing_dir")]) == 2
+    assert clipstudy_main(["check-data", "--train-ann", str(good), "--train-images", str(tmp_path / "missing_dir")]) == 2
     assert "missing_dir" in capsys.readouterr().err
 
 
@@ -118,24 +119,24 @@ def test_too_many_unreadable_images_fail_naming_the_threshold(tmp_path, capsys):
     entries = [{"image": n, "caption": "x", "image_id": i} for i, n in enumerate(names)]
     ann, images = write_pairs(tmp_path, entries, names[12:], names[:12])
     args = ["--train-ann", str(ann), "--train-images", str(images)]
-    assert main(args) == 1
+    assert clipstudy_main(["check-data", *args]) == 1
     last = capsys.readouterr().out.rstrip().splitlines()[-1]
     assert last == ("FAILED: train set has 12 of 50 images unreadable (24.0%), above --max-unreadable 0.01 (1%)")
-    assert main(args + ["--max-unreadable", "0.25"]) == 0  # 24% is within a 25% threshold
+    assert clipstudy_main(["check-data", *args, "--max-unreadable", "0.25"]) == 0  # 24% is within a 25% threshold
     assert capsys.readouterr().out.rstrip().endswith("OK")
     # exactly at the threshold passes; one more image over it fails
     assert check_data(train_ann=str(ann), train_images=str(images), max_unreadable=0.24)["ok"]
     assert not check_data(train_ann=str(ann), train_images=str(images), max_unreadable=0.23)["ok"]
-    assert main(args + ["--max-unreadable", "2"]) == 2
+    assert clipstudy_main(["check-data", *args, "--max-unreadable", "2"]) == 2
 
 
 def test_mostly_missing_images_name_the_root_to_check(tmp_path, capsys):
     names = [f"{i}.png" for i in range(10)]
     entries = [{"image": n, "caption": "x", "image_id": i} for i, n in enumerate(names)]
     ann, images = write_pairs(tmp_path, entries, names[:2])  # 8 of 10 files absent
-    assert main(["--train-ann", str(ann), "--train-images", str(images)]) == 1
+    assert clipstudy_main(["check-data", "--train-ann", str(ann), "--train-images", str(images)]) == 1
     out = capsys.readouterr().out
     assert f"8 of 10 images are missing: check the image root {images}" in out
     ann2, images2 = write_pairs(tmp_path / "few", entries, names[:8])  # 2 of 10 absent: no such hint
-    main(["--train-ann", str(ann2), "--train-images", str(images2)])
+    clipstudy_main(["check-data", "--train-ann", str(ann2), "--train-images", str(images2)])
     assert "check the image root" not in capsys.readouterr().out

@@ -8,7 +8,7 @@ from clipstudy.config import ConfigError, RunConfig, cell_name, config_from_json
 
 def test_profiles_and_overrides():
     paper = make_config("paper")
-    # STUDY.md's paper setting
+    # docs/protocol.md's paper setting
     assert (paper.batch_size, paper.epochs, paper.image_size, paper.temperature) == (128, 30, 256, 0.01)
     assert (paper.weight_decay, paper.warmup_lr, paper.min_lr, paper.max_length) == (0.02, 1e-5, 1e-6, 30)
     assert paper.image_encoder == "resnet50" and paper.text_encoder == "distilbert"

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipstudy.__main__ import main as clipstudy_main
 from clipstudy.data import RetrievalSet, TrainPairs, ZeroShotSet, clean_caption, eval_transform
 from clipstudy.demo_data import (COLOURS, POSITIONS, SIZES, content_digest, demo_paths, main,
                                  make_demo_data)
@@ -218,4 +219,5 @@ def test_complete_set_is_reused_and_a_damaged_one_rebuilt(demo_data_dir, tmp_pat
     assert "wrote" in capsys.readouterr().out
     assert image.read_bytes() == (demo_data_dir / "images/train/000005.png").read_bytes()
     assert content_digest(copy) == content_digest(demo_data_dir)
-    assert main(args[:-2] + ["--zeroshot-classes", "1"]) == 2  # bad parameter: usage error
+    assert clipstudy_main(["make-demo-data", *args[:-2], "--zeroshot-classes", "1"]) == 2  # bad parameter
+    assert "zeroshot_classes must be between 2" in capsys.readouterr().err

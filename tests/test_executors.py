@@ -17,9 +17,15 @@ import pytest
 
 from clipstudy import executors
 from clipstudy.config import make_config
-from clipstudy.sweep import main as sweep_main, plan_cells
+from clipstudy.__main__ import main as clipstudy_main
+from clipstudy.sweep import plan_cells
 from clipstudy.tensorboard_log import read_scalars
 from clipstudy.train import train
+
+
+def sweep_main(argv: list[str]) -> int:
+    """The sweep through the dispatcher, which turns its errors into one line and an exit status."""
+    return clipstudy_main(["sweep", *argv])
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # a short cell: 3 epochs of 4 steps on the tiny demo data, one torch thread

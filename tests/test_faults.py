@@ -28,14 +28,14 @@ import pandas as pd
 import pytest
 import torch
 
-import clipstudy.cli as cli_mod
 import clipstudy.train as train_mod
-from clipstudy.checkdata import check_data, main as check_data_main
+from clipstudy.__main__ import main as clipstudy_main
+from clipstudy.checkdata import check_data
 from clipstudy.checkpoint import (SWEEP_LOCK_NAME, CheckpointWriteError, checkpoint_paths, is_locked,
                                   load_latest, load_verified)
 from clipstudy.config import ConfigError, cell_name, make_config
 from clipstudy.data import DataError, RetrievalSet, TrainPairs, ZeroShotSet, eval_transform
-from clipstudy.sweep import main as sweep_main, plan_cells
+from clipstudy.sweep import plan_cells
 from clipstudy.train import train
 from conftest import TINY_DEMO
 
@@ -249,7 +249,7 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(reference_run, demo_da
 def test_checkpoint_write_error_through_the_cli(demo_data_dir, tmp_path, monkeypatch, capsys):
     fake, _ = failing("fsync", ".ckpt-", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     monkeypatch.setattr(os, "fsync", fake)
-    code = cli_mod.train_main(["--profile", "smoke", "--data", str(demo_data_dir), "--out", str(tmp_path / "run"),
+    code = clipstudy_main(["train", "--profile", "smoke", "--data", str(demo_data_dir), "--out", str(tmp_path / "run"),
                            "--epochs", "1", "--threads", "1", "--no-progress"])
     err = capsys.readouterr().err
     line = error_line(err)
@@ -265,13 +265,13 @@ def test_run_directory_that_cannot_be_created(demo_data_dir, tmp_path, capsys):
         with pytest.raises(ConfigError, match="'out'") as caught:
             train(smoke(demo_data_dir, out), progress=False)
         assert str(out) in str(caught.value) and "choose a folder you can write to" in str(caught.value)
-    code = cli_mod.train_main(["--profile", "smoke", "--data", str(demo_data_dir), "--out", str(blocker / "run"),
+    code = clipstudy_main(["train", "--profile", "smoke", "--data", str(demo_data_dir), "--out", str(blocker / "run"),
                            "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and str(blocker / "run") in err and "Traceback" not in err
     assert blocker.read_text() == "not a folder"
     # the sweep checks its runs folder before starting any cell
-    code = sweep_main(["--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(blocker / "runs"),
+    code = clipstudy_main(["sweep", "--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(blocker / "runs"),
                        "--optimizers", "adamw", "--losses", "clip"])
     err = capsys.readouterr().err
     assert code == 2 and str(blocker / "runs") in err and "--runs" in err
@@ -304,11 +304,11 @@ def test_training_set_without_a_readable_image(demo_data_dir, tmp_path, capsys):
     assert failed["status"] == "failed" and "check-data" in failed["error"]
     assert checkpoint_paths(run / "checkpoints") == []  # nothing trained, nothing saved
 
-    assert check_data_main(["--train-ann", str(data / "train.json"), "--train-images", str(data / "images")]) == 1
+    assert clipstudy_main(["check-data", "--train-ann", str(data / "train.json"), "--train-images", str(data / "images")]) == 1
     out = capsys.readouterr().out
     assert "NOT USABLE" in out and f"unreadable: {len(entries)}" in out
 
-    code = cli_mod.train_main(["--profile", "smoke", "--data", str(data), "--out", str(tmp_path / "cli"),
+    code = clipstudy_main(["train", "--profile", "smoke", "--data", str(data), "--out", str(tmp_path / "cli"),
                            "--threads", "1", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
@@ -383,7 +383,7 @@ def test_check_data_text_report_names_the_problems(demo_data_dir, tmp_path, caps
     entries[0]["caption"] = "?!"
     entries[1]["image_id"] = entries[2]["image_id"]
     (data / "train.json").write_text(json.dumps(entries))
-    assert check_data_main(["--data", str(data)]) == 0
+    assert clipstudy_main(["check-data", "--data", str(data)]) == 0
     out = capsys.readouterr().out
     assert "1 caption(s) are empty after cleaning" in out
     assert f"1 image id(s) name different image files, e.g. {entries[2]['image_id']}" in out
@@ -405,7 +405,7 @@ def test_image_paths_outside_the_image_root_are_rejected(tmp_path, capsys, bad_p
     retrieval_ann.write_text(json.dumps([{"image": bad_path, "caption": ["x"]}]))
     with pytest.raises(DataError, match="entry 0 .*outside the image root"):
         RetrievalSet(retrieval_ann, images, eval_transform(8))
-    assert check_data_main(["--train-ann", str(train_ann), "--train-images", str(images)]) == 2
+    assert clipstudy_main(["check-data", "--train-ann", str(train_ann), "--train-images", str(images)]) == 2
     assert repr(bad_path) in capsys.readouterr().err
 
 
@@ -414,7 +414,7 @@ def test_image_path_climbing_out_is_rejected_by_train(demo_data_dir, tmp_path, c
     entries = json.loads((data / "train.json").read_text())
     entries[7]["image"] = "../../" + entries[7]["image"]
     (data / "train.json").write_text(json.dumps(entries))
-    code = cli_mod.train_main(["--profile", "smoke", "--data", str(data), "--out", str(tmp_path / "run"),
+    code = clipstudy_main(["train", "--profile", "smoke", "--data", str(data), "--out", str(tmp_path / "run"),
                            "--no-progress"])
     err = capsys.readouterr().err
     line = error_line(err)
@@ -437,7 +437,7 @@ def test_image_path_climbing_out_is_rejected_by_train(demo_data_dir, tmp_path, c
 ])
 def test_train_cli_rejects_bad_parameters(demo_data_dir, tmp_path, capsys, args, names):
     run = tmp_path / "run"
-    code = cli_mod.train_main(["--profile", "smoke", "--data", str(demo_data_dir), "--out", str(run), "--no-progress",
+    code = clipstudy_main(["train", "--profile", "smoke", "--data", str(demo_data_dir), "--out", str(run), "--no-progress",
                            *args])
     err = capsys.readouterr().err
     line = error_line(err)
@@ -453,7 +453,7 @@ def test_train_cli_rejects_bad_parameters(demo_data_dir, tmp_path, capsys, args,
 ])
 def test_train_cli_rejects_unknown_choices_and_flags(capsys, args, names):
     with pytest.raises(SystemExit) as caught:
-        cli_mod.train_main(args)
+        clipstudy_main(["train", *args])
     err = capsys.readouterr().err
     assert caught.value.code == 2
     for name in names:
@@ -474,7 +474,7 @@ def test_train_cli_rejects_unknown_choices_and_flags(capsys, args, names):
 ])
 def test_sweep_cli_rejects_bad_parameters_before_running(demo_data_dir, tmp_path, capsys, args, names):
     runs = tmp_path / "runs"
-    code = sweep_main(["--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(runs), *args])
+    code = clipstudy_main(["sweep", "--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(runs), *args])
     line = error_line(capsys.readouterr().err)
     assert code == 2
     for name in names:
@@ -484,17 +484,14 @@ def test_sweep_cli_rejects_bad_parameters_before_running(demo_data_dir, tmp_path
 
 def test_sweep_cli_rejects_unknown_profile(capsys):
     with pytest.raises(SystemExit) as caught:
-        sweep_main(["--profile", "huge", "--dry-run"])
+        clipstudy_main(["sweep", "--profile", "huge", "--dry-run"])
     assert caught.value.code == 2 and "huge" in capsys.readouterr().err
 
 
 def test_evaluate_and_report_cli_name_the_missing_run(tmp_path, capsys):
-    from clipstudy.report import main as report_main
-    from clipstudy.cli import evaluate_main
-
-    assert evaluate_main(["--run", str(tmp_path / "nowhere")]) == 2
+    assert clipstudy_main(["evaluate", "--run", str(tmp_path / "nowhere")]) == 2
     assert str(tmp_path / "nowhere") in capsys.readouterr().err
-    assert report_main(["--profile", "smoke", "--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    assert clipstudy_main(["report", "--profile", "smoke", "--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
     assert str(tmp_path / "empty") in capsys.readouterr().err
 
 
@@ -743,7 +740,7 @@ def test_diverged_cell_is_recorded_the_sweep_goes_on_and_the_report_shows_it(dem
     from clipstudy import report
 
     runs = tmp_path / "runs"
-    code = sweep_main(["--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(runs),
+    code = clipstudy_main(["sweep", "--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(runs),
                        "--optimizers", "sgd,adamw", "--losses", "sogclr", "--lr", "sgd=1e12", "--jobs", "1",
                        "--set", "warmup_steps=0", "--set", "epochs=1", "--set", "threads=1"])
     out = capsys.readouterr().out

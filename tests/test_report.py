@@ -102,27 +102,80 @@ def test_conclusions_against_chance(tmp_path):
     lines = report.conclusions(df, {"txt_r1": 1.0, "img_r1": 1.0, "zeroshot_top1": 10.0})
     assert "3 of 4 cells reach more than twice the chance Average (4.00)." in lines
     below = [line for line in lines if line.startswith("Below chance")]
-    assert len(below) == 1 and below[0].endswith("Adam + CLIP.")
+    assert below == ["Below chance: Adam + CLIP."]
 
 
 def test_conclusions_compare_variants_with_their_base_optimizer(tmp_path):
+    """The optimizer a variant modifies comes from its runs (base_optimizer), not from its name."""
     write_fixture_runs(tmp_path)
-    extra = [("adam-nol2", "clip", 0, 6.0, 6.0, 9.0), ("sgd-lr0.05", "clip", 0, 3.0, 3.0, 3.0)]
-    for opt, loss, seed, tr, ir, acc in extra:
-        d = tmp_path / f"{opt}-{loss}-s{seed}"
+    extra = [("adam-nol2", "adam", "clip", 6.0, 6.0, 9.0), ("hot", "sgd", "clip", 3.0, 3.0, 3.0)]
+    for opt, base, loss, tr, ir, acc in extra:
+        d = tmp_path / f"{opt}-{loss}-s0"
         d.mkdir()
         (d / "metrics.json").write_text(json.dumps({
-            "status": "completed", "optimizer": opt, "loss": loss, "seed": seed,
+            "status": "completed", "optimizer": opt, "base_optimizer": base, "loss": loss, "seed": 0,
             "txt_r1": tr, "img_r1": ir, "zeroshot_top1": acc, "average": (tr + ir + acc) / 3}))
     lines = report.conclusions(report.collect_runs(tmp_path))
     # by hand: Adam+CLIP (3+3+4)/3 = 3.33, Adam (no L2) 7.00; SGD: only SGD+CLIP s0 completed, 31/3 = 10.33
-    assert ("Adam with its L2 penalty averages 3.33; without it 7.00: dropping the L2 term helps." in lines)
-    assert ("SGD (lr 0.05, clip 1) averages 3.00 over losses against 10.33 for SGD with its defaults: "
-            "the variant does not help." in lines)
+    assert ("Adam (no L2) averages 7.00 over losses against 3.33 for Adam with its defaults: "
+            "the variant helps." in lines)
+    assert "hot averages 3.00 over losses against 10.33 for SGD with its defaults: the variant does not help." in lines
     # with a chance Average of 6 both stay within 2 x 6 = 12: neither learns
     lines = report.conclusions(report.collect_runs(tmp_path), {"txt_r1": 6.0, "img_r1": 6.0, "zeroshot_top1": 6.0})
-    assert ("SGD (lr 0.05, clip 1) averages 3.00 over losses against 10.33 for SGD with its defaults: "
+    assert ("hot averages 3.00 over losses against 10.33 for SGD with its defaults: "
             "neither learns (both within twice the chance Average, 6.00)." in lines)
+    # a variant whose runs do not say what it modifies is not compared with anything
+    (tmp_path / "hot-clip-s0" / "metrics.json").write_text(json.dumps({
+        "status": "completed", "optimizer": "hot", "loss": "clip", "seed": 0, "txt_r1": 3.0, "img_r1": 3.0,
+        "zeroshot_top1": 3.0, "average": 3.0}))
+    assert not any(line.startswith("hot averages") for line in report.conclusions(report.collect_runs(tmp_path)))
+
+
+def test_logs_are_loaded_and_tagged_per_run(tmp_path):
+    write_fixture_runs(tmp_path)
+    (tmp_path / "adam-clip-s0" / "epochs.csv").write_text(",".join(("epoch", "step", "txt_r1")) + "\n")  # header only
+    df = report.collect_runs(tmp_path)
+    history = report.load_logs(df, "history.csv")
+    completed = [(o, l, s) for o, l, s, st, *_ in FIXTURE if st == "completed"]
+    assert len(history) == 2 * len(completed)  # two rows per completed fixture run
+    assert sorted(set(zip(history["optimizer"], history["loss_name"], history["seed"]))) == sorted(completed)
+    assert list(history["loss"][:2]) == [4.0, 3.5]  # the history's own loss column is kept
+    epochs = report.load_logs(df, "epochs.csv")
+    assert len(epochs) == len(completed) - 1  # adam-clip-s0's file holds a header only
+    row = epochs[(epochs["optimizer"] == "adamw") & (epochs["loss_name"] == "clip") & (epochs["seed"] == 1)]
+    assert row["txt_r1"].tolist() == [12.0]
+    assert report.load_logs(df.iloc[0:0], "epochs.csv").empty
+    with pytest.raises(ValueError, match="history.csv or epochs.csv"):
+        report.load_logs(df, "metrics.json")
+
+
+def test_one_seed_shows_no_spread(tmp_path):
+    write_fixture_runs(tmp_path)
+    one_seed = report.collect_runs(tmp_path).query("seed == 0")
+    assert "average_std" not in report.with_published(one_seed).columns
+    assert "nan" not in report.study_table(one_seed).to_string().lower()
+    assert "average_std" in report.with_published(report.collect_runs(tmp_path)).columns
+
+
+def test_collapse_comes_from_the_diagnostics_not_the_scores(tmp_path):
+    write_fixture_runs(tmp_path)
+    cosines = {"adam-clip-s0": (0.99, 0.40), "adamw-clip-s0": (0.10, 0.20), "adamw-clip-s1": (0.12, 0.18),
+               "sgd-clip-s0": (0.30, 0.97)}
+    for run, (image_cos, text_cos) in cosines.items():
+        path = tmp_path / run / "metrics.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "image_cos_mean_end": image_cos,
+                                    "text_cos_mean_end": text_cos}))
+    lines = report.conclusions(report.collect_runs(tmp_path), {"txt_r1": 1.0, "img_r1": 1.0, "zeroshot_top1": 10.0})
+    # Adam + CLIP is below chance and collapsed; SGD + CLIP learned (10.33 > 8) yet its text embeddings collapsed
+    assert "Below chance: Adam + CLIP." in lines
+    collapsed = [line for line in lines if line.startswith("Cells whose embeddings end collapsed")]
+    assert len(collapsed) == 1 and "SGD + CLIP (image 0.30, text 0.97)" in collapsed[0]
+    assert "Adam + CLIP (image 0.99, text 0.40)" in collapsed[0] and "AdamW" not in collapsed[0]
+    # without diagnostics, nothing is called collapsed
+    bare = report.collect_runs(tmp_path).assign(image_cos_mean_end=float("nan"), text_cos_mean_end=float("nan"))
+    lines = report.conclusions(bare, {"txt_r1": 1.0, "img_r1": 1.0, "zeroshot_top1": 10.0})
+    assert "Below chance: Adam + CLIP." in lines
+    assert not any("collapsed" in line for line in lines if not line.startswith("No collapse diagnostics"))
 
 
 def write_grid_runs(root: Path, averages: dict, extra=None):

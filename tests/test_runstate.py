@@ -8,7 +8,7 @@ import torch
 
 from clipstudy import precision, records, runstate
 from clipstudy.checkpoint import checkpoint_paths, save_checkpoint
-from clipstudy.cli import evaluate_main
+from clipstudy.__main__ import main as clipstudy_main
 from clipstudy.config import ConfigError, make_config
 from clipstudy.train import train
 
@@ -90,5 +90,5 @@ def test_training_and_evaluate_command_evaluate_at_the_same_precision(demo_data_
     monkeypatch.setattr(precision, "choose_amp", lambda amp, device: torch.bfloat16)
     out = tmp_path / "run"
     train(smoke(demo_data_dir, out, max_steps=2), progress=False)
-    assert evaluate_main(["--run", str(out), "--json"]) == 0
+    assert clipstudy_main(["evaluate", "--run", str(out), "--json"]) == 0
     assert seen == [torch.bfloat16, torch.bfloat16]

@@ -8,7 +8,8 @@ import pytest
 
 import clipstudy.train as train_mod
 from clipstudy.config import ConfigError, make_config
-from clipstudy.sweep import cell_state, main as sweep_main, plan_cells, run_sweep
+from clipstudy.__main__ import main as clipstudy_main
+from clipstudy.sweep import cell_state, plan_cells, run_sweep
 
 
 def test_plan_validates_every_cell_before_running(tmp_path):
@@ -26,11 +27,11 @@ def test_plan_validates_every_cell_before_running(tmp_path):
 
 
 def test_dry_run_lists_states(tmp_path, capsys, demo_data_dir):
-    code = sweep_main(["--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(tmp_path),
+    code = clipstudy_main(["sweep", "--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(tmp_path),
                        "--optimizers", "adamw", "--losses", "clip,vicreg", "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0 and "adamw-clip-s0" in out and "pending" in out and "2 cells" in out
-    assert sweep_main(["--profile", "smoke", "--losses", "bogus", "--dry-run"]) == 2
+    assert clipstudy_main(["sweep", "--profile", "smoke", "--losses", "bogus", "--dry-run"]) == 2
 
 
 def test_sweep_skip_resume_and_continue_after_failure(tmp_path, demo_data_dir, monkeypatch, capsys):
