@@ -97,7 +97,8 @@ def init_diagnostics(config, n: int = 64, progress: bool = False) -> dict[str, f
     and embeds the pairs with the evaluation transform.
     """
     from clipstudy.data import eval_transform, make_collate
-    from clipstudy.train import build_datasets, build_model_for, seed_everything
+    from clipstudy.runstate import seed_everything
+    from clipstudy.train import build_datasets, build_model_for
     from clipstudy.pretrain import load_pretrained_towers
 
     train_set, _, _ = build_datasets(config)
