@@ -35,7 +35,7 @@ losses CLIP, CyCLIP, VICReg, SigLIP); the registry and :class:`PairLoss` live in
 iSogCLR, OnlineCLR) in :mod:`clipstudy.losses_global`. Every name is importable
 from here.
 
-The definitions follow the study's protocol (``STUDY.md``) and the official code
+The definitions follow the study's protocol and the official code
 of each method; each class says where it departs from that code and why.
 """
 from __future__ import annotations
