@@ -120,13 +120,13 @@ HEADS = ("colour", "shape", "size", "row", "col", "tone")
 
 
 def head_sizes() -> list[int]:
-    from clipstudy.demo_data import COLOURS, SHAPES, SIZES, TONES
+    from clipstudy.demo_scenes import COLOURS, SHAPES, SIZES, TONES
 
     return [len(COLOURS), len(SHAPES), len(SIZES), 3, 3, len(TONES)]
 
 
 def scene_labels(scene: dict) -> list[int]:
-    from clipstudy.demo_data import COLOURS, SHAPES, SIZES, TONES
+    from clipstudy.demo_scenes import COLOURS, SHAPES, SIZES, TONES
 
     shape = scene["shapes"][0]
     return [list(COLOURS).index(shape["colour"]), list(SHAPES).index(shape["shape"]),
@@ -136,14 +136,14 @@ def scene_labels(scene: dict) -> list[int]:
 
 def pretraining_images(settings: PretrainSettings, image_size: int, exclude: set[str]):
     """(images uint8 N x H x W x 3, labels N x 6, dropped): labelled single-shape scenes not in ``exclude``."""
-    from clipstudy.demo_data import _random_scene, render_scene
+    from clipstudy.demo_scenes import random_scene, render_scene
 
     rng = _stream(settings, 0)
     images, labels, dropped = [], [], 0
     while len(images) < settings.images:
         if dropped > settings.images:
             raise RuntimeError("pretraining images: too many coincide with the study's images")
-        scene = _random_scene(rng, 1)
+        scene = random_scene(rng, 1)
         image = render_scene(scene, image_size)
         if pixel_hash(image) in exclude:
             dropped += 1
@@ -156,14 +156,14 @@ def pretraining_images(settings: PretrainSettings, image_size: int, exclude: set
 def pretraining_captions(settings: PretrainSettings, exclude: set[str], max_words: int = 30):
     """(captions, dropped): captions of the demo grammar, cleaned as the study does, none in ``exclude``."""
     from clipstudy.data import clean_caption
-    from clipstudy.demo_data import PAIR_P, _random_scene, captions_for
+    from clipstudy.demo_scenes import PAIR_P, captions_for, random_scene
 
     rng = _stream(settings, 1)
     captions, dropped = [], 0
     while len(captions) < settings.captions:
         if dropped > 10 * settings.captions:
             raise RuntimeError("pretraining captions: too many coincide with the study's captions")
-        scene = _random_scene(rng, 2 if rng.random() < PAIR_P else 1)
+        scene = random_scene(rng, 2 if rng.random() < PAIR_P else 1)
         caption = clean_caption(captions_for(rng, scene, 1)[0], max_words)
         if caption in exclude:
             dropped += 1
