@@ -18,7 +18,8 @@ import torch
 from clipstudy import records
 from clipstudy.checkpoint import load_latest
 from clipstudy.config import ConfigError, make_config
-from clipstudy.demo_data import DifferentDataSet, main as demo_main, make_demo_data
+from clipstudy.__main__ import main as clipstudy_main
+from clipstudy.demo_data import DifferentDataSet, make_demo_data
 from clipstudy.fingerprint import differences, fingerprint
 from clipstudy.sweep import main as sweep_main
 from clipstudy.train import train
@@ -203,9 +204,9 @@ def test_make_demo_data_refuses_to_replace_another_set(demo_data_dir, tmp_path, 
     before = snapshot(data)
     args = ["--out", str(data), "--seed", "0", "--image-size", "32", "--retrieval-size", "16",
             "--zeroshot-per-class", "3", "--zeroshot-classes", "4"]
-    assert demo_main(args + ["--train-size", "16"]) == 2
+    assert clipstudy_main(["make-demo-data", *args, "--train-size", "16"]) == 2
     message = capsys.readouterr().err.strip()
-    assert message == (f"make-demo-data: {data} holds another data set (train_size=64), not the one asked for "
+    assert message == (f"error: make-demo-data: {data} holds another data set (train_size=64), not the one asked for "
                        "(train_size=16); runs trained on it would lose their data: pass --force to replace it, "
                        "or choose another --out")
     assert snapshot(data) == before
@@ -214,10 +215,10 @@ def test_make_demo_data_refuses_to_replace_another_set(demo_data_dir, tmp_path, 
     assert snapshot(data) == before
     # files of a set without its manifest (interrupted, or not a demo set) are not replaced either
     (data / "manifest.json").unlink()
-    assert demo_main(args + ["--train-size", "64"]) == 2
+    assert clipstudy_main(["make-demo-data", *args, "--train-size", "64"]) == 2
     assert "no readable manifest.json" in capsys.readouterr().err
     # --force replaces
-    assert demo_main(args + ["--train-size", "16", "--force"]) == 0
+    assert clipstudy_main(["make-demo-data", *args, "--train-size", "16", "--force"]) == 0
     assert len(json.loads((data / "train.json").read_text())) == 16
 
 
