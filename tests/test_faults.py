@@ -7,8 +7,8 @@ sweeps are marked ``faults`` (``make test-faults``).
 
 Covered elsewhere: configuration validation (test_config.py); checkpoint
 digests, truncation, unsafe pickles and a lock left by a killed process
-(test_checkpoint.py); SIGTERM and ``kill -9`` of one ``train`` run, divergence
-of one run (test_train.py); sweep skip / resume / continue after a failure and
+(test_checkpoint.py); SIGTERM, SIGINT and ``kill -9`` of one ``train`` run
+(test_resume.py), divergence of one run (test_train.py); sweep skip / resume / continue after a failure and
 a wrongly typed papermill parameter (test_sweep.py).
 """
 from __future__ import annotations
@@ -217,7 +217,7 @@ def failing(function: str, target_prefix: str, exc: OSError):
     pytest.param("replace", errno.EACCES, id="eacces-rename"),
 ])
 def test_full_disk_at_a_checkpoint_keeps_the_previous_one(reference_run, demo_data_dir, tmp_path, monkeypatch,
-                                                          where, error):
+                                                          capsys, where, error):
     run = tmp_path / "run"
     second = f"ckpt-{2 * SMOKE_STEPS_PER_EPOCH:08d}.pt"
     first = f"ckpt-{SMOKE_STEPS_PER_EPOCH:08d}.pt"
@@ -240,7 +240,11 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(reference_run, demo_da
     assert failed["status"] == "failed" and second in failed["error"]
 
     # space freed: the same command resumes from the first checkpoint and ends like an uninterrupted run
+    capsys.readouterr()
     metrics = train(reference_config(demo_data_dir, run), progress=False)
+    assert re.search(rf"resumed from \S*{re.escape(first)} \(epoch 2, batch 0, step {SMOKE_STEPS_PER_EPOCH}\)",
+                     capsys.readouterr().err)
+    assert len(strict_json(run / "config.json")["resumes"]) == 1
     assert comparable(metrics) == comparable(read_metrics(reference_run))
     assert_same_weights(newest_state(run), newest_state(reference_run))
     assert_same_history(run, reference_run)
