@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -75,8 +74,5 @@ def test_lock_excludes_and_is_released_by_kill(tmp_path):
     assert proc.stdout.readline().strip() == "held"
     assert is_locked(tmp_path)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    deadline = time.time() + 5
-    while is_locked(tmp_path) and time.time() < deadline:
-        time.sleep(0.05)
+    proc.wait()  # once the holder is reaped its files are closed: the kernel has dropped the lock
     assert not is_locked(tmp_path)

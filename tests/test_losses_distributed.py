@@ -109,6 +109,8 @@ def test_two_ranks_equal_one_process(two_rank_results, name):
 
 def test_helpers_are_no_ops_without_a_process_group():
     x = torch.randn(3, 2, requires_grad=True)
-    assert dist_utils.gather_with_grad(x) is x
-    assert dist_utils.gather_no_grad(x) is x
+    gathered = dist_utils.gather_with_grad(x)
+    assert gathered is x and dist_utils.gather_no_grad(x) is x
+    (2 * gathered).sum().backward()  # alone, the gradient reaches the input unchanged
+    assert torch.equal(x.grad, torch.full((3, 2), 2.0))
     assert (dist_utils.is_distributed(), dist_utils.get_rank(), dist_utils.get_world_size()) == (False, 0, 1)

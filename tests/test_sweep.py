@@ -3,12 +3,16 @@ resumes interrupted ones, records failures and divergence and goes on."""
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
 import clipstudy.train as train_mod
 from clipstudy.config import ConfigError, make_config
-from clipstudy.sweep import cell_state, main as sweep_main, plan_cells, run_sweep
+from clipstudy.checkpoint import SWEEP_LOCK_NAME, cell_lock
+from clipstudy.sweep import cell_state, main as sweep_main, plan_cells, run_cell, run_sweep, summary_line
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"  # not the working directory's
 
 
 def test_plan_validates_every_cell_before_running(tmp_path):
@@ -25,12 +29,56 @@ def test_plan_validates_every_cell_before_running(tmp_path):
         plan_cells("smoke", overrides={"data": str(tmp_path), "epochs": "x"}, runs_root=tmp_path)
 
 
-def test_dry_run_lists_states(tmp_path, capsys, demo_data_dir):
-    code = sweep_main(["--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(tmp_path),
-                       "--optimizers", "adamw", "--losses", "clip,vicreg", "--dry-run"])
-    out = capsys.readouterr().out
-    assert code == 0 and "adamw-clip-s0" in out and "pending" in out and "2 cells" in out
+def write_cell(run, status=None, checkpoint=None, **metrics):
+    run.mkdir(parents=True)
+    if status:
+        (run / "metrics.json").write_text(json.dumps({"status": status, **metrics}))
+    if checkpoint:
+        (run / "checkpoints").mkdir()
+        for step in (checkpoint - 1, checkpoint):
+            (run / "checkpoints" / f"ckpt-{step:08d}.pt").write_bytes(b"")
+
+
+def test_dry_run_lists_each_cells_state_and_runs_nothing(tmp_path, capsys, demo_data_dir):
+    """Every state cell_state tells apart, as the dry run prints it; a live lock wins over any file."""
+    runs = tmp_path / "runs"
+    write_cell(runs / "adamw-clip-s0", "completed", average=12.345)
+    write_cell(runs / "adamw-sogclr-s0", "completed")              # a result without the average
+    write_cell(runs / "adamw-cyclip-s0", "diverged", diverged_at_step=7)
+    write_cell(runs / "adamw-vicreg-s0", "failed", error="DataError: " + "x" * 200)
+    write_cell(runs / "adamw-onlineclr-s0", checkpoint=12)
+    write_cell(runs / "adamw-isogclr-s0", "completed", average=1.0)  # finished, yet a process holds its lock
+    write_cell(runs / "adamw-siglip-s0", checkpoint=3)              # held by a sweep
+    before = sorted(p.relative_to(runs) for p in runs.rglob("*"))
+    with cell_lock(runs / "adamw-isogclr-s0"), cell_lock(runs / "adamw-siglip-s0", SWEEP_LOCK_NAME):
+        code = sweep_main(["--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(runs),
+                           "--optimizers", "adamw,sgd", "--losses", "clip,sogclr,cyclip,vicreg,onlineclr,isogclr,siglip",
+                           "--dry-run"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    states = {line.split()[0]: line.split(None, 1)[1].strip() for line in out[:-1]}
+    assert states["adamw-clip-s0"] == "done      average 12.35"
+    assert states["adamw-sogclr-s0"] == "done      completed"
+    assert states["adamw-cyclip-s0"] == "diverged  at step 7"
+    assert states["adamw-vicreg-s0"] == "failed    DataError: " + "x" * 109  # cut at 120 characters
+    assert states["adamw-onlineclr-s0"] == "partial   resumes from ckpt-00000012.pt"
+    assert states["adamw-isogclr-s0"] == states["adamw-siglip-s0"] == "running   locked by a live process"
+    assert states["sgd-clip-s0"] == "pending" and len(states) == 14
+    assert out[-1] == f"14 cells in {runs.resolve()}"
+    assert sorted(p.relative_to(runs) for p in runs.rglob("*") if p.name not in (".lock", SWEEP_LOCK_NAME)) == before
     assert sweep_main(["--profile", "smoke", "--losses", "bogus", "--dry-run"]) == 2
+
+
+def test_a_cell_locked_by_another_sweep_is_skipped_not_trained(tmp_path, capsys, demo_data_dir):
+    (cell,) = plan_cells("smoke", optimizers=["adamw"], losses=["clip"],
+                         overrides={"data": str(demo_data_dir)}, runs_root=tmp_path)
+    cell.out.mkdir()
+    with cell_lock(cell.out, SWEEP_LOCK_NAME):
+        assert run_cell(cell) == {"status": "busy", "cell": cell.name, "sweep_wall_s": 0.0}
+        assert summary_line(cell, run_cell(cell)) == f"{cell.name:<28} skipped (another sweep is running it)"
+        results = run_sweep([cell], progress=False)
+    assert results == {} and f"{cell.name:<28} skipped (running in another process)" in capsys.readouterr().out
+    assert sorted(p.name for p in cell.out.iterdir()) == [SWEEP_LOCK_NAME]  # nothing trained, nothing written
 
 
 def test_sweep_skip_resume_and_continue_after_failure(tmp_path, demo_data_dir, monkeypatch, capsys):
@@ -83,7 +131,7 @@ def test_bad_papermill_parameter_type_fails_naming_it(tmp_path, demo_data_dir):
     import papermill
 
     with pytest.raises(papermill.PapermillExecutionError) as err:
-        papermill.execute_notebook("notebooks/train.ipynb", str(tmp_path / "out.ipynb"), kernel_name="python3",
+        papermill.execute_notebook(str(NOTEBOOKS / "train.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3",
                                    progress_bar=False,
                                    parameters={"profile": "smoke", "data": str(demo_data_dir),
                                                "out": str(tmp_path / "run"), "seed": "zero"})
