@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from clipstudy.checkpoint import (CellBusy, CheckpointError, cell_lock, checkpoint_paths, is_locked,
-                                  load_latest, load_verified, save_checkpoint)
+from clipstudy.checkpoint import (CellBusy, CheckpointError, CheckpointWriteError, cell_lock, checkpoint_paths,
+                                  is_locked, load_latest, load_verified, remove_stale_temporaries, save_checkpoint)
 
 
 def state(v):
@@ -76,3 +76,57 @@ def test_lock_excludes_and_is_released_by_kill(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()  # once the holder is reaped its files are closed: the kernel has dropped the lock
     assert not is_locked(tmp_path)
+
+
+def test_failed_write_keeps_older_checkpoints_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import errno
+
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, state(step), keep=2)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".ckpt-00000003.pt.sha256."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)  # the checkpoint lands, its digest does not
+    with pytest.raises(CheckpointWriteError) as caught:
+        save_checkpoint(tmp_path, 3, state(3), keep=2)
+    message = str(caught.value)
+    assert message.startswith(f"cannot write checkpoint {tmp_path / 'ckpt-00000003.pt'} (0.0 MiB): No space left")
+    assert "rerun the same command" in message and isinstance(caught.value.__cause__, OSError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no digest-less checkpoint, no temporary
+    loaded, path, warnings = load_latest(tmp_path)
+    assert loaded["step"] == 2 and not warnings
+
+
+def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
+    leftovers = [tmp_path / ".ckpt-00000004.pt.ab12.tmp", tmp_path / ".metrics.json.x.tmp"]
+    kept = [tmp_path / "notes.tmp", tmp_path / ".hidden", tmp_path / "ckpt-00000001.pt"]
+    for p in leftovers + kept:
+        p.write_bytes(b"x")
+    (tmp_path / ".dir.tmp").mkdir()  # a folder, not a leftover file
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(leftovers)
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in leftovers)
+    assert (tmp_path / ".dir.tmp").is_dir()
+    assert remove_stale_temporaries(tmp_path / "absent") == []
+
+
+def test_atomic_writes_keep_plain_file_permissions_and_json_of_paths_and_scalars(tmp_path):
+    from pathlib import Path
+
+    from clipstudy.checkpoint import write_json
+
+    umask = os.umask(0o027)
+    try:
+        write_json(tmp_path / "sub" / "a.json", {"path": Path("/x/y"), "n": torch.tensor(3), "f": 1.5})
+    finally:
+        os.umask(umask)
+    written = tmp_path / "sub" / "a.json"
+    assert written.read_text() == '{\n  "path": "/x/y",\n  "n": 3,\n  "f": 1.5\n}\n'
+    assert written.stat().st_mode & 0o777 == 0o640
+    with pytest.raises(TypeError, match="not JSON serialisable: object"):
+        write_json(tmp_path / "b.json", {"x": object()})
+    assert not (tmp_path / "b.json").exists() and not list(tmp_path.glob(".*.tmp"))
