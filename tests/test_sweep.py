@@ -2,6 +2,7 @@
 resumes interrupted ones, records failures and divergence and goes on."""
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -136,3 +137,38 @@ def test_bad_papermill_parameter_type_fails_naming_it(tmp_path, demo_data_dir):
                                    parameters={"profile": "smoke", "data": str(demo_data_dir),
                                                "out": str(tmp_path / "run"), "seed": "zero"})
     assert "seed" in str(err.value) and "ConfigError" in str(err.value)
+
+
+@pytest.mark.faults
+@pytest.mark.timeout(900)
+def test_a_dead_kernel_fails_its_cell_while_the_other_job_completes(tmp_path, demo_data_dir, monkeypatch, capsys):
+    """``--jobs 2``: two cells run at once, one thread per cell on a CPU; the kernel of one dies (kill -9 of
+    itself mid-cell): that cell is recorded as failed naming the dead kernel, the other completes, and its
+    numbers equal an uninterrupted in-process run's."""
+    import nbformat
+
+    import clipstudy.sweep as sweep_mod
+
+    notebook = nbformat.read(NOTEBOOKS / "train.ipynb", as_version=4)
+    dying = nbformat.v4.new_code_cell('import os, signal\nif loss == "vicreg":\n'
+                                      '    os.kill(os.getpid(), signal.SIGKILL)')
+    notebook.cells.insert(3, dying)  # after the configuration, before train()
+    nbformat.write(notebook, tmp_path / "train.ipynb")
+    monkeypatch.setattr(sweep_mod.paths, "notebook", lambda name: tmp_path / "train.ipynb")
+    monkeypatch.setattr(sweep_mod.os, "cpu_count", lambda: 2)
+    runs = tmp_path / "runs"
+    code = sweep_main(["--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(runs),
+                       "--optimizers", "adamw", "--losses", "vicreg,clip", "--jobs", "2", "--set", "epochs=1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "sweep finished in" in out and "1 completed, 1 failed" in out, out  # the sweep went on
+    failed = json.loads((runs / "adamw-vicreg-s0" / "metrics.json").read_text())
+    assert failed["status"] == "failed" and "DeadKernelError" in failed["error"], failed
+    assert re.search(r"^adamw-vicreg-s0\s+FAILED: DeadKernelError", out, re.M), out
+    assert re.search(r"^adamw-clip-s0\s+completed", out, re.M), out
+    done = json.loads((runs / "adamw-clip-s0" / "metrics.json").read_text())
+    executed = (runs / "adamw-clip-s0" / "train.ipynb").read_text()
+    assert '\\"threads\\": 1' in executed or "'threads': 1" in executed  # jobs 2 on 2 cores: a thread each
+    reference = train_mod.train(make_config("smoke", data=str(demo_data_dir), out=str(tmp_path / "ref"),
+                                            loss="clip", epochs=1, threads=1), progress=False)
+    skip = {"wall_time_s", "train_samples_per_s", "peak_memory_mb", "git_commit", "eval_time"}
+    assert {k: v for k, v in done.items() if k not in skip} == {k: v for k, v in reference.items() if k not in skip}
