@@ -733,7 +733,7 @@ def test_kill9_of_a_sweep_mid_cell_then_rerun(demo_data_dir, tmp_path, optimizer
     """Each cell in turn is killed mid-training (with everything the sweep started); every rerun leaves the
     finished cells untouched, resumes the killed one from its newest checkpoint, and the final results equal
     uninterrupted runs of the same cells."""
-    epochs = 6  # five epochs left after the first checkpoint: the cell cannot finish between polls
+    epochs = 6  # five epochs left after the first checkpoint: far more than the time between two polls
     runs = tmp_path / "runs"
     cmd = sweep_command(demo_data_dir, runs, optimizers, losses, "--set", f"epochs={epochs}")
     cells = [(opt, loss) for opt in optimizers.split(",") for loss in losses.split(",")]
