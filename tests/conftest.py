@@ -51,3 +51,24 @@ def torch_global_state():
 def restore_torch_global_state():
     with torch_global_state():
         yield
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two checkpoints hold the same model, loss state, optimizer state, step and schedule, bit for bit."""
+    for part in ("model", "loss", "optimizer"):
+        flat_a, flat_b = state_tensors(a[part]), state_tensors(b[part])
+        assert flat_a.keys() == flat_b.keys(), part
+        for key in flat_a:
+            assert torch.equal(flat_a[key], flat_b[key]), f"{part}{key} differs"
+    assert a["global_step"] == b["global_step"] and a["scheduler"] == b["scheduler"]
+
+
+def state_tensors(obj, prefix=""):
+    """Every tensor in a nested state, by its path."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in state_tensors(value, f"{prefix}.{key}").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k: v for i, value in enumerate(obj) for k, v in state_tensors(value, f"{prefix}[{i}]").items()}
+    return {}

@@ -37,7 +37,7 @@ from clipstudy.config import ConfigError, cell_name, make_config
 from clipstudy.data import DataError, RetrievalSet, TrainPairs, ZeroShotSet, eval_transform
 from clipstudy.sweep import main as sweep_main, plan_cells
 from clipstudy.train import train
-from conftest import TINY_DEMO
+from conftest import TINY_DEMO, assert_same_weights
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Fields that legitimately differ between two runs of the same cell.
@@ -76,25 +76,6 @@ def newest_state(run: Path) -> dict:
     state, _, _ = load_latest(Path(run) / "checkpoints")
     assert state is not None, f"no valid checkpoint in {run}"
     return state
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    for part in ("model", "loss", "optimizer"):
-        flat_a, flat_b = _tensors(a[part]), _tensors(b[part])
-        assert flat_a.keys() == flat_b.keys(), part
-        for key in flat_a:
-            assert torch.equal(flat_a[key], flat_b[key]), f"{part}{key} differs"
-    assert a["global_step"] == b["global_step"] and a["scheduler"] == b["scheduler"]
-
-
-def _tensors(obj, prefix=""):
-    if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    if isinstance(obj, dict):
-        return {k: v for key, value in obj.items() for k, v in _tensors(value, f"{prefix}.{key}").items()}
-    if isinstance(obj, (list, tuple)):
-        return {k: v for i, value in enumerate(obj) for k, v in _tensors(value, f"{prefix}[{i}]").items()}
-    return {}
 
 
 def assert_same_history(run: Path, reference: Path) -> None:

@@ -27,7 +27,7 @@ from clipstudy.checkpoint import checkpoint_paths, load_latest, load_verified
 from clipstudy.config import make_config
 from clipstudy.runstate import StopRequest
 from clipstudy.train import train
-from conftest import TINY_DEMO
+from conftest import TINY_DEMO, assert_same_weights
 
 TIMING = {"wall_time_s", "train_samples_per_s", "peak_memory_mb", "eval_time", "git_commit"}
 STEPS_PER_EPOCH = TINY_DEMO["train_size"] // 16  # smoke batch size 16
@@ -43,17 +43,6 @@ def comparable(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in TIMING}
 
 
-def tensors(obj, prefix=""):
-    """Every tensor in a nested state, by its path (model, loss buffers and parameters, optimizer moments)."""
-    if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    if isinstance(obj, dict):
-        return {k: v for key, value in obj.items() for k, v in tensors(value, f"{prefix}.{key}").items()}
-    if isinstance(obj, (list, tuple)):
-        return {k: v for i, value in enumerate(obj) for k, v in tensors(value, f"{prefix}[{i}]").items()}
-    return {}
-
-
 def newest_state(run: Path) -> dict:
     state, _, _ = load_latest(Path(run) / "checkpoints")
     assert state is not None, f"no valid checkpoint in {run}"
@@ -64,13 +53,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
     """Same metrics, weights, loss state, optimizer state, schedule, history and evaluations."""
     got, want = json.loads((run / "metrics.json").read_text()), json.loads((reference / "metrics.json").read_text())
     assert comparable(got) == comparable(want)
-    a, b = newest_state(run), newest_state(reference)
-    for part in ("model", "loss", "optimizer"):
-        ta, tb = tensors(a[part]), tensors(b[part])
-        assert ta.keys() == tb.keys(), part
-        for key in ta:
-            assert torch.equal(ta[key], tb[key]), f"{part}{key} differs"
-    assert a["scheduler"] == b["scheduler"] and a["global_step"] == b["global_step"]
+    assert_same_weights(newest_state(run), newest_state(reference))
     pd.testing.assert_frame_equal(pd.read_csv(run / "history.csv").drop(columns=["samples_per_s", "data_time",
                                                                                   "step_time"]),
                                   pd.read_csv(reference / "history.csv").drop(columns=["samples_per_s", "data_time",
