@@ -36,7 +36,7 @@ STATEFUL_LOSSES = ["sogclr", "isogclr", "onlineclr", "siglip"]
 
 
 def smoke(data, out, **kw):
-    return make_config("smoke", data=str(data), out=str(out), threads=1, **kw)
+    return make_config("smoke", data=str(data), out=str(out), **{"threads": 1, **kw})
 
 
 def comparable(metrics: dict) -> dict:
