@@ -50,6 +50,7 @@ def test_dry_run_lists_each_cells_state_and_runs_nothing(tmp_path, capsys, demo_
     write_cell(runs / "adamw-onlineclr-s0", checkpoint=12)
     write_cell(runs / "adamw-isogclr-s0", "completed", average=1.0)  # finished, yet a process holds its lock
     write_cell(runs / "adamw-siglip-s0", checkpoint=3)              # held by a sweep
+    write_cell(runs / "sgd-clip-s0", "failed")                       # a failure record without its error
     before = sorted(p.relative_to(runs) for p in runs.rglob("*"))
     with cell_lock(runs / "adamw-isogclr-s0"), cell_lock(runs / "adamw-siglip-s0", SWEEP_LOCK_NAME):
         code = sweep_main(["--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(runs),
@@ -64,7 +65,7 @@ def test_dry_run_lists_each_cells_state_and_runs_nothing(tmp_path, capsys, demo_
     assert states["adamw-vicreg-s0"] == "failed    DataError: " + "x" * 109  # cut at 120 characters
     assert states["adamw-onlineclr-s0"] == "partial   resumes from ckpt-00000012.pt"
     assert states["adamw-isogclr-s0"] == states["adamw-siglip-s0"] == "running   locked by a live process"
-    assert states["sgd-clip-s0"] == "pending" and len(states) == 14
+    assert states["sgd-clip-s0"] == "failed" and states["sgd-sogclr-s0"] == "pending" and len(states) == 14
     assert out[-1] == f"14 cells in {runs.resolve()}"
     assert sorted(p.relative_to(runs) for p in runs.rglob("*") if p.name not in (".lock", SWEEP_LOCK_NAME)) == before
     assert sweep_main(["--profile", "smoke", "--losses", "bogus", "--dry-run"]) == 2
