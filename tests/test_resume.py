@@ -175,7 +175,8 @@ def start_blocked(tmp_path, block_at: int, args) -> tuple[subprocess.Popen, Path
 
 
 @pytest.mark.parametrize("block_at, resume_at", [
-    pytest.param(STEPS_PER_EPOCH + 1, STEPS_PER_EPOCH, id="at-epoch-boundary"),   # right after ckpt-4
+    # right after ckpt-4 (the in-process SIGTERM tests cover this boundary in the fast suite)
+    pytest.param(STEPS_PER_EPOCH + 1, STEPS_PER_EPOCH, id="at-epoch-boundary", marks=pytest.mark.faults),
     pytest.param(STEPS_PER_EPOCH + 3, STEPS_PER_EPOCH, id="mid-epoch"),           # steps 5, 6 lost
 ])
 def test_kill9_of_the_cli_then_rerun_resumes(reference_of, demo_data_dir, tmp_path, block_at, resume_at):
