@@ -224,12 +224,14 @@ def test_a_second_signal_stops_at_once_without_a_checkpoint(demo_data_dir, tmp_p
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_stop_request_flags_the_first_signal_raises_on_the_second_and_restores_handlers():
+def test_stop_request_flags_the_first_signal_raises_on_the_second_and_restores_handlers(caplog):
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    with StopRequest() as stop:
+    with StopRequest() as stop, caplog.at_level("WARNING", logger="clipstudy.train"):
         assert stop.signal is None
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signal == signal.SIGINT
+        assert [r.getMessage() for r in caplog.records] == [
+            f"received signal {int(signal.SIGINT)}: checkpointing after this step"]
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
     assert {sig: signal.getsignal(sig) for sig in before} == before
