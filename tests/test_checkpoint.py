@@ -21,10 +21,10 @@ def test_keep_newest_and_roundtrip(tmp_path):
     assert [p.name for p in checkpoint_paths(tmp_path)] == ["ckpt-00000003.pt", "ckpt-00000002.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000002.pt", "ckpt-00000002.pt.sha256",
                                                           "ckpt-00000003.pt", "ckpt-00000003.pt.sha256"]
-    save_checkpoint(tmp_path, 4, state(4), keep=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000004.pt", "ckpt-00000004.pt.sha256"]
     loaded, path, warnings = load_latest(tmp_path)
     assert loaded["step"] == 3 and torch.equal(loaded["w"], torch.full((3,), 3.0)) and not warnings
+    save_checkpoint(tmp_path, 4, state(4), keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000004.pt", "ckpt-00000004.pt.sha256"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no_sidecar", "garbage"])
