@@ -68,7 +68,16 @@ def score(folder: Path, globs: list[str]) -> dict:
     counts: dict[str, int] = {}
     for status in statuses.values():
         counts[status] = counts.get(status, 0) + 1
-    return {"counts": counts, "survivors": sorted(n for n, s in statuses.items() if s != "killed")}
+    return {"counts": counts, "survivors": sorted(n for n, s in statuses.items() if s not in ("killed", "not checked"))}
+
+
+def summary(module: str, counts: dict) -> str:
+    """``killed / checked`` (timeouts and survivors count as not killed), and what was left unchecked."""
+    checked = sum(n for status, n in counts.items() if status != "not checked")
+    killed = counts.get("killed", 0)
+    unchecked = counts.get("not checked", 0)
+    return (f"{module:18} {killed:4d} / {checked:4d} killed ({100 * killed / max(checked, 1):5.1f}%)"
+            + (f", {unchecked} not checked" if unchecked else "") + f"  {counts}")
 
 
 def main(argv=None) -> int:
@@ -87,10 +96,7 @@ def main(argv=None) -> int:
         run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children),
                               *globs], cwd=folder, env=env, capture_output=True, text=True)
         result = score(folder, globs)
-        total = sum(result["counts"].values())
-        killed = result["counts"].get("killed", 0)
-        line = (f"{module:18} {killed:4d} / {total:4d} killed ({100 * killed / max(total, 1):5.1f}%)  "
-                f"{result['counts']}  {time.time() - started:.0f}s")
+        line = f"{summary(module, result['counts'])}  {time.time() - started:.0f}s"
         print(line, flush=True)
         for name in result["survivors"]:
             print(f"    {name}", flush=True)
