@@ -257,6 +257,7 @@ def test_chance_levels_reject_impossible_inputs_naming_them(args, message):
     (torch.zeros(2, 3), [0, 1], torch.zeros(3), "must agree on D"),
     (torch.zeros(0, 3), [], torch.zeros(3, 2), "image_features is empty"),
     (torch.zeros(2, 3), [0], torch.zeros(3, 2), "labels has 1 entries for 2 images"),
+    (torch.zeros(2, 3), [0.0, 1.0], torch.zeros(3, 2), "^labels must hold integer indices, got dtype torch.float32"),
     (torch.zeros(2, 3), [0, 2], torch.zeros(3, 2), r"labels must lie in \[0, 2\) .* got range \[0, 2\]"),
 ])
 def test_zeroshot_metrics_reject_mismatched_inputs_naming_them(features, labels, classifier, message):
