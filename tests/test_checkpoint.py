@@ -28,7 +28,7 @@ def test_keep_newest_and_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no_sidecar", "garbage"])
-def test_damaged_latest_falls_back_to_previous(tmp_path, damage):
+def test_damaged_latest_falls_back_to_previous(tmp_path, caplog, damage):
     save_checkpoint(tmp_path, 1, state(1))
     latest = save_checkpoint(tmp_path, 2, state(2))
     data = latest.read_bytes()
@@ -42,9 +42,17 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, damage):
         latest.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):
         load_verified(latest)
-    loaded, path, warnings = load_latest(tmp_path)
+    with caplog.at_level("WARNING", logger="clipstudy.checkpoint"):
+        loaded, path, warnings = load_latest(tmp_path)
     assert loaded["step"] == 1 and path.name == "ckpt-00000001.pt"
     assert len(warnings) == 1 and "ckpt-00000002.pt" in warnings[0]
+    assert [r.getMessage() for r in caplog.records] == warnings  # logged as well as returned
+
+
+def test_unreadable_checkpoint_is_named(tmp_path):
+    (tmp_path / "ckpt-00000001.pt").mkdir()  # not a file: cannot be read
+    with pytest.raises(CheckpointError, match=r"ckpt-00000001\.pt: cannot read \(\[Errno 21\] Is a directory"):
+        load_verified(tmp_path / "ckpt-00000001.pt")
 
 
 def test_unsafe_pickle_is_refused(tmp_path):
@@ -97,10 +105,12 @@ def test_failed_write_keeps_older_checkpoints_and_leaves_nothing_half_written(tm
 
     monkeypatch.setattr(os, "fsync", full_disk)  # the checkpoint lands, its digest does not
     with pytest.raises(CheckpointWriteError) as caught:
-        save_checkpoint(tmp_path, 3, state(3), keep=2)
-    message = str(caught.value)
-    assert message.startswith(f"cannot write checkpoint {tmp_path / 'ckpt-00000003.pt'} (0.0 MiB): No space left")
-    assert "rerun the same command" in message and isinstance(caught.value.__cause__, OSError)
+        save_checkpoint(tmp_path, 3, {**state(3), "big": torch.zeros(2**19)}, keep=2)  # 2 MiB of float32
+    assert str(caught.value) == (
+        f"cannot write checkpoint {tmp_path / 'ckpt-00000003.pt'} (2.0 MiB): No space left on device. Free disk "
+        f"space or make {tmp_path} writable, then rerun the same command: it resumes from the newest checkpoint "
+        "still there")
+    assert isinstance(caught.value.__cause__, OSError)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no digest-less checkpoint, no temporary
     loaded, path, warnings = load_latest(tmp_path)
     assert loaded["step"] == 2 and not warnings
