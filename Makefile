@@ -16,7 +16,7 @@ LOCK_ARGS ?=
 EXECUTOR ?= inline
 TB_PORT ?= 6006
 
-.PHONY: setup lock test test-faults demo demo-data sweep report bench gpu-check tensorboard lab clean clean-runs
+.PHONY: setup lock test test-faults test-mutation-resume mutation coverage demo demo-data sweep report bench gpu-check tensorboard lab clean clean-runs
 
 setup: $(STAMP)
 
@@ -49,6 +49,17 @@ test: setup
 
 test-faults: setup
 	$(PY) -m pytest -q -m faults
+
+# With the checkpoint loader made to find nothing, the kill -9, SIGTERM/SIGINT and full-disk resume tests must fail.
+test-mutation-resume: setup
+	$(PY) scripts/mutation_resume.py
+
+# mutmut on the modules that carry the promises, killed / total per module (minutes per module on 2 cores).
+mutation: setup
+	$(PY) scripts/mutation_scores.py
+
+coverage: setup
+	$(PY) -m pytest -q -p no:cacheprovider --cov=clipstudy --cov-report=term
 
 demo-data: setup
 	$(PY) -m clipstudy make-demo-data --out $(DEMO_DATA)

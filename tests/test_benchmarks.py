@@ -5,6 +5,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -24,7 +25,12 @@ def test_gpu_throughput_tiny_reports_sane_fields(tmp_path, capsys):
     assert torch.are_deterministic_algorithms_enabled() == deterministic_before  # global state restored
 
     assert json.loads(out.read_text())["samples_per_s"] == results["samples_per_s"]
-    assert results["samples_per_s"] > 0 and math.isfinite(results["samples_per_s"])
+    # the headline is the best row's, and each row's rate is its samples over its measured time
+    assert results["samples_per_s"] == max(row["samples_per_s"] for row in results["rows"])
+    for row in results["rows"]:
+        assert math.isfinite(row["wall_s"]) and row["wall_s"] > 0
+        assert row["samples_per_s"] == pytest.approx(row["steps"] * 4 / row["wall_s"])
+        assert row["step_ms"] == pytest.approx(1e3 * row["wall_s"] / row["steps"])
     assert 0.0 <= results["data_wait_fraction"] <= 1.0
     assert results["matmul_flops_per_s"] > 0 and results["model_flops_per_step"] > 0
     assert 0.0 < results["mfu"] and math.isfinite(results["mfu"])

@@ -90,15 +90,16 @@ def test_zeroshot_empty_class_folders(tmp_path):
     assert section["classnames_file"] is False and section["usable"] is True
 
 
-@pytest.mark.parametrize("args", [
-    [],
-    ["--train-ann", "x.json"],
-    ["--retrieval-images", "somewhere"],
-    ["--no-such-option"],
+@pytest.mark.parametrize("args, says", [
+    ([], "nothing to check: give --train-ann/--train-images"),
+    (["--train-ann", "x.json"], "--train-ann and --train-images go together"),
+    (["--retrieval-images", "somewhere"], "--retrieval-ann and --retrieval-images go together"),
+    (["--no-such-option"], "unrecognized arguments: --no-such-option"),
 ])
-def test_usage_errors_exit_two(args, capsys):
+def test_usage_errors_exit_two_naming_the_problem(args, says, capsys):
     assert clipstudy_main(["check-data", *args]) == 2
-    assert capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert says in captured.err.splitlines()[-1] and captured.out == ""
 
 
 def test_malformed_annotation_exits_two_naming_the_file(tmp_path, capsys):

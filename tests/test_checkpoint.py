@@ -3,13 +3,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from clipstudy.checkpoint import (CellBusy, CheckpointError, cell_lock, checkpoint_paths, is_locked,
-                                  load_latest, load_verified, save_checkpoint)
+from clipstudy.checkpoint import (CellBusy, CheckpointError, CheckpointWriteError, cell_lock, checkpoint_paths,
+                                  is_locked, load_latest, load_verified, remove_stale_temporaries, save_checkpoint)
 
 
 def state(v):
@@ -18,14 +17,18 @@ def state(v):
 
 def test_keep_newest_and_roundtrip(tmp_path):
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, state(step), keep=2)
+        save_checkpoint(tmp_path, step, state(step))  # keeps the newest two by default
     assert [p.name for p in checkpoint_paths(tmp_path)] == ["ckpt-00000003.pt", "ckpt-00000002.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000002.pt", "ckpt-00000002.pt.sha256",
+                                                          "ckpt-00000003.pt", "ckpt-00000003.pt.sha256"]
     loaded, path, warnings = load_latest(tmp_path)
     assert loaded["step"] == 3 and torch.equal(loaded["w"], torch.full((3,), 3.0)) and not warnings
+    save_checkpoint(tmp_path, 4, state(4), keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000004.pt", "ckpt-00000004.pt.sha256"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no_sidecar", "garbage"])
-def test_damaged_latest_falls_back_to_previous(tmp_path, damage):
+def test_damaged_latest_falls_back_to_previous(tmp_path, caplog, damage):
     save_checkpoint(tmp_path, 1, state(1))
     latest = save_checkpoint(tmp_path, 2, state(2))
     data = latest.read_bytes()
@@ -39,9 +42,17 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, damage):
         latest.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):
         load_verified(latest)
-    loaded, path, warnings = load_latest(tmp_path)
+    with caplog.at_level("WARNING", logger="clipstudy.checkpoint"):
+        loaded, path, warnings = load_latest(tmp_path)
     assert loaded["step"] == 1 and path.name == "ckpt-00000001.pt"
     assert len(warnings) == 1 and "ckpt-00000002.pt" in warnings[0]
+    assert [r.getMessage() for r in caplog.records] == warnings  # logged as well as returned
+
+
+def test_unreadable_checkpoint_is_named(tmp_path):
+    (tmp_path / "ckpt-00000001.pt").mkdir()  # not a file: cannot be read
+    with pytest.raises(CheckpointError, match=r"ckpt-00000001\.pt: cannot read \(\[Errno 21\] Is a directory"):
+        load_verified(tmp_path / "ckpt-00000001.pt")
 
 
 def test_unsafe_pickle_is_refused(tmp_path):
@@ -75,8 +86,61 @@ def test_lock_excludes_and_is_released_by_kill(tmp_path):
     assert proc.stdout.readline().strip() == "held"
     assert is_locked(tmp_path)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    deadline = time.time() + 5
-    while is_locked(tmp_path) and time.time() < deadline:
-        time.sleep(0.05)
+    proc.wait()  # once the holder is reaped its files are closed: the kernel has dropped the lock
     assert not is_locked(tmp_path)
+
+
+def test_failed_write_keeps_older_checkpoints_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import errno
+
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, state(step), keep=2)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".ckpt-00000003.pt.sha256."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)  # the checkpoint lands, its digest does not
+    with pytest.raises(CheckpointWriteError) as caught:
+        save_checkpoint(tmp_path, 3, {**state(3), "big": torch.zeros(2**19)}, keep=2)  # 2 MiB of float32
+    assert str(caught.value) == (
+        f"cannot write checkpoint {tmp_path / 'ckpt-00000003.pt'} (2.0 MiB): No space left on device. Free disk "
+        f"space or make {tmp_path} writable, then rerun the same command: it resumes from the newest checkpoint "
+        "still there")
+    assert isinstance(caught.value.__cause__, OSError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no digest-less checkpoint, no temporary
+    loaded, path, warnings = load_latest(tmp_path)
+    assert loaded["step"] == 2 and not warnings
+
+
+def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
+    leftovers = [tmp_path / ".ckpt-00000004.pt.ab12.tmp", tmp_path / ".metrics.json.x.tmp"]
+    kept = [tmp_path / "notes.tmp", tmp_path / ".hidden", tmp_path / "ckpt-00000001.pt"]
+    for p in leftovers + kept:
+        p.write_bytes(b"x")
+    (tmp_path / ".dir.tmp").mkdir()  # a folder, not a leftover file
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(leftovers)
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in leftovers)
+    assert (tmp_path / ".dir.tmp").is_dir()
+    assert remove_stale_temporaries(tmp_path / "absent") == []
+
+
+def test_atomic_writes_keep_plain_file_permissions_and_json_of_paths_and_scalars(tmp_path):
+    from pathlib import Path
+
+    from clipstudy.checkpoint import write_json
+
+    umask = os.umask(0o027)
+    try:
+        write_json(tmp_path / "sub" / "a.json", {"path": Path("/x/y"), "n": torch.tensor(3), "f": 1.5})
+    finally:
+        os.umask(umask)
+    written = tmp_path / "sub" / "a.json"
+    assert written.read_text() == '{\n  "path": "/x/y",\n  "n": 3,\n  "f": 1.5\n}\n'
+    assert written.stat().st_mode & 0o777 == 0o640
+    with pytest.raises(TypeError, match="not JSON serialisable: object"):
+        write_json(tmp_path / "b.json", {"x": object()})
+    assert not (tmp_path / "b.json").exists() and not list(tmp_path.glob(".*.tmp"))

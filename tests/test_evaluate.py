@@ -230,6 +230,41 @@ def test_chance_levels_match_enumeration_of_all_top_k_sets():
         assert got[f"img_r{k}"] == pytest.approx(100 * min(k, 7) / 7)
 
 
+def test_chance_levels_at_the_smallest_valid_sizes():
+    # one image with one caption, one class: everything is a hit
+    got = chance_levels([0], n_images=1, n_classes=1)
+    assert all(value == 100.0 for value in got.values()) and len(got) == 8
+    # texts all on the last image; image 0 has none and is left out of TR (bincount up to n_images)
+    assert chance_levels([1, 1], n_images=2)["txt_r1"] == 100.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (([0], 0), "n_images must be >= 1, got 0"),
+    (([], 3), "txt2img is empty; chance levels need at least one text"),
+    (([0, 3], 3), r"txt2img values must lie in \[0, 3\), got range \[0, 3\]"),
+    (([-1, 0], 3), r"txt2img values must lie in \[0, 3\), got range \[-1, 0\]"),
+    (([0.0, 1.0], 3), "txt2img must hold integer indices, got dtype torch.float32"),
+    (([0], 1, 0), r"n_classes must be >= 1 \(or None\), got 0"),
+])
+def test_chance_levels_reject_impossible_inputs_naming_them(args, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        chance_levels(*args)
+
+
+@pytest.mark.parametrize("features, labels, classifier, message", [
+    (torch.zeros(2, 3), [0, 1], torch.zeros(4, 2), r"must agree on D; got \(2, 3\) and \(4, 2\)"),
+    (torch.zeros(2, 3, 1), [0, 1], torch.zeros(3, 2), "must agree on D"),
+    (torch.zeros(2, 3), [0, 1], torch.zeros(3), "must agree on D"),
+    (torch.zeros(0, 3), [], torch.zeros(3, 2), "image_features is empty"),
+    (torch.zeros(2, 3), [0], torch.zeros(3, 2), "labels has 1 entries for 2 images"),
+    (torch.zeros(2, 3), [0.0, 1.0], torch.zeros(3, 2), "^labels must hold integer indices, got dtype torch.float32"),
+    (torch.zeros(2, 3), [0, 2], torch.zeros(3, 2), r"labels must lie in \[0, 2\) .* got range \[0, 2\]"),
+])
+def test_zeroshot_metrics_reject_mismatched_inputs_naming_them(features, labels, classifier, message):
+    with pytest.raises(ValueError, match=message):
+        zeroshot_metrics(features, labels, classifier)
+
+
 # --------------------------------------------------------------------------
 # Fakes: a dual encoder with known embeddings and a word-level tokenizer
 # --------------------------------------------------------------------------

@@ -7,8 +7,8 @@ sweeps are marked ``faults`` (``make test-faults``).
 
 Covered elsewhere: configuration validation (test_config.py); checkpoint
 digests, truncation, unsafe pickles and a lock left by a killed process
-(test_checkpoint.py); SIGTERM and ``kill -9`` of one ``train`` run, divergence
-of one run (test_train.py); sweep skip / resume / continue after a failure and
+(test_checkpoint.py); SIGTERM, SIGINT and ``kill -9`` of one ``train`` run
+(test_resume.py), divergence of one run (test_train.py); sweep skip / resume / continue after a failure and
 a wrongly typed papermill parameter (test_sweep.py).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from clipstudy.config import ConfigError, cell_name, make_config
 from clipstudy.data import DataError, RetrievalSet, TrainPairs, ZeroShotSet, eval_transform
 from clipstudy.sweep import plan_cells
 from clipstudy.train import train
-from conftest import TINY_DEMO
+from conftest import TINY_DEMO, assert_same_weights
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Fields that legitimately differ between two runs of the same cell.
@@ -76,25 +76,6 @@ def newest_state(run: Path) -> dict:
     state, _, _ = load_latest(Path(run) / "checkpoints")
     assert state is not None, f"no valid checkpoint in {run}"
     return state
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    for part in ("model", "loss", "optimizer"):
-        flat_a, flat_b = _tensors(a[part]), _tensors(b[part])
-        assert flat_a.keys() == flat_b.keys(), part
-        for key in flat_a:
-            assert torch.equal(flat_a[key], flat_b[key]), f"{part}{key} differs"
-    assert a["global_step"] == b["global_step"] and a["scheduler"] == b["scheduler"]
-
-
-def _tensors(obj, prefix=""):
-    if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    if isinstance(obj, dict):
-        return {k: v for key, value in obj.items() for k, v in _tensors(value, f"{prefix}.{key}").items()}
-    if isinstance(obj, (list, tuple)):
-        return {k: v for i, value in enumerate(obj) for k, v in _tensors(value, f"{prefix}[{i}]").items()}
-    return {}
 
 
 def assert_same_history(run: Path, reference: Path) -> None:
@@ -217,7 +198,7 @@ def failing(function: str, target_prefix: str, exc: OSError):
     pytest.param("replace", errno.EACCES, id="eacces-rename"),
 ])
 def test_full_disk_at_a_checkpoint_keeps_the_previous_one(reference_run, demo_data_dir, tmp_path, monkeypatch,
-                                                          where, error):
+                                                          capsys, where, error):
     run = tmp_path / "run"
     second = f"ckpt-{2 * SMOKE_STEPS_PER_EPOCH:08d}.pt"
     first = f"ckpt-{SMOKE_STEPS_PER_EPOCH:08d}.pt"
@@ -240,10 +221,53 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(reference_run, demo_da
     assert failed["status"] == "failed" and second in failed["error"]
 
     # space freed: the same command resumes from the first checkpoint and ends like an uninterrupted run
+    capsys.readouterr()
     metrics = train(reference_config(demo_data_dir, run), progress=False)
+    assert re.search(rf"resumed from \S*{re.escape(first)} \(epoch 2, batch 0, step {SMOKE_STEPS_PER_EPOCH}\)",
+                     capsys.readouterr().err)
+    assert len(strict_json(run / "config.json")["resumes"]) == 1
     assert comparable(metrics) == comparable(read_metrics(reference_run))
     assert_same_weights(newest_state(run), newest_state(reference_run))
     assert_same_history(run, reference_run)
+
+
+@pytest.mark.parametrize("name, resumes_from", [
+    ("config.json", None),                    # at the start: nothing trained yet
+    ("history.csv", SMOKE_STEPS_PER_EPOCH),   # just after the first checkpoint
+    ("epochs.csv", SMOKE_STEPS_PER_EPOCH),
+    ("metrics.json", 3 * SMOKE_STEPS_PER_EPOCH),  # at the very end
+])
+def test_full_disk_while_writing_a_result_file(reference_run, demo_data_dir, tmp_path, monkeypatch, capsys, name,
+                                               resumes_from):
+    """The disk fills while a result file is flushed: the run stops with the error, leaves no half-written
+    file, and once space is freed the same command resumes and ends like an uninterrupted run."""
+    run = tmp_path / "run"
+    fake, calls = failing("fsync", f".{name}.", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    monkeypatch.setattr(os, "fsync", fake)
+    with pytest.raises(OSError) as caught:
+        train(reference_config(demo_data_dir, run), progress=False)
+    monkeypatch.undo()
+    assert caught.value.errno == errno.ENOSPC and calls["n"] >= 1
+    assert not (run / name).exists()  # never a partial file
+    assert not [p for p in run.rglob("*.tmp")]  # nor a leftover temporary
+    if name != "metrics.json":
+        failed = read_metrics(run)
+        assert failed["status"] == "failed" and "No space left on device" in failed["error"]
+    saved = checkpoint_paths(run / "checkpoints")
+    assert [int(p.name[5:13]) for p in saved[:1]] == ([resumes_from] if resumes_from else [])
+
+    capsys.readouterr()
+    metrics = train(reference_config(demo_data_dir, run), progress=False)
+    err = capsys.readouterr().err
+    if resumes_from:
+        assert re.search(rf"resumed from \S*ckpt-{resumes_from:08d}\.pt \(.*step {resumes_from}\)", err), err
+    else:
+        assert "resumed from" not in err
+    assert comparable(metrics) == comparable(read_metrics(reference_run))
+    assert_same_weights(newest_state(run), newest_state(reference_run))
+    assert_same_history(run, reference_run)
+    pd.testing.assert_frame_equal(pd.read_csv(run / "epochs.csv").drop(columns="eval_time"),
+                                  pd.read_csv(reference_run / "epochs.csv").drop(columns="eval_time"))
 
 
 def test_checkpoint_write_error_through_the_cli(demo_data_dir, tmp_path, monkeypatch, capsys):
@@ -336,7 +360,7 @@ def test_evaluation_set_without_a_readable_image_fails_at_start(demo_data_dir, t
     assert checkpoint_paths(run / "checkpoints") == []  # failed before the first step
 
 
-def test_dirty_but_usable_data_trains_and_is_reported(demo_data_dir, tmp_path, caplog):
+def test_dirty_but_usable_data_trains_and_is_reported(demo_data_dir, tmp_path, caplog, capsys):
     data = copy_data(demo_data_dir, tmp_path)
     entries = json.loads((data / "train.json").read_text())
     entries[3]["caption"] = "!!!"        # cleans to nothing
@@ -373,8 +397,66 @@ def test_dirty_but_usable_data_trains_and_is_reported(demo_data_dir, tmp_path, c
     assert metrics["global_step"] == len(entries) // 16
     # zero-shot scored every image against all classes, the empty one included
     assert metrics["zeroshot_n_images"] == TINY_DEMO["zeroshot_classes"] * TINY_DEMO["zeroshot_per_class"]
-    assert 0 <= metrics["zeroshot_top1"] <= 100
+    # with the empty class in the classifier, top-1 is a count of correct images out of 12
+    correct = metrics["zeroshot_top1"] * metrics["zeroshot_n_images"] / 100
+    assert correct == pytest.approx(round(correct))
+    from clipstudy.cli import evaluate_main
+
+    assert evaluate_main(["--run", str(tmp_path / "run"), "--json"]) == 0  # same data, same classifier
+    rescored = json.loads(capsys.readouterr().out)
+    assert rescored["zeroshot_top1"] == pytest.approx(metrics["zeroshot_top1"])
+    assert rescored["zeroshot_n_images"] == metrics["zeroshot_n_images"]
     assert read_metrics(tmp_path / "run") == json.loads(json.dumps(metrics))
+
+
+def test_unreadable_training_images_are_counted_each_epoch_and_warned_once(demo_data_dir, tmp_path, caplog):
+    data = copy_data(demo_data_dir, tmp_path)
+    entries = json.loads((data / "train.json").read_text())
+    bad = [entries[k]["image"] for k in (1, 17, 40)]
+    (data / "images" / bad[0]).unlink()                      # missing
+    (data / "images" / bad[1]).write_bytes(b"")              # empty
+    (data / "images" / bad[2]).write_bytes(b"GIF89a broken")  # not an image
+    epochs = 2
+    with caplog.at_level("WARNING", logger="clipstudy.data"):
+        metrics = train(smoke(data, tmp_path / "run", epochs=epochs), progress=False)
+    assert metrics["status"] == "completed"
+    # every epoch visits every training pair once: each bad file is skipped once per epoch
+    assert metrics["skipped_images"] == len(bad) * epochs == read_metrics(tmp_path / "run")["skipped_images"]
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping unreadable image")]
+    assert sorted(next(name for name in bad if name in w) for w in warned) == sorted(bad)  # one per file
+
+
+def test_a_run_directory_in_use_is_refused_untouched(demo_data_dir, tmp_path, capsys):
+    from clipstudy.checkpoint import CellBusy, cell_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with cell_lock(run):
+        with pytest.raises(CellBusy, match=f"{re.escape(str(run))} is being trained by another process"):
+            train(smoke(demo_data_dir, run, epochs=1), progress=False)
+        code = cli_mod.train_main(["--profile", "smoke", "--data", str(demo_data_dir), "--out", str(run),
+                                   "--epochs", "1", "--threads", "1", "--no-progress"])
+        line = error_line(capsys.readouterr().err)
+    assert code == 1 and "wait for it or use another output directory" in line
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints"]  # no result, no failure record
+    assert list((run / "checkpoints").iterdir()) == []
+
+
+def test_evaluate_command_reproduces_the_final_evaluation(reference_run, capsys):
+    from clipstudy.cli import evaluate_main
+
+    assert evaluate_main(["--run", str(reference_run), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    final = read_metrics(reference_run)
+    assert scores["global_step"] == final["global_step"] == 3 * SMOKE_STEPS_PER_EPOCH
+    for key in ("txt_r1", "txt_r5", "img_r1", "img_r10", "zeroshot_top1", "zeroshot_top5", "average"):
+        assert scores[key] == pytest.approx(final[key], abs=1e-9), key
+    first = checkpoint_paths(reference_run / "checkpoints")[-1]  # an older checkpoint: that epoch's scores
+    assert evaluate_main(["--run", str(reference_run), "--checkpoint", str(first), "--json"]) == 0
+    older = json.loads(capsys.readouterr().out)
+    row = pd.read_csv(reference_run / "epochs.csv").set_index("step").loc[older["global_step"]]
+    assert older["global_step"] == 2 * SMOKE_STEPS_PER_EPOCH and older["txt_r1"] == pytest.approx(row["txt_r1"])
+    assert older["zeroshot_top1"] == pytest.approx(row["zeroshot_top1"])
 
 
 def test_check_data_text_report_names_the_problems(demo_data_dir, tmp_path, capsys):
@@ -629,7 +711,7 @@ def test_kill9_of_a_sweep_mid_cell_then_rerun(demo_data_dir, tmp_path, optimizer
     """Each cell in turn is killed mid-training (with everything the sweep started); every rerun leaves the
     finished cells untouched, resumes the killed one from its newest checkpoint, and the final results equal
     uninterrupted runs of the same cells."""
-    epochs = 3
+    epochs = 6  # five epochs left after the first checkpoint: far more than the time between two polls
     runs = tmp_path / "runs"
     cmd = sweep_command(demo_data_dir, runs, optimizers, losses, "--set", f"epochs={epochs}")
     cells = [(opt, loss) for opt in optimizers.split(",") for loss in losses.split(",")]

@@ -396,12 +396,6 @@ def test_vicreg_matches_reference(scale):
     assert_close(g_txt, r_txt)
 
 
-def test_vicreg_uses_unnormalised_embeddings():
-    img, txt = batch(41)
-    loss = make_loss("vicreg")
-    assert not torch.allclose(loss(img, txt), loss(3 * img, 3 * txt))
-
-
 # ------------------------------------------------------------- OnlineCLR
 def test_onlineclr_matches_reference_over_two_steps():
     tau = 0.05
@@ -474,8 +468,9 @@ def cpu_autocast_supports(dtype):
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ALL)
 def test_finite_under_autocast_at_temperature_001(name, amp_dtype):
+    if not cpu_autocast_supports(amp_dtype):
+        pytest.skip(f"this torch has no CPU autocast to {amp_dtype}")
     loss = make_loss(name, temperature=0.01, num_samples=8)
-    autocast = cpu_autocast_supports(amp_dtype)
     for case, (img, txt) in adversarial_batches().items():
         if name == "vicreg" and case == "random_large":
             # VICReg sees the raw scale: its true gradient at |z| ~ 50 exceeds the float16 range of
@@ -483,7 +478,8 @@ def test_finite_under_autocast_at_temperature_001(name, amp_dtype):
             continue
         for step in range(2):  # the second step runs on the state of the first
             leaf_img, leaf_txt = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
-            with torch.autocast("cpu", dtype=amp_dtype, enabled=autocast):
+            with torch.autocast("cpu", dtype=amp_dtype):
+                assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == amp_dtype
                 value = loss(leaf_img.to(amp_dtype), leaf_txt.to(amp_dtype), torch.arange(4) + step)
             value.backward()
             assert value.dtype == torch.float32

@@ -8,7 +8,6 @@ test process runs the same steps alone on the whole batch and compares.
 from __future__ import annotations
 
 import datetime
-import socket
 
 import pytest
 import torch
@@ -67,9 +66,10 @@ def run_steps(name, rank, world_size):
     return record
 
 
-def _worker(rank, world_size, port, path):
+def _worker(rank, world_size, store, path):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+    # a file store: no port to pick, so no race with another process taking it
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
     try:
         assert dist_utils.is_distributed() and dist_utils.get_rank() == rank
@@ -80,16 +80,11 @@ def _worker(rank, world_size, port, path):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ddp") / "rank0.pt"
-    mp.spawn(_worker, args=(2, free_port(), str(path)), nprocs=2, join=True)
+    folder = tmp_path_factory.mktemp("ddp")
+    path = folder / "rank0.pt"
+    mp.spawn(_worker, args=(2, str(folder / "store"), str(path)), nprocs=2, join=True)
     return torch.load(path)
 
 
@@ -114,6 +109,8 @@ def test_two_ranks_equal_one_process(two_rank_results, name):
 
 def test_helpers_are_no_ops_without_a_process_group():
     x = torch.randn(3, 2, requires_grad=True)
-    assert dist_utils.gather_with_grad(x) is x
-    assert dist_utils.gather_no_grad(x) is x
+    gathered = dist_utils.gather_with_grad(x)
+    assert gathered is x and dist_utils.gather_no_grad(x) is x
+    (2 * gathered).sum().backward()  # alone, the gradient reaches the input unchanged
+    assert torch.equal(x.grad, torch.full((3, 2), 2.0))
     assert (dist_utils.is_distributed(), dist_utils.get_rank(), dist_utils.get_world_size()) == (False, 0, 1)

@@ -264,3 +264,25 @@ def test_collapse_figures_flag_collapsed_cells(tmp_path):
     assert not any(line.startswith("SGD + CLIP") for line in lines)
     sgd = next(line for line in report.optimizer_conclusions(df) if line.startswith("SGD"))
     assert sgd.endswith("against AdamW: CLIP -3.37, SogCLR -14.87, CyCLIP -5.38, VICReg -1.59, OnlineCLR -12.44.")
+
+
+def test_chance_levels_come_from_the_data_of_real_runs(demo_data_dir, tmp_path):
+    """chance_levels_for reads a real run's config.json, finds its evaluation sets and gives the chance levels
+    the data generator computed independently (and 100 / n by hand)."""
+    from clipstudy.config import make_config
+    from clipstudy.train import train
+    from conftest import TINY_DEMO
+
+    runs = tmp_path / "runs"
+    (runs / "aaa-from-elsewhere").mkdir(parents=True)  # a run whose data is not on this machine: skipped
+    (runs / "aaa-from-elsewhere" / "config.json").write_text(json.dumps({"config": {
+        "profile": "smoke", "data": str(tmp_path / "not-here")}}))
+    train(make_config("smoke", data=str(demo_data_dir), out=str(runs / "adamw-clip-s0"), max_steps=1, threads=1),
+          progress=False)
+    chance = report.chance_levels_for(runs)
+    manifest = json.loads((demo_data_dir / "manifest.json").read_text())["chance"]
+    for key in ("txt_r1", "img_r1", "zeroshot_top1", "zeroshot_top5"):
+        assert chance[key] == pytest.approx(manifest[key]), key
+    assert chance["img_r1"] == pytest.approx(100 / TINY_DEMO["retrieval_size"])
+    assert chance["zeroshot_top1"] == pytest.approx(100 / TINY_DEMO["zeroshot_classes"])
+    assert report.chance_levels_for(tmp_path / "no-runs") == {}

@@ -2,14 +2,20 @@
 resumes interrupted ones, records failures and divergence and goes on."""
 import json
 import os
+import re
 import signal
+from pathlib import Path
 
 import pytest
 
 import clipstudy.train as train_mod
 from clipstudy.config import ConfigError, make_config
 from clipstudy.__main__ import main as clipstudy_main
-from clipstudy.sweep import cell_state, plan_cells, run_sweep
+from clipstudy.checkpoint import SWEEP_LOCK_NAME, cell_lock
+from clipstudy.fingerprint import fingerprint
+from clipstudy.sweep import cell_state, main as sweep_main, plan_cells, run_cell, run_sweep, summary_line
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"  # not the working directory's
 
 
 def test_plan_validates_every_cell_before_running(tmp_path):
@@ -32,6 +38,71 @@ def test_dry_run_lists_states(tmp_path, capsys, demo_data_dir):
     out = capsys.readouterr().out
     assert code == 0 and "adamw-clip-s0" in out and "pending" in out and "2 cells" in out
     assert clipstudy_main(["sweep", "--profile", "smoke", "--losses", "bogus", "--dry-run"]) == 2
+
+
+def write_cell_record(run, status=None, checkpoint=None, config=None, **metrics):
+    run.mkdir(parents=True)
+    if config is not None:  # the fingerprint the run would have recorded, so it is not stale
+        (run / "config.json").write_text(json.dumps({"fingerprint": fingerprint(config)}))
+    if status:
+        (run / "metrics.json").write_text(json.dumps({"status": status, **metrics}))
+    if checkpoint:
+        (run / "checkpoints").mkdir()
+        for step in (checkpoint - 1, checkpoint):
+            (run / "checkpoints" / f"ckpt-{step:08d}.pt").write_bytes(b"")
+
+
+def test_dry_run_lists_each_cells_state_and_runs_nothing(tmp_path, capsys, demo_data_dir):
+    """Every state cell_state tells apart, as the dry run prints it; a live lock wins over any file."""
+    runs = tmp_path / "runs"
+    planned = {cell.name: cell.config for cell in plan_cells(
+        "smoke", optimizers=["adamw", "sgd"], losses=["clip"], overrides={"data": str(demo_data_dir)},
+        runs_root=runs)}
+    planned.update({cell.name: cell.config for cell in plan_cells(
+        "smoke", optimizers=["adamw"], losses=["sogclr", "cyclip", "vicreg", "onlineclr", "isogclr", "siglip"],
+        overrides={"data": str(demo_data_dir)}, runs_root=runs)})
+
+    def write_cell(run, *args, **kwargs):
+        return write_cell_record(run, *args, config=planned[run.name], **kwargs)
+
+    write_cell(runs / "adamw-clip-s0", "completed", average=12.345)
+    write_cell(runs / "adamw-sogclr-s0", "completed")              # a result without the average
+    write_cell(runs / "adamw-cyclip-s0", "diverged", diverged_at_step=7)
+    write_cell(runs / "adamw-vicreg-s0", "failed", error="DataError: " + "x" * 200)
+    write_cell(runs / "adamw-onlineclr-s0", checkpoint=12)
+    write_cell(runs / "adamw-isogclr-s0", "completed", average=1.0)  # finished, yet a process holds its lock
+    write_cell(runs / "adamw-siglip-s0", checkpoint=3)              # held by a sweep
+    write_cell(runs / "sgd-clip-s0", "failed")                       # a failure record without its error
+    before = sorted(p.relative_to(runs) for p in runs.rglob("*"))
+    with cell_lock(runs / "adamw-isogclr-s0"), cell_lock(runs / "adamw-siglip-s0", SWEEP_LOCK_NAME):
+        code = sweep_main(["--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(runs),
+                           "--optimizers", "adamw,sgd", "--losses", "clip,sogclr,cyclip,vicreg,onlineclr,isogclr,siglip",
+                           "--dry-run"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    states = {line.split()[0]: line.split(None, 1)[1].strip() for line in out[:-1]}
+    assert states["adamw-clip-s0"] == "done (average 12.35)"
+    assert states["adamw-sogclr-s0"] == "done (completed)"
+    assert states["adamw-cyclip-s0"] == "diverged (at step 7)"
+    assert states["adamw-vicreg-s0"] == "failed (DataError: " + "x" * 109 + ")"  # cut at 120 characters
+    assert states["adamw-onlineclr-s0"] == "partial (resumes from ckpt-00000012.pt)"
+    assert states["adamw-isogclr-s0"] == states["adamw-siglip-s0"] == "running (locked by a live process)"
+    assert states["sgd-clip-s0"] == "failed" and states["sgd-sogclr-s0"] == "pending" and len(states) == 14
+    assert out[-1] == f"14 cells in {runs.resolve()}"
+    assert sorted(p.relative_to(runs) for p in runs.rglob("*") if p.name not in (".lock", SWEEP_LOCK_NAME)) == before
+    assert clipstudy_main(["sweep", "--profile", "smoke", "--losses", "bogus", "--dry-run"]) == 2
+
+
+def test_a_cell_locked_by_another_sweep_is_skipped_not_trained(tmp_path, capsys, demo_data_dir):
+    (cell,) = plan_cells("smoke", optimizers=["adamw"], losses=["clip"],
+                         overrides={"data": str(demo_data_dir)}, runs_root=tmp_path)
+    cell.out.mkdir()
+    with cell_lock(cell.out, SWEEP_LOCK_NAME):
+        assert run_cell(cell) == {"status": "busy", "cell": cell.name, "sweep_wall_s": 0.0}
+        assert summary_line(cell, run_cell(cell)) == f"{cell.name:<28} skipped (another sweep is running it)"
+        results = run_sweep([cell], progress=False)
+    assert results == {} and f"{cell.name:<28} skipped (running in another process)" in capsys.readouterr().out
+    assert sorted(p.name for p in cell.out.iterdir()) == [SWEEP_LOCK_NAME]  # nothing trained, nothing written
 
 
 def test_sweep_skip_resume_and_continue_after_failure(tmp_path, demo_data_dir, monkeypatch, capsys):
@@ -84,8 +155,43 @@ def test_bad_papermill_parameter_type_fails_naming_it(tmp_path, demo_data_dir):
     import papermill
 
     with pytest.raises(papermill.PapermillExecutionError) as err:
-        papermill.execute_notebook("notebooks/train.ipynb", str(tmp_path / "out.ipynb"), kernel_name="python3",
+        papermill.execute_notebook(str(NOTEBOOKS / "train.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3",
                                    progress_bar=False,
                                    parameters={"profile": "smoke", "data": str(demo_data_dir),
                                                "out": str(tmp_path / "run"), "seed": "zero"})
     assert "seed" in str(err.value) and "ConfigError" in str(err.value)
+
+
+@pytest.mark.faults
+@pytest.mark.timeout(900)
+def test_a_dead_kernel_fails_its_cell_while_the_other_job_completes(tmp_path, demo_data_dir, monkeypatch, capsys):
+    """``--jobs 2``: two cells run at once, one thread per cell on a CPU; the kernel of one dies (kill -9 of
+    itself mid-cell): that cell is recorded as failed naming the dead kernel, the other completes, and its
+    numbers equal an uninterrupted in-process run's."""
+    import nbformat
+
+    import clipstudy.sweep as sweep_mod
+
+    notebook = nbformat.read(NOTEBOOKS / "train.ipynb", as_version=4)
+    dying = nbformat.v4.new_code_cell('import os, signal\nif loss == "vicreg":\n'
+                                      '    os.kill(os.getpid(), signal.SIGKILL)')
+    notebook.cells.insert(3, dying)  # after the configuration, before train()
+    nbformat.write(notebook, tmp_path / "train.ipynb")
+    monkeypatch.setattr(sweep_mod.paths, "notebook", lambda name: tmp_path / "train.ipynb")
+    monkeypatch.setattr(sweep_mod.os, "cpu_count", lambda: 2)
+    runs = tmp_path / "runs"
+    code = sweep_main(["--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(runs),
+                       "--optimizers", "adamw", "--losses", "vicreg,clip", "--jobs", "2", "--set", "epochs=1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "sweep finished in" in out and "1 completed, 1 failed" in out, out  # the sweep went on
+    failed = json.loads((runs / "adamw-vicreg-s0" / "metrics.json").read_text())
+    assert failed["status"] == "failed" and "DeadKernelError" in failed["error"], failed
+    assert re.search(r"^adamw-vicreg-s0\s+FAILED: DeadKernelError", out, re.M), out
+    assert re.search(r"^adamw-clip-s0\s+completed", out, re.M), out
+    done = json.loads((runs / "adamw-clip-s0" / "metrics.json").read_text())
+    executed = (runs / "adamw-clip-s0" / "train.ipynb").read_text()
+    assert '\\"threads\\": 1' in executed or "'threads': 1" in executed  # jobs 2 on 2 cores: a thread each
+    reference = train_mod.train(make_config("smoke", data=str(demo_data_dir), out=str(tmp_path / "ref"),
+                                            loss="clip", epochs=1, threads=1), progress=False)
+    skip = {"wall_time_s", "train_samples_per_s", "peak_memory_mb", "git_commit", "eval_time"}
+    assert {k: v for k, v in done.items() if k not in skip} == {k: v for k, v in reference.items() if k not in skip}

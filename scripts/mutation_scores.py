@@ -1,0 +1,114 @@
+"""Mutation score of the modules that carry the study's promises (``make mutation``).
+
+For each module, mutmut mutates the functions that hold a promise (checkpoints and resume, the losses,
+the retrieval and zero-shot metrics, the sweep's cell state) and runs the tests that hold them to it. Each
+module runs in its own scratch copy of the working tree, so each gets its own test selection: in-process
+tests only (a mutant lives in the test process) and no notebook kernels, which keeps a module to minutes
+on two cores. Prints killed / total per module; ``--module`` picks some, ``--keep`` keeps the copies (to
+inspect survivors with ``mutmut show NAME`` there).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# module -> (file, mutant-name globs of the promise-carrying functions, tests)
+MODULES = {
+    "checkpoint": ("clipstudy/checkpoint.py", ["clipstudy.checkpoint.*"],
+                   ["tests/test_checkpoint.py",
+                    "tests/test_sweep.py::test_dry_run_lists_each_cells_state_and_runs_nothing",
+                    "tests/test_sweep.py::test_a_cell_locked_by_another_sweep_is_skipped_not_trained"]),
+    "runstate": ("clipstudy/runstate.py", ["clipstudy.runstate.*"],
+                 ["tests/test_runstate.py",
+                  "tests/test_resume.py::test_stop_request_flags_the_first_signal_raises_on_the_second_and_restores_handlers",
+                  "tests/test_resume.py::test_sigterm_then_rerun_resumes_and_equals_uninterrupted[sogclr-mid-epoch]",
+                  "tests/test_resume.py::test_sigterm_then_rerun_resumes_and_equals_uninterrupted[siglip-mid-epoch]"]),
+    "losses": ("clipstudy/losses.py", ["clipstudy.losses.*"], ["tests/test_losses.py"]),
+    "retrieval metrics": ("clipstudy/evaluate.py",
+                          [f"clipstudy.evaluate.x_{name}__mutmut_*" for name in
+                           ("_as_index_tensor", "_rows_per_chunk", "_recalls", "retrieval_ranks", "retrieval_metrics",
+                            "_no_correct_in_top", "chance_levels", "zeroshot_metrics")],
+                          ["tests/test_evaluate.py"]),
+    "sweep cell state": ("clipstudy/sweep.py", ["clipstudy.sweep.x_cell_state__mutmut_*"],
+                         ["tests/test_sweep.py::test_dry_run_lists_each_cells_state_and_runs_nothing",
+                          "tests/test_sweep.py::test_a_cell_locked_by_another_sweep_is_skipped_not_trained"]),
+}
+STATUS = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
+
+
+def scratch_copy(dest: Path, source_file: str, tests: list[str]) -> None:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file() and not name.startswith("reports/"):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    selection = ", ".join(f'"{t}"' for t in tests)
+    with open(dest / "pyproject.toml", "a") as fh:
+        fh.write(f'only_mutate = ["{source_file}"]\npytest_add_cli_args_test_selection = [{selection}]\n')
+
+
+def score(folder: Path, globs: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=folder,
+                         capture_output=True, text=True).stdout
+    from fnmatch import fnmatch
+
+    statuses = {}
+    for line in out.splitlines():
+        found = STATUS.match(line)
+        if found and any(fnmatch(found.group(1), g) for g in globs):
+            statuses[found.group(1)] = found.group(2).strip()
+    counts: dict[str, int] = {}
+    for status in statuses.values():
+        counts[status] = counts.get(status, 0) + 1
+    return {"counts": counts, "survivors": sorted(n for n, s in statuses.items() if s not in ("killed", "not checked"))}
+
+
+def summary(module: str, counts: dict) -> str:
+    """``killed / checked`` (timeouts and survivors count as not killed), and what was left unchecked."""
+    checked = sum(n for status, n in counts.items() if status != "not checked")
+    killed = counts.get("killed", 0)
+    unchecked = counts.get("not checked", 0)
+    return (f"{module:18} {killed:4d} / {checked:4d} killed ({100 * killed / max(checked, 1):5.1f}%)"
+            + (f", {unchecked} not checked" if unchecked else "") + f"  {counts}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--module", choices=sorted(MODULES), action="append")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch copies (paths printed)")
+    parser.add_argument("--max-children", type=int, default=2)
+    args = parser.parse_args(argv)
+    rows = []
+    for module in args.module or MODULES:
+        source_file, globs, tests = MODULES[module]
+        folder = Path(tempfile.mkdtemp(prefix=f"clipstudy-mutation-{module.replace(' ', '-')}-"))
+        scratch_copy(folder, source_file, tests)
+        started = time.time()
+        env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}  # mutmut sets the path
+        run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children),
+                              *globs], cwd=folder, env=env, capture_output=True, text=True)
+        result = score(folder, globs)
+        line = f"{summary(module, result['counts'])}  {time.time() - started:.0f}s"
+        print(line, flush=True)
+        for name in result["survivors"]:
+            print(f"    {name}", flush=True)
+        if run.returncode != 0:
+            print(f"    mutmut exited {run.returncode}: {run.stdout[-400:]}{run.stderr[-400:]}", flush=True)
+        if args.keep:
+            print(f"    kept in {folder}", flush=True)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+        rows.append(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
