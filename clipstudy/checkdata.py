@@ -121,7 +121,7 @@ def _check_pairs(kind: str, ann_file: str, image_root: str, max_words: int, prog
 
 
 def _check_zeroshot(root: str, progress: bool, workers: int) -> dict:
-    from clipstudy.data import scan_image_folder
+    from clipstudy.zeroshot_data import scan_image_folder
 
     classes, _, samples = scan_image_folder(root)
     per_class = {name: 0 for name in classes}

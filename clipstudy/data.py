@@ -6,8 +6,9 @@ Three sets feed a run:
   ``{"image": <path relative to the image root>, "caption": str, "image_id": int}``.
 * :class:`RetrievalSet` - images with several captions each, a JSON list of
   ``{"image": <relative path>, "caption": [str, ...]}``.
-* :class:`ZeroShotSet`  - an ImageFolder (one folder per class id, sorted order
-  = class index) plus class names and prompt templates.
+* :class:`~clipstudy.zeroshot_data.ZeroShotSet` - an ImageFolder (one folder per
+  class id, sorted order = class index) plus class names and prompt templates
+  (in :mod:`clipstudy.zeroshot_data`, re-exported here).
 
 Annotation files are validated when a set is built (:class:`DataError`, naming
 the file, the entry and the fix); an image path that would leave its image
@@ -18,18 +19,15 @@ epoch.
 """
 from __future__ import annotations
 
-import functools
-import importlib.resources
 import json
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from clipstudy.errors import StartupError
 from clipstudy.images import (AUGMENTS, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,  # noqa: F401 (API)
@@ -37,6 +35,19 @@ from clipstudy.images import (AUGMENTS, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAG
                               load_rgb_image, train_transform, transforms_for, zeroshot_transform)
 
 log = logging.getLogger("clipstudy.data")
+
+# The zero-shot set and the ImageNet/CLIP metadata live in clipstudy.zeroshot_data, which builds on this
+# module's DataError; their names stay reachable here (``from clipstudy.data import ZeroShotSet``),
+# imported on first use so that either module can be imported first.
+_ZEROSHOT_NAMES = ("ZeroShotSet", "scan_image_folder", "imagenet_wnids", "imagenet_classnames", "clip_templates")
+
+
+def __getattr__(name: str):
+    if name in _ZEROSHOT_NAMES:
+        from clipstudy import zeroshot_data
+
+        return getattr(zeroshot_data, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 TRAIN_FORMAT = '{"image": <path relative to the image root>, "caption": <str>, "image_id": <int or str>}'
@@ -269,155 +280,6 @@ class RetrievalSet(_AnnotatedImages):
     def __getitem__(self, index: int):
         image = self._image(index)
         return None if image is None else (image, index)
-
-
-# --------------------------------------------------------------------------- zero-shot
-
-# The ImageNet class names and CLIP's 80 templates are kept as a data file
-# rather than a dependency on open_clip_torch, which would pull in ftfy and
-# more for two constants. Sources and licences are
-# recorded inside the file.
-_METADATA_FILE = "imagenet_metadata.json"
-
-
-@functools.lru_cache(maxsize=1)
-def _imagenet_metadata() -> dict:
-    text = importlib.resources.files("clipstudy").joinpath("resources", _METADATA_FILE).read_text(encoding="utf-8")
-    return json.loads(text)
-
-
-def imagenet_wnids() -> list[str]:
-    """The 1000 ImageNet-1k WordNet ids in sorted order (= class index order)."""
-    return list(_imagenet_metadata()["wnids"])
-
-
-def imagenet_classnames() -> list[str]:
-    """The 1000 ImageNet-1k class names used for CLIP zero-shot, in class index order."""
-    return list(_imagenet_metadata()["classnames"])
-
-
-def clip_templates() -> list[str]:
-    """CLIP's 80 ImageNet prompt templates, each with one ``"{}"`` for the class name."""
-    return list(_imagenet_metadata()["templates"])
-
-
-def _check_templates(templates: Sequence[str], where: str) -> list[str]:
-    templates = list(templates)
-    bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
-    if not templates or bad:
-        raise DataError(f"{where}: templates must be a non-empty list of strings with exactly one '{{}}' "
-                        f"for the class name, e.g. 'a photo of a {{}}.'; bad: {bad[:3]}")
-    return templates
-
-
-class ZeroShotSet(Dataset):
-    """An ImageFolder for zero-shot classification, with class names and prompt templates.
-
-    One sub-folder per class id under ``root``; sorted folder order is the class
-    index (torchvision's ``find_classes``). Files with image extensions are the
-    samples; empty class folders are allowed (the class stays in the classifier).
-
-    Class names and templates, each resolved on its own, first match wins:
-
-    1. the ``classnames`` / ``templates`` arguments (``classnames`` a list in
-       class index order or a mapping folder id -> name);
-    2. ``root/classnames.json``: ``{"classnames": {folder_id: name}, "templates": [...]}``
-       (``templates`` optional there);
-    3. folder ids that are all ImageNet WordNet ids: the shipped ImageNet names;
-    4. the folder names with underscores as spaces.
-
-    Templates default to CLIP's 80 ImageNet templates.
-
-    Attributes:
-        classes: folder ids; ``classnames``; ``templates``; ``samples``: (path,
-        label) pairs; ``targets``: labels.
-
-    ``dataset[i]`` is ``(image_tensor, label)``, or ``None`` for an unreadable image.
-    """
-
-    def __init__(self, root: str | os.PathLike, transform: Callable,
-                 classnames: Sequence[str] | Mapping[str, str] | None = None,
-                 templates: Sequence[str] | None = None, cache_images: bool = False):
-        self.root = _require_dir(root, "zero-shot image")
-        self.transform = transform
-        self.classes, self.class_to_idx, self.samples = scan_image_folder(self.root)
-        if not self.samples:
-            raise DataError(f"{self.root}: no image files in any class folder "
-                            f"(extensions {', '.join(IMG_EXTENSIONS)})")
-        self.targets = [label for _, label in self.samples]
-        file_names, file_templates = self._read_classnames_json()
-        self.classnames = self._resolve_names(classnames, file_names)
-        if templates is not None:
-            self.templates = _check_templates(templates, "ZeroShotSet(templates=...)")
-        elif file_templates is not None:
-            self.templates = _check_templates(file_templates, str(self.root / "classnames.json"))
-        else:
-            self.templates = clip_templates()
-        self._reader = ImageReader(cache_images)
-
-    def _read_classnames_json(self) -> tuple[dict | None, list | None]:
-        path = self.root / "classnames.json"
-        if not path.is_file():
-            return None, None
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise DataError(f"{path}: not valid JSON ({error}); expected "
-                            '{"classnames": {folder_id: name}, "templates": ["a photo of a {}.", ...]}') from None
-        names = meta.get("classnames") if isinstance(meta, dict) else None
-        if not isinstance(names, dict):
-            raise DataError(f"{path}: needs a 'classnames' object mapping each folder id to a class name")
-        return names, meta.get("templates")
-
-    def _resolve_names(self, given, from_file: dict | None) -> list[str]:
-        if given is not None:
-            if isinstance(given, Mapping):
-                return self._names_from_mapping(given, "ZeroShotSet(classnames=...)")
-            given = list(given)
-            if len(given) != len(self.classes):
-                raise DataError(f"ZeroShotSet(classnames=...): {len(given)} names for {len(self.classes)} "
-                                f"class folders in {self.root}; give one name per folder, in sorted folder order")
-            return given
-        if from_file is not None:
-            return self._names_from_mapping(from_file, str(self.root / "classnames.json"))
-        wnid_index = {wnid: i for i, wnid in enumerate(imagenet_wnids())}
-        if all(folder in wnid_index for folder in self.classes):
-            names = imagenet_classnames()
-            return [names[wnid_index[folder]] for folder in self.classes]
-        return [folder.replace("_", " ") for folder in self.classes]
-
-    def _names_from_mapping(self, names: Mapping[str, str], where: str) -> list[str]:
-        missing = [folder for folder in self.classes if folder not in names]
-        if missing:
-            raise DataError(f"{where}: no class name for folder(s) {missing[:5]} of {self.root}; "
-                            "add an entry folder_id -> name for every class folder")
-        return [str(names[folder]) for folder in self.classes]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def image_path(self, index: int) -> Path:
-        return Path(self.samples[index][0])
-
-    def __getitem__(self, index: int):
-        image = self._reader.read(index, self.image_path(index))
-        if image is None:
-            return None
-        return self.transform(image), self.samples[index][1]
-
-
-def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], dict[str, int], list[tuple[str, int]]]:
-    """``(classes, class_to_idx, samples)`` of an ImageFolder, empty class folders allowed.
-
-    Raises :class:`DataError` when ``root`` is missing or has no class folder.
-    """
-    root = _require_dir(root, "zero-shot image")
-    try:
-        classes, class_to_idx = find_classes(str(root))
-    except FileNotFoundError:
-        raise DataError(f"{root}: no class sub-folders; expected one folder per class holding its images") from None
-    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    return classes, class_to_idx, samples
 
 
 def require_readable_image(dataset, what: str, source: str) -> int:

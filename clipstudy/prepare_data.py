@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from clipstudy.data import imagenet_wnids
 from clipstudy.errors import StartupError
+from clipstudy.zeroshot_data import imagenet_wnids
 
 
 class PrepareError(StartupError):
@@ -214,7 +214,7 @@ def prepare_imagenet_val(src: str | Path, labels: str | Path, out: str | Path, m
 
     A folder is made for each of clipstudy's 1000 WordNet ids (empty if no
     image has that label), so the sorted folder order - the class index - is
-    clipstudy's class order (:func:`clipstudy.data.imagenet_wnids`) whatever
+    clipstudy's class order (:func:`clipstudy.zeroshot_data.imagenet_wnids`) whatever
     subset of images is present. Links left by an earlier run that no longer
     apply are removed.
     """

@@ -8,10 +8,8 @@ hand: every sentence is computed from the runs.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,21 @@ import pandas as pd
 
 from clipstudy import paths, records
 from clipstudy.diagnostics import COLLAPSED_COS, DIAGNOSTICS
+
+# The comparison with the published study lives in clipstudy.findings, which builds on this module's
+# summaries; its names stay reachable here (``report.spearman_by_optimizer``, ``from clipstudy.report
+# import published_table``), imported on first use so that either module can be imported first.
+_FINDINGS_NAMES = ("PAPER_OPTIMIZERS", "PAPER_LOSSES", "PUBLISHED_ROWS", "published_table", "with_published",
+                   "spearman_vs_published", "spearman_by_optimizer", "findings_from_grid", "paper_findings",
+                   "optimizer_conclusions", "initialisation_conclusions", "published_conclusions")
+
+
+def __getattr__(name: str):
+    if name in _FINDINGS_NAMES:
+        from clipstudy import findings
+
+        return getattr(findings, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 METRICS = list(records.HEADLINE)
 METRIC_NAMES = {"txt_r1": "TR@1", "img_r1": "IR@1", "zeroshot_top1": "ACC@1", "average": "Average"}
@@ -33,26 +46,6 @@ RESULT_COLUMNS = ["optimizer", "base_optimizer", "loss", "seed", "status", "txt_
                   "wall_time_s", "train_samples_per_s", "peak_memory_mb", "skipped_images",
                   *[f"{name}_{when}" for name in DIAGNOSTICS for when in ("start", "end")], "error", "run_dir"]
 TEXT_COLUMNS = ("optimizer", "base_optimizer", "loss", "status", "error", "run_dir")
-PAPER_OPTIMIZERS = ("adamw", "sgd", "adam")
-PAPER_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
-
-# The original study's published numbers (docs/protocol.md): optimizer, loss, TR@1, IR@1, ACC@1, Average.
-PUBLISHED_ROWS = [
-    ("adamw", "sogclr", 13.18, 10.30, 24.55, 16.68), ("adamw", "clip", 11.62, 9.16, 21.66, 14.81),
-    ("adamw", "cyclip", 14.10, 10.68, 25.91, 16.90), ("adamw", "vicreg", 2.86, 2.16, 5.79, 3.60),
-    ("adamw", "onlineclr", 10.96, 8.64, 20.52, 13.37), ("sgd", "sogclr", 1.56, 1.00, 2.87, 1.81),
-    ("sgd", "clip", 10.30, 7.00, 17.01, 11.44), ("sgd", "cyclip", 10.38, 7.31, 16.86, 11.52),
-    ("sgd", "vicreg", 2.00, 1.60, 2.43, 2.01), ("sgd", "onlineclr", 0.74, 0.56, 1.50, 0.93),
-    ("adam", "sogclr", 0.10, 0.10, 0.23, 0.14), ("adam", "clip", 3.34, 3.03, 4.71, 3.69),
-    ("adam", "cyclip", 3.92, 3.25, 4.04, 3.74), ("adam", "vicreg", 0.66, 0.63, 1.28, 0.86),
-    ("adam", "onlineclr", 0.02, 0.02, 0.10, 0.05),
-]
-
-
-def published_table() -> pd.DataFrame:
-    return pd.DataFrame(PUBLISHED_ROWS, columns=["optimizer", "loss", *METRICS])
-
-
 # ------------------------------------------------------------------ gathering
 def collect_runs(runs_root: str | Path) -> pd.DataFrame:
     """One row per run directory under ``runs_root`` that has a ``metrics.json``."""
@@ -142,95 +135,12 @@ def study_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def with_published(df: pd.DataFrame) -> pd.DataFrame:
-    """This study's mean Average beside the original published one, per cell of the original grid."""
-    summary = cell_summary(df)
-    columns = ["optimizer", "loss", "average_mean"]
-    if (summary["average_count"] > 1).any():  # a spread exists only with several seeds
-        columns.append("average_std")
-    pub = published_table().rename(columns={m: f"published_{m}" for m in METRICS})
-    return pub.merge(summary[columns], on=["optimizer", "loss"], how="left")
-
-
-def spearman_vs_published(df: pd.DataFrame) -> dict:
-    """Spearman's rho between this study's cell ranking (mean Average) and the published one."""
-    from scipy.stats import spearmanr
-
-    both = with_published(df).dropna(subset=["average_mean"])
-    if len(both) < 3:
-        return {"rho": float("nan"), "p_value": float("nan"), "n_cells": len(both)}
-    rho, p = spearmanr(both["average_mean"], both["published_average"])
-    return {"rho": float(rho), "p_value": float(p), "n_cells": int(len(both))}
-
-
-def spearman_by_optimizer(df: pd.DataFrame) -> pd.DataFrame:
-    """Spearman's rho against the published Averages over all cells and within each optimizer's row.
-
-    A row's rho says whether the demo orders the *losses* of that optimizer as
-    the paper did; the overall rho is dominated by the split between optimizers.
-    """
-    from scipy.stats import spearmanr
-
-    both = with_published(df).dropna(subset=["average_mean"])
-    scopes = [("all", both)] + [(o, both[both["optimizer"] == o]) for o in PAPER_OPTIMIZERS]
-    rows = []
-    for scope, part in scopes:
-        rho = p = float("nan")
-        if len(part) >= 3 and part["average_mean"].nunique() > 1:
-            rho, p = (float(v) for v in spearmanr(part["average_mean"], part["published_average"]))
-        rows.append({"scope": scope, "rho": rho, "p_value": p, "n_cells": int(len(part))})
-    return pd.DataFrame(rows)
-
-
 def average_grid(df: pd.DataFrame) -> pd.DataFrame:
     """Mean Average per optimizer (rows) and loss (columns), completed runs only."""
     summary = cell_summary(df).dropna(subset=["average_mean"])
     grid = summary.pivot(index="optimizer", columns="loss", values="average_mean")
     return grid.reindex(columns=sorted(grid.columns, key=lambda loss: (list(LOSS_NAMES).index(loss)
                                                                        if loss in LOSS_NAMES else 99, loss)))
-
-
-def findings_from_grid(grid: pd.DataFrame) -> list[dict]:
-    """The original study's four conclusions, each tested on a grid of mean Averages (optimizer x loss).
-
-    Returns one ``{"finding", "reproduced", "evidence"}`` per conclusion;
-    ``reproduced`` is None when cells are missing.
-    """
-    name = lambda k: OPTIMIZER_NAMES.get(k, LOSS_NAMES.get(k, k))  # noqa: E731
-    losses = [loss for loss in PAPER_LOSSES if loss in grid.columns]
-    complete = all(o in grid.index for o in PAPER_OPTIMIZERS) and len(losses) == len(PAPER_LOSSES)
-    complete = complete and not grid.loc[list(PAPER_OPTIMIZERS), losses].isna().any().any()
-    claims = ["AdamW is the best optimizer for every loss", "CyCLIP and SogCLR are the best losses (with AdamW)",
-              "Adam is poor everywhere (last of the three optimizers for every loss)",
-              "SGD is second (mean Average over losses: AdamW > SGD > Adam)"]
-    if not complete:
-        return [{"finding": c, "reproduced": None, "evidence": "not every cell of the 3 x 5 grid completed"}
-                for c in claims]
-    grid = grid.loc[list(PAPER_OPTIMIZERS), losses]
-    best = grid.idxmax(axis=0)
-    worst = grid.idxmin(axis=0)
-    top2 = grid.loc["adamw"].sort_values(ascending=False).index[:2].tolist()
-    order = grid.mean(axis=1).sort_values(ascending=False)
-    not_adamw = [f"{name(loss)} (best: {name(best[loss])})" for loss in losses if best[loss] != "adamw"]
-    not_adam = [f"{name(loss)} (last: {name(worst[loss])})" for loss in losses if worst[loss] != "adam"]
-    return [
-        {"finding": claims[0], "reproduced": not not_adamw,
-         "evidence": f"AdamW is best for {len(losses) - len(not_adamw)} of {len(losses)} losses"
-                     + (f"; not for {', '.join(not_adamw)}" if not_adamw else "")},
-        {"finding": claims[1], "reproduced": set(top2) == {"cyclip", "sogclr"},
-         "evidence": f"with AdamW the two best losses are {name(top2[0])} ({grid.loc['adamw', top2[0]]:.2f}) and "
-                     f"{name(top2[1])} ({grid.loc['adamw', top2[1]]:.2f})"},
-        {"finding": claims[2], "reproduced": not not_adam,
-         "evidence": f"Adam is last for {len(losses) - len(not_adam)} of {len(losses)} losses"
-                     + (f"; not for {', '.join(not_adam)}" if not_adam else "")},
-        {"finding": claims[3], "reproduced": list(order.index) == ["adamw", "sgd", "adam"],
-         "evidence": "mean Average over losses: " + ", ".join(f"{name(k)} {v:.2f}" for k, v in order.items())},
-    ]
-
-
-def paper_findings(df: pd.DataFrame) -> pd.DataFrame:
-    """:func:`findings_from_grid` on these runs (pretrained-init cells of the original grid)."""
-    return pd.DataFrame(findings_from_grid(average_grid(df)))
 
 
 def collapse_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -281,44 +191,6 @@ def collapse_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> l
         out.append(f"{label(r)} {why}: image cosine {r.image_cos_mean_start:.2f} -> {r.image_cos_mean_end:.2f}, "
                    f"text cosine {r.text_cos_mean_start:.2f} -> {r.text_cos_mean_end:.2f}, weight norm "
                    f"{r.weight_norm_start:.1f} -> {r.weight_norm_end:.1f}.")
-    return out
-
-
-def optimizer_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> list[str]:
-    """Per optimizer of the original grid: its rank, where it learns, its best loss (e.g. the SGD conclusion)."""
-    grid = average_grid(df)
-    rows = [o for o in PAPER_OPTIMIZERS if o in grid.index]
-    means = grid.loc[rows].mean(axis=1).sort_values(ascending=False)
-    out = []
-    for rank, (o, mean) in enumerate(means.items(), start=1):
-        row = grid.loc[o].dropna()
-        line = (f"{OPTIMIZER_NAMES[o]}: mean Average over {len(row)} losses {mean:.2f} (rank {rank} of {len(means)}); "
-                f"best with {LOSS_NAMES.get(row.idxmax(), row.idxmax())} ({row.max():.2f})")
-        if chance_avg is not None:
-            line += f"; learns (above twice chance) with {int((row > 2 * chance_avg).sum())} of {len(row)} losses"
-        if o != "adamw" and "adamw" in grid.index:
-            line += "; against AdamW: " + ", ".join(
-                f"{LOSS_NAMES.get(loss, loss)} {row[loss] - grid.loc['adamw', loss]:+.2f}" for loss in row.index
-                if grid.loc["adamw", loss] == grid.loc["adamw", loss])
-        out.append(line + ".")
-    return out
-
-
-def initialisation_conclusions(df: pd.DataFrame) -> list[str]:
-    """How the conclusions change from pretrained towers to random ones (the ``<optimizer>-scratch`` cells)."""
-    scratch = df[df["optimizer"].astype(str).str.endswith("-scratch")].copy()
-    if scratch.empty:
-        return []
-    scratch["optimizer"] = scratch["optimizer"].str.removesuffix("-scratch")
-    grid, base = average_grid(scratch), average_grid(df[df["optimizer"].isin(PAPER_OPTIMIZERS)])
-    out = ["From scratch (random towers, otherwise identical): mean Average over losses " + ", ".join(
-        f"{OPTIMIZER_NAMES.get(o, o)} {grid.loc[o].mean():.2f} (pretrained {base.loc[o].mean():.2f})"
-        for o in grid.index if o in base.index) + "."]
-    rho = spearman_by_optimizer(scratch).set_index("scope")["rho"]
-    out.append(f"From scratch, Spearman's rho against the published ranking: {rho['all']:.2f} overall.")
-    for f in findings_from_grid(grid):
-        verdict = {True: "reproduced", False: "not reproduced", None: "not testable"}[f["reproduced"]]
-        out.append(f"From scratch, '{f['finding']}': {verdict} ({f['evidence']}).")
     return out
 
 
@@ -405,16 +277,37 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
     With ``chance`` (from :func:`chance_levels_for`), cells whose mean Average is
     not above the chance Average are listed as not having learned.
     """
-    out = []
+    from clipstudy import findings
+
     summary = cell_summary(df)
     done = summary.dropna(subset=["average_mean"])
     if done.empty:
         return ["No cell completed, so there is nothing to conclude."]
-    multi_seed = (done["average_count"] > 1).any()
+    out = [_best_cell_line(done)] + _loss_conclusions(done)
+    # The original claims, tested on these runs.
+    out += findings.published_conclusions(df)
+    by_opt = done.groupby("optimizer")["average_mean"].mean()
+    chance_avg = _chance_average(chance)
+    out += _variant_conclusions(df, by_opt, chance_avg)
+    if len(by_opt) > 1:
+        ranking = ", ".join(f"{OPTIMIZER_NAMES.get(k, k)} {v:.2f}" for k, v in by_opt.sort_values(ascending=False).items())
+        out.append(f"Mean Average over losses by optimizer: {ranking}.")
+    out += findings.optimizer_conclusions(df, chance_avg) + collapse_conclusions(df, chance_avg)
+    out += findings.initialisation_conclusions(df)
+    return out + _chance_conclusions(done, chance_avg) + _status_conclusions(df)
+
+
+def _best_cell_line(done: pd.DataFrame) -> str:
     best = done.loc[done["average_mean"].idxmax()]
-    out.append(f"Best cell: {OPTIMIZER_NAMES.get(best.optimizer, best.optimizer)} + "
-               f"{LOSS_NAMES.get(best.loss, best.loss)}, Average {best.average_mean:.2f}"
-               + (f" ± {best.average_std:.2f} over {int(best.average_count)} seeds" if best.average_count > 1 else ""))
+    return (f"Best cell: {OPTIMIZER_NAMES.get(best.optimizer, best.optimizer)} + "
+            f"{LOSS_NAMES.get(best.loss, best.loss)}, Average {best.average_mean:.2f}"
+            + (f" ± {best.average_std:.2f} over {int(best.average_count)} seeds" if best.average_count > 1 else ""))
+
+
+def _loss_conclusions(done: pd.DataFrame) -> list[str]:
+    """Per loss: its best optimizer and its lead over the second, against the seed spread when there is one."""
+    multi_seed = (done["average_count"] > 1).any()
+    out = []
     for loss, group in done.groupby("loss", sort=False):
         group = group.sort_values("average_mean", ascending=False)
         first = group.iloc[0]
@@ -431,21 +324,20 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
             elif not multi_seed:
                 line += " (single seed: no spread to compare against)"
         out.append(line + ".")
-    # The original claims, tested on these runs.
-    for f in findings_from_grid(average_grid(df)):
-        verdict = {True: "reproduced", False: "NOT reproduced", None: "not testable"}[f["reproduced"]]
-        out.append(f"Paper finding '{f['finding']}': {verdict} ({f['evidence']}).")
-    rho = spearman_by_optimizer(df)
-    if rho["n_cells"].iloc[0] >= 3:
-        out.append("Spearman's rho against the published ranking: " + ", ".join(
-            f"{'overall' if r.scope == 'all' else OPTIMIZER_NAMES[r.scope] + ' row'} {r.rho:.2f}"
-            for r in rho.itertuples() if r.n_cells >= 3) + ".")
-    by_opt = done.groupby("optimizer")["average_mean"].mean()
-    chance_avg = None
+    return out
+
+
+def _chance_average(chance: dict | None) -> float | None:
     if chance and all(k in chance for k in ("txt_r1", "img_r1", "zeroshot_top1")):
-        chance_avg = (chance["txt_r1"] + chance["img_r1"] + chance["zeroshot_top1"]) / 3
+        return (chance["txt_r1"] + chance["img_r1"] + chance["zeroshot_top1"]) / 3
+    return None
+
+
+def _variant_conclusions(df: pd.DataFrame, by_opt: pd.Series, chance_avg: float | None) -> list[str]:
+    """Each optimizer variant against the optimizer its runs say it modifies (base_optimizer)."""
     bases = df.dropna(subset=["base_optimizer"]).groupby("optimizer")["base_optimizer"].first()
-    for label, value in by_opt.items():  # each variant against the optimizer its runs say it modifies
+    out = []
+    for label, value in by_opt.items():
         base = bases.get(label, label)
         # scratch cells (random towers) are compared in initialisation_conclusions
         if label == base or base not in by_opt or str(label).endswith("-scratch"):
@@ -457,20 +349,25 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
         else:
             line += f"the variant {'helps' if value > by_opt[base] else 'does not help'}."
         out.append(line)
-    if len(by_opt) > 1:
-        ranking = ", ".join(f"{OPTIMIZER_NAMES.get(k, k)} {v:.2f}" for k, v in by_opt.sort_values(ascending=False).items())
-        out.append(f"Mean Average over losses by optimizer: {ranking}.")
-    out += optimizer_conclusions(df, chance_avg) + collapse_conclusions(df, chance_avg)
-    out += initialisation_conclusions(df)
-    if chance_avg is not None:
-        learned = done[done["average_mean"] > 2 * chance_avg]
-        out.append(f"{len(learned)} of {len(done)} cells reach more than twice the chance Average "
-                   f"({chance_avg:.2f}).")
-        below = done[done["average_mean"] < chance_avg]
-        if len(below):
-            out.append("Below chance: " + ", ".join(_cell_name(r) for r in below.itertuples()) + ".")
+    return out
+
+
+def _chance_conclusions(done: pd.DataFrame, chance_avg: float | None) -> list[str]:
+    if chance_avg is None:
+        return []
+    learned = done[done["average_mean"] > 2 * chance_avg]
+    out = [f"{len(learned)} of {len(done)} cells reach more than twice the chance Average ({chance_avg:.2f})."]
+    below = done[done["average_mean"] < chance_avg]
+    if len(below):
+        out.append("Below chance: " + ", ".join(_cell_name(r) for r in below.itertuples()) + ".")
+    return out
+
+
+def _status_conclusions(df: pd.DataFrame) -> list[str]:
+    """The runs that diverged (and at which step) or failed."""
     diverged = df[df["status"] == "diverged"]
     failed = df[df["status"] == "failed"]
+    out = []
     if len(diverged):
         out.append(f"{len(diverged)} run(s) diverged: " + ", ".join(
             f"{r.optimizer}-{r.loss}-s{r.seed} at step {int(r.diverged_at_step) if r.diverged_at_step == r.diverged_at_step else '?'}"

@@ -100,7 +100,8 @@ def planned_steps(config: RunConfig, steps_per_epoch: int) -> tuple[int, int]:
 
 
 def build_datasets(config: RunConfig):
-    from clipstudy.data import RetrievalSet, TrainPairs, ZeroShotSet, require_readable_image, transforms_for
+    from clipstudy.data import RetrievalSet, TrainPairs, require_readable_image, transforms_for
+    from clipstudy.zeroshot_data import ZeroShotSet
 
     paths = config.resolved_paths()
     transforms = transforms_for(config)
