@@ -66,7 +66,7 @@ def cell_lock(folder: str | Path, name: str = LOCK_NAME, *, wait: bool = False):
         except OSError as err:
             raise WriteFailure(f"cannot write {path} ({human_size(len(pid))}): {err.strerror or err}. Free disk "
                                f"space or make {folder} writable, then rerun the same command",
-                               path=path, size=len(pid)) from err
+                               path=path, size=len(pid), errno=err.errno) from err
         yield path
     finally:
         fh.close()
@@ -126,7 +126,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise WriteFailure(
             f"cannot write {path} ({human_size(len(data))}): {err.strerror or err}. Free disk space or make "
             f"{path.parent} writable, then rerun the same command; the file keeps its previous content",
-            path=path, size=len(data)) from err
+            path=path, size=len(data), errno=err.errno) from err
 
 
 def _replace_atomically(path: Path, data: bytes) -> None:
@@ -206,7 +206,7 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, keep: int = 2) -
         raise CheckpointWriteError(
             f"cannot write checkpoint {path} ({human_size(len(data))}): {reason}. "
             f"Free disk space or make {folder} writable, then rerun the same command: it resumes from the "
-            "newest checkpoint still there", path=path, size=len(data)) from err
+            "newest checkpoint still there", path=path, size=len(data), errno=err.errno) from err
     for old in checkpoint_paths(folder)[keep:]:
         for p in (old, old.with_name(old.name + ".sha256")):
             try:

@@ -38,12 +38,13 @@ class RunFailure(ClipstudyError):
 
 
 class WriteFailure(ClipstudyError, OSError):
-    """A file could not be written; ``path`` and ``size`` (bytes) say which and how large."""
+    """A file could not be written; ``path`` and ``size`` (bytes) say which and how large, ``errno`` why
+    (the underlying OSError's, e.g. ENOSPC)."""
     exit_code = 1
 
-    def __init__(self, message: str, *, path=None, size: int | None = None):
+    def __init__(self, message: str, *, path=None, size: int | None = None, errno: int | None = None):
         super().__init__(message)
-        self.path, self.size = path, size
+        self.path, self.size, self.errno = path, size, errno
 
     def __str__(self) -> str:  # OSError's own __str__ would show the arguments tuple
         return self.args[0] if self.args else ""

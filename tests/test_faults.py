@@ -434,7 +434,7 @@ def test_a_run_directory_in_use_is_refused_untouched(demo_data_dir, tmp_path, ca
     with cell_lock(run):
         with pytest.raises(CellBusy, match=f"{re.escape(str(run))} is being trained by another process"):
             train(smoke(demo_data_dir, run, epochs=1), progress=False)
-        code = cli_mod.train_main(["--profile", "smoke", "--data", str(demo_data_dir), "--out", str(run),
+        code = clipstudy_main(["train", "--profile", "smoke", "--data", str(demo_data_dir), "--out", str(run),
                                    "--epochs", "1", "--threads", "1", "--no-progress"])
         line = error_line(capsys.readouterr().err)
     assert code == 1 and "wait for it or use another output directory" in line

@@ -201,7 +201,7 @@ def test_sigint_of_the_cli_checkpoints_exits_130_and_the_rerun_resumes(demo_data
     go.write_text("")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert re.search(r"^stopped: interrupted by signal; checkpoint saved in \S*checkpoints$", err, re.M), err
+    assert re.search(r"^stopped: interrupted; checkpoint saved in \S*checkpoints: rerun the same command to resume$", err, re.M), err
     assert "Traceback" not in err and out == ""
     assert_finished_checkpoint(tmp_path / "run", 3)
     rerun = subprocess.run([sys.executable, "-m", "clipstudy", *args], capture_output=True, text=True, timeout=300)
