@@ -55,8 +55,9 @@ def mean_dimension_std(embeddings: torch.Tensor) -> float:
 @torch.no_grad()
 def weight_norm(model: torch.nn.Module) -> float:
     """sqrt of the summed squares of every parameter with two or more dimensions."""
-    total = sum(float(p.detach().float().square().sum()) for p in model.parameters() if p.ndim >= 2)
-    return math.sqrt(total)
+    squares = [p.detach().float().square().sum() for p in model.parameters() if p.ndim >= 2]
+    # one device-to-host copy per logged step (not one per tensor); summed in Python as float64, in order
+    return math.sqrt(sum(torch.stack(squares).tolist())) if squares else 0.0
 
 
 def embedding_diagnostics(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, float]:
