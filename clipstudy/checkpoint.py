@@ -193,16 +193,16 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, keep: int = 2) -
     data = buffer.getvalue()
     path = folder / f"ckpt-{step:08d}.pt"
     sidecar = path.with_name(path.name + ".sha256")
-    try:
-        atomic_write_bytes(path, data)
-        atomic_write_text(sidecar, hashlib.sha256(data).hexdigest() + "\n")
+    try:  # the raw writes: their OSError is reported once, below, as a checkpoint error
+        _replace_atomically(path, data)
+        _replace_atomically(sidecar, (hashlib.sha256(data).hexdigest() + "\n").encode())
     except OSError as err:
         for p in (sidecar, path):  # never leave a checkpoint without its digest
             try:
                 p.unlink()
             except OSError:
                 pass
-        reason = getattr(err.__cause__, "strerror", None) or err.strerror or err
+        reason = err.strerror or err
         raise CheckpointWriteError(
             f"cannot write checkpoint {path} ({human_size(len(data))}): {reason}. "
             f"Free disk space or make {folder} writable, then rerun the same command: it resumes from the "

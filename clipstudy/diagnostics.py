@@ -37,7 +37,10 @@ def mean_offdiagonal_cosine(embeddings: torch.Tensor) -> float:
     """Mean cosine similarity over all ordered pairs i != j of the rows of ``embeddings`` (B x D, B >= 2)."""
     if embeddings.shape[0] < 2:
         return float("nan")
-    unit = F.normalize(embeddings.float(), dim=1)
+    return _offdiagonal_cosine_of_unit(F.normalize(embeddings.float(), dim=1))
+
+
+def _offdiagonal_cosine_of_unit(unit: torch.Tensor) -> float:
     n = unit.shape[0]
     # sum over all pairs = |sum of rows|^2; minus the diagonal (each row's |u|^2 = 1, or 0 for a zero row)
     total = unit.sum(0).square().sum() - unit.square().sum()
@@ -53,6 +56,15 @@ def mean_dimension_std(embeddings: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def _unit_diagnostics(embeddings: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Both figures of one tower's batch, normalising it once."""
+    if embeddings.shape[0] < 2:
+        return {f"{prefix}_cos_mean": float("nan"), f"{prefix}_std_mean": float("nan")}
+    unit = F.normalize(embeddings.float(), dim=1)
+    return {f"{prefix}_cos_mean": _offdiagonal_cosine_of_unit(unit), f"{prefix}_std_mean": float(unit.std(dim=0).mean())}
+
+
+@torch.no_grad()
 def weight_norm(model: torch.nn.Module) -> float:
     """sqrt of the summed squares of every parameter with two or more dimensions."""
     squares = [p.detach().float().square().sum() for p in model.parameters() if p.ndim >= 2]
@@ -61,8 +73,8 @@ def weight_norm(model: torch.nn.Module) -> float:
 
 
 def embedding_diagnostics(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, float]:
-    return {"image_cos_mean": mean_offdiagonal_cosine(image_emb), "text_cos_mean": mean_offdiagonal_cosine(text_emb),
-            "image_std_mean": mean_dimension_std(image_emb), "text_std_mean": mean_dimension_std(text_emb)}
+    both = {**_unit_diagnostics(image_emb, "image"), **_unit_diagnostics(text_emb, "text")}
+    return {name: both[name] for name in ("image_cos_mean", "text_cos_mean", "image_std_mean", "text_std_mean")}
 
 
 def step_diagnostics(run) -> dict[str, float]:
@@ -70,7 +82,7 @@ def step_diagnostics(run) -> dict[str, float]:
     from clipstudy.distributed import unwrap_model
 
     out = {"weight_norm": weight_norm(unwrap_model(run.model))}
-    embeddings = getattr(run, "last_embeddings", None)
+    embeddings = run.last_embeddings
     if embeddings is not None:
         out.update(embedding_diagnostics(*embeddings))
     return out

@@ -86,14 +86,11 @@ def restore_state(run, state: dict) -> None:
     set_rng_state(state["rng"])
 
 
-# max_steps among them: a run cut short continues, with the same schedule, when rerun with a later stop
-TRAINING_FIELDS_THAT_MAY_CHANGE_ON_RESUME = RESULT_NEUTRAL_FIELDS
-
-
 def check_resume_compatible(config: RunConfig, saved_json: str, path: Path) -> None:
     saved = json.loads(saved_json)
     changed = {k: (saved.get(k), v) for k, v in config.to_dict().items()
-               if k not in TRAINING_FIELDS_THAT_MAY_CHANGE_ON_RESUME and saved.get(k) != v}
+               # max_steps is result-neutral: a cut run continues, with the same schedule, when rerun with a later stop
+               if k not in RESULT_NEUTRAL_FIELDS and saved.get(k) != v}
     if changed:
         raise ConfigError(f"{path} was written with a different configuration ({changed}); "
                           "resume with the same settings or use a new output directory")

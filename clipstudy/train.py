@@ -250,10 +250,8 @@ def train(config: RunConfig, *, progress: bool = True) -> dict:
         out = run_directory(config)
         if int(os.environ.get("RANK", "0")) == 0 and out.is_dir():
             try:
-                records.write_metrics(out, records.failure_metrics(
-                    cell=config.cell_name(), profile=config.profile, optimizer=config.optimizer_label(),
-                    base_optimizer=config.optimizer, loss=config.loss, seed=config.seed,
-                    error=f"{type(err).__name__}: {err}"))
+                records.write_metrics(out, records.failure_metrics(**records.cell_fields(config),
+                                                                   error=f"{type(err).__name__}: {err}"))
             except OSError:  # e.g. the disk that made the run fail is still full
                 pass
         raise
