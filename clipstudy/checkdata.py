@@ -36,9 +36,9 @@ MISSING_REASON = "file not found"  # clipstudy.images.UnreadableImage's reason f
 
 
 def _try_open(path: str) -> str | None:
+    """None if the image decodes, else the reason it does not."""
     from clipstudy.data import UnreadableImage, load_rgb_image  # torch: imported when checking, not for --help
 
-    """None if the image decodes, else the reason it does not."""
     try:
         load_rgb_image(path)
     except UnreadableImage as error:

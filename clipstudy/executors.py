@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from clipstudy import records
 from clipstudy.checkpoint import LOCK_NAME, is_locked, write_json
 from clipstudy.config import ConfigError
 
@@ -266,17 +267,10 @@ def run_torchrun(cell, res: Resources, *, device: str | None = None) -> dict:
         code = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                 f"--nproc-per-node={res.tasks_per_node}", "-m", "clipstudy.executors", spec],
                                stdout=fh, stderr=subprocess.STDOUT)
-    metrics = read_metrics(cell.out)
-    if code and metrics.get("status") not in ("completed", "diverged", "failed"):
+    metrics = records.read_metrics(cell.out) or {}
+    if code and metrics.get("status") not in (*records.FINISHED, records.FAILED):
         metrics = {"status": "failed", "error": f"torchrun exited with {code}; see {log}"}
     return {**metrics, "sweep_wall_s": time.perf_counter() - started}
-
-
-def read_metrics(out: Path) -> dict:
-    try:
-        return json.loads((out / "metrics.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def active_elsewhere(cell) -> bool:

@@ -25,13 +25,12 @@ import json
 import os
 from pathlib import Path
 
+from clipstudy.config import PATH_FIELDS  # replaced in the fingerprint by the resolved paths
+
 # Fields that do not change a run's numbers: where it runs and how fast, how often it logs, how many
 # checkpoints it keeps, TensorBoard logs, and where it stops (max_steps: the schedule is the full run's).
 RESULT_NEUTRAL_FIELDS = frozenset({"out", "num_workers", "threads", "device", "log_every", "cache_images",
                                    "keep_checkpoints", "max_steps", "tensorboard"})
-# Replaced in the fingerprint by the resolved paths (see RunConfig.resolved_paths).
-PATH_FIELDS = ("data", "train_ann", "train_images", "retrieval_ann", "retrieval_images", "zeroshot_images",
-               "tokenizer")
 MISSING = "missing"
 
 # (path, size, mtime_ns) -> digest: a sweep fingerprints every cell over the same files.

@@ -158,14 +158,12 @@ def collapse_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> l
     table = collapse_table(df)
     if table.empty or table["text_cos_mean_end"].isna().all():
         return ["No collapse diagnostics in these runs (they predate them)."]
-    label = lambda r: f"{OPTIMIZER_NAMES.get(r.optimizer, r.optimizer)} + {LOSS_NAMES.get(r.loss, r.loss)}"  # noqa
     out = []
     for when in ("start", "end"):
         hit = table[(table[[f"image_cos_mean_{when}", f"text_cos_mean_{when}"]] >= COLLAPSED_COS).any(axis=1)]
-        verb = "start" if when == "start" else "end"
-        out.append(f"Cells whose embeddings {verb} collapsed (mean off-diagonal cosine >= {COLLAPSED_COS} in a "
+        out.append(f"Cells whose embeddings {when} collapsed (mean off-diagonal cosine >= {COLLAPSED_COS} in a "
                    f"modality, mean over seeds): " + (", ".join(
-                       f"{label(r)} (image {getattr(r, f'image_cos_mean_{when}'):.2f}, text "
+                       f"{_cell_name(r)} (image {getattr(r, f'image_cos_mean_{when}'):.2f}, text "
                        f"{getattr(r, f'text_cos_mean_{when}'):.2f})" for r in hit.itertuples()) or "none") + ".")
     norms = table.groupby("optimizer", sort=False)[["weight_norm_start", "weight_norm_end"]].mean()
     out.append("Norm of the weight matrices, start -> end, mean over losses: " + ", ".join(
@@ -188,7 +186,7 @@ def collapse_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> l
                    f"({avg:.2f} against {top:.2f})")
         else:
             continue
-        out.append(f"{label(r)} {why}: image cosine {r.image_cos_mean_start:.2f} -> {r.image_cos_mean_end:.2f}, "
+        out.append(f"{_cell_name(r)} {why}: image cosine {r.image_cos_mean_start:.2f} -> {r.image_cos_mean_end:.2f}, "
                    f"text cosine {r.text_cos_mean_start:.2f} -> {r.text_cos_mean_end:.2f}, weight norm "
                    f"{r.weight_norm_start:.1f} -> {r.weight_norm_end:.1f}.")
     return out
