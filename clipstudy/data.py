@@ -36,19 +36,7 @@ from clipstudy.images import (AUGMENTS, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAG
 
 log = logging.getLogger("clipstudy.data")
 
-# The zero-shot set and the ImageNet/CLIP metadata live in clipstudy.zeroshot_data, which builds on this
-# module's DataError; their names stay reachable here (``from clipstudy.data import ZeroShotSet``),
-# imported on first use so that either module can be imported first.
-_ZEROSHOT_NAMES = ("ZeroShotSet", "scan_image_folder", "imagenet_wnids", "imagenet_classnames", "clip_templates")
-
-
-def __getattr__(name: str):
-    if name in _ZEROSHOT_NAMES:
-        from clipstudy import zeroshot_data
-
-        return getattr(zeroshot_data, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+# The zero-shot set and the ImageNet/CLIP metadata are in clipstudy.zeroshot_data.
 
 TRAIN_FORMAT = '{"image": <path relative to the image root>, "caption": <str>, "image_id": <int or str>}'
 RETRIEVAL_FORMAT = '{"image": <path relative to the image root>, "caption": [<str>, ...]}'

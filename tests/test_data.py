@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from clipstudy.data import (CLIP_MEAN, CLIP_STD, DataError, RetrievalSet, TrainPairs, UnreadableImage, ZeroShotSet,
-                            clean_caption, clip_templates, collate_skip_none, eval_transform, imagenet_classnames,
-                            imagenet_wnids, load_rgb_image, make_collate, train_transform)
+from clipstudy.data import (CLIP_MEAN, CLIP_STD, DataError, RetrievalSet, TrainPairs, UnreadableImage, clean_caption,
+                            collate_skip_none, eval_transform, load_rgb_image, make_collate, train_transform)
+from clipstudy.zeroshot_data import ZeroShotSet, clip_templates, imagenet_classnames, imagenet_wnids
 
 
 def to_tensor(image):

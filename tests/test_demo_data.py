@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from clipstudy.__main__ import main as clipstudy_main
-from clipstudy.data import RetrievalSet, TrainPairs, ZeroShotSet, clean_caption, eval_transform
+from clipstudy.data import RetrievalSet, TrainPairs, clean_caption, eval_transform
+from clipstudy.zeroshot_data import ZeroShotSet
 from clipstudy.demo_data import (COLOURS, POSITIONS, SIZES, content_digest, demo_paths, main,
                                  make_demo_data)
 from conftest import TINY_DEMO

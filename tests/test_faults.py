@@ -34,7 +34,8 @@ from clipstudy.checkdata import check_data
 from clipstudy.checkpoint import (SWEEP_LOCK_NAME, CheckpointWriteError, checkpoint_paths, is_locked,
                                   load_latest, load_verified)
 from clipstudy.config import ConfigError, cell_name, make_config
-from clipstudy.data import DataError, RetrievalSet, TrainPairs, ZeroShotSet, eval_transform
+from clipstudy.data import DataError, RetrievalSet, TrainPairs, eval_transform
+from clipstudy.zeroshot_data import ZeroShotSet
 from clipstudy.sweep import plan_cells
 from clipstudy.train import train
 from conftest import TINY_DEMO, assert_same_weights

@@ -13,7 +13,8 @@ from PIL import Image
 
 from clipstudy.__main__ import main as clipstudy_main
 from clipstudy.checkdata import check_data
-from clipstudy.data import ZeroShotSet, eval_transform, imagenet_classnames, imagenet_wnids
+from clipstudy.data import eval_transform
+from clipstudy.zeroshot_data import ZeroShotSet, imagenet_classnames, imagenet_wnids
 from clipstudy.prepare_cc3m import prepare_cc3m
 from clipstudy.prepare_data import PrepareError, prepare_coco_karpathy, prepare_imagenet_val
 
