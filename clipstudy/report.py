@@ -18,21 +18,7 @@ import pandas as pd
 from clipstudy import paths, records
 from clipstudy.diagnostics import COLLAPSED_COS, DIAGNOSTICS
 
-# The comparison with the published study lives in clipstudy.findings, which builds on this module's
-# summaries; its names stay reachable here (``report.spearman_by_optimizer``, ``from clipstudy.report
-# import published_table``), imported on first use so that either module can be imported first.
-_FINDINGS_NAMES = ("PAPER_OPTIMIZERS", "PAPER_LOSSES", "PUBLISHED_ROWS", "published_table", "with_published",
-                   "spearman_vs_published", "spearman_by_optimizer", "findings_from_grid", "paper_findings",
-                   "optimizer_conclusions", "initialisation_conclusions", "published_conclusions")
-
-
-def __getattr__(name: str):
-    if name in _FINDINGS_NAMES:
-        from clipstudy import findings
-
-        return getattr(findings, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+# The comparison with the published study (rho, the paper's findings) is in clipstudy.findings, built on this module.
 METRICS = list(records.HEADLINE)
 METRIC_NAMES = {"txt_r1": "TR@1", "img_r1": "IR@1", "zeroshot_top1": "ACC@1", "average": "Average"}
 # Display names; a variant not named here shows its label. Which optimizer a variant modifies is read

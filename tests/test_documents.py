@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clipstudy import report
+from clipstudy import findings, report
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -67,7 +67,7 @@ def test_readme_chance_and_spearman_lines_are_computed(results, demo_chance):
     chance_line = (f"Chance: TR@1 {demo_chance['txt_r1']:.2f}, IR@1 {demo_chance['img_r1']:.2f}, "
                    f"ACC@1 {demo_chance['zeroshot_top1']:.2f} (Average {demo_chance['average']:.2f}).")
     assert chance_line in text
-    rho = report.spearman_vs_published(results)
-    found = re.search(r"published\s+paper-scale ranking \(`clipstudy.report.spearman_vs_published`\): (-?\d+\.\d\d)\.",
+    rho = findings.spearman_vs_published(results)
+    found = re.search(r"published\s+paper-scale ranking \(`clipstudy.findings.spearman_vs_published`\): (-?\d+\.\d\d)\.",
                       text)
     assert found and found.group(1) == f"{rho['rho']:.2f}" and rho["n_cells"] == 15

@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clipstudy import report
+from clipstudy import findings, report
 
 # optimizer, loss, seed, status, TR@1, IR@1, ACC@1
 FIXTURE = [
@@ -59,7 +59,7 @@ def test_tables_and_conclusions(tmp_path):
 
 def test_spearman_against_published(tmp_path):
     # Runs whose averages are the published ones reversed give rho = -1; the same order gives +1.
-    pub = report.published_table()
+    pub = findings.published_table()
     for sign, name in ((1, "same"), (-1, "reversed")):
         root = tmp_path / name
         for r in pub.itertuples():
@@ -69,7 +69,7 @@ def test_spearman_against_published(tmp_path):
             (d / "metrics.json").write_text(json.dumps({"status": "completed", "optimizer": r.optimizer,
                                                         "loss": r.loss, "seed": 0, "txt_r1": avg, "img_r1": avg,
                                                         "zeroshot_top1": avg, "average": avg}))
-        rho = report.spearman_vs_published(report.collect_runs(root))
+        rho = findings.spearman_vs_published(report.collect_runs(root))
         assert rho["n_cells"] == 15
         assert rho["rho"] == pytest.approx(sign * 1.0)
 
@@ -152,9 +152,9 @@ def test_logs_are_loaded_and_tagged_per_run(tmp_path):
 def test_one_seed_shows_no_spread(tmp_path):
     write_fixture_runs(tmp_path)
     one_seed = report.collect_runs(tmp_path).query("seed == 0")
-    assert "average_std" not in report.with_published(one_seed).columns
+    assert "average_std" not in findings.with_published(one_seed).columns
     assert "nan" not in report.study_table(one_seed).to_string().lower()
-    assert "average_std" in report.with_published(report.collect_runs(tmp_path)).columns
+    assert "average_std" in findings.with_published(report.collect_runs(tmp_path)).columns
 
 
 def test_collapse_comes_from_the_diagnostics_not_the_scores(tmp_path):
@@ -189,7 +189,7 @@ def write_grid_runs(root: Path, averages: dict, extra=None):
 
 
 def test_spearman_per_optimizer_row_against_a_hand_computation(tmp_path):
-    pub = report.published_table()
+    pub = findings.published_table()
     # AdamW row: the published order of its five losses, except the two best swapped
     # published AdamW ranks (1 = lowest): vicreg 1, onlineclr 2, clip 3, sogclr 4, cyclip 5
     ours = {"vicreg": 1.0, "onlineclr": 2.0, "clip": 3.0, "sogclr": 5.0, "cyclip": 4.0}
@@ -200,7 +200,7 @@ def test_spearman_per_optimizer_row_against_a_hand_computation(tmp_path):
     for r in pub[pub["optimizer"] == "adam"].itertuples():
         averages[("adam", r.loss)] = r.average
     write_grid_runs(tmp_path, averages)
-    rho = report.spearman_by_optimizer(report.collect_runs(tmp_path)).set_index("scope")
+    rho = findings.spearman_by_optimizer(report.collect_runs(tmp_path)).set_index("scope")
     # by hand: rank differences d = (0, 0, 0, 1, -1), rho = 1 - 6 * 2 / (5 * 24) = 0.9
     assert rho.loc["adamw", "rho"] == pytest.approx(0.9)
     assert rho.loc["sgd", "rho"] == pytest.approx(-1.0)
@@ -209,16 +209,16 @@ def test_spearman_per_optimizer_row_against_a_hand_computation(tmp_path):
 
 
 def test_paper_findings_hold_on_the_published_numbers_and_fail_when_broken(tmp_path):
-    pub = report.published_table()
+    pub = findings.published_table()
     grid = pub.pivot(index="optimizer", columns="loss", values="average")
-    findings = report.findings_from_grid(grid)
-    assert [f["reproduced"] for f in findings] == [True, True, True, True]
+    published_verdicts = findings.findings_from_grid(grid)
+    assert [f["reproduced"] for f in published_verdicts] == [True, True, True, True]
     def broken(**cells):
         changed = grid.copy()
         for key, value in cells.items():
             opt, loss = key.split("_")
             changed.loc[opt, loss] = value
-        return [f["reproduced"] for f in report.findings_from_grid(changed)], report.findings_from_grid(changed)
+        return [f["reproduced"] for f in findings.findings_from_grid(changed)], findings.findings_from_grid(changed)
 
     verdicts, f = broken(sgd_vicreg=3.7)      # SGD beats AdamW (3.60) on VICReg, nothing else changes
     assert verdicts == [False, True, True, True]
@@ -234,11 +234,11 @@ def test_paper_findings_hold_on_the_published_numbers_and_fail_when_broken(tmp_p
     verdicts, f = broken(**{f"sgd_{loss}": 0.01 for loss in grid.columns})
     assert verdicts == [True, True, False, False]
     assert f[3]["evidence"].startswith("mean Average over losses: AdamW 13.07, Adam 1.70, SGD 0.01")
-    assert report.findings_from_grid(grid.drop(columns="vicreg"))[0]["reproduced"] is None
+    assert findings.findings_from_grid(grid.drop(columns="vicreg"))[0]["reproduced"] is None
 
 
 def test_collapse_figures_flag_collapsed_cells(tmp_path):
-    pub = report.published_table()
+    pub = findings.published_table()
     averages = {(r.optimizer, r.loss): r.average for r in pub.itertuples()}
     healthy = {"image_cos_mean_start": 0.5, "image_cos_mean_end": 0.2, "text_cos_mean_start": 0.5,
                "text_cos_mean_end": 0.3, "weight_norm_start": 27.0, "weight_norm_end": 27.0}
@@ -262,7 +262,7 @@ def test_collapse_figures_flag_collapsed_cells(tmp_path):
     assert any(line.startswith("SGD + SogCLR reaches less than half the best Average for SogCLR (1.81 against "
                                "16.68)") for line in lines)
     assert not any(line.startswith("SGD + CLIP") for line in lines)
-    sgd = next(line for line in report.optimizer_conclusions(df) if line.startswith("SGD"))
+    sgd = next(line for line in findings.optimizer_conclusions(df) if line.startswith("SGD"))
     assert sgd.endswith("against AdamW: CLIP -3.37, SogCLR -14.87, CyCLIP -5.38, VICReg -1.59, OnlineCLR -12.44.")
 
 
