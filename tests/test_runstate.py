@@ -33,6 +33,17 @@ def test_refused_rerun_changes_nothing_on_disk(demo_data_dir, tmp_path):
     assert snapshot(out) == before
 
 
+def test_a_run_without_a_recorded_fingerprint_is_checked_against_its_checkpoint(demo_data_dir, tmp_path):
+    # config.json lost (or a run from before fingerprints): the checkpoint's own configuration still refuses
+    out = tmp_path / "run"
+    train(smoke(demo_data_dir, out, lr=1e-3, max_steps=2), progress=False)
+    (out / "config.json").unlink()
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match=r"different configuration \(\{'lr': \(0.001, 0.005\)\}\)"):
+        train(smoke(demo_data_dir, out, lr=5e-3), progress=False)
+    assert snapshot(out) == before
+
+
 def test_resume_keeps_original_commit_and_appends_each_resume(demo_data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setattr(records, "git_commit", lambda: "commit-a")
