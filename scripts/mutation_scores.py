@@ -21,29 +21,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # module -> (file, mutant-name globs of the promise-carrying functions, tests)
 MODULES = {
-    "checkpoint": ("clipstudy/checkpoint.py", ["clipstudy.checkpoint.*"],
+    "checkpoint": (["clipstudy/checkpoint.py"], ["clipstudy.checkpoint.*"],
                    ["tests/test_checkpoint.py",
                     "tests/test_sweep.py::test_dry_run_lists_each_cells_state_and_runs_nothing",
                     "tests/test_sweep.py::test_a_cell_locked_by_another_sweep_is_skipped_not_trained"]),
-    "runstate": ("clipstudy/runstate.py", ["clipstudy.runstate.*"],
+    "runstate": (["clipstudy/runstate.py"], ["clipstudy.runstate.*"],
                  ["tests/test_runstate.py",
                   "tests/test_resume.py::test_stop_request_flags_the_first_signal_raises_on_the_second_and_restores_handlers",
                   "tests/test_resume.py::test_sigterm_then_rerun_resumes_and_equals_uninterrupted[sogclr-mid-epoch]",
                   "tests/test_resume.py::test_sigterm_then_rerun_resumes_and_equals_uninterrupted[siglip-mid-epoch]"]),
-    "losses": ("clipstudy/losses.py", ["clipstudy.losses.*"], ["tests/test_losses.py"]),
-    "retrieval metrics": ("clipstudy/evaluate.py",
-                          [f"clipstudy.evaluate.x_{name}__mutmut_*" for name in
+    "losses": (["clipstudy/losses.py", "clipstudy/losses_base.py", "clipstudy/losses_global.py"],
+               ["clipstudy.losses.*", "clipstudy.losses_base.*", "clipstudy.losses_global.*"],
+               ["tests/test_losses.py"]),
+    "retrieval metrics": (["clipstudy/eval_metrics.py"],
+                          [f"clipstudy.eval_metrics.x_{name}__mutmut_*" for name in
                            ("_as_index_tensor", "_rows_per_chunk", "_recalls", "retrieval_ranks", "retrieval_metrics",
                             "_no_correct_in_top", "chance_levels", "zeroshot_metrics")],
                           ["tests/test_evaluate.py"]),
-    "sweep cell state": ("clipstudy/sweep.py", ["clipstudy.sweep.x_cell_state__mutmut_*"],
+    "sweep cell state": (["clipstudy/sweep.py"], ["clipstudy.sweep.x_cell_state__mutmut_*"],
                          ["tests/test_sweep.py::test_dry_run_lists_each_cells_state_and_runs_nothing",
                           "tests/test_sweep.py::test_a_cell_locked_by_another_sweep_is_skipped_not_trained"]),
 }
 STATUS = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
 
 
-def scratch_copy(dest: Path, source_file: str, tests: list[str]) -> None:
+def scratch_copy(dest: Path, source_files: list[str], tests: list[str]) -> None:
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for name in files:
@@ -52,7 +54,8 @@ def scratch_copy(dest: Path, source_file: str, tests: list[str]) -> None:
             shutil.copy2(ROOT / name, dest / name)
     selection = ", ".join(f'"{t}"' for t in tests)
     with open(dest / "pyproject.toml", "a") as fh:
-        fh.write(f'only_mutate = ["{source_file}"]\npytest_add_cli_args_test_selection = [{selection}]\n')
+        mutate = ", ".join(f'"{f}"' for f in source_files)
+        fh.write(f'only_mutate = [{mutate}]\npytest_add_cli_args_test_selection = [{selection}]\n')
 
 
 def score(folder: Path, globs: list[str]) -> dict:
@@ -88,9 +91,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = []
     for module in args.module or MODULES:
-        source_file, globs, tests = MODULES[module]
+        source_files, globs, tests = MODULES[module]
         folder = Path(tempfile.mkdtemp(prefix=f"clipstudy-mutation-{module.replace(' ', '-')}-"))
-        scratch_copy(folder, source_file, tests)
+        scratch_copy(folder, source_files, tests)
         started = time.time()
         env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}  # mutmut sets the path
         run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children),

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipstudy.eval_metrics import retrieval_ranks
 from clipstudy.evaluate import (
     chance_levels,
     evaluate_all,
@@ -197,6 +198,62 @@ def test_invalid_inputs_raise_clear_errors(sim, txt2img, match):
         retrieval_metrics(sim, txt2img)
 
 
+@pytest.mark.parametrize("sim, txt2img, message", [
+    (torch.zeros(0, 3), [], r"^similarity must have at least one image and one text, got shape \(0, 3\)$"),
+    (torch.zeros(2, 0), [], r"^similarity must have at least one image and one text, got shape \(2, 0\)$"),
+    (torch.zeros(2, 3), [0.0, 1.0, 1.0], "^txt2img must hold integer indices, got dtype torch.float32"),
+    (torch.zeros(2, 3), [True, False, True], "^txt2img must hold integer indices, got dtype torch.bool"),
+])
+def test_invalid_inputs_are_named_exactly(sim, txt2img, message):
+    with pytest.raises(ValueError, match=message):
+        retrieval_metrics(sim, txt2img)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -2])
+def test_a_chunk_size_below_one_row_is_refused_by_every_metric(chunk_size):
+    message = f"^chunk_size must be a positive number of rows, got {chunk_size}$"
+    with pytest.raises(ValueError, match=message):
+        retrieval_metrics(torch.zeros(2, 2), [0, 1], chunk_size=chunk_size)
+    with pytest.raises(ValueError, match=message):
+        zeroshot_metrics(torch.eye(2), [0, 1], torch.eye(2), chunk_size=chunk_size)
+
+
+def test_one_image_or_one_text_is_a_valid_retrieval_set():
+    # One image with three captions: every query has a single candidate of its kind, rank 1.
+    got = retrieval_metrics(torch.tensor([[0.3, -0.2, 0.1]]), [0, 0, 0])
+    assert got["txt_r_mean"] == 1.0 and got["img_r_mean"] == 1.0 and got["r_mean"] == 100.0
+    # One text describing image 1 of 2: image 0 has no caption and is left out of text retrieval.
+    got = retrieval_metrics(torch.tensor([[0.2], [0.5]]), [1])
+    assert got["txt_r1"] == 100.0 and got["img_r1"] == 100.0
+    got = retrieval_metrics(torch.tensor([[0.7], [0.5]]), [1])
+    assert got["txt_r1"] == 100.0 and got["img_r1"] == 0.0 and got["img_r_mean"] == 2.0
+
+
+def test_ranks_are_integers_and_trailing_uncaptioned_images_are_flagged():
+    # Images 2 and 3 have no caption: has_caption still has one entry per image.
+    sim = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5], [0.0, 0.0]])
+    text_ranks, image_ranks, has_caption = retrieval_ranks(sim, [0, 1])
+    assert has_caption.tolist() == [True, True, False, False]
+    assert text_ranks.dtype == torch.long and image_ranks.dtype == torch.long
+    assert text_ranks[:2].tolist() == [1, 1] and image_ranks.tolist() == [1, 1]
+
+
+def test_a_nan_correct_score_ranks_behind_negative_wrong_scores():
+    # Image 0's only caption scores NaN: the wrong caption at -0.5 outranks it (rank 2), as it
+    # would any finite score; a NaN read as 0 would put -0.5 below it and give rank 1.
+    text_ranks, image_ranks, _ = retrieval_ranks(torch.tensor([[float("nan"), -0.5], [-0.9, -0.3]]), [0, 1])
+    assert text_ranks.tolist() == [2, 1]
+    assert image_ranks.tolist() == [2, 1]
+
+
+def test_default_chunking_of_a_matrix_larger_than_one_chunk_matches_one_pass():
+    # 1100 x 1000 scores exceed the CPU budget of 2^19 elements, so the default splits the rows.
+    g = torch.Generator().manual_seed(8)
+    txt2img = torch.randint(0, 1100, (1000,), generator=g)
+    sim = torch.randint(0, 50, (1100, 1000), generator=g).float()
+    assert retrieval_metrics(sim, txt2img) == retrieval_metrics(sim, txt2img, chunk_size=1100)
+
+
 # --------------------------------------------------------------------------
 # chance_levels
 # --------------------------------------------------------------------------
@@ -255,7 +312,7 @@ def test_chance_levels_reject_impossible_inputs_naming_them(args, message):
     (torch.zeros(2, 3), [0, 1], torch.zeros(4, 2), r"must agree on D; got \(2, 3\) and \(4, 2\)"),
     (torch.zeros(2, 3, 1), [0, 1], torch.zeros(3, 2), "must agree on D"),
     (torch.zeros(2, 3), [0, 1], torch.zeros(3), "must agree on D"),
-    (torch.zeros(0, 3), [], torch.zeros(3, 2), "image_features is empty"),
+    (torch.zeros(0, 3), [], torch.zeros(3, 2), "^image_features is empty$"),
     (torch.zeros(2, 3), [0], torch.zeros(3, 2), "labels has 1 entries for 2 images"),
     (torch.zeros(2, 3), [0.0, 1.0], torch.zeros(3, 2), "^labels must hold integer indices, got dtype torch.float32"),
     (torch.zeros(2, 3), [0, 2], torch.zeros(3, 2), r"labels must lie in \[0, 2\) .* got range \[0, 2\]"),

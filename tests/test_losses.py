@@ -650,3 +650,26 @@ def test_isogclr_defaults_cannot_cross_the_temperature_range_in_one_update():
         assert moved.max() <= 5e-5 + 1e-9
         assert moved.max() > 0
     assert (loss.tau_max - loss.tau_min) / (loss.tau_lr * loss.tau_grad_clip) >= 900
+
+
+# ------------------------------------------------------ logged values
+
+
+def test_siglip_logs_its_learned_scale_as_a_temperature_and_its_bias():
+    loss = make_loss("siglip", init_logit_scale=math.log(4.0), init_logit_bias=-3.0)
+    assert loss.extra_metrics() == pytest.approx({"siglip_scale": 4.0, "siglip_temperature": 0.25,
+                                                  "siglip_bias": -3.0})
+
+
+def test_isogclr_logs_the_mean_temperature_of_the_last_batch_after_its_update():
+    loss = make_loss("isogclr", temperature=0.02, num_samples=2 * B, gamma=1.0, tau_lr=1e-4)
+    # before any step: the mean over all samples (every one at its initial temperature)
+    assert loss.extra_metrics() == pytest.approx({"isogclr_tau_image": 0.02, "isogclr_tau_text": 0.02})
+    index = torch.arange(B, 2 * B)
+    loss(*batch(5, dtype=torch.float32), index)
+    logged = loss.extra_metrics()
+    assert set(logged) == {"isogclr_tau_image", "isogclr_tau_text"}
+    assert logged["isogclr_tau_image"] == pytest.approx(float(loss.tau_image[index].mean()))
+    assert logged["isogclr_tau_text"] == pytest.approx(float(loss.tau_text[index].mean()))
+    # the batch moved (rho = 8 lowers every temperature); samples outside it kept 0.02
+    assert logged["isogclr_tau_image"] < 0.02 and float(loss.tau_image[:B].mean()) == pytest.approx(0.02)

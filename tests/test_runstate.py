@@ -103,3 +103,135 @@ def test_training_and_evaluate_command_evaluate_at_the_same_precision(demo_data_
     train(smoke(demo_data_dir, out, max_steps=2), progress=False)
     assert clipstudy_main(["evaluate", "--run", str(out), "--json"]) == 0
     assert seen == [torch.bfloat16, torch.bfloat16]
+
+
+# --------------------------------------------------------------------------
+# Random generators, captured and restored state, the refusal texts (unit level)
+# --------------------------------------------------------------------------
+
+def draws() -> tuple:
+    """One value from each generator a run uses (Gaussian draws exercise the cached-normal fields)."""
+    import random
+
+    import numpy as np
+
+    return (random.random(), random.gauss(0, 1), float(np.random.random_sample()), float(np.random.standard_normal()),
+            torch.rand(2).tolist())
+
+
+@pytest.mark.parametrize("seed", [7, 2**32 + 7])
+def test_seed_everything_seeds_python_numpy_and_torch(seed):
+    import random
+
+    import numpy as np
+
+    runstate.seed_everything(seed)
+    expected_numpy = np.random.RandomState(seed % 2**32)  # numpy takes seeds below 2**32 only
+    assert random.random() == random.Random(seed).random()
+    assert np.random.random_sample() == expected_numpy.random_sample()
+    assert torch.rand(3).tolist() == torch.rand(3, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_rng_state_survives_a_checkpoint_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    runstate.seed_everything(3)
+    random.gauss(0, 1)  # leave a cached Gaussian in both generators
+    np.random.standard_normal()
+    torch.save({"rng": runstate.rng_state()}, tmp_path / "state.pt")
+    expected = draws()
+    runstate.seed_everything(99)
+    runstate.set_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
+    assert draws() == expected
+
+
+def test_set_rng_state_accepts_the_python_state_as_lists():
+    # A state that went through a format without tuples (JSON, some loaders) still restores Python's generator.
+    import random
+
+    runstate.seed_everything(5)
+    state = runstate.rng_state()
+    version, internal, gauss = state["python"]
+    state["python"] = [version, list(internal), gauss]
+    expected = random.random()
+    random.seed(0)
+    runstate.set_rng_state(state)
+    assert random.random() == expected
+
+
+class _Config:
+    def __init__(self, **fields):
+        self.fields = fields
+
+    def to_dict(self):
+        return dict(self.fields)
+
+
+def _fake_run(seed: int, init_scale: float):
+    from types import SimpleNamespace
+
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    loss = torch.nn.Module()
+    loss.register_buffer("u", torch.rand(4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    model(torch.rand(5, 3)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)  # enabled: its scale is state to restore
+    return SimpleNamespace(model=model, loss=loss, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                           config=_Config(lr=0.1, seed=seed))
+
+
+def test_capture_then_restore_brings_back_every_part_of_a_run():
+    saved = _fake_run(seed=1, init_scale=1024.0)
+    state = runstate.capture_state(saved, epoch=2, batch_in_epoch=5, global_step=17, history=[{"step": 17}],
+                                   epochs=[{"epoch": 1}], elapsed=12.5)
+    assert state["format"] == runstate.CHECKPOINT_FORMAT
+    assert (state["epoch"], state["batch_in_epoch"], state["global_step"], state["elapsed"]) == (2, 5, 17, 12.5)
+    assert state["history"] == [{"step": 17}] and state["epochs"] == [{"epoch": 1}]
+    assert json.loads(state["config"]) == {"lr": 0.1, "seed": 1}
+    expected = draws()
+
+    fresh = _fake_run(seed=2, init_scale=8.0)
+    runstate.restore_state(fresh, state)
+    for got, want in zip(fresh.model.state_dict().values(), saved.model.state_dict().values()):
+        assert torch.equal(got, want)
+    assert torch.equal(fresh.loss.u, saved.loss.u)
+    momentum = [fresh.optimizer.state[p]["momentum_buffer"] for p in fresh.model.parameters()]
+    assert all(torch.equal(a, saved.optimizer.state[p]["momentum_buffer"])
+               for a, p in zip(momentum, saved.model.parameters()))
+    assert fresh.scheduler.get_last_lr() == saved.scheduler.get_last_lr() == [0.05]
+    assert fresh.scaler.get_scale() == 1024.0
+    assert draws() == expected
+
+
+def test_refusals_name_the_file_the_change_and_the_way_out(tmp_path):
+    path = tmp_path / "checkpoints" / "step_00000004.pt"
+    with pytest.raises(ConfigError) as raised:
+        runstate.check_resume_compatible(_Config(lr=0.005, max_steps=9), json.dumps({"lr": 0.001, "max_steps": 4}),
+                                         path)
+    assert str(raised.value) == (f"{path} was written with a different configuration ({{'lr': (0.001, 0.005)}}); "
+                                 "resume with the same settings or use a new output directory")
+    runstate.check_resume_compatible(_Config(lr=0.001, max_steps=9), json.dumps({"lr": 0.001, "max_steps": 4}), path)
+
+    with pytest.raises(ConfigError) as raised:
+        runstate.check_checkpoint_format({"format": 0}, path)
+    assert str(raised.value) == (f"{path}: checkpoint format 0, this clipstudy reads format "
+                                 f"{runstate.CHECKPOINT_FORMAT}; resume it with the clipstudy version that wrote "
+                                 "it, or use a new output directory")
+    runstate.check_checkpoint_format({"format": runstate.CHECKPOINT_FORMAT}, path)
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"fingerprint": {"digest": "a", "fields": {"lr": 0.001}}}))
+    with pytest.raises(ConfigError) as raised:
+        runstate.check_recorded_fingerprint(out, {"digest": "b", "fields": {"lr": 0.005}})
+    message = str(raised.value)
+    assert message.startswith(f"{out} was written with a different configuration (")
+    assert message.endswith("); resume with the same settings, or use a new output directory (--out, or a "
+                            "--label for a variant)")
+    runstate.check_recorded_fingerprint(out, {"digest": "a", "fields": {"lr": 0.001}})
