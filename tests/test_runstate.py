@@ -183,7 +183,7 @@ def _fake_run(seed: int, init_scale: float):
     scheduler.step()
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)  # enabled: its scale is state to restore
     return SimpleNamespace(model=model, loss=loss, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                           config=_Config(lr=0.1, seed=seed))
+                           config=_Config(lr=0.1, loss="clip"))
 
 
 def test_capture_then_restore_brings_back_every_part_of_a_run():
@@ -193,7 +193,7 @@ def test_capture_then_restore_brings_back_every_part_of_a_run():
     assert state["format"] == runstate.CHECKPOINT_FORMAT
     assert (state["epoch"], state["batch_in_epoch"], state["global_step"], state["elapsed"]) == (2, 5, 17, 12.5)
     assert state["history"] == [{"step": 17}] and state["epochs"] == [{"epoch": 1}]
-    assert json.loads(state["config"]) == {"lr": 0.1, "seed": 1}
+    assert json.loads(state["config"]) == {"lr": 0.1, "loss": "clip"}
     expected = draws()
 
     fresh = _fake_run(seed=2, init_scale=8.0)
@@ -235,3 +235,98 @@ def test_refusals_name_the_file_the_change_and_the_way_out(tmp_path):
     assert message.endswith("); resume with the same settings, or use a new output directory (--out, or a "
                             "--label for a variant)")
     runstate.check_recorded_fingerprint(out, {"digest": "a", "fields": {"lr": 0.001}})
+
+
+def _checkpointed_run(tmp_path, steps=(2, 4), metrics: dict | None = None):
+    """A run folder with checkpoints at ``steps`` (from a fake run) and, optionally, its metrics.json."""
+    out = tmp_path / "run"
+    saved = _fake_run(seed=1, init_scale=8.0)
+    for step in steps:
+        state = runstate.capture_state(saved, epoch=1, batch_in_epoch=step, global_step=step,
+                                       history=[{"step": s} for s in range(1, step + 1)], epochs=[], elapsed=1.0)
+        save_checkpoint(out / "checkpoints", step, state)
+    if metrics is not None:
+        records.write_metrics(out, metrics)
+    return out
+
+
+class _Asked:
+    def __init__(self, max_steps=0):
+        self.max_steps = max_steps
+
+
+FINGERPRINT = {"digest": "a", "fields": {}}
+
+
+def test_already_complete_only_for_a_finished_run_recorded_at_its_intact_newest_checkpoint(tmp_path, capsys):
+    assert runstate.already_complete(tmp_path / "none", _Asked(), FINGERPRINT) is None  # no checkpoint
+    done = {"status": "completed", "global_step": 4}
+    out = _checkpointed_run(tmp_path, metrics=done)
+    assert runstate.already_complete(out, _Asked(), FINGERPRINT) == done
+    assert capsys.readouterr().err == f"{out}: already complete (completed); nothing to do\n"
+    assert runstate.already_complete(out, _Asked(), FINGERPRINT, announce=False) == done
+    assert capsys.readouterr().err == ""
+
+    records.write_metrics(out, {"status": "completed", "global_step": 2})  # recorded at the older checkpoint
+    assert runstate.already_complete(out, _Asked(), FINGERPRINT) is None
+    records.write_metrics(out, {"status": "failed", "global_step": 4})
+    assert runstate.already_complete(out, _Asked(), FINGERPRINT) is None
+    records.write_metrics(out, done)
+    newest = checkpoint_paths(out / "checkpoints")[0]
+    newest.write_bytes(newest.read_bytes()[:-1] + b"x")  # damaged: resume falls back and trains on
+    assert runstate.already_complete(out, _Asked(), FINGERPRINT) is None
+    assert capsys.readouterr().err == ""
+
+
+def test_a_run_cut_by_max_steps_is_complete_only_for_requests_that_stop_no_later(tmp_path, capsys):
+    cut = {"status": "completed", "global_step": 4, "truncated": True, "steps_completed": 4, "steps_total": 10}
+    out = _checkpointed_run(tmp_path, metrics=cut)
+    assert runstate.already_complete(out, _Asked(max_steps=4), FINGERPRINT) == cut
+    assert capsys.readouterr().err == f"{out}: already complete (completed, stopped at step 4 of 10); nothing to do\n"
+    assert runstate.already_complete(out, _Asked(max_steps=6), FINGERPRINT) is None
+    assert runstate.already_complete(out, _Asked(max_steps=0), FINGERPRINT) is None
+
+
+def test_already_complete_refuses_a_run_that_recorded_another_fingerprint(tmp_path):
+    out = _checkpointed_run(tmp_path, metrics={"status": "completed", "global_step": 4})
+    (out / "config.json").write_text(json.dumps({"fingerprint": {"digest": "other", "fields": {}}}))
+    with pytest.raises(ConfigError, match="was written with a different configuration"):
+        runstate.already_complete(out, _Asked(), FINGERPRINT)
+
+
+def test_resume_restores_the_newest_checkpoint_and_says_where_it_continues(tmp_path, capsys):
+    assert runstate.resume(_fake_run(seed=2, init_scale=8.0), tmp_path / "none") is None
+    out = _checkpointed_run(tmp_path)
+    run = _fake_run(seed=2, init_scale=8.0)
+    point = runstate.resume(run, out)
+    newest = checkpoint_paths(out / "checkpoints")[0]
+    assert (point.path, point.epoch, point.batch_in_epoch, point.global_step, point.elapsed) == (newest, 1, 4, 4, 1.0)
+    assert point.history == [{"step": s} for s in range(1, 5)] and point.epochs == []
+    assert capsys.readouterr().err == f"resumed from {newest} (epoch 2, batch 4, step 4)\n"
+    assert torch.equal(run.model.weight, _fake_run(seed=1, init_scale=8.0).model.weight)
+    assert runstate.resume(_fake_run(seed=2, init_scale=8.0), out, announce=False).global_step == 4
+    assert capsys.readouterr().err == ""
+
+
+def test_resume_warns_once_per_damaged_checkpoint_and_falls_back(tmp_path, capsys):
+    out = _checkpointed_run(tmp_path)
+    newest, older = checkpoint_paths(out / "checkpoints")
+    newest.write_bytes(b"not a checkpoint")
+    point = runstate.resume(_fake_run(seed=2, init_scale=8.0), out)
+    assert point.path == older and point.global_step == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith(f"WARNING: skipping damaged checkpoint: {newest}: ") and err[1].startswith(f"resumed from {older}")
+
+
+def test_resume_refusals_name_the_checkpoint(tmp_path):
+    out = _checkpointed_run(tmp_path, steps=(2,))
+    path = checkpoint_paths(out / "checkpoints")[0]
+    run = _fake_run(seed=2, init_scale=8.0)
+    run.config = _Config(lr=0.5, loss="clip")
+    with pytest.raises(ConfigError, match=f"^{path} was written with a different configuration"):
+        runstate.resume(run, out)
+    state = torch.load(path, weights_only=True)
+    state["format"] = runstate.CHECKPOINT_FORMAT + 1
+    newest = save_checkpoint(out / "checkpoints", 3, state)
+    with pytest.raises(ConfigError, match=f"^{newest}: checkpoint format"):
+        runstate.resume(_fake_run(seed=2, init_scale=8.0), out)
