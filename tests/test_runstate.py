@@ -243,7 +243,8 @@ def _checkpointed_run(tmp_path, steps=(2, 4), metrics: dict | None = None):
     saved = _fake_run(seed=1, init_scale=8.0)
     for step in steps:
         state = runstate.capture_state(saved, epoch=1, batch_in_epoch=step, global_step=step,
-                                       history=[{"step": s} for s in range(1, step + 1)], epochs=[], elapsed=1.0)
+                                       history=[{"step": s} for s in range(1, step + 1)], epochs=[{"epoch": 1}],
+                                       elapsed=1.0)
         save_checkpoint(out / "checkpoints", step, state)
     if metrics is not None:
         records.write_metrics(out, metrics)
@@ -301,7 +302,7 @@ def test_resume_restores_the_newest_checkpoint_and_says_where_it_continues(tmp_p
     point = runstate.resume(run, out)
     newest = checkpoint_paths(out / "checkpoints")[0]
     assert (point.path, point.epoch, point.batch_in_epoch, point.global_step, point.elapsed) == (newest, 1, 4, 4, 1.0)
-    assert point.history == [{"step": s} for s in range(1, 5)] and point.epochs == []
+    assert point.history == [{"step": s} for s in range(1, 5)] and point.epochs == [{"epoch": 1}]
     assert capsys.readouterr().err == f"resumed from {newest} (epoch 2, batch 4, step 4)\n"
     assert torch.equal(run.model.weight, _fake_run(seed=1, init_scale=8.0).model.weight)
     assert runstate.resume(_fake_run(seed=2, init_scale=8.0), out, announce=False).global_step == 4
@@ -315,7 +316,9 @@ def test_resume_warns_once_per_damaged_checkpoint_and_falls_back(tmp_path, capsy
     point = runstate.resume(_fake_run(seed=2, init_scale=8.0), out)
     assert point.path == older and point.global_step == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and err[0].startswith(f"WARNING: skipping damaged checkpoint: {newest}: ") and err[1].startswith(f"resumed from {older}")
+    assert len(err) == 2
+    assert err[0].startswith(f"WARNING: skipping damaged checkpoint: {newest}: ")
+    assert err[1].startswith(f"resumed from {older}")
 
 
 def test_resume_refusals_name_the_checkpoint(tmp_path):
