@@ -17,8 +17,12 @@ These figures make that a measurement instead of a guess:
 
 Training logs them at every history row (:func:`step_diagnostics`) and
 ``metrics.json`` holds the first and last logged values
-(:func:`start_end_summary`); the first row's embedding figures come from
-the forward pass of step 1, i.e. from the initial weights.
+(:func:`start_end_summary`), together with those of the gradient norm (a
+history column of its own): a loss whose gradient is far smaller than
+another's gets far shorter steps from SGD, whose step is the learning rate
+times the gradient, but not from Adam or AdamW, which divide by a running
+gradient scale. The first row's figures come from the forward pass of
+step 1, i.e. from the initial weights.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 DIAGNOSTICS = ("image_cos_mean", "text_cos_mean", "image_std_mean", "text_std_mean", "weight_norm")
+# Summarised as <name>_start / <name>_end in metrics.json: the diagnostics and the gradient norm before clipping.
+SUMMARISED = (*DIAGNOSTICS, "grad_norm")
 # Mean off-diagonal cosine at or above this: the embeddings barely depend on the input.
 COLLAPSED_COS = 0.95
 
@@ -89,9 +95,9 @@ def step_diagnostics(run) -> dict[str, float]:
 
 
 def start_end_summary(history: list[dict]) -> dict[str, float]:
-    """``<name>_start`` / ``<name>_end``: the first and last logged value of each diagnostic."""
+    """``<name>_start`` / ``<name>_end``: the first and last logged value of each diagnostic and the gradient norm."""
     out = {}
-    for name in DIAGNOSTICS:
+    for name in SUMMARISED:
         values = [row[name] for row in history if name in row]
         if values:
             out[f"{name}_start"], out[f"{name}_end"] = float(values[0]), float(values[-1])

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from clipstudy import paths, records
-from clipstudy.diagnostics import COLLAPSED_COS, DIAGNOSTICS
+from clipstudy.diagnostics import COLLAPSED_COS, SUMMARISED, start_end_summary
 
 # The comparison with the published study (rho, the paper's findings) is in clipstudy.findings, built on this module.
 METRICS = list(records.HEADLINE)
@@ -30,7 +30,7 @@ LOSS_NAMES = {"clip": "CLIP", "sogclr": "SogCLR", "cyclip": "CyCLIP", "vicreg": 
 RESULT_COLUMNS = ["optimizer", "base_optimizer", "loss", "seed", "status", "txt_r1", "img_r1", "zeroshot_top1", "average",
                   "txt_r5", "txt_r10", "img_r5", "img_r10", "zeroshot_top5", "diverged_at_step", "global_step",
                   "wall_time_s", "train_samples_per_s", "peak_memory_mb", "skipped_images",
-                  *[f"{name}_{when}" for name in DIAGNOSTICS for when in ("start", "end")], "error", "run_dir"]
+                  *[f"{name}_{when}" for name in SUMMARISED for when in ("start", "end")], "error", "run_dir"]
 TEXT_COLUMNS = ("optimizer", "base_optimizer", "loss", "status", "error", "run_dir")
 # ------------------------------------------------------------------ gathering
 def collect_runs(runs_root: str | Path) -> pd.DataFrame:
@@ -45,6 +45,8 @@ def collect_runs(runs_root: str | Path) -> pd.DataFrame:
             if len(parts) == 3:
                 row["optimizer"], row["loss"], row["seed"] = parts[0], parts[1], int(parts[2].lstrip("s") or 0)
         row["base_optimizer"] = row["base_optimizer"] or row["optimizer"]  # runs from before the field
+        if any(row[f"{name}_start"] is None for name in SUMMARISED):  # a run from before a summarised figure
+            row.update({k: v for k, v in _history_summary(metrics_file.parent).items() if row.get(k) is None})
         rows.append(row)
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     for col in RESULT_COLUMNS:
@@ -52,6 +54,15 @@ def collect_runs(runs_root: str | Path) -> pd.DataFrame:
             df[col] = pd.to_numeric(df[col], errors="coerce")
     df["seed"] = df["seed"].astype("Int64")
     return df.sort_values(["optimizer", "loss", "seed"], key=_order_key).reset_index(drop=True)
+
+
+def _history_summary(run_dir: Path) -> dict[str, float]:
+    """:func:`start_end_summary` of a run's ``history.csv`` (empty cells skipped); {} without one."""
+    path = run_dir / "history.csv"
+    if not path.is_file() or not path.stat().st_size:
+        return {}
+    rows = pd.read_csv(path).to_dict("records")
+    return start_end_summary([{k: v for k, v in row.items() if v == v} for row in rows])
 
 
 def load_logs(df: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -172,10 +183,40 @@ def collapse_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> l
                    f"({avg:.2f} against {top:.2f})")
         else:
             continue
+        gradient = (f", gradient norm {r.grad_norm_start:.2f} -> {r.grad_norm_end:.2f}"
+                    if r.grad_norm_start == r.grad_norm_start else "")
         out.append(f"{_cell_name(r)} {why}: image cosine {r.image_cos_mean_start:.2f} -> {r.image_cos_mean_end:.2f}, "
                    f"text cosine {r.text_cos_mean_start:.2f} -> {r.text_cos_mean_end:.2f}, weight norm "
-                   f"{r.weight_norm_start:.1f} -> {r.weight_norm_end:.1f}.")
+                   f"{r.weight_norm_start:.1f} -> {r.weight_norm_end:.1f}{gradient}.")
+        out += _step_size_conclusion(r, df, table, summary, top)
     return out
+
+
+# Optimizers whose step is the learning rate times the gradient (plus momentum): a loss with a smaller
+# gradient gets proportionally shorter steps. Adam and AdamW divide by a running gradient scale instead.
+GRADIENT_PROPORTIONAL = {"sgd"}
+# A first gradient this many times smaller than the optimizer's best loss's is named as the likely cause.
+GRADIENT_RATIO = 10.0
+
+
+def _step_size_conclusion(r, df: pd.DataFrame, table: pd.DataFrame, summary: pd.DataFrame, top: float) -> list[str]:
+    """For a weak cell of a gradient-proportional optimizer: its first gradient against its optimizer's best loss."""
+    bases = df.drop_duplicates("optimizer").set_index("optimizer")["base_optimizer"]
+    if bases.get(r.optimizer) not in GRADIENT_PROPORTIONAL or not r.grad_norm_start > 0:
+        return []
+    own = summary[summary["optimizer"] == r.optimizer].dropna(subset=["average_mean"])
+    reference = own.loc[own["average_mean"].idxmax()]
+    ref = table[(table["optimizer"] == r.optimizer) & (table["loss"] == reference.loss)].iloc[0]
+    ratio = ref.grad_norm_start / r.grad_norm_start
+    if not ratio >= GRADIENT_RATIO:
+        return []
+    same_start = summary[(summary["loss"] == r.loss) & (summary["average_mean"] == top)].iloc[0]
+    best = table[(table["optimizer"] == same_start.optimizer) & (table["loss"] == r.loss)].iloc[0]
+    return [f"{_cell_name(r)}: its first gradient norm ({r.grad_norm_start:.2f}) is {ratio:.0f}x smaller than "
+            f"{_cell_name(ref)}'s ({ref.grad_norm_start:.2f}). SGD's step is the learning rate times the gradient, "
+            f"so at the learning rate every optimizer shares here its steps are about {ratio:.0f}x shorter; "
+            f"{_cell_name(best)}, whose step is divided by a running gradient scale, reaches {top:.2f} "
+            f"(first gradient norm {best.grad_norm_start:.2f})."]
 
 
 def cost_table(df: pd.DataFrame) -> pd.DataFrame:

@@ -5,7 +5,9 @@ the retrieval and zero-shot metrics, the sweep's cell state) and runs the tests 
 module runs in its own scratch copy of the working tree, so each gets its own test selection: in-process
 tests only (a mutant lives in the test process) and no notebook kernels, which keeps a module to minutes
 on two cores. Prints killed / total per module; ``--module`` picks some, ``--keep`` keeps the copies (to
-inspect survivors with ``mutmut show NAME`` there).
+inspect survivors with ``mutmut show NAME`` there). ``--recheck FOLDER`` takes a kept copy, brings in the
+current tests and runs again only the mutants they had not killed (the mutated code is the same, and a
+test suite that only grew still kills what it killed), then prints the module's score.
 """
 from __future__ import annotations
 
@@ -83,12 +85,36 @@ def summary(module: str, counts: dict) -> str:
             + (f", {unchecked} not checked" if unchecked else "") + f"  {counts}")
 
 
+def recheck(folder: Path, module: str, max_children: int) -> str:
+    """Copy the current tests into a kept copy and rerun its mutants that were not killed."""
+    _, globs, _ = MODULES[module]
+    for where in (folder / "tests", folder / "mutants" / "tests"):
+        shutil.rmtree(where)
+        shutil.copytree(ROOT / "tests", where, ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # new tests: find which reach what
+    before = score(folder, globs)
+    names = sorted(before["survivors"])
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names],
+                   cwd=folder, env=env, capture_output=True, text=True)
+    return f"{summary(module, score(folder, globs)['counts'])}  recheck of {len(names)}: {time.time() - started:.0f}s"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--module", choices=sorted(MODULES), action="append")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copies (paths printed)")
     parser.add_argument("--max-children", type=int, default=2)
+    parser.add_argument("--recheck", type=Path, metavar="FOLDER", help="a kept copy of --module to recheck")
     args = parser.parse_args(argv)
+    if args.recheck:
+        if not args.module or len(args.module) != 1:
+            parser.error("--recheck FOLDER needs the one --module it was made for")
+        print(recheck(args.recheck, args.module[0], args.max_children), flush=True)
+        for name in score(args.recheck, MODULES[args.module[0]][1])["survivors"]:
+            print(f"    {name}", flush=True)
+        return 0
     rows = []
     for module in args.module or MODULES:
         source_files, globs, tests = MODULES[module]

@@ -266,6 +266,39 @@ def test_collapse_figures_flag_collapsed_cells(tmp_path):
     assert sgd.endswith("against AdamW: CLIP -3.37, SogCLR -14.87, CyCLIP -5.38, VICReg -1.59, OnlineCLR -12.44.")
 
 
+def test_a_small_first_gradient_is_named_as_sgds_short_steps(tmp_path):
+    # SGD + SogCLR is weak and starts with a gradient 50x smaller than SGD + CLIP's (its best loss);
+    # AdamW + SogCLR, with the same first gradient, is the loss's best cell. SGD + VICReg is weak too,
+    # but its gradient is only 2x smaller: no step-size line for it.
+    averages = {("adamw", "clip"): 60.0, ("adamw", "sogclr"): 62.0, ("adamw", "vicreg"): 27.0,
+                ("sgd", "clip"): 56.0, ("sgd", "sogclr"): 5.0, ("sgd", "vicreg"): 6.0}
+    first = {"clip": 60.0, "sogclr": 1.2, "vicreg": 30.0}
+    healthy = {"image_cos_mean_start": 0.5, "image_cos_mean_end": 0.4, "text_cos_mean_start": 0.5,
+               "text_cos_mean_end": 0.6, "weight_norm_start": 31.0, "weight_norm_end": 30.0}
+    write_grid_runs(tmp_path, averages, {(opt, loss): healthy for opt, loss in averages})
+    for opt, loss in averages:  # runs from before grad_norm was summarised: history.csv holds it
+        (tmp_path / f"{opt}-{loss}-s0" / "history.csv").write_text(
+            f"step,loss,grad_norm\n1,0.5,{first[loss]}\n2,0.4,\n3,0.3,{first[loss] / 10}\n")
+    df = report.collect_runs(tmp_path)
+    sgd_sogclr = df[(df["optimizer"] == "sgd") & (df["loss"] == "sogclr")].iloc[0]
+    assert (sgd_sogclr.grad_norm_start, sgd_sogclr.grad_norm_end) == (1.2, 0.12)
+    lines = report.collapse_conclusions(df, chance_avg=0.5)
+    assert ("SGD + SogCLR reaches less than half the best Average for SogCLR (5.00 against 62.00): image cosine "
+            "0.50 -> 0.40, text cosine 0.50 -> 0.60, weight norm 31.0 -> 30.0, gradient norm 1.20 -> 0.12.") in lines
+    assert ("SGD + SogCLR: its first gradient norm (1.20) is 50x smaller than SGD + CLIP's (60.00). SGD's step is "
+            "the learning rate times the gradient, so at the learning rate every optimizer shares here its steps "
+            "are about 50x shorter; AdamW + SogCLR, whose step is divided by a running gradient scale, reaches "
+            "62.00 (first gradient norm 1.20).") in lines
+    assert not any(line.startswith("SGD + VICReg:") for line in lines)
+    assert any(line.startswith("SGD + VICReg reaches less than half") for line in lines)
+    # a recorded figure wins over the history
+    record = json.loads((tmp_path / "sgd-sogclr-s0" / "metrics.json").read_text())
+    record.update(grad_norm_start=2.0, grad_norm_end=1.0)
+    (tmp_path / "sgd-sogclr-s0" / "metrics.json").write_text(json.dumps(record))
+    df = report.collect_runs(tmp_path)
+    assert df[(df["optimizer"] == "sgd") & (df["loss"] == "sogclr")].iloc[0].grad_norm_start == 2.0
+
+
 def test_chance_levels_come_from_the_data_of_real_runs(demo_data_dir, tmp_path):
     """chance_levels_for reads a real run's config.json, finds its evaluation sets and gives the chance levels
     the data generator computed independently (and 100 / n by hand)."""
