@@ -144,3 +144,63 @@ def test_atomic_writes_keep_plain_file_permissions_and_json_of_paths_and_scalars
     with pytest.raises(TypeError, match="not JSON serialisable: object"):
         write_json(tmp_path / "b.json", {"x": object()})
     assert not (tmp_path / "b.json").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_failed_atomic_write_names_the_file_its_size_and_why(tmp_path):
+    import errno
+
+    from clipstudy.checkpoint import atomic_write_bytes
+    from clipstudy.errors import WriteFailure
+
+    (tmp_path / "old.txt").write_text("kept")
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file where a folder should be")
+    target = blocker / "out.json"
+    with pytest.raises(WriteFailure) as caught:
+        atomic_write_bytes(target, b"12345")
+    assert str(caught.value) == (f"cannot write {target} (5 bytes): File exists. Free disk space or make {blocker} "
+                                 "writable, then rerun the same command; the file keeps its previous content")
+    assert (caught.value.path, caught.value.size, caught.value.errno) == (target, 5, errno.EEXIST)
+    with pytest.raises(CheckpointWriteError) as caught:
+        save_checkpoint(blocker, 7, state(7))
+    import io
+
+    serialised = io.BytesIO()
+    torch.save(state(7), serialised)
+    assert (caught.value.path, caught.value.size, caught.value.errno) == (
+        blocker / "ckpt-00000007.pt", len(serialised.getvalue()), errno.EEXIST)
+
+
+def test_atomic_writes_make_missing_folders_and_stage_where_the_cleaner_looks(tmp_path, monkeypatch):
+    from clipstudy.checkpoint import atomic_write_bytes
+
+    staged = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        staged.append(os.path.basename(src))
+        assert os.path.dirname(src) == os.path.dirname(dst)  # same folder: the rename is atomic
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    target = tmp_path / "a" / "b" / "results.json"
+    atomic_write_bytes(target, b"{}")
+    assert target.read_bytes() == b"{}"
+    # a writer killed before the rename leaves exactly what remove_stale_temporaries deletes
+    assert len(staged) == 1 and staged[0].startswith(".results.json.") and staged[0].endswith(".tmp")
+
+
+def test_umask_falls_back_to_the_usual_022_without_proc(monkeypatch):
+    from pathlib import Path
+
+    from clipstudy import checkpoint
+
+    current = os.umask(0o027)
+    os.umask(current)
+    assert checkpoint._umask() == current
+
+    def no_proc(self, *args, **kwargs):
+        raise OSError("no /proc")
+
+    monkeypatch.setattr(Path, "read_text", no_proc)
+    assert checkpoint._umask() == 0o022
