@@ -673,3 +673,58 @@ def test_isogclr_logs_the_mean_temperature_of_the_last_batch_after_its_update():
     assert logged["isogclr_tau_text"] == pytest.approx(float(loss.tau_text[index].mean()))
     # the batch moved (rho = 8 lowers every temperature); samples outside it kept 0.02
     assert logged["isogclr_tau_image"] < 0.02 and float(loss.tau_image[:B].mean()) == pytest.approx(0.02)
+
+
+# ------------------------------------------------------ constructors: documented defaults, named refusals
+
+
+def test_each_loss_class_has_its_documented_defaults():
+    from clipstudy.losses import LOSSES
+
+    expected = {  # the Args sections of the docstrings (and docs): temperature 0.01 everywhere
+        "cyclip": {"lambda_inmodal": 0.25, "lambda_crossmodal": 0.25},
+        "vicreg": {"sim_coeff": 25.0, "std_coeff": 25.0, "cov_coeff": 1.0},
+        "sogclr": {"gamma": 0.8, "estimator": "exact"},
+        "isogclr": {"gamma": 0.8, "rho": 8.0, "tau_min": 0.005, "tau_max": 0.05, "tau_lr": 1e-5, "tau_beta": 0.5,
+                    "tau_grad_clip": 5.0},
+        "onlineclr": {"gamma": 0.5, "pos_temperature": 0.1},
+    }
+    for name, fields in expected.items():
+        loss = LOSSES[name](num_samples=4)
+        assert loss.temperature == 0.01, name
+        assert {k: getattr(loss, k) for k in fields} == fields, name
+    isogclr = LOSSES["isogclr"](num_samples=4)
+    assert isogclr.tau_image.tolist() == pytest.approx([0.01] * 4) == isogclr.tau_text.tolist()
+
+
+@pytest.mark.parametrize("name, param, value, requirement", [
+    ("cyclip", "lambda_inmodal", -0.5, "must be a finite number >= 0"),
+    ("cyclip", "lambda_crossmodal", -0.5, "must be a finite number >= 0"),
+    ("vicreg", "sim_coeff", -1.0, "must be a finite number >= 0"),
+    ("vicreg", "std_coeff", -1.0, "must be a finite number >= 0"),
+    ("vicreg", "cov_coeff", float("inf"), "must be a finite number >= 0"),
+    ("sogclr", "gamma", 0.0, "must be in (0, 1]"),
+    ("sogclr", "estimator", "approx", "choose one of ('exact', 'original')"),
+    ("isogclr", "rho", -1.0, "must be a finite number >= 0"),
+    ("isogclr", "tau_min", 0.0, "must be a finite number > 0"),
+    ("isogclr", "tau_max", -0.1, "must be a finite number > 0"),
+    ("isogclr", "tau_lr", -1e-5, "must be a finite number >= 0"),
+    ("isogclr", "tau_beta", 1.5, "must be in (0, 1]"),
+    ("isogclr", "tau_grad_clip", 0, "must be a finite number > 0"),
+    ("isogclr", "tau_max", 0.004, "must be >= tau_min=0.005"),
+    ("isogclr", "temperature", 0.06, "the initial temperature must lie in [tau_min, tau_max] = [0.005, 0.05]"),
+    ("onlineclr", "gamma", True, "must be in (0, 1]"),
+    ("onlineclr", "pos_temperature_scale", 0.0, "must be a finite number > 0"),
+    ("siglip", "init_logit_bias", float("nan"), "must be a finite number"),
+])
+def test_a_bad_parameter_is_refused_naming_it_its_value_and_the_rule(name, param, value, requirement):
+    with pytest.raises(ValueError) as raised:
+        make_loss(name, num_samples=4, **{param: value})
+    assert str(raised.value) == f"loss parameter {param!r}={value!r}: {requirement}"
+
+
+def test_isogclr_accepts_a_fixed_temperature_at_both_bounds():
+    # tau_min == tau_max == temperature: a legal (fixed) temperature, the updates are clamped to it
+    loss = make_loss("isogclr", temperature=0.02, num_samples=B, tau_min=0.02, tau_max=0.02, tau_lr=1e-3)
+    loss(*batch(6, dtype=torch.float32), torch.arange(B))
+    assert loss.tau_image.tolist() == pytest.approx([0.02] * B) and loss.tau_text.tolist() == pytest.approx([0.02] * B)
