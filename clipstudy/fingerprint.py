@@ -20,6 +20,7 @@ fingerprints, e.g. ``lr 0.002 -> 0.05``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +36,22 @@ MISSING = "missing"
 
 # (path, size, mtime_ns) -> digest: a sweep fingerprints every cell over the same files.
 _file_digests: dict[tuple, str] = {}
+# (root, contents) -> digest, only inside listings_cached(): a folder's listing has no cheap change stamp
+# (a file added in a class folder leaves the root's mtime alone), so it is cached for one pass only.
+_listings: dict[tuple, str] | None = None
+
+
+@contextlib.contextmanager
+def listings_cached():
+    """Within the block each folder is listed once: a sweep's pass over its cells (plan, dry run, status)
+    fingerprints every cell over the same zero-shot folder, which can hold 50 000 images."""
+    global _listings
+    outer = _listings
+    _listings = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _listings = outer
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -60,6 +77,9 @@ def folder_digest(root: str | os.PathLike, *, contents: bool = False) -> str:
     would take minutes); a small folder such as a tokenizer by its contents.
     """
     root = Path(root)
+    key = (os.fspath(root), contents)
+    if _listings is not None and key in _listings:
+        return _listings[key]
     if not root.is_dir():
         return MISSING
     digest = hashlib.sha256()
@@ -68,6 +88,8 @@ def folder_digest(root: str | os.PathLike, *, contents: bool = False) -> str:
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
         if contents:
             digest.update(file_digest(path).encode())
+    if _listings is not None:
+        _listings[key] = digest.hexdigest()
     return digest.hexdigest()
 
 

@@ -28,7 +28,7 @@ from clipstudy import executors, paths, records
 from clipstudy.checkpoint import SWEEP_LOCK_NAME, CellBusy, cell_lock, checkpoint_paths, is_locked
 from clipstudy.config import (FIELDS, PROFILES, ConfigError, RunConfig, cell_name, fields_epilog, make_config,
                               profile_named_in)
-from clipstudy.fingerprint import describe_change, fingerprint
+from clipstudy.fingerprint import describe_change, fingerprint, listings_cached
 
 STALE_FOLDER = "stale"  # <runs>/stale/<cell>-<time>: archived stale runs (the report reads <runs>/*/ only)
 
@@ -308,8 +308,9 @@ def unfinished_cells(cells: list[Cell], rerun_stale: bool = False) -> tuple[dict
     (:func:`archive_stale`) and the cell runs afresh.
     """
     results, todo = {}, []
-    for cell in cells:
-        state, detail = cell_state(cell.out, cell.config)
+    with listings_cached():
+        states = [cell_state(cell.out, cell.config) for cell in cells]
+    for cell, (state, detail) in zip(cells, states):
         if state in ("done", "diverged"):
             print(f"{cell.name:<28} skipped ({state}{': ' + detail if detail else ''})", flush=True)
             results[cell.name] = records.read_metrics(cell.out)
@@ -397,12 +398,14 @@ def main(argv: list[str]) -> int:
     cells = plan_from_args(args)
     resources = executors.resources_from_args(args)
     if args.status:
-        executors.print_status(cells)
+        with listings_cached():
+            executors.print_status(cells)
         return 0
     if args.dry_run:
-        for cell in cells:
-            state, detail = cell_state(cell.out, cell.config)
-            print(f"{cell.name:<28} {state}{f' ({detail})' if detail else ''}")
+        with listings_cached():
+            for cell in cells:
+                state, detail = cell_state(cell.out, cell.config)
+                print(f"{cell.name:<28} {state}{f' ({detail})' if detail else ''}")
         print(f"{len(cells)} cells in {cells[0].out.parent if cells else '-'}")
         return 0
     check_sweep_inputs(cells)

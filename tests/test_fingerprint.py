@@ -65,6 +65,37 @@ def test_fingerprint_holds_what_changes_results_and_nothing_else(demo_data_dir, 
                                                                     "loss_params.gamma none -> 0.5"]
 
 
+def test_a_sweep_pass_lists_the_zero_shot_folder_once_and_later_passes_see_changes(demo_data_dir, tmp_path,
+                                                                                    monkeypatch, capsys):
+    from clipstudy import fingerprint as fp
+
+    walked = []
+    real_walk = os.walk
+
+    def counting_walk(root, *args, **kwargs):
+        walked.append(Path(root).name)
+        return real_walk(root, *args, **kwargs)
+
+    for cell in ("adamw-clip-s0", "adamw-sogclr-s0", "sgd-clip-s0", "sgd-sogclr-s0"):  # finished runs to check
+        records.write_metrics(tmp_path / "runs" / cell, {"status": "completed", "average": 1.0})
+        (tmp_path / "runs" / cell / "config.json").write_text(json.dumps({"fingerprint": {"digest": "old"}}))
+    monkeypatch.setattr(os, "walk", counting_walk)
+    args = ["--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(tmp_path / "runs"),
+            "--optimizers", "adamw,sgd", "--losses", "clip,sogclr", "--dry-run"]
+    assert sweep_main(args) == 0
+    assert capsys.readouterr().out.count(" stale (") == 4
+    assert walked.count("zeroshot") == 1 and walked.count("tokenizer") == 1  # once for 4 cells
+    # outside a pass nothing is cached: a folder changed between passes is seen
+    config = make_config("smoke", data=str(demo_data_dir), out=str(tmp_path / "x"))
+    before = fp.fingerprint(config)["data"]["zeroshot_listing"]
+    zeroshot = Path(config.resolved_paths()["zeroshot_images"])
+    (next(p for p in zeroshot.iterdir() if p.is_dir()) / "extra.png").write_bytes(b"x")
+    try:
+        assert fp.fingerprint(config)["data"]["zeroshot_listing"] != before
+    finally:
+        next(zeroshot.glob("*/extra.png")).unlink()
+
+
 def test_fingerprint_sees_regenerated_data_under_the_same_path(demo_data_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(demo_data_dir, data)
