@@ -141,6 +141,12 @@ def test_atomic_writes_keep_plain_file_permissions_and_json_of_paths_and_scalars
     written = tmp_path / "sub" / "a.json"
     assert written.read_text() == '{\n  "path": "/x/y",\n  "n": 3,\n  "f": 1.5\n}\n'
     assert written.stat().st_mode & 0o777 == 0o640
+    umask = os.umask(0o022)  # the usual umask: rw for the owner, r for the others (no execute bit for anyone)
+    try:
+        write_json(tmp_path / "sub" / "c.json", {})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "sub" / "c.json").stat().st_mode & 0o777 == 0o644
     with pytest.raises(TypeError, match="not JSON serialisable: object"):
         write_json(tmp_path / "b.json", {"x": object()})
     assert not (tmp_path / "b.json").exists() and not list(tmp_path.glob(".*.tmp"))
