@@ -13,7 +13,8 @@ from clipstudy.config import ConfigError, make_config
 from clipstudy.__main__ import main as clipstudy_main
 from clipstudy.checkpoint import SWEEP_LOCK_NAME, cell_lock
 from clipstudy.fingerprint import fingerprint
-from clipstudy.sweep import cell_state, main as sweep_main, plan_cells, run_cell, run_sweep, summary_line
+from clipstudy.sweep import (cell_state, main as sweep_main, plan_cells, record_state, run_cell, run_sweep,
+                             summary_line)
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"  # not the working directory's
 
@@ -91,6 +92,27 @@ def test_dry_run_lists_each_cells_state_and_runs_nothing(tmp_path, capsys, demo_
     assert out[-1] == f"14 cells in {runs.resolve()}"
     assert sorted(p.relative_to(runs) for p in runs.rglob("*") if p.name not in (".lock", SWEEP_LOCK_NAME)) == before
     assert clipstudy_main(["sweep", "--profile", "smoke", "--losses", "bogus", "--dry-run"]) == 2
+
+
+def test_record_state_tells_stale_and_cut_runs_apart_and_needs_a_config_for_either(tmp_path, demo_data_dir):
+    asked = make_config("smoke", data=str(demo_data_dir), out=str(tmp_path / "x"), lr=2e-3)
+    cut = {"average": 5.0, "truncated": True, "steps_completed": 4, "steps_total": 10}
+    write_cell_record(tmp_path / "cut", "completed", config=asked, **cut)
+    assert record_state(tmp_path / "cut", asked) == ("partial", "stopped at step 4 of 10; continues")
+    assert record_state(tmp_path / "cut", make_config("smoke", data=str(demo_data_dir), out=str(tmp_path / "x"),
+                                                      lr=2e-3, max_steps=4)) == ("done",
+                                                                                  "average 5.00, stopped at step 4 of 10")
+    assert record_state(tmp_path / "cut") == ("done", "average 5.00, stopped at step 4 of 10")  # no config: as recorded
+    other = make_config("smoke", data=str(demo_data_dir), out=str(tmp_path / "x"), lr=5e-2)
+    write_cell_record(tmp_path / "finished", "completed", config=other, average=7.0)
+    assert record_state(tmp_path / "finished", asked) == ("stale", "lr 0.05 -> 0.002")
+    assert record_state(tmp_path / "finished") == ("done", "average 7.00")
+    write_cell_record(tmp_path / "started", checkpoint=3, config=other)  # checkpoints, no result yet
+    assert record_state(tmp_path / "started", asked) == ("stale", "lr 0.05 -> 0.002")
+    assert record_state(tmp_path / "started") == ("partial", "resumes from ckpt-00000003.pt")
+    write_cell_record(tmp_path / "broken", "failed", config=other, error="E")  # a failure is not compared
+    assert record_state(tmp_path / "broken", asked) == ("failed", "E")
+    assert record_state(tmp_path / "absent", asked) == ("pending", "")
 
 
 def test_a_cell_locked_by_another_sweep_is_skipped_not_trained(tmp_path, capsys, demo_data_dir):
