@@ -283,30 +283,37 @@ def _data_digest(config) -> str:
     return json.loads(manifest.read_text())["digest"]
 
 
-def _valid(folder: Path) -> dict | None:
-    """The metadata of a complete cache entry in ``folder`` (towers.pt matches its digest), else None."""
+def _valid(folder: Path) -> tuple[dict, bytes] | None:
+    """The metadata and towers.pt bytes of a complete cache entry in ``folder`` (the bytes match the
+    metadata's digest), else None."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
         data = (folder / "towers.pt").read_bytes()
     except (OSError, ValueError):
         return None
-    return meta if hashlib.sha256(data).hexdigest() == meta.get("sha256") else None
+    return (meta, data) if hashlib.sha256(data).hexdigest() == meta.get("sha256") else None
 
 
 def ensure_pretrained(config, progress: bool = True) -> tuple[Path, dict]:
     """The cached towers for ``config`` (built now if missing); returns (towers.pt path, metadata)."""
+    path, meta, _ = _cached_towers(config, progress)
+    return path, meta
+
+
+def _cached_towers(config, progress: bool) -> tuple[Path, dict, bytes]:
+    """(towers.pt path, metadata, its verified bytes): one read serves the digest check and the load."""
     from clipstudy.checkpoint import atomic_write_bytes, cell_lock, write_json
 
     settings = settings_from(config)
     key = cache_key(config, settings, _data_digest(config))
     folder = Path(config.data) / "pretrained" / key
-    meta = _valid(folder)
-    if meta is not None:
-        return folder / "towers.pt", meta
+    entry = _valid(folder)
+    if entry is not None:
+        return (folder / "towers.pt", *entry)
     folder.mkdir(parents=True, exist_ok=True)
     with cell_lock(folder, wait=True):  # concurrent runs wait here for the one that builds
-        meta = _valid(folder)
-        if meta is None:
+        entry = _valid(folder)
+        if entry is None:
             state, meta = build_towers(config, settings, progress)
             buffer = io.BytesIO()
             torch.save(state, buffer)
@@ -314,7 +321,8 @@ def ensure_pretrained(config, progress: bool = True) -> tuple[Path, dict]:
             meta["key"] = key
             atomic_write_bytes(folder / "towers.pt", buffer.getvalue())
             write_json(folder / "meta.json", meta)  # last: with a matching digest it marks the entry complete
-    return folder / "towers.pt", meta
+            entry = (meta, buffer.getvalue())
+    return (folder / "towers.pt", *entry)
 
 
 def build_towers(config, settings: PretrainSettings, progress: bool = True) -> tuple[dict, dict]:
@@ -367,8 +375,8 @@ def load_pretrained_towers(model, config, progress: bool = True) -> dict | None:
     image, text = uses_pretrained_towers(config)
     if not (image or text):
         return None
-    path, meta = ensure_pretrained(config, progress)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    _, meta, data = _cached_towers(config, progress)
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if image:
         model.image_tower.load_state_dict(state["image_tower"])
     if text:

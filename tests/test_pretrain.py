@@ -159,3 +159,30 @@ def test_a_pretrained_run_logs_collapse_diagnostics(data_dir, tmp_path):
         assert metrics[f"{name}_start"] == pytest.approx(history[name].iloc[0])
         assert metrics[f"{name}_end"] == pytest.approx(history[name].iloc[-1])
     assert ((history["text_cos_mean"] > -1) & (history["text_cos_mean"] < 1)).all()
+
+
+
+def test_loading_the_towers_reads_the_file_once(data_dir, monkeypatch):
+    # the digest check and the load use the same bytes: no second read, nothing can change in between
+    from pathlib import Path
+
+    from clipstudy.train import build_model_for
+
+    config = smoke(data_dir)
+    pretrain.ensure_pretrained(config, progress=False)
+    reads = []
+    real_read_bytes, real_load = Path.read_bytes, torch.load
+
+    def counting_read_bytes(self):
+        reads.append(self.name)
+        return real_read_bytes(self)
+
+    def load_from_memory_only(source, **kwargs):
+        assert not isinstance(source, (str, Path)), f"torch.load read {source} again"
+        return real_load(source, **kwargs)
+
+    monkeypatch.setattr(Path, "read_bytes", counting_read_bytes)
+    monkeypatch.setattr(torch, "load", load_from_memory_only)
+    model, _ = build_model_for(config)
+    assert pretrain.load_pretrained_towers(model, config, progress=False) is not None
+    assert reads.count("towers.pt") == 1
