@@ -728,3 +728,33 @@ def test_isogclr_accepts_a_fixed_temperature_at_both_bounds():
     loss = make_loss("isogclr", temperature=0.02, num_samples=B, tau_min=0.02, tau_max=0.02, tau_lr=1e-3)
     loss(*batch(6, dtype=torch.float32), torch.arange(B))
     assert loss.tau_image.tolist() == pytest.approx([0.02] * B) and loss.tau_text.tolist() == pytest.approx([0.02] * B)
+
+
+def test_every_registered_loss_knows_its_name():
+    for name in available_losses():
+        assert LOSSES[name].name == name and make_loss(name, num_samples=4).name == name
+
+
+@pytest.mark.parametrize("name", ["sogclr", "isogclr", "onlineclr", "vicreg", "clip", "siglip"])
+def test_the_smallest_batch_a_loss_accepts_and_the_refusal_below_it(name):
+    loss = make_loss(name, num_samples=4)
+    smallest = loss.min_batch
+    img, txt = batch(7, n=smallest, dtype=torch.float32)
+    assert torch.isfinite(loss(img, txt, torch.arange(smallest)))
+    if smallest > 1:
+        with pytest.raises(ValueError) as raised:
+            loss(img[:smallest - 1], txt[:smallest - 1], torch.arange(smallest - 1))
+        assert str(raised.value) == (f"loss {name!r} needs a (global) batch of at least {smallest} pairs, "
+                                     f"got {smallest - 1}")
+
+
+def test_embeddings_and_indices_are_checked_naming_what_is_wrong():
+    loss = make_loss("sogclr", num_samples=5)
+    img, txt = batch(8, n=3, dtype=torch.float32)
+    with pytest.raises(TypeError) as raised:
+        loss(img, txt.long(), torch.arange(3))
+    assert str(raised.value) == "loss 'sogclr': embeddings must be floating point, got torch.float32 and torch.int64"
+    with pytest.raises(ValueError) as raised:
+        loss(img, txt, torch.tensor([0, 1, 5]))
+    assert str(raised.value) == ("loss 'sogclr': dataset indices must be in [0, num_samples=5), got values in "
+                                 "[0, 5]; build the loss with num_samples=len(training set)")
