@@ -758,3 +758,13 @@ def test_embeddings_and_indices_are_checked_naming_what_is_wrong():
         loss(img, txt, torch.tensor([0, 1, 5]))
     assert str(raised.value) == ("loss 'sogclr': dataset indices must be in [0, num_samples=5), got values in "
                                  "[0, 5]; build the loss with num_samples=len(training set)")
+
+
+def test_unknown_parameters_are_listed_with_the_ones_the_loss_has():
+    with pytest.raises(ValueError) as raised:
+        make_loss("onlineclr", gama=0.5, tau=2)
+    assert str(raised.value) == ("loss 'onlineclr' has no parameter 'gama', 'tau'; its parameters are "
+                                 "['gamma', 'pos_temperature_scale']")
+    with pytest.raises(ValueError) as raised:
+        make_loss("clip", gamma=0.5)
+    assert str(raised.value) == "loss 'clip' has no parameter 'gamma'; its parameters are none besides temperature"
