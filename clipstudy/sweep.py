@@ -80,7 +80,7 @@ def record_state(out: Path, config: RunConfig | None = None) -> tuple[str, str]:
         status = m.get("status")
         note = records.progress_note(m)
         if status == records.COMPLETED and config is not None and not records.is_complete_for(m, config.max_steps):
-            return "partial", f"{note}; continues" if note else "continues"
+            return "partial", f"{note}; continues"  # not complete for config: cut, so note is never empty
         if status == records.COMPLETED:
             score = f"average {m['average']:.2f}" if isinstance(m.get("average"), (int, float)) else "completed"
             return "done", f"{score}, {note}" if note else score

@@ -110,6 +110,8 @@ def test_record_state_tells_stale_and_cut_runs_apart_and_needs_a_config_for_eith
     write_cell_record(tmp_path / "started", checkpoint=3, config=other)  # checkpoints, no result yet
     assert record_state(tmp_path / "started", asked) == ("stale", "lr 0.05 -> 0.002")
     assert record_state(tmp_path / "started") == ("partial", "resumes from ckpt-00000003.pt")
+    assert cell_state(tmp_path / "finished", asked) == ("stale", "lr 0.05 -> 0.002")  # the sweep's entry point
+    assert cell_state(tmp_path / "started") == ("partial", "resumes from ckpt-00000003.pt")
     write_cell_record(tmp_path / "broken", "failed", config=other, error="E")  # a failure is not compared
     assert record_state(tmp_path / "broken", asked) == ("failed", "E")
     assert record_state(tmp_path / "absent", asked) == ("pending", "")
