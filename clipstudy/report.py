@@ -30,7 +30,8 @@ LOSS_NAMES = {"clip": "CLIP", "sogclr": "SogCLR", "cyclip": "CyCLIP", "vicreg": 
 RESULT_COLUMNS = ["optimizer", "base_optimizer", "loss", "seed", "status", "txt_r1", "img_r1", "zeroshot_top1", "average",
                   "txt_r5", "txt_r10", "img_r5", "img_r10", "zeroshot_top5", "diverged_at_step", "global_step",
                   "wall_time_s", "train_samples_per_s", "peak_memory_mb", "skipped_images",
-                  *[f"{name}_{when}" for name in SUMMARISED for when in ("start", "end")], "error", "run_dir"]
+                  *[f"{name}_{when}" for name in SUMMARISED for when in ("start", "end")], "lr", "grad_clip", "error",
+                  "run_dir"]
 TEXT_COLUMNS = ("optimizer", "base_optimizer", "loss", "status", "error", "run_dir")
 # ------------------------------------------------------------------ gathering
 def collect_runs(runs_root: str | Path) -> pd.DataFrame:
@@ -45,6 +46,8 @@ def collect_runs(runs_root: str | Path) -> pd.DataFrame:
             if len(parts) == 3:
                 row["optimizer"], row["loss"], row["seed"] = parts[0], parts[1], int(parts[2].lstrip("s") or 0)
         row["base_optimizer"] = row["base_optimizer"] or row["optimizer"]  # runs from before the field
+        settings = (records.read_run_config(metrics_file.parent) or {}).get("config") or {}
+        row["lr"], row["grad_clip"] = settings.get("lr"), settings.get("grad_clip")  # what the step size needs
         if any(row[f"{name}_start"] is None for name in SUMMARISED):  # a run from before a summarised figure
             row.update({k: v for k, v in _history_summary(metrics_file.parent).items() if row.get(k) is None})
         rows.append(row)
@@ -188,7 +191,7 @@ def collapse_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> l
         out.append(f"{_cell_name(r)} {why}: image cosine {r.image_cos_mean_start:.2f} -> {r.image_cos_mean_end:.2f}, "
                    f"text cosine {r.text_cos_mean_start:.2f} -> {r.text_cos_mean_end:.2f}, weight norm "
                    f"{r.weight_norm_start:.1f} -> {r.weight_norm_end:.1f}{gradient}.")
-        out += _step_size_conclusion(r, df, table, summary, top)
+        out += _step_size_conclusion(r, df, table, summary)
     return out
 
 
@@ -199,24 +202,45 @@ GRADIENT_PROPORTIONAL = {"sgd"}
 GRADIENT_RATIO = 10.0
 
 
-def _step_size_conclusion(r, df: pd.DataFrame, table: pd.DataFrame, summary: pd.DataFrame, top: float) -> list[str]:
-    """For a weak cell of a gradient-proportional optimizer: its first gradient against its optimizer's best loss."""
-    bases = df.drop_duplicates("optimizer").set_index("optimizer")["base_optimizer"]
+def _cell_setting(df: pd.DataFrame, optimizer: str, loss: str, field: str) -> float:
+    """A configuration value all completed seeds of a cell share; NaN if unknown or if they differ."""
+    values = df[(df["optimizer"] == optimizer) & (df["loss"] == loss) & (df["status"] == "completed")][field]
+    return float(values.iloc[0]) if len(values) and values.nunique(dropna=False) == 1 else float("nan")
+
+
+def _step_size_conclusion(r, df: pd.DataFrame, table: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
+    """For a weak cell of a gradient-proportional optimizer: its first gradient against its optimizer's best
+    loss's, said only when both ran at one learning rate without gradient clipping."""
+    bases = df.dropna(subset=["base_optimizer"]).groupby("optimizer")["base_optimizer"].first()
     if bases.get(r.optimizer) not in GRADIENT_PROPORTIONAL or not r.grad_norm_start > 0:
         return []
     own = summary[summary["optimizer"] == r.optimizer].dropna(subset=["average_mean"])
     reference = own.loc[own["average_mean"].idxmax()]
     ref = table[(table["optimizer"] == r.optimizer) & (table["loss"] == reference.loss)].iloc[0]
+    lr = _cell_setting(df, r.optimizer, r.loss, "lr")
+    same_setting = (lr == _cell_setting(df, r.optimizer, ref.loss, "lr")
+                    and _cell_setting(df, r.optimizer, r.loss, "grad_clip") == 0
+                    and _cell_setting(df, r.optimizer, ref.loss, "grad_clip") == 0)
     ratio = ref.grad_norm_start / r.grad_norm_start
-    if not ratio >= GRADIENT_RATIO:
+    if not (same_setting and ratio >= GRADIENT_RATIO):
         return []
-    same_start = summary[(summary["loss"] == r.loss) & (summary["average_mean"] == top)].iloc[0]
-    best = table[(table["optimizer"] == same_start.optimizer) & (table["loss"] == r.loss)].iloc[0]
-    return [f"{_cell_name(r)}: its first gradient norm ({r.grad_norm_start:.2f}) is {ratio:.0f}x smaller than "
+    line = (f"{_cell_name(r)}: its first gradient norm ({r.grad_norm_start:.2f}) is {ratio:.0f}x smaller than "
             f"{_cell_name(ref)}'s ({ref.grad_norm_start:.2f}). SGD's step is the learning rate times the gradient, "
-            f"so at the learning rate every optimizer shares here its steps are about {ratio:.0f}x shorter; "
-            f"{_cell_name(best)}, whose step is divided by a running gradient scale, reaches {top:.2f} "
-            f"(first gradient norm {best.grad_norm_start:.2f})."]
+            f"so at the same learning rate ({lr:g}, no gradient clipping) its first steps are about {ratio:.0f}x "
+            "shorter")
+    # the loss's best cell among optimizers that divide by a gradient scale, same initialisation, same rate
+    scratch = str(r.optimizer).endswith("-scratch")
+    others = summary[(summary["loss"] == r.loss) & summary["average_mean"].notna()
+                     & (summary["optimizer"].astype(str).str.endswith("-scratch") == scratch)
+                     & ~summary["optimizer"].map(bases).isin(GRADIENT_PROPORTIONAL)]
+    others = others[[_cell_setting(df, o, r.loss, "lr") == lr for o in others["optimizer"]]]
+    if len(others):
+        best = others.loc[others["average_mean"].idxmax()]
+        first = table[(table["optimizer"] == best.optimizer) & (table["loss"] == r.loss)].iloc[0].grad_norm_start
+        line += (f"; {_cell_name(best)}, whose step is divided by a running gradient scale, reaches "
+                 f"{best.average_mean:.2f} at that rate"
+                 + (f" (first gradient norm {first:.2f})" if first == first else ""))
+    return [line + "."]
 
 
 def cost_table(df: pd.DataFrame) -> pd.DataFrame:

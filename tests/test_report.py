@@ -266,30 +266,47 @@ def test_collapse_figures_flag_collapsed_cells(tmp_path):
     assert sgd.endswith("against AdamW: CLIP -3.37, SogCLR -14.87, CyCLIP -5.38, VICReg -1.59, OnlineCLR -12.44.")
 
 
+def write_step_size_runs(root: Path, averages: dict, first: dict, *, lr=None, grad_clip=None, base=None):
+    """Completed runs with healthy embeddings, a history.csv whose gradient norm starts at first[loss] and
+    ends ten times lower (no summary in metrics.json, as in runs from before it), and config.json's lr."""
+    healthy = {"image_cos_mean_start": 0.5, "image_cos_mean_end": 0.4, "text_cos_mean_start": 0.5,
+               "text_cos_mean_end": 0.6, "weight_norm_start": 31.0, "weight_norm_end": 30.0}
+    write_grid_runs(root, averages, {key: {**healthy, "base_optimizer": (base or {}).get(key[0], key[0])}
+                                     for key in averages})
+    for opt, loss in averages:
+        run = root / f"{opt}-{loss}-s0"
+        run.joinpath("history.csv").write_text(f"step,loss,grad_norm\n1,0.5,{first[loss]}\n2,0.4,\n"
+                                               f"3,0.3,{first[loss] / 10}\n")
+        config = {"lr": (lr or {}).get((opt, loss), 1e-3), "grad_clip": (grad_clip or {}).get((opt, loss), 0.0)}
+        run.joinpath("config.json").write_text(json.dumps({"config": config}))
+
+
+STEP_GRID = {("adamw", "clip"): 60.0, ("adamw", "sogclr"): 62.0, ("adamw", "vicreg"): 27.0,
+             ("sgd", "clip"): 56.0, ("sgd", "sogclr"): 5.0, ("sgd", "vicreg"): 6.0}
+FIRST = {"clip": 60.0, "sogclr": 1.2, "vicreg": 30.0}
+
+
+def step_lines(root: Path) -> list[str]:
+    return [line for line in report.collapse_conclusions(report.collect_runs(root), chance_avg=0.5)
+            if ": its first gradient norm" in line]
+
+
 def test_a_small_first_gradient_is_named_as_sgds_short_steps(tmp_path):
     # SGD + SogCLR is weak and starts with a gradient 50x smaller than SGD + CLIP's (its best loss);
     # AdamW + SogCLR, with the same first gradient, is the loss's best cell. SGD + VICReg is weak too,
     # but its gradient is only 2x smaller: no step-size line for it.
-    averages = {("adamw", "clip"): 60.0, ("adamw", "sogclr"): 62.0, ("adamw", "vicreg"): 27.0,
-                ("sgd", "clip"): 56.0, ("sgd", "sogclr"): 5.0, ("sgd", "vicreg"): 6.0}
-    first = {"clip": 60.0, "sogclr": 1.2, "vicreg": 30.0}
-    healthy = {"image_cos_mean_start": 0.5, "image_cos_mean_end": 0.4, "text_cos_mean_start": 0.5,
-               "text_cos_mean_end": 0.6, "weight_norm_start": 31.0, "weight_norm_end": 30.0}
-    write_grid_runs(tmp_path, averages, {(opt, loss): healthy for opt, loss in averages})
-    for opt, loss in averages:  # runs from before grad_norm was summarised: history.csv holds it
-        (tmp_path / f"{opt}-{loss}-s0" / "history.csv").write_text(
-            f"step,loss,grad_norm\n1,0.5,{first[loss]}\n2,0.4,\n3,0.3,{first[loss] / 10}\n")
+    write_step_size_runs(tmp_path, STEP_GRID, FIRST)
     df = report.collect_runs(tmp_path)
     sgd_sogclr = df[(df["optimizer"] == "sgd") & (df["loss"] == "sogclr")].iloc[0]
-    assert (sgd_sogclr.grad_norm_start, sgd_sogclr.grad_norm_end) == (1.2, 0.12)
+    assert (sgd_sogclr.grad_norm_start, sgd_sogclr.grad_norm_end, sgd_sogclr.lr) == (1.2, 0.12, 1e-3)
     lines = report.collapse_conclusions(df, chance_avg=0.5)
     assert ("SGD + SogCLR reaches less than half the best Average for SogCLR (5.00 against 62.00): image cosine "
             "0.50 -> 0.40, text cosine 0.50 -> 0.60, weight norm 31.0 -> 30.0, gradient norm 1.20 -> 0.12.") in lines
-    assert ("SGD + SogCLR: its first gradient norm (1.20) is 50x smaller than SGD + CLIP's (60.00). SGD's step is "
-            "the learning rate times the gradient, so at the learning rate every optimizer shares here its steps "
-            "are about 50x shorter; AdamW + SogCLR, whose step is divided by a running gradient scale, reaches "
-            "62.00 (first gradient norm 1.20).") in lines
-    assert not any(line.startswith("SGD + VICReg:") for line in lines)
+    assert step_lines(tmp_path) == [
+        "SGD + SogCLR: its first gradient norm (1.20) is 50x smaller than SGD + CLIP's (60.00). SGD's step is the "
+        "learning rate times the gradient, so at the same learning rate (0.001, no gradient clipping) its first "
+        "steps are about 50x shorter; AdamW + SogCLR, whose step is divided by a running gradient scale, reaches "
+        "62.00 at that rate (first gradient norm 1.20)."]
     assert any(line.startswith("SGD + VICReg reaches less than half") for line in lines)
     # a recorded figure wins over the history
     record = json.loads((tmp_path / "sgd-sogclr-s0" / "metrics.json").read_text())
@@ -297,6 +314,36 @@ def test_a_small_first_gradient_is_named_as_sgds_short_steps(tmp_path):
     (tmp_path / "sgd-sogclr-s0" / "metrics.json").write_text(json.dumps(record))
     df = report.collect_runs(tmp_path)
     assert df[(df["optimizer"] == "sgd") & (df["loss"] == "sogclr")].iloc[0].grad_norm_start == 2.0
+
+
+@pytest.mark.parametrize("case", ["other lr", "clipping", "reference clipped"])
+def test_no_step_size_line_unless_both_cells_ran_at_one_rate_without_clipping(tmp_path, case):
+    lr = {("sgd", "sogclr"): 5e-2} if case == "other lr" else None
+    clip = {("sgd", "sogclr" if case == "clipping" else "clip"): 1.0} if case != "other lr" else None
+    write_step_size_runs(tmp_path, STEP_GRID, FIRST, lr=lr, grad_clip=clip)
+    assert step_lines(tmp_path) == []
+
+
+def test_the_comparison_is_an_adam_type_cell_of_the_same_start_and_rate(tmp_path):
+    # the loss's best cell is an SGD variant at a higher rate: not what "divided by a gradient scale" may name;
+    # AdamW (scratch) is better still but starts from other weights; AdamW at another rate is left out too
+    grid = {**STEP_GRID, ("sgd-hi", "sogclr"): 70.0, ("sgd-hi", "clip"): 50.0, ("adamw-scratch", "sogclr"): 80.0,
+            ("adamw-scratch", "clip"): 10.0, ("adam", "sogclr"): 61.0, ("adam", "clip"): 59.0}
+    write_step_size_runs(tmp_path, grid, FIRST, lr={("sgd-hi", "sogclr"): 0.1, ("sgd-hi", "clip"): 0.1,
+                                                    ("adamw", "sogclr"): 2e-3},
+                         base={"sgd-hi": "sgd", "adamw-scratch": "adamw"})
+    (line,) = [line for line in step_lines(tmp_path) if line.startswith("SGD + SogCLR")]
+    assert line.endswith("; Adam + SogCLR, whose step is divided by a running gradient scale, reaches 61.00 at that "
+                         "rate (first gradient norm 1.20).")
+
+
+def test_without_an_adam_type_cell_the_step_size_line_names_no_comparison(tmp_path):
+    grid = {("sgd", "clip"): 56.0, ("sgd", "sogclr"): 0.9, ("adamw", "clip"): 0.8, ("adamw", "sogclr"): float("nan")}
+    write_step_size_runs(tmp_path, {k: v for k, v in grid.items() if v == v}, FIRST)
+    assert step_lines(tmp_path) == [
+        "SGD + SogCLR: its first gradient norm (1.20) is 50x smaller than SGD + CLIP's (60.00). SGD's step is the "
+        "learning rate times the gradient, so at the same learning rate (0.001, no gradient clipping) its first "
+        "steps are about 50x shorter."]
 
 
 def test_chance_levels_come_from_the_data_of_real_runs(demo_data_dir, tmp_path):
