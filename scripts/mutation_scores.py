@@ -91,17 +91,23 @@ def summary(module: str, counts: dict) -> str:
 def recheck(folder: Path, module: str, max_children: int) -> str:
     """Copy the current tests into a kept copy and rerun its mutants that were not killed."""
     _, globs, _ = MODULES[module]
+    if not (folder / "mutants").is_dir():
+        sys.exit(f"--recheck {folder}: no mutants/ there; pass a folder kept by --keep for --module {module!r}")
+    names = sorted(score(folder, globs)["survivors"])
+    if not names:  # `mutmut run` without names would run every mutant again
+        return f"{summary(module, score(folder, globs)['counts'])}  nothing to recheck"
     for where in (folder / "tests", folder / "mutants" / "tests"):
-        shutil.rmtree(where)
+        shutil.rmtree(where, ignore_errors=True)
         shutil.copytree(ROOT / "tests", where, ignore=shutil.ignore_patterns("__pycache__"))
     (folder / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # new tests: find which reach what
-    before = score(folder, globs)
-    names = sorted(before["survivors"])
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
     started = time.time()
-    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names],
-                   cwd=folder, env=env, capture_output=True, text=True)
-    return f"{summary(module, score(folder, globs)['counts'])}  recheck of {len(names)}: {time.time() - started:.0f}s"
+    run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names],
+                         cwd=folder, env=env, capture_output=True, text=True)
+    line = f"{summary(module, score(folder, globs)['counts'])}  recheck of {len(names)}: {time.time() - started:.0f}s"
+    if run.returncode != 0:
+        line += f"\n    mutmut exited {run.returncode}: {run.stdout[-400:]}{run.stderr[-400:]}"
+    return line
 
 
 def main(argv=None) -> int:

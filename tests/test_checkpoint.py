@@ -201,9 +201,11 @@ def test_umask_falls_back_to_the_usual_022_without_proc(monkeypatch):
 
     from clipstudy import checkpoint
 
-    current = os.umask(0o027)
-    os.umask(current)
-    assert checkpoint._umask() == current
+    current = os.umask(0o027)  # not the fallback's value, so reading /proc is what this checks
+    try:
+        assert checkpoint._umask() == 0o027
+    finally:
+        os.umask(current)
 
     def no_proc(self, *args, **kwargs):
         raise OSError("no /proc")
