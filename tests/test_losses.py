@@ -682,6 +682,7 @@ def test_each_loss_class_has_its_documented_defaults():
     from clipstudy.losses import LOSSES
 
     expected = {  # the Args sections of the docstrings (and docs): temperature 0.01 everywhere
+        "clip": {}, "siglip": {},
         "cyclip": {"lambda_inmodal": 0.25, "lambda_crossmodal": 0.25},
         "vicreg": {"sim_coeff": 25.0, "std_coeff": 25.0, "cov_coeff": 1.0},
         "sogclr": {"gamma": 0.8, "estimator": "exact"},
@@ -716,6 +717,7 @@ def test_each_loss_class_has_its_documented_defaults():
     ("onlineclr", "gamma", True, "must be in (0, 1]"),
     ("onlineclr", "pos_temperature_scale", 0.0, "must be a finite number > 0"),
     ("siglip", "init_logit_bias", float("nan"), "must be a finite number"),
+    ("siglip", "init_logit_scale", float("inf"), "must be a finite number"),
 ])
 def test_a_bad_parameter_is_refused_naming_it_its_value_and_the_rule(name, param, value, requirement):
     with pytest.raises(ValueError) as raised:
@@ -768,3 +770,40 @@ def test_unknown_parameters_are_listed_with_the_ones_the_loss_has():
     with pytest.raises(ValueError) as raised:
         make_loss("clip", gamma=0.5)
     assert str(raised.value) == "loss 'clip' has no parameter 'gamma'; its parameters are none besides temperature"
+
+
+class _MinimalLoss(PairLoss):
+    """A new loss as a user writes one: compute only, the base class's constructor."""
+
+    def compute(self, image_emb, text_emb, index):
+        return (image_emb - text_emb).square().mean() / self.temperature
+
+
+def test_a_loss_with_only_compute_gets_the_documented_base_defaults():
+    loss = _MinimalLoss()
+    assert loss.temperature == 0.01 and loss.num_samples is None and _MinimalLoss.parameter_names() == []
+    assert _MinimalLoss(num_samples=1).num_samples == 1  # the smallest training set
+
+
+@pytest.mark.parametrize("value", [0, 2.5, True, -3])
+def test_num_samples_must_be_a_positive_integer(value):
+    with pytest.raises(ValueError) as raised:
+        make_loss("sogclr", num_samples=value)
+    assert str(raised.value) == (f"loss parameter 'num_samples'={value!r}: must be an integer >= 1 "
+                                 "(the training set size)")
+
+
+def test_the_index_is_checked_naming_its_problem():
+    loss = make_loss("sogclr", num_samples=5)
+    img, txt = batch(9, n=3, dtype=torch.float32)
+    with pytest.raises(ValueError) as raised:
+        loss(img, txt)
+    assert str(raised.value) == ("loss 'sogclr' keeps per-sample state: pass index, the LongTensor [B] of the "
+                                 "rows' dataset indices")
+    with pytest.raises(ValueError) as raised:
+        loss(img, txt, torch.arange(4))
+    assert str(raised.value) == "loss 'sogclr': index must have shape [B]=(3,), got (4,)"
+    for wrong in (torch.tensor([True, False, True]), torch.tensor([0.0, 1.0, 2.0])):
+        with pytest.raises(TypeError) as raised:
+            loss(img, txt, wrong)
+        assert str(raised.value) == f"loss 'sogclr': index must be an integer tensor, got {wrong.dtype}"
