@@ -8,6 +8,7 @@ test process runs the same steps alone on the whole batch and compares.
 from __future__ import annotations
 
 import datetime
+import os
 
 import pytest
 import torch
@@ -68,6 +69,8 @@ def run_steps(name, rank, world_size):
 
 def _worker(rank, world_size, store, path):
     torch.set_num_threads(1)
+    if os.path.exists("/sys/class/net/lo"):  # both ranks on this machine: loopback, whatever the hostname resolves to
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     # a file store: no port to pick, so no race with another process taking it
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
