@@ -174,6 +174,8 @@ def collapse_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> l
     summary["scratch"] = summary["optimizer"].astype(str).str.endswith("-scratch")
     best = summary.groupby(["scratch", "loss"])["average_mean"].max()
     averages = summary.set_index(["optimizer", "loss"])["average_mean"]
+    settings = _cell_settings(df)  # for the step-size lines: once, not per weak cell
+    bases = df.dropna(subset=["base_optimizer"]).groupby("optimizer")["base_optimizer"].first()
     for r in table.itertuples():
         avg = averages.get((r.optimizer, r.loss), float("nan"))
         top = best.get((str(r.optimizer).endswith("-scratch"), r.loss), float("nan"))
@@ -191,7 +193,7 @@ def collapse_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> l
         out.append(f"{_cell_name(r)} {why}: image cosine {r.image_cos_mean_start:.2f} -> {r.image_cos_mean_end:.2f}, "
                    f"text cosine {r.text_cos_mean_start:.2f} -> {r.text_cos_mean_end:.2f}, weight norm "
                    f"{r.weight_norm_start:.1f} -> {r.weight_norm_end:.1f}{gradient}.")
-        out += _step_size_conclusion(r, df, table, summary)
+        out += _step_size_conclusion(r, table, summary, settings, bases)
     return out
 
 
@@ -202,25 +204,29 @@ GRADIENT_PROPORTIONAL = {"sgd"}
 GRADIENT_RATIO = 10.0
 
 
-def _cell_setting(df: pd.DataFrame, optimizer: str, loss: str, field: str) -> float:
-    """A configuration value all completed seeds of a cell share; NaN if unknown or if they differ."""
-    values = df[(df["optimizer"] == optimizer) & (df["loss"] == loss) & (df["status"] == "completed")][field]
-    return float(values.iloc[0]) if len(values) and values.nunique(dropna=False) == 1 else float("nan")
+def _cell_settings(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (optimizer, loss): the lr and grad_clip all completed seeds share; NaN if unknown or if they differ."""
+    done = df[df["status"] == "completed"]
+    return done.groupby(["optimizer", "loss"])[["lr", "grad_clip"]].agg(
+        lambda s: float(s.iloc[0]) if s.nunique(dropna=False) == 1 else float("nan"))
 
 
-def _step_size_conclusion(r, df: pd.DataFrame, table: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
+def _step_size_conclusion(r, table: pd.DataFrame, summary: pd.DataFrame, settings: pd.DataFrame,
+                          bases: pd.Series) -> list[str]:
     """For a weak cell of a gradient-proportional optimizer: its first gradient against its optimizer's best
     loss's, said only when both ran at one learning rate without gradient clipping."""
-    bases = df.dropna(subset=["base_optimizer"]).groupby("optimizer")["base_optimizer"].first()
     if bases.get(r.optimizer) not in GRADIENT_PROPORTIONAL or not r.grad_norm_start > 0:
         return []
+
+    def setting(optimizer, loss, field):
+        return settings[field].get((optimizer, loss), float("nan"))
+
     own = summary[summary["optimizer"] == r.optimizer].dropna(subset=["average_mean"])
     reference = own.loc[own["average_mean"].idxmax()]
     ref = table[(table["optimizer"] == r.optimizer) & (table["loss"] == reference.loss)].iloc[0]
-    lr = _cell_setting(df, r.optimizer, r.loss, "lr")
-    same_setting = (lr == _cell_setting(df, r.optimizer, ref.loss, "lr")
-                    and _cell_setting(df, r.optimizer, r.loss, "grad_clip") == 0
-                    and _cell_setting(df, r.optimizer, ref.loss, "grad_clip") == 0)
+    lr = setting(r.optimizer, r.loss, "lr")
+    same_setting = (lr == setting(r.optimizer, ref.loss, "lr") and setting(r.optimizer, r.loss, "grad_clip") == 0
+                    and setting(r.optimizer, ref.loss, "grad_clip") == 0)
     ratio = ref.grad_norm_start / r.grad_norm_start
     if not (same_setting and ratio >= GRADIENT_RATIO):
         return []
@@ -229,11 +235,10 @@ def _step_size_conclusion(r, df: pd.DataFrame, table: pd.DataFrame, summary: pd.
             f"so at the same learning rate ({lr:g}, no gradient clipping) its first steps are about {ratio:.0f}x "
             "shorter")
     # the loss's best cell among optimizers that divide by a gradient scale, same initialisation, same rate
-    scratch = str(r.optimizer).endswith("-scratch")
     others = summary[(summary["loss"] == r.loss) & summary["average_mean"].notna()
-                     & (summary["optimizer"].astype(str).str.endswith("-scratch") == scratch)
+                     & (summary["scratch"] == str(r.optimizer).endswith("-scratch"))
                      & ~summary["optimizer"].map(bases).isin(GRADIENT_PROPORTIONAL)]
-    others = others[[_cell_setting(df, o, r.loss, "lr") == lr for o in others["optimizer"]]]
+    others = others[[setting(o, r.loss, "lr") == lr for o in others["optimizer"]]]
     if len(others):
         best = others.loc[others["average_mean"].idxmax()]
         first = table[(table["optimizer"] == best.optimizer) & (table["loss"] == r.loss)].iloc[0].grad_norm_start
