@@ -12,6 +12,7 @@ test suite that only grew still kills what it killed), then prints the module's 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -88,6 +89,13 @@ def summary(module: str, counts: dict) -> str:
             + (f", {unchecked} not checked" if unchecked else "") + f"  {counts}")
 
 
+def mutmut_run(folder: Path, max_children: int, names: list[str]) -> subprocess.CompletedProcess:
+    """``mutmut run NAMES`` in a scratch copy (without our PYTHONPATH: mutmut sets the path itself)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names],
+                          cwd=folder, env=env, capture_output=True, text=True)
+
+
 def recheck(folder: Path, module: str, max_children: int) -> str:
     """Copy the current tests into a kept copy and rerun its mutants that were not killed."""
     _, globs, _ = MODULES[module]
@@ -100,10 +108,8 @@ def recheck(folder: Path, module: str, max_children: int) -> str:
         shutil.rmtree(where, ignore_errors=True)
         shutil.copytree(ROOT / "tests", where, ignore=shutil.ignore_patterns("__pycache__"))
     (folder / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # new tests: find which reach what
-    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
     started = time.time()
-    run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names],
-                         cwd=folder, env=env, capture_output=True, text=True)
+    run = mutmut_run(folder, max_children, names)
     line = f"{summary(module, score(folder, globs)['counts'])}  recheck of {len(names)}: {time.time() - started:.0f}s"
     if run.returncode != 0:
         line += f"\n    mutmut exited {run.returncode}: {run.stdout[-400:]}{run.stderr[-400:]}"
@@ -130,9 +136,7 @@ def main(argv=None) -> int:
         folder = Path(tempfile.mkdtemp(prefix=f"clipstudy-mutation-{module.replace(' ', '-')}-"))
         scratch_copy(folder, source_files, tests)
         started = time.time()
-        env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}  # mutmut sets the path
-        run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children),
-                              *globs], cwd=folder, env=env, capture_output=True, text=True)
+        run = mutmut_run(folder, args.max_children, globs)
         result = score(folder, globs)
         line = f"{summary(module, result['counts'])}  {time.time() - started:.0f}s"
         print(line, flush=True)
