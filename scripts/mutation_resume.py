@@ -26,13 +26,18 @@ GROUPS = {
 LOAD_LATEST = re.compile(r"(def load_latest\(.*?\n    \"\"\".*?\"\"\"\n)", re.S)
 
 
-def broken_copy(dest: Path) -> None:
+def copy_worktree(dest: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy the files git tracks or would track (not ignored ones), less the folders in ``skip``, to ``dest``."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for name in files:
-        if (ROOT / name).is_file():
+        if (ROOT / name).is_file() and not name.startswith(skip):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dest / name)
+
+
+def broken_copy(dest: Path) -> None:
+    copy_worktree(dest)
     source = dest / "clipstudy" / "checkpoint.py"
     text, n = LOAD_LATEST.subn(r"\1    return None, None, []  # mutation: resume finds nothing\n",
                                source.read_text())

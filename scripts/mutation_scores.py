@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from mutation_resume import copy_worktree  # noqa: E402  (the same tree copy as the resume check)
 # module -> (file, mutant-name globs of the promise-carrying functions, tests)
 MODULES = {
     "checkpoint": (["clipstudy/checkpoint.py"], ["clipstudy.checkpoint.*"],
@@ -52,12 +54,7 @@ STATUS = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
 
 
 def scratch_copy(dest: Path, source_files: list[str], tests: list[str]) -> None:
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file() and not name.startswith("reports/"):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
+    copy_worktree(dest, skip=("reports/",))
     selection = ", ".join(f'"{t}"' for t in tests)
     with open(dest / "pyproject.toml", "a") as fh:
         mutate = ", ".join(f'"{f}"' for f in source_files)
@@ -96,24 +93,26 @@ def mutmut_run(folder: Path, max_children: int, names: list[str]) -> subprocess.
                           cwd=folder, env=env, capture_output=True, text=True)
 
 
-def recheck(folder: Path, module: str, max_children: int) -> str:
-    """Copy the current tests into a kept copy and rerun its mutants that were not killed."""
+def recheck(folder: Path, module: str, max_children: int) -> tuple[str, list[str]]:
+    """Copy the current tests into a kept copy and rerun its mutants that were not killed; (summary, survivors)."""
     _, globs, _ = MODULES[module]
     if not (folder / "mutants").is_dir():
         sys.exit(f"--recheck {folder}: no mutants/ there; pass a folder kept by --keep for --module {module!r}")
-    names = sorted(score(folder, globs)["survivors"])
-    if not names:  # `mutmut run` without names would run every mutant again
-        return f"{summary(module, score(folder, globs)['counts'])}  nothing to recheck"
+    result = score(folder, globs)
+    if not result["survivors"]:  # `mutmut run` without names would run every mutant again
+        return f"{summary(module, result['counts'])}  nothing to recheck", []
+    names = result["survivors"]
     for where in (folder / "tests", folder / "mutants" / "tests"):
         shutil.rmtree(where, ignore_errors=True)
         shutil.copytree(ROOT / "tests", where, ignore=shutil.ignore_patterns("__pycache__"))
     (folder / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # new tests: find which reach what
     started = time.time()
     run = mutmut_run(folder, max_children, names)
-    line = f"{summary(module, score(folder, globs)['counts'])}  recheck of {len(names)}: {time.time() - started:.0f}s"
+    result = score(folder, globs)
+    line = f"{summary(module, result['counts'])}  recheck of {len(names)}: {time.time() - started:.0f}s"
     if run.returncode != 0:
         line += f"\n    mutmut exited {run.returncode}: {run.stdout[-400:]}{run.stderr[-400:]}"
-    return line
+    return line, result["survivors"]
 
 
 def main(argv=None) -> int:
@@ -126,8 +125,9 @@ def main(argv=None) -> int:
     if args.recheck:
         if not args.module or len(args.module) != 1:
             parser.error("--recheck FOLDER needs the one --module it was made for")
-        print(recheck(args.recheck, args.module[0], args.max_children), flush=True)
-        for name in score(args.recheck, MODULES[args.module[0]][1])["survivors"]:
+        line, survivors = recheck(args.recheck, args.module[0], args.max_children)
+        print(line, flush=True)
+        for name in survivors:
             print(f"    {name}", flush=True)
         return 0
     rows = []
