@@ -38,59 +38,73 @@ SUMMARISED = (*DIAGNOSTICS, "grad_norm")
 COLLAPSED_COS = 0.95
 
 
+EMBEDDING_FIGURES = ("image_cos_mean", "text_cos_mean", "image_std_mean", "text_std_mean")
+
+
 @torch.no_grad()
-def mean_offdiagonal_cosine(embeddings: torch.Tensor) -> float:
-    """Mean cosine similarity over all ordered pairs i != j of the rows of ``embeddings`` (B x D, B >= 2)."""
+def _unit_figures(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mean off-diagonal cosine, mean per-dimension std) of a batch's L2-normalised rows, as 0-d tensors on
+    the batch's device, normalising once; None below two rows."""
     if embeddings.shape[0] < 2:
-        return float("nan")
-    return _offdiagonal_cosine_of_unit(F.normalize(embeddings.float(), dim=1))
-
-
-def _offdiagonal_cosine_of_unit(unit: torch.Tensor) -> float:
+        return None
+    unit = F.normalize(embeddings.float(), dim=1)
     n = unit.shape[0]
     # sum over all pairs = |sum of rows|^2; minus the diagonal (each row's |u|^2 = 1, or 0 for a zero row)
     total = unit.sum(0).square().sum() - unit.square().sum()
-    return float(total / (n * (n - 1)))
+    return total / (n * (n - 1)), unit.std(dim=0).mean()
 
 
-@torch.no_grad()
+def mean_offdiagonal_cosine(embeddings: torch.Tensor) -> float:
+    """Mean cosine similarity over all ordered pairs i != j of the rows of ``embeddings`` (B x D, B >= 2)."""
+    figures = _unit_figures(embeddings)
+    return float(figures[0]) if figures is not None else float("nan")
+
+
 def mean_dimension_std(embeddings: torch.Tensor) -> float:
     """Per-dimension standard deviation over the batch of the L2-normalised rows, averaged over dimensions."""
-    if embeddings.shape[0] < 2:
-        return float("nan")
-    return float(F.normalize(embeddings.float(), dim=1).std(dim=0).mean())
+    figures = _unit_figures(embeddings)
+    return float(figures[1]) if figures is not None else float("nan")
 
 
 @torch.no_grad()
-def _unit_diagnostics(embeddings: torch.Tensor, prefix: str) -> dict[str, float]:
-    """Both figures of one tower's batch, normalising it once."""
-    if embeddings.shape[0] < 2:
-        return {f"{prefix}_cos_mean": float("nan"), f"{prefix}_std_mean": float("nan")}
-    unit = F.normalize(embeddings.float(), dim=1)
-    return {f"{prefix}_cos_mean": _offdiagonal_cosine_of_unit(unit), f"{prefix}_std_mean": float(unit.std(dim=0).mean())}
+def _weight_squares(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().float().square().sum() for p in model.parameters() if p.ndim >= 2]
 
 
-@torch.no_grad()
 def weight_norm(model: torch.nn.Module) -> float:
     """sqrt of the summed squares of every parameter with two or more dimensions."""
-    squares = [p.detach().float().square().sum() for p in model.parameters() if p.ndim >= 2]
-    # one device-to-host copy per logged step (not one per tensor); summed in Python as float64, in order
+    squares = _weight_squares(model)
+    # summed in Python as float64, in order
     return math.sqrt(sum(torch.stack(squares).tolist())) if squares else 0.0
 
 
+def _embedding_figures(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict:
+    """EMBEDDING_FIGURES of both towers: 0-d tensors, or NaN for a batch below two rows."""
+    out = {}
+    for prefix, embeddings in (("image", image_emb), ("text", text_emb)):
+        figures = _unit_figures(embeddings)
+        out[f"{prefix}_cos_mean"], out[f"{prefix}_std_mean"] = figures if figures is not None else (math.nan,) * 2
+    return {name: out[name] for name in EMBEDDING_FIGURES}
+
+
 def embedding_diagnostics(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, float]:
-    both = {**_unit_diagnostics(image_emb, "image"), **_unit_diagnostics(text_emb, "text")}
-    return {name: both[name] for name in ("image_cos_mean", "text_cos_mean", "image_std_mean", "text_std_mean")}
+    return {name: float(value) for name, value in _embedding_figures(image_emb, text_emb).items()}
 
 
 def step_diagnostics(run) -> dict[str, float]:
-    """The diagnostics of the step just taken: the embeddings train_step kept, and the weights now."""
+    """The diagnostics of the step just taken: the embeddings train_step kept, and the weights now.
+
+    Everything is reduced on the device and copied to the host at once: one copy per logged step.
+    """
     from clipstudy.distributed import unwrap_model
 
-    out = {"weight_norm": weight_norm(unwrap_model(run.model))}
-    embeddings = run.last_embeddings
-    if embeddings is not None:
-        out.update(embedding_diagnostics(*embeddings))
+    squares = _weight_squares(unwrap_model(run.model))
+    figures = _embedding_figures(*run.last_embeddings) if run.last_embeddings is not None else {}
+    tensors = [value for value in figures.values() if isinstance(value, torch.Tensor)]
+    host = torch.stack(squares + tensors).tolist() if squares or tensors else []
+    out = {"weight_norm": math.sqrt(sum(host[:len(squares)])) if squares else 0.0}
+    copied = iter(host[len(squares):])
+    out.update({name: next(copied) if isinstance(value, torch.Tensor) else value for name, value in figures.items()})
     return out
 
 
