@@ -8,7 +8,7 @@ Three sets feed a run:
   ``{"image": <relative path>, "caption": [str, ...]}``.
 * :class:`~clipstudy.zeroshot_data.ZeroShotSet` - an ImageFolder (one folder per
   class id, sorted order = class index) plus class names and prompt templates
-  (in :mod:`clipstudy.zeroshot_data`, re-exported here).
+  (in :mod:`clipstudy.zeroshot_data`).
 
 Annotation files are validated when a set is built (:class:`DataError`, naming
 the file, the entry and the fix); an image path that would leave its image

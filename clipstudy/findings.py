@@ -3,8 +3,7 @@
 The published table of the original 3 optimizers x 5 losses grid, Spearman's
 rho between its ranking of cells and this study's (overall and within each
 optimizer's row), and the original study's four findings, each tested on the
-runs. :mod:`clipstudy.report` builds the per-cell summaries these read and
-re-exports every name defined here.
+runs. :mod:`clipstudy.report` builds the per-cell summaries these read.
 """
 from __future__ import annotations
 

@@ -3,8 +3,7 @@
 :class:`ZeroShotSet` is an ImageFolder (one folder per class id, sorted order =
 class index) plus class names and prompt templates; :func:`scan_image_folder`
 lists such a folder. The ImageNet-1k WordNet ids, class names and CLIP's 80
-prompt templates come from a data file shipped with the package. Every name
-here is also importable from :mod:`clipstudy.data`.
+prompt templates come from a data file shipped with the package.
 """
 from __future__ import annotations
 
