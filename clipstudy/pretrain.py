@@ -274,13 +274,15 @@ def cache_key(config, settings: PretrainSettings, data_digest: str) -> str:
 
 def _data_digest(config) -> str:
     from clipstudy.config import ConfigError
+    from clipstudy.fingerprint import demo_manifest
 
-    manifest = Path(config.data) / "manifest.json" if config.data else None
-    if manifest is None or not manifest.is_file():
+    manifest = demo_manifest(config.data) if config.data else None
+    if manifest is None or not manifest.get("digest"):
         raise ConfigError(f"config field 'pretrained'=True with the demo towers needs a data folder made by "
-                          f"`python -m clipstudy make-demo-data` (no manifest.json in {config.data or 'data'!r}); "
-                          "set `data` to such a folder, or pretrained=false to start from random weights")
-    return json.loads(manifest.read_text())["digest"]
+                          f"`python -m clipstudy make-demo-data` (no readable manifest.json in "
+                          f"{config.data or 'data'!r}); set `data` to such a folder, or pretrained=false to start "
+                          "from random weights")
+    return manifest["digest"]
 
 
 def _valid(folder: Path) -> tuple[dict, bytes] | None:
