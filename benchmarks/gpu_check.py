@@ -61,7 +61,8 @@ def loader_throughput(config, workers: int, batches: int) -> dict:
     from transformers import PreTrainedTokenizerFast
 
     from clipstudy.data import make_collate
-    from clipstudy.train import SeededSamples, build_datasets, train_loader
+    from clipstudy.sampling import SeededSamples, train_loader
+    from clipstudy.train import build_datasets
 
     train_set, _, _ = build_datasets(config)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(config.tokenizer)
@@ -81,7 +82,7 @@ def loader_throughput(config, workers: int, batches: int) -> dict:
 
 def retrieval_eval_time(device: torch.device, n_images: int, per_image: int = 5, dim: int = 256) -> dict:
     """Wall time of the retrieval evaluation on random unit features: similarity + recalls and ranks."""
-    from clipstudy.evaluate import retrieval_metrics
+    from clipstudy.eval_metrics import retrieval_metrics
 
     gen = torch.Generator().manual_seed(0)
     images = torch.nn.functional.normalize(torch.randn(n_images, dim, generator=gen), dim=1).to(device)
@@ -150,8 +151,7 @@ def run(tiny: bool = False, device: str = "auto", out: str | Path | None = DEFAU
                   for w in ([1] if tiny else sorted({4, cores}))]
         for row in loader:
             row["ratio_to_training"] = row["samples_per_s"] / best["samples_per_s"]
-        ddp = ddp_two_steps(paper_config(data, size, batch, tiny, str(dev), Path(tmp) / "ddp"),
-                            Path(tmp) / "ddp", gpus, allow_cpu=ddp_on_cpu)
+        ddp = ddp_two_steps(config, Path(tmp) / "ddp", gpus, allow_cpu=ddp_on_cpu)  # it sets its own out
     results = {
         "benchmark": "gpu_check", "tiny": tiny, "device": str(dev), "gpus": gpus, **machine(),
         "note": None if dev.type == "cuda" else gpu_throughput.NO_GPU + "; run `make gpu-check` on a GPU machine",
