@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 
 import pytest
 import torch
@@ -79,15 +80,26 @@ def _worker(rank, world_size, store, path):
         results = {name: run_steps(name, rank, world_size) for name in available_losses()}
         if rank == 0:
             torch.save(results, path)
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ddp")
-    path = folder / "rank0.pt"
-    mp.spawn(_worker, args=(2, str(folder / "store"), str(path)), nprocs=2, join=True)
+    # A rank has (rarely, only inside the whole suite, cause not found) aborted in gloo with "terminate called
+    # without an active exception". That is the launcher, not the losses: one more launch in a fresh folder;
+    # the comparisons below stay exact.
+    for attempt in (1, 2):
+        folder = tmp_path_factory.mktemp("ddp")
+        path = folder / "rank0.pt"
+        try:
+            mp.spawn(_worker, args=(2, str(folder / "store"), str(path)), nprocs=2, join=True)
+            break
+        except mp.ProcessExitedException as err:
+            if attempt == 2:
+                raise
+            warnings.warn(f"two-rank launch aborted ({err}); launching again")
     return torch.load(path)
 
 
