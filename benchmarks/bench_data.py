@@ -7,7 +7,7 @@
    * ``original``: the original code base's design, PIL open + torchvision v1
      ``RandomResizedCrop(256, (0.5, 1), bicubic)`` + flip + ``RandAugment(2, 7)``
      + ``ToTensor`` + ``Normalize`` on the PIL image;
-   * ``clipstudy``: the training set exactly as ``clipstudy.train`` builds it
+   * ``clipstudy``: the training set exactly as ``clipstudy.engine.train`` builds it
      for the paper profile (``build_datasets`` + ``SeededSamples``), i.e.
      clipstudy's image reading and ``train_transform``;
    * candidates: ``torchvision.io.decode_jpeg`` and/or ``transforms.v2`` on
@@ -41,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT_DIR, REPO, machine, median, table, torch_threads, write_json  # noqa: E402
 
 from clipstudy import paths  # noqa: E402
-from clipstudy.config import make_config  # noqa: E402
-from clipstudy.data import CLIP_MEAN, CLIP_STD  # noqa: E402
-from clipstudy.sampling import SeededSamples, sample_seed  # noqa: E402
-from clipstudy.train import build_datasets  # noqa: E402
+from clipstudy.engine.config import make_config  # noqa: E402
+from clipstudy.data.datasets import CLIP_MEAN, CLIP_STD  # noqa: E402
+from clipstudy.data.sampling import SeededSamples, sample_seed  # noqa: E402
+from clipstudy.engine.train import build_datasets  # noqa: E402
 
 DEFAULT_OUT = OUT_DIR / "data.json"
 RUNS = paths.runs_dir("demo")
@@ -125,7 +125,7 @@ def hybrid_train(size: int = 256):
     from torchvision.transforms import functional as F
     from torchvision.transforms.v2 import functional as F2
 
-    from clipstudy.data import Compose
+    from clipstudy.data.datasets import Compose
 
     rest = Compose([T.RandAugment(2, 7), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
@@ -198,7 +198,7 @@ def bench_pipelines(quick: bool, tmp: Path) -> dict:
     # clipstudy's image reading with its transforms run by torchvision's own Compose (no fused ending)
     from torchvision import transforms as T
 
-    from clipstudy.data import load_rgb_image
+    from clipstudy.data.datasets import load_rgb_image
     plain_train = T.Compose(train_set.transform.transforms)
     index = list(range(n))
     torch.manual_seed(0)
@@ -230,14 +230,14 @@ def bench_pipelines(quick: bool, tmp: Path) -> dict:
 
 def bench_demo_pipeline(quick: bool, tmp: Path) -> dict:
     """The demo profile's training items (32 px PNGs, its own transform), as the demo sweep loads them."""
-    from clipstudy.demo_data import make_demo_data
+    from clipstudy.data.demo import make_demo_data
 
     make_demo_data(tmp / "demo", seed=0, image_size=32, train_size=256, retrieval_size=8, zeroshot_per_class=1,
                    zeroshot_classes=2)
     config = make_config("demo", data=str(tmp / "demo"))
     from torchvision import transforms as T
 
-    from clipstudy.data import load_rgb_image
+    from clipstudy.data.datasets import load_rgb_image
 
     train_set, _, _ = build_datasets(config)
     items = SeededSamples(train_set, config.seed)
@@ -278,8 +278,8 @@ def data_wait(quick: bool, tmp: Path, runs: Path = RUNS) -> dict:
     if found is not None:
         return {"source": str(runs), **found}
     # No demo sweep here: a short demo run on a generated copy of the demo set.
-    from clipstudy.demo_data import make_demo_data
-    from clipstudy.train import train
+    from clipstudy.data.demo import make_demo_data
+    from clipstudy.engine.train import train
 
     make_demo_data(tmp / "demo_run_data", seed=0, image_size=32, train_size=640, retrieval_size=8,
                    zeroshot_per_class=1, zeroshot_classes=2)
@@ -308,10 +308,10 @@ def demo_loop(quick: bool, tmp: Path) -> dict:
     from torch.utils.data import DataLoader
     from torchvision import transforms as T
 
-    from clipstudy.data import make_collate
-    from clipstudy.demo_data import make_demo_data
-    from clipstudy.sampling import EpochBatches
-    from clipstudy.train import build_run, train_step
+    from clipstudy.data.datasets import make_collate
+    from clipstudy.data.demo import make_demo_data
+    from clipstudy.data.sampling import EpochBatches
+    from clipstudy.engine.train import build_run, train_step
 
     make_demo_data(tmp / "loop_data", seed=0, image_size=32, train_size=1024, retrieval_size=8,
                    zeroshot_per_class=1, zeroshot_classes=2)

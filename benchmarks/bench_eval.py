@@ -1,7 +1,7 @@
 """Benchmark of the evaluation code against the original study's code path.
 
 1. Retrieval scoring on a random MSCOCO-sized similarity matrix (5k images x
-   25k captions, 5 per image): ``clipstudy.evaluate.retrieval_metrics`` vs the
+   25k captions, 5 per image): ``clipstudy.engine.evaluate.retrieval_metrics`` vs the
    original argsort loop (``original_eval.itm_eval``), and one plain read of the
    matrix (``sim.sum()``) as the lower limit any exact method must pay.
 2. Zero-shot classifier construction for 1000 classes x 80 templates with a
@@ -35,7 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from original_eval import itm_eval  # noqa: E402
 
-from clipstudy.evaluate import extract_text_features, retrieval_metrics, zeroshot_classifier  # noqa: E402
+from clipstudy.engine.evaluate import extract_text_features, retrieval_metrics, zeroshot_classifier  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "reports" / "benchmarks" / "eval.json"

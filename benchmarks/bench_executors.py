@@ -1,8 +1,8 @@
 """What running a cell through submitit's local executor costs against the inline sweep, side by side.
 
 The same short demo cells (``--steps`` optimizer steps on a small synthetic
-data set, one torch thread) run through ``clipstudy.sweep.run_sweep`` (inline:
-papermill from this process) and through ``clipstudy.executors.run_local``
+data set, one torch thread) run through ``clipstudy.study.sweep.run_sweep`` (inline:
+papermill from this process) and through ``clipstudy.study.executors.run_local``
 (each cell a submitit job: a controller process, a task process that unpickles
 the cell and runs the same papermill cell, results pickled back), alternating
 between the two, ``--repeats`` times. Each variant's wall time per cell is the
@@ -32,8 +32,8 @@ LOSSES = ("clip", "sogclr", "cyclip", "vicreg")
 
 def one_sweep(variant: str, data: Path, runs: Path, steps: int, cells: int) -> tuple[float, float]:
     """(wall seconds per cell, seconds per cell inside ``run_cell``) of one sweep of ``cells`` fresh cells."""
-    from clipstudy import executors
-    from clipstudy.sweep import plan_cells, run_sweep
+    from clipstudy.study import executors
+    from clipstudy.study.sweep import plan_cells, run_sweep
 
     planned = plan_cells("demo", optimizers=["adamw"], losses=LOSSES[:cells], runs_root=runs,
                          overrides={"data": str(data), "max_steps": steps, "epochs": 1, "threads": 1})
@@ -50,7 +50,7 @@ def one_sweep(variant: str, data: Path, runs: Path, steps: int, cells: int) -> t
 
 
 def run(steps: int = 5, cells: int = 2, repeats: int = 2, out: str | Path | None = DEFAULT_OUT) -> dict:
-    from clipstudy.demo_data import make_demo_data
+    from clipstudy.data.demo import make_demo_data
 
     times: dict[str, list[float]] = {"inline": [], "local": []}
     inside: dict[str, list[float]] = {"inline": [], "local": []}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from clipstudy.losses import available_losses, make_loss
+from clipstudy.core.losses import available_losses, make_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 

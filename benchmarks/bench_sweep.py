@@ -19,7 +19,7 @@ end and duration in its metadata, and the notebook's own start and duration),
 Notebook-side time = kernel + imports + after, as a share of the cell's wall
 time: an upper bound on what papermill adds, since a command-line run imports
 torch too. The full run (not ``--quick``) also measures papermill's cost
-directly: one short demo cell through ``clipstudy.sweep.run_cell`` and the same
+directly: one short demo cell through ``clipstudy.study.cells.run_cell`` and the same
 cell through ``python -m clipstudy train``, side by side; the difference over
 the mean cell's wall time is papermill's overhead. Goal: < 10%.
 
@@ -101,7 +101,7 @@ def measure_overhead(repeats: int = 3, steps: int = 4) -> dict:
 
     Runs one short demo cell (``steps`` steps, one evaluation, on a small generated
     demo set) three ways, taking turns, ``repeats`` times each (the best of each is kept):
-    ``clipstudy.sweep.run_cell`` (papermill, as the sweep runs a cell); the same with the
+    ``clipstudy.study.cells.run_cell`` (papermill, as the sweep runs a cell); the same with the
     kernel shut down politely (papermill's default, what the sweep did before); and
     ``python -m clipstudy train``. The difference is per cell and does not depend on the
     cell's length.
@@ -118,8 +118,9 @@ def measure_overhead(repeats: int = 3, steps: int = 4) -> dict:
         kwargs["shutdown_kernel"] = "graceful"
         return execute(*args, **kwargs)
 
-    from clipstudy.demo_data import make_demo_data
-    from clipstudy.sweep import plan_cells, run_cell
+    from clipstudy.data.demo import make_demo_data
+    from clipstudy.study.sweep import plan_cells
+    from clipstudy.study.cells import run_cell
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

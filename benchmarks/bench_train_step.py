@@ -1,13 +1,13 @@
 """Overhead of a full training step over the bare encoders, for every loss.
 
 For the demo configuration (small CNN + small DistilBERT at 32 px, a real
-``Run`` from ``clipstudy.train.build_run`` on a generated demo set and a batch
+``Run`` from ``clipstudy.engine.train.build_run`` on a generated demo set and a batch
 from the real loader) and the paper configuration (random-init ResNet-50 +
 DistilBERT-base at 256 px; on a CPU at a reduced batch), it times side by side:
 
 * ``bare``: the encoders' forward and backward on the batch with a trivial
   loss, ``(0 * (image_emb.sum() + text_emb.sum())).backward()`` (same cost, no update);
-* ``step``: ``clipstudy.train.train_step`` (model, loss, optimizer, gradient
+* ``step``: ``clipstudy.engine.train.train_step`` (model, loss, optimizer, gradient
   clipping, scheduler, GradScaler, the loss value read back);
 
 and, in the same repeats, the pieces of the difference: the loss's forward and
@@ -16,7 +16,7 @@ norm, optimizer step, scheduler step). Overhead = (step - bare) / bare, from
 step - bare differences paired within each round.
 
 The optimizer runs in two implementations side by side: torch's fused kernel
-(what ``clipstudy.optim.build_optimizer`` picks where it applies) and torch's
+(what ``clipstudy.core.optim.build_optimizer`` picks where it applies) and torch's
 default (``foreach=None``: a loop over the tensors on a CPU). On a CPU the paper
 configuration runs full steps for AdamW (both implementations), SGD and Adam
 on the CLIP loss; the other losses' rows are derived from the CLIP row and each
@@ -38,11 +38,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT_DIR, machine, median, table, timed, torch_threads, write_json  # noqa: E402
 
-from clipstudy.config import make_config  # noqa: E402
-from clipstudy.losses import available_losses, make_loss  # noqa: E402
-from clipstudy.optim import build_optimizer, make_scheduler  # noqa: E402
-from clipstudy.precision import autocast, choose_amp  # noqa: E402
-from clipstudy.train import Run, build_run, choose_device, planned_steps, train_step  # noqa: E402
+from clipstudy.engine.config import make_config  # noqa: E402
+from clipstudy.core.losses import available_losses, make_loss  # noqa: E402
+from clipstudy.core.optim import build_optimizer, make_scheduler  # noqa: E402
+from clipstudy.core.precision import autocast, choose_amp  # noqa: E402
+from clipstudy.engine.train import Run, build_run, choose_device, planned_steps, train_step  # noqa: E402
 
 DEFAULT_OUT = OUT_DIR / "train_step.json"
 GOAL_PERCENT = 10.0
@@ -56,8 +56,8 @@ def demo_run(data_dir: Path, out: Path, loss: str, optimizer: str, device: str,
     """A real demo-profile ``Run`` (``build_run``) and its first training batch from the real loader."""
     from torch.utils.data import DataLoader
 
-    from clipstudy.data import make_collate
-    from clipstudy.sampling import EpochBatches, SeededSamples
+    from clipstudy.data.datasets import make_collate
+    from clipstudy.data.sampling import EpochBatches, SeededSamples
 
     # speed only: random towers, so the benchmark does not pretrain the demo towers first
     config = make_config("demo", pretrained=False, data=str(data_dir), out=str(out), loss=loss, optimizer=optimizer,
@@ -74,7 +74,7 @@ def paper_model(device: torch.device) -> torch.nn.Module:
     """Random-init ResNet-50 + DistilBERT-base (vocabulary 30522), projected to 256-d: the paper towers."""
     from transformers import DistilBertConfig, DistilBertModel
 
-    from clipstudy.models import DualEncoder, TextTower, resnet50_trunk
+    from clipstudy.core.models import DualEncoder, TextTower, resnet50_trunk
 
     torch.manual_seed(0)
     model = DualEncoder(resnet50_trunk(pretrained=False), TextTower(DistilBertModel(DistilBertConfig())), 256)
@@ -218,7 +218,7 @@ def _cases(config: str, quick: bool) -> list[tuple[str, str, str]]:
 
 
 def bench_demo(quick: bool, device: torch.device) -> list[dict]:
-    from clipstudy.demo_data import make_demo_data
+    from clipstudy.data.demo import make_demo_data
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -47,7 +47,7 @@ GPU_MEMORY_GOAL_GB = 24
 
 
 def paper_config(data: Path, size: int, batch: int, tiny: bool, device: str, out: Path):
-    from clipstudy.config import make_config
+    from clipstudy.engine.config import make_config
 
     small = dict(image_encoder="small_resnet", text_encoder="small_distilbert", small_resnet_widths=[8, 16, 32],
                  text_dim=32, text_layers=1, embed_dim=32) if tiny else {}
@@ -60,9 +60,9 @@ def loader_throughput(config, workers: int, batches: int) -> dict:
     """Samples/s of the training loader alone (decode, crop, flip, RandAugment, tokenise) with ``workers``."""
     from transformers import PreTrainedTokenizerFast
 
-    from clipstudy.data import make_collate
-    from clipstudy.sampling import SeededSamples, train_loader
-    from clipstudy.train import build_datasets
+    from clipstudy.data.datasets import make_collate
+    from clipstudy.data.sampling import SeededSamples, train_loader
+    from clipstudy.engine.train import build_datasets
 
     train_set, _, _ = build_datasets(config)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(config.tokenizer)
@@ -82,7 +82,7 @@ def loader_throughput(config, workers: int, batches: int) -> dict:
 
 def retrieval_eval_time(device: torch.device, n_images: int, per_image: int = 5, dim: int = 256) -> dict:
     """Wall time of the retrieval evaluation on random unit features: similarity + recalls and ranks."""
-    from clipstudy.eval_metrics import retrieval_metrics
+    from clipstudy.core.metrics import retrieval_metrics
 
     gen = torch.Generator().manual_seed(0)
     images = torch.nn.functional.normalize(torch.randn(n_images, dim, generator=gen), dim=1).to(device)
@@ -130,7 +130,7 @@ def ddp_two_steps(config, out: Path, gpus: int, allow_cpu: bool) -> dict:
 def run(tiny: bool = False, device: str = "auto", out: str | Path | None = DEFAULT_OUT,
         ddp_on_cpu: bool = False) -> dict:
     """Run every check; return (and write to ``out``) the results."""
-    from clipstudy.train import choose_device
+    from clipstudy.engine.train import choose_device
 
     started = time.perf_counter()
     dev = choose_device(device)

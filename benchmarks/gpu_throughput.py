@@ -1,6 +1,6 @@
 """Training throughput of the paper configuration on one GPU, on synthetic JPEG data.
 
-What it runs is what ``clipstudy.train`` runs: a ``Run`` from ``build_run``
+What it runs is what ``clipstudy.engine.train`` runs: a ``Run`` from ``build_run``
 (random-init ResNet-50 + DistilBERT-base at 256 px, bf16 autocast,
 channels_last, the profile's loss/optimizer/scheduler, deterministic
 algorithms as in training), the training set built by ``build_datasets`` over
@@ -124,9 +124,9 @@ def _sync(device):
 
 def measure(run, workers: int, steps: int, warmup: int) -> dict:
     """Train ``warmup + steps`` steps from the real loader; time the last ``steps``."""
-    from clipstudy.data import make_collate
-    from clipstudy.sampling import SeededSamples, train_loader
-    from clipstudy.train import train_step
+    from clipstudy.data.datasets import make_collate
+    from clipstudy.data.sampling import SeededSamples, train_loader
+    from clipstudy.engine.train import train_step
 
     config = run.config
     items = SeededSamples(run.train_set, config.seed)
@@ -176,14 +176,14 @@ def run(tiny: bool = False, quick: bool = False, steps: int | None = None, batch
 
 
 def choose_device_name(device: str) -> str:
-    from clipstudy.train import choose_device
+    from clipstudy.engine.train import choose_device
 
     return choose_device(device).type
 
 
 def _run(tiny, quick, steps, batch_size, workers, device, out, deterministic) -> dict:
-    from clipstudy.config import make_config
-    from clipstudy.train import build_run, choose_device
+    from clipstudy.engine.config import make_config
+    from clipstudy.engine.train import build_run, choose_device
 
     dev = choose_device(device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -207,7 +207,7 @@ def _run(tiny, quick, steps, batch_size, workers, device, out, deterministic) ->
                              device=str(dev), deterministic=deterministic, out=str(tmp / "run"), **overrides)
         previous = (torch.are_deterministic_algorithms_enabled(),
                     torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
-        if config.deterministic:  # as clipstudy.train sets up a run
+        if config.deterministic:  # as clipstudy.engine.train sets up a run
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -217,7 +217,7 @@ def _run(tiny, quick, steps, batch_size, workers, device, out, deterministic) ->
             peak = matmul_rate(dev, 256 if tiny else (8192 if dev.type == "cuda" else 2048),
                                repeats=3 if tiny else 30)
             run_ = build_run(config, tmp / "run")
-            from clipstudy.data import make_collate
+            from clipstudy.data.datasets import make_collate
             first = make_collate(run_.tokenizer, config.max_length)([run_.train_set[i] for i in range(batch)])
             flops = step_flops(run_, first)
             rows = [measure(run_, w, n_steps, warmup) for w in worker_counts]

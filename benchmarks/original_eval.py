@@ -4,7 +4,7 @@ Copied from ``itm_eval`` in salesforce/ALBEF ``Retrieval.py`` (commit
 288838b41979be40eec181ce69cb3ba80597b01d), the ALBEF/BLIP-lineage function the
 SogCLR/FastCLIP code base calls: one full ``argsort`` per query row in a
 Python loop. Ties fall in ``argsort`` order, so it matches
-``clipstudy.evaluate.retrieval_metrics`` only on tie-free scores. Note its
+``clipstudy.engine.evaluate.retrieval_metrics`` only on tie-free scores. Note its
 ``txt_r_mean`` / ``img_r_mean`` are means of R@1/5/10, not mean ranks.
 
 Only the ``@torch.no_grad()`` decorator (a no-op on numpy input) is dropped;

@@ -15,15 +15,15 @@ import sys
 from clipstudy import errors
 
 COMMANDS = {
-    "check-data": ("clipstudy.checkdata", "main", "validate a data set before training"),
-    "make-demo-data": ("clipstudy.demo_data", "main", "generate the embedded synthetic benchmark"),
-    "prepare-data": ("clipstudy.prepare_data", "main", "turn CC3M / COCO / ImageNet downloads into the formats"),
-    "fetch-weights": ("clipstudy.cli", "fetch_weights_main", "download pretrained weights into the local caches"),
-    "train": ("clipstudy.cli", "train_main", "train and evaluate one optimizer x loss cell"),
-    "evaluate": ("clipstudy.cli", "evaluate_main", "evaluate a saved checkpoint"),
-    "sweep": ("clipstudy.sweep", "main", "run the optimizer x loss grid through papermill"),
-    "choose-lr": ("clipstudy.lrsearch", "main", "pick one learning rate for every optimizer (short search)"),
-    "report": ("clipstudy.cli", "report_main", "render the analysis notebook to HTML"),
+    "check-data": ("clipstudy.data.check", "main", "validate a data set before training"),
+    "make-demo-data": ("clipstudy.data.demo", "main", "generate the embedded synthetic benchmark"),
+    "prepare-data": ("clipstudy.data.prepare.command", "main", "turn CC3M / COCO / ImageNet downloads into the formats"),
+    "fetch-weights": ("clipstudy.cli.commands", "fetch_weights_main", "download pretrained weights into the local caches"),
+    "train": ("clipstudy.cli.commands", "train_main", "train and evaluate one optimizer x loss cell"),
+    "evaluate": ("clipstudy.cli.commands", "evaluate_main", "evaluate a saved checkpoint"),
+    "sweep": ("clipstudy.study.sweep", "main", "run the optimizer x loss grid through papermill"),
+    "choose-lr": ("clipstudy.study.lrsearch", "main", "pick one learning rate for every optimizer (short search)"),
+    "report": ("clipstudy.cli.commands", "report_main", "render the analysis notebook to HTML"),
 }
 
 

@@ -26,25 +26,25 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from mutation_resume import copy_worktree  # noqa: E402  (the same tree copy as the resume check)
 # module -> (file, mutant-name globs of the promise-carrying functions, tests)
 MODULES = {
-    "checkpoint": (["clipstudy/checkpoint.py"], ["clipstudy.checkpoint.*"],
+    "checkpoint": (["clipstudy/engine/checkpoint.py"], ["clipstudy.engine.checkpoint.*"],
                    ["tests/test_checkpoint.py",
                     "tests/test_sweep.py::test_dry_run_lists_each_cells_state_and_runs_nothing",
                     "tests/test_sweep.py::test_a_cell_locked_by_another_sweep_is_skipped_not_trained"]),
-    "runstate": (["clipstudy/runstate.py"], ["clipstudy.runstate.*"],
+    "runstate": (["clipstudy/engine/runstate.py"], ["clipstudy.engine.runstate.*"],
                  ["tests/test_runstate.py",
                   "tests/test_resume.py::test_stop_request_flags_the_first_signal_raises_on_the_second_and_restores_handlers",
                   "tests/test_resume.py::test_sigterm_then_rerun_resumes_and_equals_uninterrupted[sogclr-mid-epoch]",
                   "tests/test_resume.py::test_sigterm_then_rerun_resumes_and_equals_uninterrupted[siglip-mid-epoch]"]),
-    "losses": (["clipstudy/losses.py", "clipstudy/losses_base.py", "clipstudy/losses_global.py"],
-               ["clipstudy.losses.*", "clipstudy.losses_base.*", "clipstudy.losses_global.*"],
+    "losses": (["clipstudy/core/losses.py", "clipstudy/core/losses_base.py", "clipstudy/core/losses_global.py"],
+               ["clipstudy.core.losses.*", "clipstudy.core.losses_base.*", "clipstudy.core.losses_global.*"],
                ["tests/test_losses.py"]),
-    "retrieval metrics": (["clipstudy/eval_metrics.py"],
-                          [f"clipstudy.eval_metrics.x_{name}__mutmut_*" for name in
+    "retrieval metrics": (["clipstudy/core/metrics.py"],
+                          [f"clipstudy.core.metrics.x_{name}__mutmut_*" for name in
                            ("_as_index_tensor", "_rows_per_chunk", "_recalls", "retrieval_ranks", "retrieval_metrics",
                             "_no_correct_in_top", "chance_levels", "zeroshot_metrics")],
                           ["tests/test_evaluate.py"]),
-    "sweep cell state": (["clipstudy/sweep.py"],
-                         ["clipstudy.sweep.x_cell_state__mutmut_*", "clipstudy.sweep.x_record_state__mutmut_*"],
+    "sweep cell state": (["clipstudy/study/sweep.py"],
+                         ["clipstudy.study.sweep.x_cell_state__mutmut_*", "clipstudy.study.sweep.x_record_state__mutmut_*"],
                          ["tests/test_sweep.py::test_dry_run_lists_each_cells_state_and_runs_nothing",
                           "tests/test_sweep.py::test_record_state_tells_stale_and_cut_runs_apart_and_needs_a_config_"
                           "for_either",

@@ -20,7 +20,7 @@ def demo_data_dir(tmp_path_factory) -> Path:
     Shared by many tests: treat it as read-only; copy it (``shutil.copytree``)
     before changing anything.
     """
-    from clipstudy.demo_data import make_demo_data
+    from clipstudy.data.demo import make_demo_data
 
     out = tmp_path_factory.mktemp("demo_data")
     make_demo_data(out, **TINY_DEMO)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clipstudy.augment import ALBEF_OPS, AlbefRandomAugment, albef_op_argument, apply_albef_op
-from clipstudy.data import CLIP_MEAN, CLIP_STD, eval_transform, train_transform, zeroshot_transform
+from clipstudy.data.augment import ALBEF_OPS, AlbefRandomAugment, albef_op_argument, apply_albef_op
+from clipstudy.data.datasets import CLIP_MEAN, CLIP_STD, eval_transform, train_transform, zeroshot_transform
 
 
 def test_op_list_is_the_original_one():

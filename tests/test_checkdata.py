@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from clipstudy.__main__ import main as clipstudy_main
-from clipstudy.checkdata import check_data
+from clipstudy.data.check import check_data
 from conftest import TINY_DEMO
 
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from clipstudy.checkpoint import (CellBusy, CheckpointError, CheckpointWriteError, cell_lock, checkpoint_paths,
-                                  is_locked, load_latest, load_verified, remove_stale_temporaries, save_checkpoint)
+from clipstudy.fileio import CellBusy, cell_lock, is_locked
+from clipstudy.engine.checkpoint import CheckpointError, CheckpointWriteError, checkpoint_paths, load_latest, load_verified, remove_stale_temporaries, save_checkpoint
 
 
 def state(v):
@@ -42,7 +42,7 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, caplog, damage):
         latest.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):
         load_verified(latest)
-    with caplog.at_level("WARNING", logger="clipstudy.checkpoint"):
+    with caplog.at_level("WARNING", logger="clipstudy.engine.checkpoint"):
         loaded, path, warnings = load_latest(tmp_path)
     assert loaded["step"] == 1 and path.name == "ckpt-00000001.pt"
     assert len(warnings) == 1 and "ckpt-00000002.pt" in warnings[0]
@@ -80,7 +80,7 @@ def test_lock_excludes_and_is_released_by_kill(tmp_path):
             with cell_lock(tmp_path):
                 pass
     assert not is_locked(tmp_path)
-    code = ("import sys, time; from clipstudy.checkpoint import cell_lock\n"
+    code = ("import sys, time; from clipstudy.fileio import cell_lock\n"
             "with cell_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
@@ -131,7 +131,7 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
 def test_atomic_writes_keep_plain_file_permissions_and_json_of_paths_and_scalars(tmp_path):
     from pathlib import Path
 
-    from clipstudy.checkpoint import write_json
+    from clipstudy.fileio import write_json
 
     umask = os.umask(0o027)
     try:
@@ -155,7 +155,7 @@ def test_atomic_writes_keep_plain_file_permissions_and_json_of_paths_and_scalars
 def test_a_failed_atomic_write_names_the_file_its_size_and_why(tmp_path):
     import errno
 
-    from clipstudy.checkpoint import atomic_write_bytes
+    from clipstudy.fileio import atomic_write_bytes
     from clipstudy.errors import WriteFailure
 
     (tmp_path / "old.txt").write_text("kept")
@@ -178,7 +178,7 @@ def test_a_failed_atomic_write_names_the_file_its_size_and_why(tmp_path):
 
 
 def test_atomic_writes_make_missing_folders_and_stage_where_the_cleaner_looks(tmp_path, monkeypatch):
-    from clipstudy.checkpoint import atomic_write_bytes
+    from clipstudy.fileio import atomic_write_bytes
 
     staged = []
     real_replace = os.replace
@@ -199,11 +199,11 @@ def test_atomic_writes_make_missing_folders_and_stage_where_the_cleaner_looks(tm
 def test_umask_falls_back_to_the_usual_022_without_proc(monkeypatch):
     from pathlib import Path
 
-    from clipstudy import checkpoint
+    from clipstudy import fileio
 
     current = os.umask(0o027)  # not the fallback's value, so reading /proc is what this checks
     try:
-        assert checkpoint._umask() == 0o027
+        assert fileio._umask() == 0o027
     finally:
         os.umask(current)
 
@@ -211,4 +211,4 @@ def test_umask_falls_back_to_the_usual_022_without_proc(monkeypatch):
         raise OSError("no /proc")
 
     monkeypatch.setattr(Path, "read_text", no_proc)
-    assert checkpoint._umask() == 0o022
+    assert fileio._umask() == 0o022

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-import clipstudy.checkpoint as checkpoint_mod
-import clipstudy.train as train_mod
-from clipstudy import config as config_mod, records
+import clipstudy.fileio as fileio
+import clipstudy.engine.train as train_mod
+from clipstudy.engine import config as config_mod, records
 from clipstudy.__main__ import main as clipstudy_main
-from clipstudy.config import FIELDS, ConfigError
+from clipstudy.engine.config import FIELDS, ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +80,7 @@ def test_paper_profile_without_weights(demo_data_dir, tmp_path, capsys, no_weigh
 
 def test_sweep_paper_without_weights_fails_before_any_cell(demo_data_dir, tmp_path, capsys, no_weights,
                                                            monkeypatch):
-    import clipstudy.sweep as sweep_mod
+    import clipstudy.study.sweep as sweep_mod
 
     monkeypatch.setattr(sweep_mod, "run_cell", lambda *a, **k: pytest.fail("a cell was started"))
     runs = tmp_path / "runs"
@@ -92,7 +92,7 @@ def test_sweep_paper_without_weights_fails_before_any_cell(demo_data_dir, tmp_pa
 
 
 def test_sweep_paper_without_data_fails_before_any_cell(tmp_path, capsys, monkeypatch):
-    import clipstudy.sweep as sweep_mod
+    import clipstudy.study.sweep as sweep_mod
 
     monkeypatch.setattr(sweep_mod, "run_cell", lambda *a, **k: pytest.fail("a cell was started"))
     code = clipstudy_main(["sweep", "--profile", "paper", "--runs", str(tmp_path / "runs"), "--optimizers",
@@ -188,14 +188,14 @@ def test_evaluate_with_the_data_gone(trained_run, tmp_path, capsys):
 # ============================================================ exit 1: a write failed
 @pytest.mark.parametrize("name", ["config.json", "history.csv", "epochs.csv", "metrics.json"])
 def test_full_disk_while_writing_a_record(demo_data_dir, tmp_path, monkeypatch, capsys, name):
-    real = checkpoint_mod._replace_atomically
+    real = fileio.replace_atomically
 
     def no_space_for(path, data):
         if Path(path).name == name:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(path, data)
 
-    monkeypatch.setattr(checkpoint_mod, "_replace_atomically", no_space_for)
+    monkeypatch.setattr(fileio, "replace_atomically", no_space_for)
     out = tmp_path / "run"
     code = clipstudy_main(smoke_train(demo_data_dir, out, "--epochs", "1", "--max_steps", "2"))
     line = one_error_line(capsys.readouterr().err)
@@ -216,7 +216,7 @@ def test_full_disk_while_writing_the_lock(demo_data_dir, tmp_path, monkeypatch, 
 
 
 def test_a_multi_line_message_becomes_one_line(monkeypatch, capsys):
-    from clipstudy.models import WeightsUnavailable
+    from clipstudy.core.models import WeightsUnavailable
 
     def unavailable(config, progress):
         raise WeightsUnavailable("DistilBERT (distilbert-base-uncased)\nFix: run fetch-weights\n")
@@ -272,7 +272,7 @@ def test_only_rank_zero_prints_the_metrics(monkeypatch, capsys, rank, printed):
     (["completed", "busy"], 0),
 ])
 def test_sweep_exit_status_after_its_summary(demo_data_dir, tmp_path, monkeypatch, capsys, statuses, code):
-    import clipstudy.sweep as sweep_mod
+    import clipstudy.study.sweep as sweep_mod
 
     given = iter(statuses)
     monkeypatch.setattr(sweep_mod, "run_cell", lambda cell, **k: {"status": next(given), "cell": cell.name,
@@ -294,7 +294,7 @@ def help_text(argv: list[str], capsys) -> str:
 
 
 def test_every_field_has_a_help_line():
-    from clipstudy.config_help import FIELD_HELP
+    from clipstudy.engine.config_help import FIELD_HELP
 
     assert set(FIELD_HELP) == set(FIELDS)
 

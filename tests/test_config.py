@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from clipstudy.config import ConfigError, RunConfig, cell_name, config_from_json, make_config, safe_name
+from clipstudy.engine.config import ConfigError, RunConfig, cell_name, config_from_json, make_config, safe_name
 
 
 def test_profiles_and_overrides():
@@ -112,7 +112,7 @@ def test_demo_transforms_are_the_former_ones():
     import torch
     from PIL import Image
 
-    from clipstudy.data import eval_transform, train_transform, transforms_for
+    from clipstudy.data.datasets import eval_transform, train_transform, transforms_for
 
     demo = make_config("demo")
     new = transforms_for(demo)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from clipstudy.data import (CLIP_MEAN, CLIP_STD, DataError, RetrievalSet, TrainPairs, UnreadableImage, clean_caption,
+from clipstudy.data.datasets import (CLIP_MEAN, CLIP_STD, DataError, RetrievalSet, TrainPairs, UnreadableImage, clean_caption,
                             collate_skip_none, eval_transform, load_rgb_image, make_collate, train_transform)
-from clipstudy.zeroshot_data import ZeroShotSet, clip_templates, imagenet_classnames, imagenet_wnids
+from clipstudy.data.zeroshot import ZeroShotSet, clip_templates, imagenet_classnames, imagenet_wnids
 
 
 def to_tensor(image):
@@ -137,7 +137,7 @@ def test_bad_images_become_none_with_a_warning(tmp_path, caplog):
     assert pairs[0][0].shape == (3, 16, 16)
     for i, path in enumerate(bad.values(), start=1):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="clipstudy.data"):
+        with caplog.at_level(logging.WARNING, logger="clipstudy.data.datasets"):
             assert pairs[i] is None
         assert path.name in caplog.text
 
@@ -306,7 +306,7 @@ def test_transforms_equal_torchvision_compose_bit_for_bit():
     """The fused ToTensor + Normalize ending gives exactly torchvision's output, augmentation included."""
     from torchvision import transforms as T
 
-    from clipstudy.data import Compose
+    from clipstudy.data.datasets import Compose
 
     rng = np.random.default_rng(3)
     image = Image.fromarray(rng.integers(0, 256, (37, 45, 3), dtype=np.uint8))
@@ -352,7 +352,7 @@ def test_collate_skip_none():
 
 
 def test_decoded_image_cache_reads_each_file_once_and_retries_unreadable(tmp_path, monkeypatch):
-    import clipstudy.images as images_mod  # where the data sets' ImageReader reads
+    import clipstudy.data.images as images_mod  # where the data sets' ImageReader reads
 
     for i in range(3):
         save(Image.new("RGB", (8, 8), (40 * i, 0, 0)), tmp_path / "img" / f"{i}.png")

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from clipstudy.__main__ import main as clipstudy_main
-from clipstudy.data import RetrievalSet, TrainPairs, clean_caption, eval_transform
-from clipstudy.zeroshot_data import ZeroShotSet
-from clipstudy.demo_data import (COLOURS, POSITIONS, SIZES, content_digest, demo_paths, main,
+from clipstudy.data.datasets import RetrievalSet, TrainPairs, clean_caption, eval_transform
+from clipstudy.data.zeroshot import ZeroShotSet
+from clipstudy.data.demo import (COLOURS, POSITIONS, SIZES, content_digest, demo_paths, main,
                                  make_demo_data)
 from conftest import TINY_DEMO
 
@@ -179,7 +179,7 @@ def test_same_seed_gives_identical_bytes_in_a_fresh_process(demo_data_dir, tmp_p
     out = tmp_path / "again"
     script = (
         "import json, sys\n"
-        "from clipstudy.demo_data import make_demo_data\n"
+        "from clipstudy.data.demo import make_demo_data\n"
         f"make_demo_data(sys.argv[1], **{TINY_DEMO!r})\n"
         "from transformers import AutoTokenizer\n"
         "tok = AutoTokenizer.from_pretrained(sys.argv[1] + '/tokenizer')\n"

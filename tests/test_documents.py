@@ -1,5 +1,5 @@
 """The README's results are the committed data's: its table equals ``reports/demo/study_table.csv``, both equal
-what :mod:`clipstudy.report` computes from ``reports/demo/results.csv``, and every conclusion sentence, the
+what :mod:`clipstudy.study.report` computes from ``reports/demo/results.csv``, and every conclusion sentence, the
 chance line and Spearman's rho are the report's own output, not typed text."""
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clipstudy import findings, report
+from clipstudy.study import findings, report
+from clipstudy.study.results import study_table
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -41,7 +42,7 @@ def results() -> pd.DataFrame:
 def demo_chance(tmp_path_factory) -> dict:
     """Chance levels of the default demo benchmark, from its generator (they depend on the retrieval and class
     counts only, so a set with few, tiny training images has the same)."""
-    from clipstudy.demo_data import make_demo_data
+    from clipstudy.data.demo import make_demo_data
 
     manifest = make_demo_data(tmp_path_factory.mktemp("demo_chance"), image_size=8, train_size=16,
                               zeroshot_per_class=1)
@@ -49,7 +50,7 @@ def demo_chance(tmp_path_factory) -> dict:
 
 
 def test_readme_table_and_study_table_csv_equal_the_report_of_results_csv(results):
-    computed = report.study_table(results).astype(str)
+    computed = study_table(results).astype(str)
     committed = pd.read_csv(DEMO / "study_table.csv", dtype=str, keep_default_na=False)
     pd.testing.assert_frame_equal(committed, computed)
     readme = markdown_table(between_markers("results-table"))  # the README shows every column but the last two
@@ -68,6 +69,6 @@ def test_readme_chance_and_spearman_lines_are_computed(results, demo_chance):
                    f"ACC@1 {demo_chance['zeroshot_top1']:.2f} (Average {demo_chance['average']:.2f}).")
     assert chance_line in text
     rho = findings.spearman_vs_published(results)
-    found = re.search(r"published\s+paper-scale ranking \(`clipstudy.findings.spearman_vs_published`\): (-?\d+\.\d\d)\.",
+    found = re.search(r"published\s+paper-scale ranking \(`clipstudy.study.findings.spearman_vs_published`\): (-?\d+\.\d\d)\.",
                       text)
     assert found and found.group(1) == f"{rho['rho']:.2f}" and rho["n_cells"] == 15

@@ -10,8 +10,9 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from clipstudy import environment, report
-from clipstudy.environment import LockError, lock_mismatches, lock_problems, lock_versions, read_lock
+from clipstudy.engine import environment
+from clipstudy.study import report
+from clipstudy.engine.environment import LockError, lock_mismatches, lock_problems, lock_versions, read_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -179,7 +180,7 @@ def test_report_flags_runs_made_with_different_environments(tmp_path):
 
 
 def test_runs_record_the_lock_digest_beside_the_versions():
-    from clipstudy.records import package_versions
+    from clipstudy.engine.records import package_versions
 
     versions = package_versions()
     assert versions["lock_sha256"] == hashlib.sha256((ROOT / "requirements" / "lock.txt").read_bytes()).hexdigest()

@@ -1,4 +1,4 @@
-"""Tests of clipstudy.evaluate against brute-force references and hand-worked cases."""
+"""Tests of clipstudy.engine.evaluate against brute-force references and hand-worked cases."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipstudy.eval_metrics import retrieval_ranks
-from clipstudy.evaluate import (
+from clipstudy.core.metrics import retrieval_ranks
+from clipstudy.engine.evaluate import (
     chance_levels,
     evaluate_all,
     evaluate_retrieval,

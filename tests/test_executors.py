@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipstudy import executors
-from clipstudy.config import make_config
+from clipstudy.study import executors
+from clipstudy.engine.config import make_config
 from clipstudy.__main__ import main as clipstudy_main
-from clipstudy.sweep import plan_cells
-from clipstudy.tensorboard_log import read_scalars
-from clipstudy.train import train
+from clipstudy.study.sweep import plan_cells
+from clipstudy.engine.tensorboard_log import read_scalars
+from clipstudy.engine.train import train
 
 
 def sweep_main(argv: list[str]) -> int:
@@ -179,7 +179,7 @@ def test_slurm_options_are_checked_before_submitting(demo_data_dir, tmp_path, fa
 @pytest.mark.faults  # excluded from the default run like the other slow end-to-end tests: `make test-faults`
 @pytest.mark.timeout(900)
 def test_local_executor_two_cells_then_the_report(demo_data_dir, tmp_path, capsys):
-    from clipstudy import report
+    from clipstudy.study import report, results
 
     runs = tmp_path / "runs"
     assert sweep_main(sweep_args(demo_data_dir, runs, "clip,sogclr", "--executor", "local", "--jobs", "2")) == 0
@@ -196,7 +196,7 @@ def test_local_executor_two_cells_then_the_report(demo_data_dir, tmp_path, capsy
             reference(demo_data_dir, tmp_path / "reference" / loss, loss=loss))
     html = report.render("smoke", runs, tmp_path / "report")
     assert "Adamw" in html.read_text() or "AdamW" in html.read_text()
-    assert len(report.collect_runs(runs)) == 2
+    assert len(results.collect_runs(runs)) == 2
 
 
 def resumed_step(run: Path) -> int:
@@ -212,7 +212,7 @@ def resumed_step(run: Path) -> int:
 def test_local_cell_killed_mid_run_resumes_on_resubmission(demo_data_dir, tmp_path):
     from test_faults import completed, has_full_checkpoint, kill_everything, start_sweep, wait_for
 
-    from clipstudy.checkpoint import load_latest
+    from clipstudy.engine.checkpoint import load_latest
 
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "clipstudy", "sweep", *sweep_args(demo_data_dir, runs, "clip", "--executor", "local")]

@@ -28,16 +28,16 @@ import pandas as pd
 import pytest
 import torch
 
-import clipstudy.train as train_mod
+import clipstudy.engine.train as train_mod
 from clipstudy.__main__ import main as clipstudy_main
-from clipstudy.checkdata import check_data
-from clipstudy.checkpoint import (SWEEP_LOCK_NAME, CheckpointWriteError, checkpoint_paths, is_locked,
-                                  load_latest, load_verified)
-from clipstudy.config import ConfigError, cell_name, make_config
-from clipstudy.data import DataError, RetrievalSet, TrainPairs, eval_transform
-from clipstudy.zeroshot_data import ZeroShotSet
-from clipstudy.sweep import plan_cells
-from clipstudy.train import train
+from clipstudy.data.check import check_data
+from clipstudy.fileio import SWEEP_LOCK_NAME, is_locked
+from clipstudy.engine.checkpoint import CheckpointWriteError, checkpoint_paths, load_latest, load_verified
+from clipstudy.engine.config import ConfigError, cell_name, make_config
+from clipstudy.data.datasets import DataError, RetrievalSet, TrainPairs, eval_transform
+from clipstudy.data.zeroshot import ZeroShotSet
+from clipstudy.study.sweep import plan_cells
+from clipstudy.engine.train import train
 from conftest import TINY_DEMO, assert_same_weights
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -376,7 +376,7 @@ def test_dirty_but_usable_data_trains_and_is_reported(demo_data_dir, tmp_path, c
     names["classnames"]["zz_empty"] = "green diamond"
     (data / "zeroshot" / "classnames.json").write_text(json.dumps(names))
 
-    with caplog.at_level("WARNING", logger="clipstudy.data"):
+    with caplog.at_level("WARNING", logger="clipstudy.data.datasets"):
         pairs = TrainPairs(data / "train.json", data / "images", eval_transform(8))
     assert pairs.empty_captions == 3
     assert f"3 of {len(entries)} captions are empty after cleaning (caption numbers 3, 10, 11)" in caplog.text
@@ -401,7 +401,7 @@ def test_dirty_but_usable_data_trains_and_is_reported(demo_data_dir, tmp_path, c
     # with the empty class in the classifier, top-1 is a count of correct images out of 12
     correct = metrics["zeroshot_top1"] * metrics["zeroshot_n_images"] / 100
     assert correct == pytest.approx(round(correct))
-    from clipstudy.cli import evaluate_main
+    from clipstudy.cli.commands import evaluate_main
 
     assert evaluate_main(["--run", str(tmp_path / "run"), "--json"]) == 0  # same data, same classifier
     rescored = json.loads(capsys.readouterr().out)
@@ -418,7 +418,7 @@ def test_unreadable_training_images_are_counted_each_epoch_and_warned_once(demo_
     (data / "images" / bad[1]).write_bytes(b"")              # empty
     (data / "images" / bad[2]).write_bytes(b"GIF89a broken")  # not an image
     epochs = 2
-    with caplog.at_level("WARNING", logger="clipstudy.data"):
+    with caplog.at_level("WARNING", logger="clipstudy.data.datasets"):
         metrics = train(smoke(data, tmp_path / "run", epochs=epochs), progress=False)
     assert metrics["status"] == "completed"
     # every epoch visits every training pair once: each bad file is skipped once per epoch
@@ -428,7 +428,7 @@ def test_unreadable_training_images_are_counted_each_epoch_and_warned_once(demo_
 
 
 def test_a_run_directory_in_use_is_refused_untouched(demo_data_dir, tmp_path, capsys):
-    from clipstudy.checkpoint import CellBusy, cell_lock
+    from clipstudy.fileio import CellBusy, cell_lock
 
     run = tmp_path / "run"
     run.mkdir()
@@ -444,7 +444,7 @@ def test_a_run_directory_in_use_is_refused_untouched(demo_data_dir, tmp_path, ca
 
 
 def test_evaluate_command_reproduces_the_final_evaluation(reference_run, capsys):
-    from clipstudy.cli import evaluate_main
+    from clipstudy.cli.commands import evaluate_main
 
     assert evaluate_main(["--run", str(reference_run), "--json"]) == 0
     scores = json.loads(capsys.readouterr().out)
@@ -776,7 +776,7 @@ def test_kernel_of_a_sweep_killed_alone_stops_by_itself(demo_data_dir, tmp_path)
         if alive(kernels[0]):
             os.kill(kernels[0], signal.SIGKILL)
     assert not completed(run)  # stopped mid-cell: 50 epochs take far longer than the kernel needed to stop
-    from clipstudy.sweep import cell_state
+    from clipstudy.study.cells import cell_state
 
     assert cell_state(run)[0] == "partial"
 
@@ -820,7 +820,7 @@ def test_two_sweeps_on_one_folder_train_each_cell_once(demo_data_dir, tmp_path):
 @pytest.mark.faults
 @pytest.mark.timeout(600)
 def test_diverged_cell_is_recorded_the_sweep_goes_on_and_the_report_shows_it(demo_data_dir, tmp_path, capsys):
-    from clipstudy import report
+    from clipstudy.study import report
 
     runs = tmp_path / "runs"
     code = clipstudy_main(["sweep", "--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(runs),

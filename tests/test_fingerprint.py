@@ -15,14 +15,14 @@ import pandas as pd
 import pytest
 import torch
 
-from clipstudy import records
-from clipstudy.checkpoint import load_latest
-from clipstudy.config import ConfigError, make_config
+from clipstudy.engine import records
+from clipstudy.engine.checkpoint import load_latest
+from clipstudy.engine.config import ConfigError, make_config
 from clipstudy.__main__ import main as clipstudy_main
-from clipstudy.demo_data import DifferentDataSet, make_demo_data
-from clipstudy.fingerprint import differences, fingerprint
-from clipstudy.sweep import main as sweep_main
-from clipstudy.train import train
+from clipstudy.data.demo import DifferentDataSet, make_demo_data
+from clipstudy.engine.fingerprint import differences, fingerprint
+from clipstudy.study.sweep import main as sweep_main
+from clipstudy.engine.train import train
 from conftest import TINY_DEMO
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_fingerprint_holds_what_changes_results_and_nothing_else(demo_data_dir, 
 
 def test_a_sweep_pass_lists_the_zero_shot_folder_once_and_later_passes_see_changes(demo_data_dir, tmp_path,
                                                                                     monkeypatch, capsys):
-    from clipstudy import fingerprint as fp
+    from clipstudy.engine import fingerprint as fp
 
     walked = []
     real_walk = os.walk

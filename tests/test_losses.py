@@ -1,7 +1,7 @@
 """Every loss against an independent float64 reference written with explicit loops.
 
 The references below use only scalar arithmetic on the rows (no code from
-``clipstudy.losses``); autograd through them gives the reference gradients.
+``clipstudy.core.losses``); autograd through them gives the reference gradients.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from clipstudy.losses import LOSSES, PairLoss, available_losses, make_loss, register_loss
+from clipstudy.core.losses import LOSSES, PairLoss, available_losses, make_loss, register_loss
 
 B, D = 6, 5
 ALL = ["clip", "sogclr", "isogclr", "cyclip", "vicreg", "onlineclr", "siglip"]
@@ -679,7 +679,7 @@ def test_isogclr_logs_the_mean_temperature_of_the_last_batch_after_its_update():
 
 
 def test_each_loss_class_has_its_documented_defaults():
-    from clipstudy.losses import LOSSES
+    from clipstudy.core.losses import LOSSES
 
     expected = {  # the Args sections of the docstrings (and docs): temperature 0.01 everywhere
         "clip": {}, "siglip": {},

@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from clipstudy import distributed as dist_utils
-from clipstudy.losses import available_losses, make_loss
+from clipstudy.core import distributed as dist_utils
+from clipstudy.core.losses import available_losses, make_loss
 
 GLOBAL_BATCH, FEATURES, DIM, NUM_SAMPLES, LR = 8, 4, 5, 12, 0.1
 # Global indices of the two steps; the second batch revisits samples 2, 5, 6, 7, 0.

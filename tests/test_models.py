@@ -4,7 +4,7 @@ import socket
 import pytest
 import torch
 
-from clipstudy.models import SmallResNet, WeightsUnavailable, build_model
+from clipstudy.core.models import SmallResNet, WeightsUnavailable, build_model
 
 
 def forbid_network(monkeypatch):
@@ -68,7 +68,7 @@ def test_paper_weights_missing_fail_at_once_with_fix(tmp_path, monkeypatch):
 def test_resnet50_loads_local_weights(tmp_path, monkeypatch):
     """The paper image tower reads a local state dict (here a random one saved to disk)."""
     from torchvision.models import resnet50
-    from clipstudy.models import resnet50_trunk
+    from clipstudy.core.models import resnet50_trunk
 
     reference = resnet50(weights=None)
     torch.save(reference.state_dict(), tmp_path / "r50.pth")
@@ -113,7 +113,7 @@ def test_timm_weights_missing_fail_at_once_naming_them(tmp_path, monkeypatch):
 
 
 def test_timm_resnet50_loads_a_local_state_dict(tmp_path, monkeypatch):
-    from clipstudy.models import resnet50_trunk
+    from clipstudy.core.models import resnet50_trunk
 
     _empty_caches(tmp_path, monkeypatch)
     reference, state = _timm_reference()
@@ -130,7 +130,7 @@ def test_timm_resnet50_loads_from_the_hugging_face_cache_layout(tmp_path, monkey
     """What `fetch-weights` leaves: HF_HUB_CACHE/models--timm--resnet50.a1_in1k/snapshots/<rev>/model.safetensors."""
     from safetensors.torch import save_file
 
-    from clipstudy.models import resnet50_cache_path, resnet50_trunk
+    from clipstudy.core.models import resnet50_cache_path, resnet50_trunk
 
     _empty_caches(tmp_path, monkeypatch)
     assert resnet50_cache_path("timm-a1") is None
@@ -149,7 +149,7 @@ def test_timm_resnet50_loads_from_the_hugging_face_cache_layout(tmp_path, monkey
 
 
 def test_both_resnet50_backbones_give_2048_d_pooled_features():
-    from clipstudy.models import resnet50_trunk
+    from clipstudy.core.models import resnet50_trunk
 
     x = torch.randn(2, 3, 64, 64)
     for weights in ("timm-a1", "torchvision"):
@@ -162,8 +162,8 @@ def test_both_resnet50_backbones_give_2048_d_pooled_features():
 
 
 def test_fetch_weights_fetches_what_the_profile_loads():
-    from clipstudy.config import make_config
-    from clipstudy.models import weights_needed
+    from clipstudy.engine.config import make_config
+    from clipstudy.core.models import weights_needed
 
     assert weights_needed(make_config("paper")) == {"resnet50": "timm-a1", "distilbert": True}
     assert weights_needed(make_config("paper", image_weights="torchvision"))["resnet50"] == "torchvision"

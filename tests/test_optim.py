@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from clipstudy.losses import make_loss
-from clipstudy.optim import (OPTIMIZERS, available_optimizers, build_optimizer, default_lr, make_scheduler,
+from clipstudy.core.losses import make_loss
+from clipstudy.core.optim import (OPTIMIZERS, available_optimizers, build_optimizer, default_lr, make_scheduler,
                              param_groups)
 
 

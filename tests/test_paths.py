@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from clipstudy import paths
-from clipstudy.config import make_config
-from clipstudy.sweep import plan_cells
-from clipstudy.train import run_directory
+from clipstudy.engine.config import make_config
+from clipstudy.study.sweep import plan_cells
+from clipstudy.engine.train import run_directory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,8 +76,13 @@ def test_train_notebook_writes_its_run_under_the_projects_runs(demo_data_dir, tm
 def test_installed_clipstudy_runs_train_and_report_from_another_directory(demo_data_dir, tmp_path):
     """A non-editable install (its own venv, reusing this environment's dependencies) needs no checkout."""
     source = tmp_path / "src"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "reports", "data", "build",
-                                                                 "*.egg-info", "__pycache__", "tests"))
+    everywhere = shutil.ignore_patterns("*.egg-info", "__pycache__")
+    at_root = {".venv", ".git", "reports", "data", "build", "tests"}  # clipstudy/data is the package's own
+
+    def ignore(folder, names):
+        return everywhere(folder, names) | (at_root & set(names) if Path(folder) == ROOT else set())
+
+    shutil.copytree(ROOT, source, ignore=ignore)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, capture_output=True)
     python = venv / "bin" / "python"

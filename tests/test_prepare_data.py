@@ -12,11 +12,13 @@ import pytest
 from PIL import Image
 
 from clipstudy.__main__ import main as clipstudy_main
-from clipstudy.checkdata import check_data
-from clipstudy.data import eval_transform
-from clipstudy.zeroshot_data import ZeroShotSet, imagenet_classnames, imagenet_wnids
-from clipstudy.prepare_cc3m import prepare_cc3m
-from clipstudy.prepare_data import PrepareError, prepare_coco_karpathy, prepare_imagenet_val
+from clipstudy.data.check import check_data
+from clipstudy.data.datasets import eval_transform
+from clipstudy.data.zeroshot import ZeroShotSet, imagenet_classnames, imagenet_wnids
+from clipstudy.data.prepare.cc3m import prepare_cc3m
+from clipstudy.data.prepare.coco import prepare_coco_karpathy
+from clipstudy.data.prepare.common import PrepareError
+from clipstudy.data.prepare.imagenet import prepare_imagenet_val
 
 FAILED, NO_CAPTION, BROKEN = "000000003", "000000005", "000000007"
 

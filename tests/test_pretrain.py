@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from clipstudy import pretrain
-from clipstudy.config import ConfigError, make_config
-from clipstudy.data import clean_caption
+from clipstudy.engine import pretrain
+from clipstudy.engine.config import ConfigError, make_config
+from clipstudy.data.datasets import clean_caption
 
 TINY = dict(images=48, image_epochs=1, image_batch_size=16, captions=96, text_epochs=1, text_batch_size=16)
 
@@ -122,7 +122,7 @@ def test_concurrent_runs_build_once(data_dir, monkeypatch):
 
 
 def test_runs_load_the_towers_and_scratch_does_not(data_dir):
-    from clipstudy.train import build_model_for, seed_everything
+    from clipstudy.engine.train import build_model_for, seed_everything
 
     config = smoke(data_dir)
     seed_everything(0)
@@ -150,7 +150,7 @@ def test_bad_settings_and_foreign_data_fail_clearly(data_dir, tmp_path):
 def test_a_pretrained_run_logs_collapse_diagnostics(data_dir, tmp_path):
     import pandas as pd
 
-    from clipstudy.train import train
+    from clipstudy.engine.train import train
 
     metrics = train(smoke(data_dir, out=str(tmp_path / "run"), epochs=1), progress=False)
     history = pd.read_csv(tmp_path / "run" / "history.csv")
@@ -166,7 +166,7 @@ def test_loading_the_towers_reads_the_file_once(data_dir, monkeypatch):
     # the digest check and the load use the same bytes: no second read, nothing can change in between
     from pathlib import Path
 
-    from clipstudy.train import build_model_for
+    from clipstudy.engine.train import build_model_for
 
     config = smoke(data_dir)
     pretrain.ensure_pretrained(config, progress=False)

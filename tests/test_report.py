@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clipstudy import findings, report
+from clipstudy.study import findings, report, results
 
 # optimizer, loss, seed, status, TR@1, IR@1, ACC@1
 FIXTURE = [
@@ -40,9 +40,9 @@ def write_fixture_runs(root: Path):
 
 def test_tables_and_conclusions(tmp_path):
     write_fixture_runs(tmp_path)
-    df = report.collect_runs(tmp_path)
+    df = results.collect_runs(tmp_path)
     assert len(df) == len(FIXTURE)
-    table = report.study_table(df).set_index(["Optimizer", "Method"])
+    table = results.study_table(df).set_index(["Optimizer", "Method"])
     # mean ± sample std over the two seeds, by hand: TR (10, 12) -> 11.00 ± 1.41
     assert table.loc[("AdamW", "CLIP"), "TR@1"] == "11.00 ± 1.41"
     assert table.loc[("AdamW", "SogCLR"), "Average"] == f"{((14+11+26)/3 + (13+12+24)/3)/2:.2f} ± " \
@@ -69,7 +69,7 @@ def test_spearman_against_published(tmp_path):
             (d / "metrics.json").write_text(json.dumps({"status": "completed", "optimizer": r.optimizer,
                                                         "loss": r.loss, "seed": 0, "txt_r1": avg, "img_r1": avg,
                                                         "zeroshot_top1": avg, "average": avg}))
-        rho = findings.spearman_vs_published(report.collect_runs(root))
+        rho = findings.spearman_vs_published(results.collect_runs(root))
         assert rho["n_cells"] == 15
         assert rho["rho"] == pytest.approx(sign * 1.0)
 
@@ -96,7 +96,7 @@ def test_analysis_notebook_renders_report(tmp_path):
 
 def test_conclusions_against_chance(tmp_path):
     write_fixture_runs(tmp_path)
-    df = report.collect_runs(tmp_path)
+    df = results.collect_runs(tmp_path)
     # chance Average = (1 + 1 + 10) / 3 = 4; cell means: AdamW+CLIP 13.83, AdamW+SogCLR 16.67, SGD+CLIP 10.33,
     # Adam+CLIP 3.33 -> three cells above 2 x 4 = 8, Adam+CLIP below chance
     lines = report.conclusions(df, {"txt_r1": 1.0, "img_r1": 1.0, "zeroshot_top1": 10.0})
@@ -115,46 +115,46 @@ def test_conclusions_compare_variants_with_their_base_optimizer(tmp_path):
         (d / "metrics.json").write_text(json.dumps({
             "status": "completed", "optimizer": opt, "base_optimizer": base, "loss": loss, "seed": 0,
             "txt_r1": tr, "img_r1": ir, "zeroshot_top1": acc, "average": (tr + ir + acc) / 3}))
-    lines = report.conclusions(report.collect_runs(tmp_path))
+    lines = report.conclusions(results.collect_runs(tmp_path))
     # by hand: Adam+CLIP (3+3+4)/3 = 3.33, Adam (no L2) 7.00; SGD: only SGD+CLIP s0 completed, 31/3 = 10.33
     assert ("Adam (no L2) averages 7.00 over losses against 3.33 for Adam with its defaults: "
             "the variant helps." in lines)
     assert "hot averages 3.00 over losses against 10.33 for SGD with its defaults: the variant does not help." in lines
     # with a chance Average of 6 both stay within 2 x 6 = 12: neither learns
-    lines = report.conclusions(report.collect_runs(tmp_path), {"txt_r1": 6.0, "img_r1": 6.0, "zeroshot_top1": 6.0})
+    lines = report.conclusions(results.collect_runs(tmp_path), {"txt_r1": 6.0, "img_r1": 6.0, "zeroshot_top1": 6.0})
     assert ("hot averages 3.00 over losses against 10.33 for SGD with its defaults: "
             "neither learns (both within twice the chance Average, 6.00)." in lines)
     # a variant whose runs do not say what it modifies is not compared with anything
     (tmp_path / "hot-clip-s0" / "metrics.json").write_text(json.dumps({
         "status": "completed", "optimizer": "hot", "loss": "clip", "seed": 0, "txt_r1": 3.0, "img_r1": 3.0,
         "zeroshot_top1": 3.0, "average": 3.0}))
-    assert not any(line.startswith("hot averages") for line in report.conclusions(report.collect_runs(tmp_path)))
+    assert not any(line.startswith("hot averages") for line in report.conclusions(results.collect_runs(tmp_path)))
 
 
 def test_logs_are_loaded_and_tagged_per_run(tmp_path):
     write_fixture_runs(tmp_path)
     (tmp_path / "adam-clip-s0" / "epochs.csv").write_text(",".join(("epoch", "step", "txt_r1")) + "\n")  # header only
-    df = report.collect_runs(tmp_path)
-    history = report.load_logs(df, "history.csv")
+    df = results.collect_runs(tmp_path)
+    history = results.load_logs(df, "history.csv")
     completed = [(o, l, s) for o, l, s, st, *_ in FIXTURE if st == "completed"]
     assert len(history) == 2 * len(completed)  # two rows per completed fixture run
     assert sorted(set(zip(history["optimizer"], history["loss_name"], history["seed"]))) == sorted(completed)
     assert list(history["loss"][:2]) == [4.0, 3.5]  # the history's own loss column is kept
-    epochs = report.load_logs(df, "epochs.csv")
+    epochs = results.load_logs(df, "epochs.csv")
     assert len(epochs) == len(completed) - 1  # adam-clip-s0's file holds a header only
     row = epochs[(epochs["optimizer"] == "adamw") & (epochs["loss_name"] == "clip") & (epochs["seed"] == 1)]
     assert row["txt_r1"].tolist() == [12.0]
-    assert report.load_logs(df.iloc[0:0], "epochs.csv").empty
+    assert results.load_logs(df.iloc[0:0], "epochs.csv").empty
     with pytest.raises(ValueError, match="history.csv or epochs.csv"):
-        report.load_logs(df, "metrics.json")
+        results.load_logs(df, "metrics.json")
 
 
 def test_one_seed_shows_no_spread(tmp_path):
     write_fixture_runs(tmp_path)
-    one_seed = report.collect_runs(tmp_path).query("seed == 0")
+    one_seed = results.collect_runs(tmp_path).query("seed == 0")
     assert "average_std" not in findings.with_published(one_seed).columns
-    assert "nan" not in report.study_table(one_seed).to_string().lower()
-    assert "average_std" in findings.with_published(report.collect_runs(tmp_path)).columns
+    assert "nan" not in results.study_table(one_seed).to_string().lower()
+    assert "average_std" in findings.with_published(results.collect_runs(tmp_path)).columns
 
 
 def test_collapse_comes_from_the_diagnostics_not_the_scores(tmp_path):
@@ -165,14 +165,14 @@ def test_collapse_comes_from_the_diagnostics_not_the_scores(tmp_path):
         path = tmp_path / run / "metrics.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "image_cos_mean_end": image_cos,
                                     "text_cos_mean_end": text_cos}))
-    lines = report.conclusions(report.collect_runs(tmp_path), {"txt_r1": 1.0, "img_r1": 1.0, "zeroshot_top1": 10.0})
+    lines = report.conclusions(results.collect_runs(tmp_path), {"txt_r1": 1.0, "img_r1": 1.0, "zeroshot_top1": 10.0})
     # Adam + CLIP is below chance and collapsed; SGD + CLIP learned (10.33 > 8) yet its text embeddings collapsed
     assert "Below chance: Adam + CLIP." in lines
     collapsed = [line for line in lines if line.startswith("Cells whose embeddings end collapsed")]
     assert len(collapsed) == 1 and "SGD + CLIP (image 0.30, text 0.97)" in collapsed[0]
     assert "Adam + CLIP (image 0.99, text 0.40)" in collapsed[0] and "AdamW" not in collapsed[0]
     # without diagnostics, nothing is called collapsed
-    bare = report.collect_runs(tmp_path).assign(image_cos_mean_end=float("nan"), text_cos_mean_end=float("nan"))
+    bare = results.collect_runs(tmp_path).assign(image_cos_mean_end=float("nan"), text_cos_mean_end=float("nan"))
     lines = report.conclusions(bare, {"txt_r1": 1.0, "img_r1": 1.0, "zeroshot_top1": 10.0})
     assert "Below chance: Adam + CLIP." in lines
     assert not any("collapsed" in line for line in lines if not line.startswith("No collapse diagnostics"))
@@ -200,7 +200,7 @@ def test_spearman_per_optimizer_row_against_a_hand_computation(tmp_path):
     for r in pub[pub["optimizer"] == "adam"].itertuples():
         averages[("adam", r.loss)] = r.average
     write_grid_runs(tmp_path, averages)
-    rho = findings.spearman_by_optimizer(report.collect_runs(tmp_path)).set_index("scope")
+    rho = findings.spearman_by_optimizer(results.collect_runs(tmp_path)).set_index("scope")
     # by hand: rank differences d = (0, 0, 0, 1, -1), rho = 1 - 6 * 2 / (5 * 24) = 0.9
     assert rho.loc["adamw", "rho"] == pytest.approx(0.9)
     assert rho.loc["sgd", "rho"] == pytest.approx(-1.0)
@@ -245,7 +245,7 @@ def test_collapse_figures_flag_collapsed_cells(tmp_path):
     extra = {key: dict(healthy) for key in averages}
     extra[("adam", "sogclr")].update(text_cos_mean_end=0.99, weight_norm_end=3.0)
     write_grid_runs(tmp_path, averages, extra)
-    df = report.collect_runs(tmp_path)
+    df = results.collect_runs(tmp_path)
     table = report.collapse_table(df).set_index(["optimizer", "loss"])
     assert table.loc[("adam", "sogclr"), "collapsed_seeds"] == 1
     assert table["collapsed_seeds"].sum() == 1
@@ -287,7 +287,7 @@ FIRST = {"clip": 60.0, "sogclr": 1.2, "vicreg": 30.0}
 
 
 def step_lines(root: Path) -> list[str]:
-    return [line for line in report.collapse_conclusions(report.collect_runs(root), chance_avg=0.5)
+    return [line for line in report.collapse_conclusions(results.collect_runs(root), chance_avg=0.5)
             if ": its first gradient norm" in line]
 
 
@@ -296,7 +296,7 @@ def test_a_small_first_gradient_is_named_as_sgds_short_steps(tmp_path):
     # AdamW + SogCLR, with the same first gradient, is the loss's best cell. SGD + VICReg is weak too,
     # but its gradient is only 2x smaller: no step-size line for it.
     write_step_size_runs(tmp_path, STEP_GRID, FIRST)
-    df = report.collect_runs(tmp_path)
+    df = results.collect_runs(tmp_path)
     sgd_sogclr = df[(df["optimizer"] == "sgd") & (df["loss"] == "sogclr")].iloc[0]
     assert (sgd_sogclr.grad_norm_start, sgd_sogclr.grad_norm_end, sgd_sogclr.lr) == (1.2, 0.12, 1e-3)
     lines = report.collapse_conclusions(df, chance_avg=0.5)
@@ -312,7 +312,7 @@ def test_a_small_first_gradient_is_named_as_sgds_short_steps(tmp_path):
     record = json.loads((tmp_path / "sgd-sogclr-s0" / "metrics.json").read_text())
     record.update(grad_norm_start=2.0, grad_norm_end=1.0)
     (tmp_path / "sgd-sogclr-s0" / "metrics.json").write_text(json.dumps(record))
-    df = report.collect_runs(tmp_path)
+    df = results.collect_runs(tmp_path)
     assert df[(df["optimizer"] == "sgd") & (df["loss"] == "sogclr")].iloc[0].grad_norm_start == 2.0
 
 
@@ -349,8 +349,8 @@ def test_without_an_adam_type_cell_the_step_size_line_names_no_comparison(tmp_pa
 def test_chance_levels_come_from_the_data_of_real_runs(demo_data_dir, tmp_path):
     """chance_levels_for reads a real run's config.json, finds its evaluation sets and gives the chance levels
     the data generator computed independently (and 100 / n by hand)."""
-    from clipstudy.config import make_config
-    from clipstudy.train import train
+    from clipstudy.engine.config import make_config
+    from clipstudy.engine.train import train
     from conftest import TINY_DEMO
 
     runs = tmp_path / "runs"

@@ -22,11 +22,11 @@ import pandas as pd
 import pytest
 import torch
 
-import clipstudy.train as train_mod
-from clipstudy.checkpoint import checkpoint_paths, load_latest, load_verified
-from clipstudy.config import make_config
-from clipstudy.runstate import StopRequest
-from clipstudy.train import train
+import clipstudy.engine.train as train_mod
+from clipstudy.engine.checkpoint import checkpoint_paths, load_latest, load_verified
+from clipstudy.engine.config import make_config
+from clipstudy.engine.runstate import StopRequest
+from clipstudy.engine.train import train
 from conftest import TINY_DEMO, assert_same_weights
 
 TIMING = {"wall_time_s", "train_samples_per_s", "peak_memory_mb", "eval_time", "git_commit"}
@@ -141,7 +141,7 @@ def test_sigterm_then_rerun_resumes_and_equals_uninterrupted(reference_of, demo_
 BLOCKING_CLI = """
 import os, sys, time
 from pathlib import Path
-import clipstudy.train as t
+import clipstudy.engine.train as t
 ready, go, block_at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 real, calls = t.train_step, [0]
 def blocking_step(run, batch):
@@ -226,7 +226,7 @@ def test_a_second_signal_stops_at_once_without_a_checkpoint(demo_data_dir, tmp_p
 
 def test_stop_request_flags_the_first_signal_raises_on_the_second_and_restores_handlers(caplog):
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    with StopRequest() as stop, caplog.at_level("WARNING", logger="clipstudy.train"):
+    with StopRequest() as stop, caplog.at_level("WARNING", logger="clipstudy.engine.train"):
         assert stop.signal is None
         try:
             os.kill(os.getpid(), signal.SIGINT)

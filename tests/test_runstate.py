@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipstudy import precision, records, runstate
-from clipstudy.checkpoint import checkpoint_paths, save_checkpoint
+from clipstudy.core import precision
+from clipstudy.engine import records, runstate
+from clipstudy.engine.checkpoint import checkpoint_paths, save_checkpoint
 from clipstudy.__main__ import main as clipstudy_main
-from clipstudy.config import ConfigError, make_config
-from clipstudy.train import train
+from clipstudy.engine.config import ConfigError, make_config
+from clipstudy.engine.train import train
 
 
 def smoke(demo_data_dir, out, **kw):
@@ -88,7 +89,7 @@ def test_metrics_of_a_failure_have_one_schema(tmp_path):
 
 
 def test_training_and_evaluate_command_evaluate_at_the_same_precision(demo_data_dir, tmp_path, monkeypatch):
-    import clipstudy.evaluate as evaluate_mod
+    import clipstudy.engine.evaluate as evaluate_mod
 
     seen = []
     real = evaluate_mod.evaluate_all

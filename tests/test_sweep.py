@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-import clipstudy.train as train_mod
-from clipstudy.config import ConfigError, make_config
+import clipstudy.engine.train as train_mod
+from clipstudy.engine.config import ConfigError, make_config
 from clipstudy.__main__ import main as clipstudy_main
-from clipstudy.checkpoint import SWEEP_LOCK_NAME, cell_lock
-from clipstudy.fingerprint import fingerprint
-from clipstudy.sweep import (cell_state, main as sweep_main, plan_cells, record_state, run_cell, run_sweep,
-                             summary_line)
+from clipstudy.fileio import SWEEP_LOCK_NAME, cell_lock
+from clipstudy.engine.fingerprint import fingerprint
+from clipstudy.study.sweep import main as sweep_main, plan_cells, run_sweep
+from clipstudy.study.cells import cell_state, record_state, run_cell, summary_line
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"  # not the working directory's
 
@@ -194,7 +194,7 @@ def test_a_dead_kernel_fails_its_cell_while_the_other_job_completes(tmp_path, de
     numbers equal an uninterrupted in-process run's."""
     import nbformat
 
-    import clipstudy.sweep as sweep_mod
+    import clipstudy.study.sweep as sweep_mod
 
     notebook = nbformat.read(NOTEBOOKS / "train.ipynb", as_version=4)
     dying = nbformat.v4.new_code_cell('import os, signal\nif loss == "vicreg":\n'

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from clipstudy.checkpoint import load_latest
-from clipstudy.config import make_config
-from clipstudy.train import train
+from clipstudy.engine.checkpoint import load_latest
+from clipstudy.engine.config import make_config
+from clipstudy.engine.train import train
 
 TIMING = {"wall_time_s", "train_samples_per_s", "peak_memory_mb", "eval_time", "git_commit"}
 
@@ -80,7 +80,7 @@ def test_exploding_learning_rate_ends_as_diverged(demo_data_dir, tmp_path):
 
 
 def test_batch_larger_than_data_fails_fast(demo_data_dir, tmp_path):
-    from clipstudy.config import ConfigError
+    from clipstudy.engine.config import ConfigError
 
     with pytest.raises(ConfigError, match="batch_size"):
         train(smoke(demo_data_dir, tmp_path / "big", batch_size=100000), progress=False)

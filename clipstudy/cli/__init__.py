@@ -1,0 +1,1 @@
+"""The command line: the dispatcher of ``python -m clipstudy`` and the train/evaluate commands."""

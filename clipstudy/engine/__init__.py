@@ -1,0 +1,1 @@
+"""One run: configuration, training loop, run state, checkpoints, records and evaluation."""

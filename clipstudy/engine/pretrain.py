@@ -1,0 +1,386 @@
+"""Pretrained demo towers: the embedded benchmark's analogue of ImageNet and BookCorpus weights.
+
+The original study fine-tuned an ImageNet-pretrained ResNet-50 and a
+corpus-pretrained DistilBERT. The demo does the same at its own scale:
+
+* the image tower (:class:`~clipstudy.core.models.SmallResNet`) is pretrained by
+  supervised classification of single-shape scenes drawn by the demo
+  generator (one softmax head per attribute: colour, shape, size, row,
+  column, background tone);
+* the text tower (the small DistilBERT on the demo tokenizer) is pretrained
+  by masked-language modelling (``DistilBertForMaskedLM``) on captions of the
+  demo grammar.
+
+Both sets come from their own random streams (seed sequence
+``[seed, NAMESPACE, k]``, which make-demo-data never uses), and anything that
+coincides with the study's data is dropped and counted: an image whose
+pixels hash like any training, retrieval or zero-shot image, a caption equal
+(after the study's caption cleaning) to any training or retrieval caption or
+zero-shot prompt.
+
+The towers are cached by content in ``DATA/pretrained/<key>/`` where the key
+digests the generator version, the pretraining settings, the tower
+architecture and the digest of the data set they must be disjoint from; a
+file lock makes concurrent runs wait for one producer, and the files are
+written atomically. A run with ``pretrained=True`` and the demo towers calls
+:func:`load_pretrained_towers`, which builds them on first use (with a
+progress bar) and reuses them afterwards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRETRAIN_VERSION = 1
+NAMESPACE = 0x70726574  # "pret": separates these random streams from make-demo-data's
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """How the demo towers are pretrained (config field ``pretrain`` overrides any of these)."""
+    images: int = 6000              # single-shape scenes for the image classifier (10 % held out)
+    image_epochs: int = 10
+    image_batch_size: int = 64
+    image_lr: float = 2e-3
+    captions: int = 12000           # captions for masked-language modelling (10 % held out)
+    text_epochs: int = 4
+    text_batch_size: int = 64
+    text_lr: float = 1e-3
+    mlm_probability: float = 0.15
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+def settings_from(config) -> PretrainSettings:
+    from clipstudy.engine.config import ConfigError
+
+    names = {f.name for f in dataclasses.fields(PretrainSettings)}
+    unknown = sorted(set(config.pretrain) - names)
+    if unknown:
+        raise ConfigError(f"config field 'pretrain': unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    try:
+        return PretrainSettings(**{k: type(getattr(PretrainSettings, k))(v) for k, v in config.pretrain.items()})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config field 'pretrain'={config.pretrain!r}: {err}") from None
+
+
+# ------------------------------------------------------------------ the data
+def pixel_hash(image) -> str:
+    """SHA-256 of an image's RGB pixels and size (independent of the file encoding)."""
+    array = np.asarray(image.convert("RGB"))
+    return hashlib.sha256(repr(array.shape).encode() + array.tobytes()).hexdigest()
+
+
+def study_image_hashes(config) -> set[str]:
+    """Pixel hashes of every training, retrieval and zero-shot image of the run's data."""
+    from PIL import Image
+
+    paths = config.resolved_paths()
+    folders = {Path(paths[k]) for k in ("train_images", "retrieval_images", "zeroshot_images") if paths[k]}
+    hashes = set()
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                with Image.open(path) as image:
+                    hashes.add(pixel_hash(image))
+    return hashes
+
+
+def study_captions(config) -> set[str]:
+    """Every training and retrieval caption and zero-shot prompt of the run's data, as the study cleans them."""
+    from clipstudy.data.datasets import clean_caption
+
+    paths = config.resolved_paths()
+    texts = [e["caption"] for e in json.loads(Path(paths["train_ann"]).read_text())]
+    if paths["retrieval_ann"]:
+        texts += [c for e in json.loads(Path(paths["retrieval_ann"]).read_text()) for c in e["caption"]]
+    classnames = Path(paths["zeroshot_images"]) / "classnames.json" if paths["zeroshot_images"] else None
+    if classnames and classnames.is_file():
+        spec = json.loads(classnames.read_text())
+        texts += [t.format(name) for name in spec["classnames"].values() for t in spec["templates"]]
+    return {clean_caption(t, config.max_words) for t in texts}
+
+
+def _stream(settings: PretrainSettings, k: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([settings.seed, NAMESPACE, k]))
+
+
+HEADS = ("colour", "shape", "size", "row", "col", "tone")
+
+
+def head_sizes() -> list[int]:
+    from clipstudy.data.demo_scenes import COLOURS, SHAPES, SIZES, TONES
+
+    return [len(COLOURS), len(SHAPES), len(SIZES), 3, 3, len(TONES)]
+
+
+def scene_labels(scene: dict) -> list[int]:
+    from clipstudy.data.demo_scenes import COLOURS, SHAPES, SIZES, TONES
+
+    shape = scene["shapes"][0]
+    return [list(COLOURS).index(shape["colour"]), list(SHAPES).index(shape["shape"]),
+            list(SIZES).index(shape["size"]), shape["row"], shape["col"],
+            list(TONES).index(scene["background"]["tone"])]
+
+
+def pretraining_images(settings: PretrainSettings, image_size: int, exclude: set[str]):
+    """(images uint8 N x H x W x 3, labels N x 6, dropped): labelled single-shape scenes not in ``exclude``."""
+    from clipstudy.data.demo_scenes import random_scene, render_scene
+
+    rng = _stream(settings, 0)
+    images, labels, dropped = [], [], 0
+    while len(images) < settings.images:
+        if dropped > settings.images:
+            raise RuntimeError("pretraining images: too many coincide with the study's images")
+        scene = random_scene(rng, 1)
+        image = render_scene(scene, image_size)
+        if pixel_hash(image) in exclude:
+            dropped += 1
+            continue
+        images.append(np.asarray(image))
+        labels.append(scene_labels(scene))
+    return np.stack(images), np.array(labels, dtype=np.int64), dropped
+
+
+def pretraining_captions(settings: PretrainSettings, exclude: set[str], max_words: int = 30):
+    """(captions, dropped): captions of the demo grammar, cleaned as the study does, none in ``exclude``."""
+    from clipstudy.data.datasets import clean_caption
+    from clipstudy.data.demo_scenes import PAIR_P, captions_for, random_scene
+
+    rng = _stream(settings, 1)
+    captions, dropped = [], 0
+    while len(captions) < settings.captions:
+        if dropped > 10 * settings.captions:
+            raise RuntimeError("pretraining captions: too many coincide with the study's captions")
+        scene = random_scene(rng, 2 if rng.random() < PAIR_P else 1)
+        caption = clean_caption(captions_for(rng, scene, 1)[0], max_words)
+        if caption in exclude:
+            dropped += 1
+            continue
+        captions.append(caption)
+    return captions, dropped
+
+
+# ------------------------------------------------------------------ training
+def _batches(n: int, batch_size: int, generator: torch.Generator):
+    order = torch.randperm(n, generator=generator)
+    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def _fit(batch_loss, modules, n: int, batch_size: int, epochs: int, lr: float, settings: PretrainSettings,
+         bar, stage: str) -> None:
+    """AdamW with warm-up (first 5 %) then cosine decay over ``epochs`` passes of shuffled batches."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    params = [p for module in modules for p in module.parameters()]
+    total = epochs * (n // batch_size)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
+    warmup = max(1, total // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)
+                                                 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    for _ in range(epochs):
+        for module in modules:
+            module.train()
+        for rows in _batches(n, batch_size, generator):
+            loss = batch_loss(rows)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.update(1)
+            bar.set_postfix(stage=stage, loss=f"{loss.item():.3f}", refresh=False)
+
+
+def train_image_tower(config, settings: PretrainSettings, images: np.ndarray, labels: np.ndarray, bar) -> tuple:
+    """Supervised multi-head classification; returns (tower state dict, held-out accuracy per head)."""
+    from clipstudy.data.datasets import CLIP_MEAN, CLIP_STD
+    from clipstudy.core.models import SmallResNet
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
+    x = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    y = torch.from_numpy(labels)
+    n_val = len(x) // 10
+    x_train, y_train, x_val, y_val = x[n_val:], y[n_val:], x[:n_val], y[:n_val]
+    tower = SmallResNet(tuple(config.small_resnet_widths), tuple(config.small_resnet_blocks),
+                        norm=config.small_resnet_norm)
+    sizes = head_sizes()
+    head = nn.Linear(tower.out_dim, sum(sizes))
+    def batch_loss(rows):
+        logits = head(tower(x_train[rows])).split(sizes, dim=1)
+        return sum(F.cross_entropy(z, y_train[rows, k]) for k, z in enumerate(logits))
+
+    _fit(batch_loss, [tower, head], len(x_train), settings.image_batch_size, settings.image_epochs,
+         settings.image_lr, settings, bar, "image")
+    tower.eval()
+    with torch.no_grad():
+        logits = head(tower(x_val)).split(sizes, dim=1)
+    accuracy = {name: float((z.argmax(1) == y_val[:, k]).float().mean()) for k, (name, z) in
+                enumerate(zip(HEADS, logits))}
+    return tower.state_dict(), accuracy
+
+
+def train_text_tower(config, settings: PretrainSettings, captions: list[str], tokenizer, bar) -> tuple:
+    """Masked-language modelling; returns (DistilBERT state dict, held-out masked-token accuracy)."""
+    from transformers import DataCollatorForLanguageModeling, DistilBertForMaskedLM
+
+    from clipstudy.core.models import small_distilbert
+
+    body = small_distilbert(len(tokenizer), dim=config.text_dim, n_layers=config.text_layers,
+                            max_position_embeddings=max(64, config.max_length),
+                            pad_token_id=tokenizer.pad_token_id or 0)
+    model = DistilBertForMaskedLM(body.config)
+    encoded = tokenizer(captions, truncation=True, max_length=config.max_length)["input_ids"]
+    n_val = len(encoded) // 10
+    train_ids, val_ids = encoded[n_val:], encoded[:n_val]
+    collate = DataCollatorForLanguageModeling(tokenizer, mlm_probability=settings.mlm_probability,
+                                              seed=settings.seed)
+
+    def forward(ids):
+        batch = collate([{"input_ids": i} for i in ids])
+        mask = (batch["input_ids"] != tokenizer.pad_token_id).long()
+        return model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"]), batch["labels"]
+
+    _fit(lambda rows: forward([train_ids[i] for i in rows])[0].loss, [model], len(train_ids),
+         settings.text_batch_size, settings.text_epochs, settings.text_lr, settings, bar, "text")
+    model.eval()
+    with torch.no_grad():
+        out, labels = forward(val_ids)
+    masked = labels != -100
+    accuracy = float((out.logits.argmax(-1)[masked] == labels[masked]).float().mean())
+    return model.distilbert.state_dict(), accuracy
+
+
+# ------------------------------------------------------------------ the cache
+def cache_key(config, settings: PretrainSettings, data_digest: str) -> str:
+    from clipstudy.data.demo import GENERATOR_VERSION
+
+    payload = {"pretrain_version": PRETRAIN_VERSION, "generator_version": GENERATOR_VERSION,
+               "settings": dataclasses.asdict(settings), "data_digest": data_digest,
+               "image": [config.image_size, list(config.small_resnet_widths), list(config.small_resnet_blocks),
+                         config.small_resnet_norm],
+               "text": [config.text_dim, config.text_layers, config.max_length, config.max_words]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _data_digest(config) -> str:
+    from clipstudy.engine.config import ConfigError
+    from clipstudy.engine.fingerprint import demo_manifest
+
+    manifest = demo_manifest(config.data) if config.data else None
+    if manifest is None or not manifest.get("digest"):
+        raise ConfigError(f"config field 'pretrained'=True with the demo towers needs a data folder made by "
+                          f"`python -m clipstudy make-demo-data` (no readable manifest.json in "
+                          f"{config.data or 'data'!r}); set `data` to such a folder, or pretrained=false to start "
+                          "from random weights")
+    return manifest["digest"]
+
+
+def _valid(folder: Path) -> tuple[dict, bytes] | None:
+    """The metadata and towers.pt bytes of a complete cache entry in ``folder`` (the bytes match the
+    metadata's digest), else None."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        data = (folder / "towers.pt").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return (meta, data) if hashlib.sha256(data).hexdigest() == meta.get("sha256") else None
+
+
+def ensure_pretrained(config, progress: bool = True) -> tuple[Path, dict]:
+    """The cached towers for ``config`` (built now if missing); returns (towers.pt path, metadata)."""
+    path, meta, _ = _cached_towers(config, progress)
+    return path, meta
+
+
+def _cached_towers(config, progress: bool) -> tuple[Path, dict, bytes]:
+    """(towers.pt path, metadata, its verified bytes): one read serves the digest check and the load."""
+    from clipstudy.fileio import atomic_write_bytes, cell_lock, write_json
+
+    settings = settings_from(config)
+    key = cache_key(config, settings, _data_digest(config))
+    folder = Path(config.data) / "pretrained" / key
+    entry = _valid(folder)
+    if entry is not None:
+        return (folder / "towers.pt", *entry)
+    folder.mkdir(parents=True, exist_ok=True)
+    with cell_lock(folder, wait=True):  # concurrent runs wait here for the one that builds
+        entry = _valid(folder)
+        if entry is None:
+            state, meta = build_towers(config, settings, progress)
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            meta["sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+            meta["key"] = key
+            atomic_write_bytes(folder / "towers.pt", buffer.getvalue())
+            write_json(folder / "meta.json", meta)  # last: with a matching digest it marks the entry complete
+            entry = (meta, buffer.getvalue())
+    return (folder / "towers.pt", *entry)
+
+
+def build_towers(config, settings: PretrainSettings, progress: bool = True) -> tuple[dict, dict]:
+    """Generate the disjoint pretraining sets and train both towers; returns (state, metadata).
+
+    Seeded by ``settings.seed`` alone; the caller's random state is restored afterwards.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        return _build_towers(config, settings, progress)
+
+
+def _build_towers(config, settings: PretrainSettings, progress: bool) -> tuple[dict, dict]:
+    import time
+
+    from tqdm.auto import tqdm
+
+    from clipstudy.core.models import local_tokenizer
+
+    started = time.perf_counter()
+    images, labels, dropped_images = pretraining_images(settings, config.image_size, study_image_hashes(config))
+    captions, dropped_captions = pretraining_captions(settings, study_captions(config), config.max_words)
+    tokenizer = local_tokenizer(config.resolved_paths()["tokenizer"])
+    n_image_train, n_text_train = len(images) - len(images) // 10, len(captions) - len(captions) // 10
+    total = (settings.image_epochs * (n_image_train // settings.image_batch_size)
+             + settings.text_epochs * (n_text_train // settings.text_batch_size))
+    with tqdm(total=total, desc="pretraining demo towers", unit="step", disable=not progress,
+              dynamic_ncols=True, mininterval=1.0) as bar:
+        image_state, image_accuracy = train_image_tower(config, settings, images, labels, bar)
+        text_state, text_accuracy = train_text_tower(config, settings, captions, tokenizer, bar)
+    meta = {"settings": dataclasses.asdict(settings), "images": len(images), "captions": len(captions),
+            "dropped_images": dropped_images, "dropped_captions": dropped_captions,
+            "image_val_accuracy": image_accuracy, "text_val_masked_accuracy": text_accuracy,
+            "seconds": round(time.perf_counter() - started, 1), "torch_threads": torch.get_num_threads()}
+    return {"image_tower": image_state, "text_tower": text_state}, meta
+
+
+def uses_pretrained_towers(config) -> tuple[bool, bool]:
+    """(image, text): which of the run's towers take the demo pretrained weights."""
+    return (config.pretrained and config.image_encoder == "small_resnet",
+            config.pretrained and config.text_encoder == "small_distilbert")
+
+
+def load_pretrained_towers(model, config, progress: bool = True) -> dict | None:
+    """Load the demo pretrained weights into ``model``'s small towers (building them if needed).
+
+    A no-op (None) unless ``config.pretrained`` and a demo tower is used; the
+    projections keep their random initialisation, as in the paper.
+    """
+    image, text = uses_pretrained_towers(config)
+    if not (image or text):
+        return None
+    _, meta, data = _cached_towers(config, progress)
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if image:
+        model.image_tower.load_state_dict(state["image_tower"])
+    if text:
+        model.text_tower.transformer.load_state_dict(state["text_tower"])
+    return meta

@@ -1,0 +1,1 @@
+"""The study over many runs: cells, the sweep and its executors, tuning, the report and its findings."""

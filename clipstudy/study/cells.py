@@ -1,0 +1,170 @@
+"""One cell of the study: its plan (:class:`Cell`), its state on disk, and running it through the notebook.
+
+A cell is one optimizer (or variant) x loss x seed. :func:`run_cell` executes
+``notebooks/train.ipynb`` with papermill into the cell's run directory under the
+cell's lock; every executor (inline, local, Slurm) runs cells through it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clipstudy import paths
+from clipstudy.engine import records
+from clipstudy.fileio import SWEEP_LOCK_NAME, CellBusy, cell_lock, is_locked
+from clipstudy.engine.checkpoint import checkpoint_paths
+from clipstudy.engine.config import ConfigError, RunConfig, cell_name
+from clipstudy.engine.fingerprint import describe_change, fingerprint
+from clipstudy.study.notebooks import execute_notebook
+
+STALE_FOLDER = "stale"  # <runs>/stale/<cell>-<time>: archived stale runs (the report reads <runs>/*/ only)
+
+
+@dataclass
+class Cell:
+    label: str                 # optimizer label (an optimizer name or a variant name)
+    loss: str
+    seed: int
+    params: dict = field(default_factory=dict)   # papermill parameters
+    out: Path = Path()
+    config: RunConfig | None = None              # the validated configuration the cell runs
+
+    @property
+    def name(self) -> str:
+        return cell_name(self.label, self.loss, self.seed)
+
+
+def cell_state(out: Path, config: RunConfig | None = None) -> tuple[str, str]:
+    """(state, detail) of a run directory: done, diverged, stale, failed, running, partial or pending.
+
+    With ``config`` (what the sweep asks for) a run that recorded another
+    fingerprint is ``stale`` (the detail names what changed), and a run cut
+    by ``max_steps`` earlier than ``config`` asks is ``partial`` (it continues).
+    """
+    if is_locked(out) or is_locked(out, SWEEP_LOCK_NAME):
+        return "running", "locked by a live process"
+    return record_state(out, config)
+
+
+def record_state(out: Path, config: RunConfig | None = None) -> tuple[str, str]:
+    """:func:`cell_state` from the run's records alone (the caller holds or ignores the locks)."""
+    m = records.read_metrics(out)
+    ckpts = checkpoint_paths(out / "checkpoints")
+    if config is not None and (records.is_finished(m) or ckpts):
+        change = describe_change(records.recorded_fingerprint(out), fingerprint(config))
+        if change:
+            return "stale", change
+    if m is not None:
+        status = m.get("status")
+        note = records.progress_note(m)
+        if status == records.COMPLETED and config is not None and not records.is_complete_for(m, config.max_steps):
+            return "partial", f"{note}; continues"  # not complete for config: cut, so note is never empty
+        if status == records.COMPLETED:
+            score = f"average {m['average']:.2f}" if isinstance(m.get("average"), (int, float)) else "completed"
+            return "done", f"{score}, {note}" if note else score
+        if status == records.DIVERGED:
+            return "diverged", f"at step {m.get('diverged_at_step')}"
+        if status == records.FAILED:
+            return "failed", m.get("error", "")[:120]
+    if ckpts:
+        return "partial", f"resumes from {ckpts[0].name}"
+    return "pending", ""
+
+
+def archive_stale(out: Path) -> Path:
+    """Move a stale run directory to ``<runs>/stale/<cell>-<UTC time>`` (never deleted); return where."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = out.parent / STALE_FOLDER / f"{out.name}-{stamp}"
+    n = 1
+    while target.exists():
+        n += 1
+        target = out.parent / STALE_FOLDER / f"{out.name}-{stamp}-{n}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    out.rename(target)
+    return target
+
+
+def parse_mapping(text: str | None, what: str) -> dict[str, str]:
+    """``"a=1,b=2"`` -> {"a": "1", "b": "2"}."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        if "=" not in item:
+            raise ConfigError(f"{what}: {item!r} is not NAME=VALUE")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def notebook_parameters(cell: Cell, device: str | None, threads: int | None) -> dict:
+    """Papermill parameters of the training notebook for one cell."""
+    params = dict(cell.params)
+    profile = params.pop("profile")
+    base = {k: params.pop(k) for k in ("optimizer", "loss", "seed", "out", "data", "label") if k in params}
+    overrides = dict(params)
+    if device:
+        overrides["device"] = device
+    if threads:
+        overrides["threads"] = threads
+    return {"profile": profile, **base, "overrides": overrides, "progress": False}
+
+
+def run_cell(cell: Cell, *, device: str | None = None, threads: int | None = None,
+             notebook: Path | None = None) -> dict:
+    """Execute the training notebook for one cell; return its metrics (or the failure).
+
+    The cell's sweep lock is held throughout, so a second sweep on the same
+    folder skips the cell (status ``busy``) instead of training it twice.
+    """
+    cell.out.mkdir(parents=True, exist_ok=True)
+    try:
+        with cell_lock(cell.out, SWEEP_LOCK_NAME):
+            if record_state(cell.out, cell.config)[0] in ("done", "diverged"):  # finished while we waited
+                return {**records.read_metrics(cell.out), "sweep_wall_s": 0.0, "skipped": True}
+            return _run_cell_locked(cell, device, threads, notebook or paths.notebook("train.ipynb"))
+    except CellBusy:
+        return {"status": "busy", "cell": cell.name, "sweep_wall_s": 0.0}
+
+
+def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
+    started = time.perf_counter()
+    error = None
+    before = records.read_metrics(cell.out)  # an earlier attempt's record, if any
+    try:
+        # once every cell has run, nothing is left to lose (train() has written its files
+        # atomically): ending the kernel at once saves the ~2 s a kernel with torch loaded
+        # takes to exit politely
+        execute_notebook(notebook, cell.out / "train.ipynb", notebook_parameters(cell, device, threads),
+                         shutdown_kernel="immediate")
+    except Exception as err:  # papermill wraps the notebook's exception
+        error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+    metrics = records.read_metrics(cell.out) or {}
+    recorded_now = metrics.get("status") == records.FAILED and metrics != before
+    if error and not recorded_now and metrics.get("status") not in records.FINISHED:
+        # the notebook failed before train() could record it (a bad parameter, missing data), or left
+        # an earlier attempt's failure; a result train() finished before the kernel went down is
+        # kept, never overwritten as failed
+        metrics = records.failure_metrics(
+            cell=cell.name, profile=cell.params["profile"], optimizer=cell.label,
+            base_optimizer=cell.params.get("optimizer", cell.label), loss=cell.loss, seed=cell.seed, error=error)
+        records.write_metrics(cell.out, metrics)
+    metrics["sweep_wall_s"] = time.perf_counter() - started
+    return metrics
+
+
+def summary_line(cell: Cell, metrics: dict) -> str:
+    status = metrics.get("status", "?")
+    wall = metrics.get("sweep_wall_s", 0.0)
+    if metrics.get("skipped"):  # another sweep finished it while this one waited for it
+        return f"{cell.name:<28} skipped (done by another sweep)"
+    if status == "completed":
+        scores = " ".join(f"{k}={metrics[k]:.2f}" for k in records.HEADLINE
+                          if isinstance(metrics.get(k), (int, float)))
+        return f"{cell.name:<28} completed  {scores}  ({wall:.0f}s)"
+    if status == "diverged":
+        return f"{cell.name:<28} DIVERGED at step {metrics.get('diverged_at_step')}  ({wall:.0f}s)"
+    if status == "busy":
+        return f"{cell.name:<28} skipped (another sweep is running it)"
+    if status == "stale":
+        return f"{cell.name:<28} NOT RUN: stale ({metrics.get('detail')})"
+    return f"{cell.name:<28} FAILED: {metrics.get('error', '')}  ({wall:.0f}s)"

@@ -1,0 +1,331 @@
+"""Gather every run's outputs into tidy tables, figures and computed conclusions.
+
+The analysis notebook calls these functions; ``python -m clipstudy report``
+executes that notebook with papermill and renders it to
+``reports/<profile>/report.html`` (code hidden), beside
+``reports/<profile>/results.csv``. Nothing in the conclusions is typed in by
+hand: every sentence is computed from the runs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clipstudy import paths
+from clipstudy.core.diagnostics import COLLAPSED_COS
+from clipstudy.study.results import (LOSS_NAMES, OPTIMIZER_NAMES, RESULT_COLUMNS, cell_summary, order_key)
+
+# ------------------------------------------------------------------ gathering
+def collapse_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per cell: mean over seeds of the diagnostics at the start and end, and how many seeds end collapsed."""
+    cols = [c for c in RESULT_COLUMNS if c.endswith(("_start", "_end"))]
+    done = df[df["status"] == "completed"].copy()
+    done["collapsed"] = (done[["image_cos_mean_end", "text_cos_mean_end"]] >= COLLAPSED_COS).any(axis=1)
+    out = done.groupby(["optimizer", "loss"], sort=False).agg(
+        **{c: (c, "mean") for c in cols}, collapsed_seeds=("collapsed", "sum"), seeds=("collapsed", "size"))
+    return out.reset_index().sort_values(["optimizer", "loss"], key=order_key).reset_index(drop=True)
+
+
+def collapse_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> list[str]:
+    """What the diagnostics say: collapsed cells, and the weights and embeddings of cells that did not learn."""
+    table = collapse_table(df)
+    if table.empty or table["text_cos_mean_end"].isna().all():
+        return ["No collapse diagnostics in these runs (they predate them)."]
+    out = []
+    for when in ("start", "end"):
+        hit = table[(table[[f"image_cos_mean_{when}", f"text_cos_mean_{when}"]] >= COLLAPSED_COS).any(axis=1)]
+        out.append(f"Cells whose embeddings {when} collapsed (mean off-diagonal cosine >= {COLLAPSED_COS} in a "
+                   f"modality, mean over seeds): " + (", ".join(
+                       f"{_cell_name(r)} (image {getattr(r, f'image_cos_mean_{when}'):.2f}, text "
+                       f"{getattr(r, f'text_cos_mean_{when}'):.2f})" for r in hit.itertuples()) or "none") + ".")
+    norms = table.groupby("optimizer", sort=False)[["weight_norm_start", "weight_norm_end"]].mean()
+    out.append("Norm of the weight matrices, start -> end, mean over losses: " + ", ".join(
+        f"{OPTIMIZER_NAMES.get(o, o)} {r.weight_norm_start:.1f} -> {r.weight_norm_end:.1f}"
+        for o, r in norms.iterrows()) + ".")
+    summary = cell_summary(df)
+    # the best Average per loss among cells of the same initialisation (pretrained or scratch)
+    summary["scratch"] = summary["optimizer"].astype(str).str.endswith("-scratch")
+    best = summary.groupby(["scratch", "loss"])["average_mean"].max()
+    averages = summary.set_index(["optimizer", "loss"])["average_mean"]
+    settings = _cell_settings(df)  # for the step-size lines: once, not per weak cell
+    bases = df.dropna(subset=["base_optimizer"]).groupby("optimizer")["base_optimizer"].first()
+    for r in table.itertuples():
+        avg = averages.get((r.optimizer, r.loss), float("nan"))
+        top = best.get((str(r.optimizer).endswith("-scratch"), r.loss), float("nan"))
+        if avg != avg:
+            continue
+        if chance_avg is not None and avg <= 2 * chance_avg:
+            why = f"did not learn (Average {avg:.2f})"
+        elif avg < 0.5 * top:
+            why = (f"reaches less than half the best Average for {LOSS_NAMES.get(r.loss, r.loss)} "
+                   f"({avg:.2f} against {top:.2f})")
+        else:
+            continue
+        gradient = (f", gradient norm {r.grad_norm_start:.2f} -> {r.grad_norm_end:.2f}"
+                    if r.grad_norm_start == r.grad_norm_start else "")
+        out.append(f"{_cell_name(r)} {why}: image cosine {r.image_cos_mean_start:.2f} -> {r.image_cos_mean_end:.2f}, "
+                   f"text cosine {r.text_cos_mean_start:.2f} -> {r.text_cos_mean_end:.2f}, weight norm "
+                   f"{r.weight_norm_start:.1f} -> {r.weight_norm_end:.1f}{gradient}.")
+        out += _step_size_conclusion(r, table, summary, settings, bases)
+    return out
+
+
+# Optimizers whose step is the learning rate times the gradient (plus momentum): a loss with a smaller
+# gradient gets proportionally shorter steps. Adam and AdamW divide by a running gradient scale instead.
+GRADIENT_PROPORTIONAL = {"sgd"}
+# A first gradient this many times smaller than the optimizer's best loss's is named as the likely cause.
+GRADIENT_RATIO = 10.0
+
+
+def _cell_settings(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (optimizer, loss): the lr and grad_clip all completed seeds share; NaN if unknown or if they differ."""
+    done = df[df["status"] == "completed"]
+    return done.groupby(["optimizer", "loss"])[["lr", "grad_clip"]].agg(
+        lambda s: float(s.iloc[0]) if s.nunique(dropna=False) == 1 else float("nan"))
+
+
+def _step_size_conclusion(r, table: pd.DataFrame, summary: pd.DataFrame, settings: pd.DataFrame,
+                          bases: pd.Series) -> list[str]:
+    """For a weak cell of a gradient-proportional optimizer: its first gradient against its optimizer's best
+    loss's, said only when both ran at one learning rate without gradient clipping."""
+    if bases.get(r.optimizer) not in GRADIENT_PROPORTIONAL or not r.grad_norm_start > 0:
+        return []
+
+    def setting(optimizer, loss, field):
+        return settings[field].get((optimizer, loss), float("nan"))
+
+    own = summary[summary["optimizer"] == r.optimizer].dropna(subset=["average_mean"])
+    reference = own.loc[own["average_mean"].idxmax()]
+    ref = table[(table["optimizer"] == r.optimizer) & (table["loss"] == reference.loss)].iloc[0]
+    lr = setting(r.optimizer, r.loss, "lr")
+    same_setting = (lr == setting(r.optimizer, ref.loss, "lr") and setting(r.optimizer, r.loss, "grad_clip") == 0
+                    and setting(r.optimizer, ref.loss, "grad_clip") == 0)
+    ratio = ref.grad_norm_start / r.grad_norm_start
+    if not (same_setting and ratio >= GRADIENT_RATIO):
+        return []
+    line = (f"{_cell_name(r)}: its first gradient norm ({r.grad_norm_start:.2f}) is {ratio:.0f}x smaller than "
+            f"{_cell_name(ref)}'s ({ref.grad_norm_start:.2f}). SGD's step is the learning rate times the gradient, "
+            f"so at the same learning rate ({lr:g}, no gradient clipping) its first steps are about {ratio:.0f}x "
+            "shorter")
+    # the loss's best cell among optimizers that divide by a gradient scale, same initialisation, same rate
+    others = summary[(summary["loss"] == r.loss) & summary["average_mean"].notna()
+                     & (summary["scratch"] == str(r.optimizer).endswith("-scratch"))
+                     & ~summary["optimizer"].map(bases).isin(GRADIENT_PROPORTIONAL)]
+    others = others[[setting(o, r.loss, "lr") == lr for o in others["optimizer"]]]
+    if len(others):
+        best = others.loc[others["average_mean"].idxmax()]
+        first = table[(table["optimizer"] == best.optimizer) & (table["loss"] == r.loss)].iloc[0].grad_norm_start
+        line += (f"; {_cell_name(best)}, whose step is divided by a running gradient scale, reaches "
+                 f"{best.average_mean:.2f} at that rate"
+                 + (f" (first gradient norm {first:.2f})" if first == first else ""))
+    return [line + "."]
+
+
+def cost_table(df: pd.DataFrame) -> pd.DataFrame:
+    cols = ["wall_time_s", "train_samples_per_s", "peak_memory_mb"]
+    return df.groupby(["optimizer", "loss"], sort=False)[cols].mean().reset_index()
+
+
+def chance_levels_for(runs_root: str | Path) -> dict:
+    """Chance levels of the evaluation sets used by the runs (from the first run's configuration)."""
+    from clipstudy.engine.evaluate import chance_levels
+
+    for cfg_file in sorted(Path(runs_root).glob("*/config.json")):
+        try:
+            cfg = json.loads(cfg_file.read_text())["config"]
+            from clipstudy.engine.config import make_config
+
+            data_paths = make_config(cfg["profile"], **{k: v for k, v in cfg.items() if k != "profile"}).resolved_paths()
+            entries = json.loads(Path(data_paths["retrieval_ann"]).read_text())
+            txt2img = [i for i, e in enumerate(entries)
+                       for _ in (e["caption"] if isinstance(e["caption"], list) else [e["caption"]])]
+            n_classes = sum(1 for p in Path(data_paths["zeroshot_images"]).iterdir() if p.is_dir())
+            return chance_levels(txt2img, len(entries), n_classes)
+        except Exception:  # a run from another machine may point to data that is not here
+            continue
+    return {}
+
+
+# ---------------------------------------------------------------- environment
+ENVIRONMENT_KEYS = ("python", "torch", "lock_sha256")
+
+
+def environment_table(runs_root: str | Path) -> pd.DataFrame:
+    """One row per run: the Python, torch and lock file digest its config.json recorded (None: not recorded)."""
+    rows = []
+    for cfg_file in sorted(Path(runs_root).glob("*/config.json")):
+        try:
+            versions = json.loads(cfg_file.read_text()).get("versions") or {}
+        except (OSError, json.JSONDecodeError, AttributeError):
+            versions = {}
+        rows.append({"run": cfg_file.parent.name, **{k: versions.get(k) for k in ENVIRONMENT_KEYS},
+                     "lock_mismatches": versions.get("lock_mismatches") or []})
+    return pd.DataFrame(rows, columns=["run", *ENVIRONMENT_KEYS, "lock_mismatches"])
+
+
+def _known(value) -> str | None:
+    return value if isinstance(value, str) and value else None  # pandas stores a gap as NaN
+
+
+def _describe_environment(python, torch, lock) -> str:
+    lock_text = f"lock sha256 {lock[:12]}" if _known(lock) else "no lock file recorded"
+    return f"Python {_known(python) or '?'}, torch {_known(torch) or '?'}, {lock_text}"
+
+
+def environment_notes(env: pd.DataFrame) -> list[str]:
+    """The environment the runs were made in; runs made in different ones, or off their lock, are named."""
+    if env.empty:
+        return ["No run recorded its environment (no config.json found)."]
+    groups: dict[str, list[str]] = {}
+    for row in env.itertuples():
+        groups.setdefault(_describe_environment(row.python, row.torch, row.lock_sha256), []).append(row.run)
+    if len(groups) == 1:
+        (described, runs), = groups.items()
+        notes = [f"All {len(runs)} runs: {described}." if len(runs) > 1 else f"The run: {described}."]
+    else:
+        ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+        notes = ["Runs made with different environments (compare their numbers with care): " + "; ".join(
+            f"{len(runs)} run{'s' if len(runs) > 1 else ''}: {described} ({', '.join(runs)})"
+            for described, runs in ordered) + "."]
+    drifted = env[env["lock_mismatches"].map(len) > 0]
+    if len(drifted):
+        notes.append(f"{len(drifted)} run{'s' if len(drifted) > 1 else ''} used packages other than "
+                     "{} lock file's: ".format("their" if len(drifted) > 1 else "its") + "; ".join(
+                         f"{r.run} ({', '.join(r.lock_mismatches[:3])}"
+                         + (f", {len(r.lock_mismatches) - 3} more" if len(r.lock_mismatches) > 3 else "") + ")"
+                         for r in drifted.itertuples()) + ".")
+    return notes
+
+
+# ---------------------------------------------------------------- conclusions
+def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
+    """Plain-language findings computed from the runs (never typed in by hand).
+
+    With ``chance`` (from :func:`chance_levels_for`), cells whose mean Average is
+    not above the chance Average are listed as not having learned.
+    """
+    from clipstudy.study import findings
+
+    summary = cell_summary(df)
+    done = summary.dropna(subset=["average_mean"])
+    if done.empty:
+        return ["No cell completed, so there is nothing to conclude."]
+    out = [_best_cell_line(done)] + _loss_conclusions(done)
+    # The original claims, tested on these runs.
+    out += findings.published_conclusions(df)
+    by_opt = done.groupby("optimizer")["average_mean"].mean()
+    chance_avg = _chance_average(chance)
+    out += _variant_conclusions(df, by_opt, chance_avg)
+    if len(by_opt) > 1:
+        ranking = ", ".join(f"{OPTIMIZER_NAMES.get(k, k)} {v:.2f}" for k, v in by_opt.sort_values(ascending=False).items())
+        out.append(f"Mean Average over losses by optimizer: {ranking}.")
+    out += findings.optimizer_conclusions(df, chance_avg) + collapse_conclusions(df, chance_avg)
+    out += findings.initialisation_conclusions(df)
+    return out + _chance_conclusions(done, chance_avg) + _status_conclusions(df)
+
+
+def _best_cell_line(done: pd.DataFrame) -> str:
+    best = done.loc[done["average_mean"].idxmax()]
+    return (f"Best cell: {OPTIMIZER_NAMES.get(best.optimizer, best.optimizer)} + "
+            f"{LOSS_NAMES.get(best.loss, best.loss)}, Average {best.average_mean:.2f}"
+            + (f" ± {best.average_std:.2f} over {int(best.average_count)} seeds" if best.average_count > 1 else ""))
+
+
+def _loss_conclusions(done: pd.DataFrame) -> list[str]:
+    """Per loss: its best optimizer and its lead over the second, against the seed spread when there is one."""
+    multi_seed = (done["average_count"] > 1).any()
+    out = []
+    for loss, group in done.groupby("loss", sort=False):
+        group = group.sort_values("average_mean", ascending=False)
+        first = group.iloc[0]
+        line = (f"{LOSS_NAMES.get(loss, loss)}: best optimizer {OPTIMIZER_NAMES.get(first.optimizer, first.optimizer)} "
+                f"({first.average_mean:.2f})")
+        if len(group) > 1:
+            second = group.iloc[1]
+            gap = first.average_mean - second.average_mean
+            line += f", ahead of {OPTIMIZER_NAMES.get(second.optimizer, second.optimizer)} by {gap:.2f}"
+            if multi_seed and first.average_count > 1 and second.average_count > 1:
+                spread = float(np.hypot(first.average_std, second.average_std))
+                line += (f"; the gap {'exceeds' if gap > spread else 'is within'} the seed spread "
+                         f"(combined std {spread:.2f})")
+            elif not multi_seed:
+                line += " (single seed: no spread to compare against)"
+        out.append(line + ".")
+    return out
+
+
+def _chance_average(chance: dict | None) -> float | None:
+    if chance and all(k in chance for k in ("txt_r1", "img_r1", "zeroshot_top1")):
+        return (chance["txt_r1"] + chance["img_r1"] + chance["zeroshot_top1"]) / 3
+    return None
+
+
+def _variant_conclusions(df: pd.DataFrame, by_opt: pd.Series, chance_avg: float | None) -> list[str]:
+    """Each optimizer variant against the optimizer its runs say it modifies (base_optimizer)."""
+    bases = df.dropna(subset=["base_optimizer"]).groupby("optimizer")["base_optimizer"].first()
+    out = []
+    for label, value in by_opt.items():
+        base = bases.get(label, label)
+        # scratch cells (random towers) are compared in initialisation_conclusions
+        if label == base or base not in by_opt or str(label).endswith("-scratch"):
+            continue
+        name, base_name = OPTIMIZER_NAMES.get(label, label), OPTIMIZER_NAMES.get(base, base)
+        line = f"{name} averages {value:.2f} over losses against {by_opt[base]:.2f} for {base_name} with its defaults: "
+        if chance_avg is not None and max(value, by_opt[base]) <= 2 * chance_avg:
+            line += f"neither learns (both within twice the chance Average, {chance_avg:.2f})."
+        else:
+            line += f"the variant {'helps' if value > by_opt[base] else 'does not help'}."
+        out.append(line)
+    return out
+
+
+def _chance_conclusions(done: pd.DataFrame, chance_avg: float | None) -> list[str]:
+    if chance_avg is None:
+        return []
+    learned = done[done["average_mean"] > 2 * chance_avg]
+    out = [f"{len(learned)} of {len(done)} cells reach more than twice the chance Average ({chance_avg:.2f})."]
+    below = done[done["average_mean"] < chance_avg]
+    if len(below):
+        out.append("Below chance: " + ", ".join(_cell_name(r) for r in below.itertuples()) + ".")
+    return out
+
+
+def _status_conclusions(df: pd.DataFrame) -> list[str]:
+    """The runs that diverged (and at which step) or failed."""
+    diverged = df[df["status"] == "diverged"]
+    failed = df[df["status"] == "failed"]
+    out = []
+    if len(diverged):
+        out.append(f"{len(diverged)} run(s) diverged: " + ", ".join(
+            f"{r.optimizer}-{r.loss}-s{r.seed} at step {int(r.diverged_at_step) if r.diverged_at_step == r.diverged_at_step else '?'}"
+            for r in diverged.itertuples()) + ".")
+    if len(failed):
+        out.append(f"{len(failed)} run(s) failed: " + ", ".join(
+            f"{r.optimizer}-{r.loss}-s{r.seed}" for r in failed.itertuples()) + ".")
+    return out
+
+
+def _cell_name(r) -> str:
+    return f"{OPTIMIZER_NAMES.get(r.optimizer, r.optimizer)} + {LOSS_NAMES.get(r.loss, r.loss)}"
+
+
+# ------------------------------------------------------------------ rendering
+def render(profile: str, runs_root: Path, out_dir: Path, *, notebook: Path | None = None) -> Path:
+    """Execute the analysis notebook and render it to HTML without code; return the HTML path."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    from clipstudy.study.notebooks import execute_notebook
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    executed = out_dir / "analysis.ipynb"
+    execute_notebook(notebook or paths.notebook("analysis.ipynb"), executed, {"profile": profile, "runs": str(runs_root.resolve()),
+                                          "out_dir": str(out_dir.resolve())})
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
+    html = out_dir / "report.html"
+    html.write_text(body, encoding="utf-8")
+    return html

@@ -1,0 +1,276 @@
+"""Run the optimizer x loss grid by executing ``notebooks/train.ipynb`` with papermill.
+
+Each cell runs into ``reports/runs/<profile>/<label>-<loss>-s<seed>/`` with
+its executed notebook beside the run's outputs. The sweep is resumable: a
+finished (completed or diverged) cell is skipped, an interrupted cell
+resumes from its newest checkpoint, a failed cell is recorded and the sweep
+goes on (it is tried again on the next sweep). A cell whose lock is held by
+another live process is skipped, so two sweeps on one folder never train the
+same cell twice.
+
+A cell is *done* only when its recorded fingerprint (:mod:`clipstudy.engine.fingerprint`)
+matches what the sweep asks for. A cell run with other settings or data is
+*stale*: it is listed with what changed, and not run unless ``--rerun-stale``,
+which first moves the old run to ``<runs>/stale/<cell>-<time>``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from clipstudy import paths
+from clipstudy.engine import records
+from clipstudy.study import executors
+from clipstudy.study.cells import Cell, archive_stale, cell_state, parse_mapping, run_cell, summary_line
+from clipstudy.engine.config import (FIELDS, PROFILES, ConfigError, fields_epilog, make_config,
+                              profile_named_in)
+from clipstudy.engine.fingerprint import listings_cached
+
+DEFAULT_OPTIMIZERS = ("adamw", "sgd", "adam")
+DEFAULT_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
+# Named optimizer variants beyond the original grid; more with --variant.
+VARIANTS: dict[str, dict] = {
+    "adam-nol2": {"optimizer": "adam", "weight_decay": 0.0},  # Adam without its L2 penalty
+    # the initialisation ablation: the same cells from random towers instead of pretrained ones
+    **{f"{name}-scratch": {"optimizer": name, "pretrained": False} for name in DEFAULT_OPTIMIZERS},
+}
+
+
+def plan_cells(profile: str, *, optimizers=DEFAULT_OPTIMIZERS, losses=DEFAULT_LOSSES, seeds=(0,),
+               lr: dict[str, float] | float | None = None, overrides: dict | None = None,
+               variants: dict[str, dict] | None = None, runs_root: str | Path | None = None) -> list[Cell]:
+    """The cells of a sweep, each validated now (so a bad parameter fails before hours of training).
+
+    ``lr`` is one learning rate for every cell or a mapping optimizer label -> lr.
+    ``variants`` adds named optimizer variants to :data:`VARIANTS`.
+    """
+    known = {**VARIANTS, **(variants or {})}
+    root = Path(runs_root).resolve() if runs_root else paths.runs_dir(profile)
+    overrides = dict(overrides or {})
+    cells = []
+    for label in optimizers:
+        variant = known.get(label, {"optimizer": label})
+        for loss in losses:
+            for seed in seeds:
+                params = {**overrides, **variant, "loss": loss, "seed": int(seed)}
+                if label in known:
+                    params["label"] = label
+                if isinstance(lr, dict):
+                    if label in lr:
+                        params["lr"] = float(lr[label])
+                elif lr:
+                    params["lr"] = float(lr)
+                cell = Cell(label, loss, int(seed))
+                cell.out = root / cell.name
+                params["out"] = str(cell.out)
+                cell.config = make_config(profile, **params)  # validate now
+                cell.params = {"profile": profile, **params}
+                cells.append(cell)
+    return cells
+
+
+def check_sweep_inputs(cells: list[Cell]) -> None:
+    """Data and weights of every cell are there, checked once per distinct setting before any kernel starts."""
+    from clipstudy.core.models import weights_needed
+    from clipstudy.engine.preflight import check_inputs
+
+    seen = set()
+    for cell in cells:
+        key = (tuple(sorted(cell.config.resolved_paths().items())), tuple(sorted(weights_needed(cell.config).items())))
+        if key not in seen:
+            seen.add(key)
+            check_inputs(cell.config)
+
+
+def check_names(lr: dict | float | None, variants: dict[str, dict]) -> None:
+    """Every ``--lr`` key names an optimizer or a variant, every ``--variant`` a known optimizer and fields."""
+    from clipstudy.core.optim import available_optimizers
+
+    optimizers = available_optimizers()
+    for name, variant in variants.items():
+        if variant.get("optimizer") not in optimizers:
+            raise ConfigError(f"--variant {name}: optimizer {variant.get('optimizer')!r} is unknown; "
+                              f"valid optimizers: {optimizers}")
+        unknown = [key for key in variant if key.replace("-", "_") not in FIELDS]
+        if unknown:
+            raise ConfigError(f"--variant {name}: unknown config field(s) {unknown}; valid fields: {sorted(FIELDS)}")
+    if isinstance(lr, dict):
+        known = sorted({*optimizers, *VARIANTS, *variants})
+        for name in lr:
+            if name not in known:
+                raise ConfigError(f"--lr: {name!r} is not an optimizer or variant name; valid names: {known}")
+
+
+def unfinished_cells(cells: list[Cell], rerun_stale: bool = False) -> tuple[dict[str, dict], list[Cell]]:
+    """(metrics of the finished cells, the cells left to run); says why each skipped cell is skipped.
+
+    A stale cell is not run (its result is ``{"status": "stale", "detail": ...}``)
+    unless ``rerun_stale``: then its run directory is archived
+    (:func:`archive_stale`) and the cell runs afresh.
+    """
+    results, todo = {}, []
+    with listings_cached():
+        states = [cell_state(cell.out, cell.config) for cell in cells]
+    for cell, (state, detail) in zip(cells, states):
+        if state in ("done", "diverged"):
+            print(f"{cell.name:<28} skipped ({state}{': ' + detail if detail else ''})", flush=True)
+            results[cell.name] = records.read_metrics(cell.out)
+        elif state == "running":
+            print(f"{cell.name:<28} skipped (running in another process)", flush=True)
+        elif state == "stale" and not rerun_stale:
+            results[cell.name] = {"status": "stale", "cell": cell.name, "detail": detail}
+            print(summary_line(cell, results[cell.name]), flush=True)
+        else:
+            if state == "stale":
+                print(f"{cell.name:<28} stale ({detail}): old run moved to {archive_stale(cell.out)}", flush=True)
+            todo.append(cell)
+    return results, todo
+
+
+def run_sweep(cells: list[Cell], *, jobs: int = 1, progress: bool = True,
+              rerun_stale: bool = False) -> dict[str, dict]:
+    """Run every unfinished cell, ``jobs`` at a time; return cell name -> metrics (stale cells:
+    see :func:`unfinished_cells`)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    results, todo = unfinished_cells(cells, rerun_stale)
+    gpus = torch.cuda.device_count()
+    devices: queue.Queue = queue.Queue()
+    for slot in range(jobs):
+        devices.put(f"cuda:{slot % gpus}" if gpus else None)
+    threads = None if gpus else max(1, (os.cpu_count() or 1) // jobs)
+
+    def work(cell: Cell) -> dict:
+        device = devices.get()
+        try:
+            return run_cell(cell, device=device, threads=threads if jobs > 1 else None)
+        finally:
+            devices.put(device)
+
+    bar = tqdm(total=len(todo), desc="sweep", unit="cell", disable=not progress, file=sys.stderr)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(work, cell): cell for cell in todo}
+        for future in as_completed(futures):
+            cell = futures[future]
+            metrics = future.result()
+            results[cell.name] = metrics
+            bar.update(1)
+            tqdm.write(summary_line(cell, metrics), file=sys.stdout)
+    bar.close()
+    return results
+
+
+def _number(text: str, option: str, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{option}: {text!r} is not a{'n integer' if kind is int else ' number'}") from None
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clipstudy sweep",
+                                     description="Run the optimizer x loss grid through papermill.",
+                                     epilog=fields_epilog(profile_named_in(argv, "demo")),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="demo", choices=sorted(PROFILES))
+    parser.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
+                        help=f"comma list; optimizer names or variants {sorted(VARIANTS)}")
+    parser.add_argument("--losses", default=",".join(DEFAULT_LOSSES),
+                        help="comma list of losses (default: the original five; isogclr and siglip run only "
+                             "when named)")
+    parser.add_argument("--seeds", default="0", help="comma list of seeds, e.g. 0,1,2")
+    parser.add_argument("--lr", default=None,
+                        help="one learning rate for all cells, or per optimizer or variant name: "
+                             "adamw=2e-4,sgd=0.05 (an unknown name fails at start)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIMIZER[:FIELD=VALUE;...]",
+                        help="a named optimizer variant, e.g. sgd-hi=sgd:lr=0.1;weight_decay=0")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a configuration field for every cell (repeatable)")
+    parser.add_argument("--data", default=None, help="demo-layout data folder (sets the `data` field)")
+    parser.add_argument("--runs", default=None, help="runs folder (default reports/runs/<profile>)")
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "1")))
+    parser.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+    executors.add_arguments(parser)
+    parser.add_argument("--rerun-stale", action="store_true",
+                        help="rerun cells trained with other settings or data, moving each old run to "
+                             "RUNS/stale/CELL-TIME first (without it they are listed and not run)")
+    args = parser.parse_args(argv)
+    cells = plan_from_args(args)
+    resources = executors.resources_from_args(args)
+    if args.status:
+        with listings_cached():
+            executors.print_status(cells)
+        return 0
+    if args.dry_run:
+        with listings_cached():
+            for cell in cells:
+                state, detail = cell_state(cell.out, cell.config)
+                print(f"{cell.name:<28} {state}{f' ({detail})' if detail else ''}")
+        print(f"{len(cells)} cells in {cells[0].out.parent if cells else '-'}")
+        return 0
+    check_sweep_inputs(cells)
+    if cells:
+        root = cells[0].out.parent
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"--runs {root}: cannot create the runs folder ({err.strerror or err}); "
+                              "choose a folder you can write to") from None
+    t0 = time.perf_counter()
+    if args.executor == "inline" and resources.world_size == 1:
+        results = run_sweep(cells, jobs=args.jobs, rerun_stale=args.rerun_stale)
+    else:
+        results, todo = unfinished_cells(cells, rerun_stale=args.rerun_stale)
+        ran = executors.run_cells(args.executor, todo, resources, cells[0].out.parent if cells else Path(),
+                                  jobs=args.jobs, wait=args.wait)
+        if ran is None:  # submitted to Slurm, not waited for
+            return 0
+        results.update(ran)
+    counts: dict[str, int] = {}
+    for m in results.values():
+        counts[m.get("status", "?")] = counts.get(m.get("status", "?"), 0) + 1
+    print(f"sweep finished in {time.perf_counter() - t0:.0f}s: "
+          + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    failed = counts.get(records.FAILED, 0)
+    if failed:  # a diverged cell is a result; a failed one is not
+        print(f"{failed} cell(s) failed: see the FAILED lines above and each cell's metrics.json and "
+              "train.ipynb; rerun the same command to retry them", file=sys.stderr)
+    if counts.get("stale"):
+        print(f"error: {counts['stale']} stale cell(s) not run: their runs used other settings or data (listed "
+              "above). Rerun with --rerun-stale to archive and retrain them, or keep both results side by side "
+              "with a --variant (see README, \"Several settings side by side\")", file=sys.stderr)
+    return 1 if failed or counts.get("stale") else 0
+
+
+def plan_from_args(args) -> list[Cell]:
+    """The sweep's cells from its command line, every name and value checked (ConfigError otherwise)."""
+    overrides = {}
+    for item in args.set:
+        overrides.update(parse_mapping(item, "--set"))
+    for name in overrides:
+        if name.replace("-", "_") not in FIELDS:
+            raise ConfigError(f"--set: unknown config field {name!r}; valid fields: {sorted(FIELDS)}")
+    if args.data:
+        overrides["data"] = str(Path(args.data).resolve())
+    variants = {}
+    for spec in args.variant:
+        name, _, rest = spec.partition("=")
+        optimizer, _, fields = rest.partition(":")
+        variants[name] = {"optimizer": optimizer, **parse_mapping(fields.replace(";", ","), "--variant")}
+    lr = None
+    if args.lr:
+        lr = ({k: _number(v, "--lr", float) for k, v in parse_mapping(args.lr, "--lr").items()}
+              if "=" in args.lr else _number(args.lr, "--lr", float))
+    check_names(lr, variants)
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be >= 1")
+    return plan_cells(args.profile, optimizers=[o for o in args.optimizers.split(",") if o],
+                      losses=[x for x in args.losses.split(",") if x],
+                      seeds=[_number(s, "--seeds", int) for s in args.seeds.split(",") if s], lr=lr,
+                      overrides=overrides, variants=variants, runs_root=args.runs)
