@@ -1,0 +1,296 @@
+"""clipstudy.study.stats against hand-worked examples, scipy, and brute force."""
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from clipstudy.study.stats import (
+    BETTER,
+    NOT_DISTINGUISHABLE,
+    WORSE,
+    PairedComparison,
+    compare_family,
+    expected_best,
+    expected_best_band,
+    holm,
+    paired_difference,
+    spearman_with_interval,
+    verdict,
+    verdict_reason,
+)
+
+# ---------------------------------------------------------------- paired_difference
+
+
+def test_paired_difference_hand_computed():
+    a = [12, 14, 11, 15, 13]
+    b = [10, 11, 10, 12, 11]
+    # d = a - b = [2, 3, 1, 3, 2]; mean = 11 / 5 = 2.2
+    # deviations -0.2, 0.8, -1.2, 0.8, -0.2; squares sum to 0.04 + 0.64 + 1.44 + 0.64 + 0.04 = 2.8
+    # sample variance 2.8 / 4 = 0.7; standard error sqrt(0.7 / 5) = sqrt(0.14) = 0.3741657
+    # t quantile scipy.stats.t.ppf(0.975, df=4) = 2.7764451; half width 2.7764451 * 0.3741657 = 1.0388506
+    # interval [2.2 - 1.0388506, 2.2 + 1.0388506] = [1.1611494, 3.2388506]
+    # t = 2.2 / 0.3741657 = 5.8797473; two-sided p = 2 * scipy.stats.t.sf(5.8797473, 4) = 0.0041811
+    c = paired_difference(a, b)
+    assert c.n == 5
+    assert c.mean == pytest.approx(2.2)
+    assert c.low == pytest.approx(1.1611494, abs=1e-6)
+    assert c.high == pytest.approx(3.2388506, abs=1e-6)
+    assert c.p_value == pytest.approx(0.0041811, abs=1e-6)
+    # a 90% interval is narrower: t.ppf(0.95, 4) = 2.1318468, half width 2.1318468 * 0.3741657 = 0.7976640
+    c90 = paired_difference(a, b, confidence=0.90)
+    assert (c90.low, c90.high) == pytest.approx((2.2 - 0.7976640, 2.2 + 0.7976640), abs=1e-6)
+    # the sign follows a - b
+    assert paired_difference(b, a).mean == pytest.approx(-2.2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paired_difference_matches_scipy_ttest_rel(seed):
+    rng = np.random.default_rng(seed)
+    b = rng.normal(20, 3, size=7)
+    a = b + rng.normal(0.8, 1.0, size=7)
+    c = paired_difference(a, b)
+    ref = sps.ttest_rel(a, b)
+    ci = ref.confidence_interval(0.95)
+    assert c.p_value == pytest.approx(ref.pvalue, rel=1e-9)
+    assert (c.low, c.high) == pytest.approx((ci.low, ci.high), rel=1e-9)
+    assert c.mean == pytest.approx(np.mean(a - b))
+
+
+def test_paired_difference_degenerate_cases():
+    one = paired_difference([3.0], [1.0])
+    assert one.mean == 2.0 and one.n == 1
+    assert math.isnan(one.low) and math.isnan(one.high) and math.isnan(one.p_value)
+    # the same difference on every seed, with the rounding of decimal scores: p = 0, interval = the mean
+    same = paired_difference([12.34, 13.34, 20.1], [11.34, 12.34, 19.1])
+    assert same.p_value == 0.0
+    assert same.low == same.high == same.mean == pytest.approx(1.0)
+    tie = paired_difference([12.34, 13.34], [12.34, 13.34])
+    assert (tie.mean, tie.low, tie.high, tie.p_value) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_paired_difference_refuses_misaligned_or_missing():
+    with pytest.raises(ValueError, match="lengths 3 and 2"):
+        paired_difference([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="NaN"):
+        paired_difference([1, np.nan, 3], [1, 2, 3])
+    with pytest.raises(ValueError, match="NaN"):
+        paired_difference([1, 2, 3], [1, 2, np.nan])
+
+
+# ---------------------------------------------------------------- holm
+
+
+def test_holm_hand_worked():
+    # sorted: 0.005 (x4) = 0.02, 0.01 (x3) = 0.03, 0.03 (x2) = 0.06, 0.04 (x1) = 0.04 -> raised to 0.06 (monotone)
+    adj = holm([0.01, 0.04, 0.03, 0.005])
+    assert adj == pytest.approx([0.03, 0.06, 0.06, 0.02])
+
+
+def test_holm_monotone_and_capped():
+    # 0.6 (x2) = 1.2 -> capped at 1; 0.7 (x1) = 0.7 -> raised to the 1.2 before it, capped at 1
+    assert holm([0.7, 0.6]) == pytest.approx([1.0, 1.0])
+    # 0.02 (x3) = 0.06, 0.3 (x2) = 0.6, 0.5 (x1) = 0.5 -> raised to 0.6
+    assert holm([0.3, 0.5, 0.02]) == pytest.approx([0.6, 0.6, 0.06])
+    rng = np.random.default_rng(0)
+    p = rng.uniform(size=20) ** 3
+    adj = holm(p)
+    order = np.argsort(p)
+    assert np.all(np.diff(adj[order]) >= 0)
+    assert np.all(adj >= p) and np.all(adj <= 1)
+
+
+def test_holm_nan_stays_and_does_not_count():
+    # m = 2, not 3: 0.01 (x2) = 0.02, 0.04 (x1) = 0.04
+    adj = holm([0.01, np.nan, 0.04])
+    assert math.isnan(adj[1])
+    assert adj[[0, 2]] == pytest.approx([0.02, 0.04])
+    assert np.isnan(holm([np.nan, np.nan])).all()
+    assert holm([]).shape == (0,)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        holm([0.2, 1.5])
+
+
+# ---------------------------------------------------------------- verdict
+
+
+def test_verdict_better_and_worse():
+    assert verdict(PairedComparison(3.0, 1.5, 4.5, 0.001, 5), 0.004, noise_floor=2.0) == BETTER
+    assert verdict(PairedComparison(-3.0, -4.5, -1.5, 0.001, 5), 0.004, noise_floor=2.0) == WORSE
+    label, reason = verdict_reason(PairedComparison(3.0, 1.5, 4.5, 0.001, 5), 0.004)
+    assert label == BETTER and "+3.00" in reason
+
+
+def test_verdict_interval_covers_zero():
+    v = verdict_reason(PairedComparison(1.0, -0.5, 2.5, 0.2, 5), 0.4)
+    assert v.label == NOT_DISTINGUISHABLE
+    assert "covers 0" in v.reason
+    # the interval alone decides when alpha and the confidence level disagree
+    v = verdict_reason(PairedComparison(1.0, -0.5, 2.5, 0.2, 5), 0.01)
+    assert v.label == NOT_DISTINGUISHABLE and "covers 0" in v.reason and "adjusted p" not in v.reason
+
+
+def test_verdict_significant_but_inside_noise_floor():
+    c = PairedComparison(1.2, 1.0, 1.4, 1e-5, 8)
+    assert verdict(c, 1e-4) == BETTER
+    v = verdict_reason(c, 1e-4, noise_floor=2.0)
+    assert v.label == NOT_DISTINGUISHABLE
+    assert "within the 2-point machine spread" in v.reason
+    assert verdict(PairedComparison(-1.2, -1.4, -1.0, 1e-5, 8), 1e-4, noise_floor=2.0) == NOT_DISTINGUISHABLE
+
+
+def test_verdict_holm_adjusted_p_and_few_seeds():
+    # interval excludes 0 but the family-adjusted p does not pass alpha
+    v = verdict_reason(PairedComparison(2.0, 0.5, 3.5, 0.03, 5), 0.09)
+    assert v.label == NOT_DISTINGUISHABLE and "adjusted p = 0.09" in v.reason
+    v = verdict_reason(PairedComparison(2.0, math.nan, math.nan, math.nan, 1), math.nan)
+    assert v.label == NOT_DISTINGUISHABLE and "at least 2" in v.reason
+
+
+# ---------------------------------------------------------------- compare_family
+
+BASE = np.array([50.0, 52, 48, 51, 49])
+LARGE = [10.2, 9.8, 10.5, 9.6, 10.1]  # paired t-test p = 3.6e-7
+SMALL = [0.8, 1.4, 0.1, 0.9, 0.3]  # p = 0.0384 alone; second smallest of 3 -> x2 = 0.0768 after Holm
+NULL = [-0.4, 0.6, 0.1, -0.5, 0.3]  # p = 0.928
+
+
+def test_compare_family_large_gap_survives_holm_small_does_not():
+    pairs = {"large": (BASE + LARGE, BASE), "small": (BASE + SMALL, BASE), "null": (BASE + NULL, BASE)}
+    df = compare_family(pairs).set_index("name")
+    assert list(df.reset_index().columns) == ["name", "mean", "low", "high", "p", "p_holm", "verdict", "reason", "n"]
+    assert list(df.index) == ["large", "small", "null"]
+    assert df.loc["small", "p"] == pytest.approx(0.038379, abs=1e-6)
+    assert df.loc["small", "p"] < 0.05  # significant alone ...
+    assert df.loc["small", "p_holm"] == pytest.approx(2 * df.loc["small", "p"])  # ... not in the family
+    assert df.loc["large", "p_holm"] == pytest.approx(3 * df.loc["large", "p"])
+    assert df.loc["null", "p_holm"] == pytest.approx(df.loc["null", "p"])
+    assert df["verdict"].tolist() == [BETTER, NOT_DISTINGUISHABLE, NOT_DISTINGUISHABLE]
+    assert "adjusted p" in df.loc["small", "reason"]
+    assert "covers 0" in df.loc["null", "reason"]
+    assert (df["n"] == 5).all()
+    assert df.loc["large", "mean"] == pytest.approx(10.04)
+    # reversed, the large gap is "worse"; a noise floor above it makes it no finding at all
+    assert compare_family({"r": (BASE, BASE + LARGE)})["verdict"].tolist() == [WORSE]
+    assert compare_family({"r": (BASE + LARGE, BASE)}, noise_floor=12.0)["verdict"].tolist() == [NOT_DISTINGUISHABLE]
+
+
+def test_compare_family_empty():
+    df = compare_family({})
+    assert isinstance(df, pd.DataFrame) and len(df) == 0 and "verdict" in df.columns
+
+
+# ---------------------------------------------------------------- spearman_with_interval
+
+
+def test_spearman_rho_matches_scipy_with_ties():
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 6, size=25).astype(float)
+    y = x + rng.normal(0, 2, size=25)
+    r = spearman_with_interval(x, y, n_boot=200, n_perm=200)
+    assert r.rho == pytest.approx(sps.spearmanr(x, y).statistic)
+    assert r.low <= r.rho <= r.high
+    assert r.n == 25
+
+
+def test_spearman_perfect_monotone():
+    x = np.arange(10.0)
+    r = spearman_with_interval(x, x**3 + 5)
+    assert r.rho == pytest.approx(1.0)
+    assert r.low == pytest.approx(1.0) and r.high == pytest.approx(1.0)
+    assert r.p_value == pytest.approx(1 / 2001)  # no permutation of 10 ranks out of 2000 reaches |rho| = 1
+    assert spearman_with_interval(x, -x).rho == pytest.approx(-1.0)
+
+
+def test_spearman_independent_data_interval_covers_zero():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=40), rng.normal(size=40)
+    r = spearman_with_interval(x, y)
+    assert r.low < 0 < r.high
+    assert r.p_value > 0.05
+
+
+def test_spearman_p_and_interval_agree_with_scipy():
+    # moderately correlated: the permutation p is near scipy's t-approximation and the bootstrap interval near
+    # scipy.stats.bootstrap's percentile interval (both Monte Carlo, so to within its error)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=30)
+    y = 0.45 * x + rng.normal(size=30)
+    r = spearman_with_interval(x, y, n_boot=4000, n_perm=4000)
+    assert r.p_value == pytest.approx(sps.spearmanr(x, y).pvalue, abs=0.01)
+    ref = sps.bootstrap(
+        (x, y),
+        lambda a, b: sps.spearmanr(a, b).statistic,
+        paired=True,
+        vectorized=False,
+        method="percentile",
+        n_resamples=4000,
+        rng=np.random.default_rng(1),
+    )
+    ci = ref.confidence_interval
+    assert (r.low, r.high) == pytest.approx((ci.low, ci.high), abs=0.04)
+
+
+def test_spearman_deterministic_for_a_seed():
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=15), rng.normal(size=15)
+    assert spearman_with_interval(x, y, seed=4) == spearman_with_interval(x, y, seed=4)
+    assert spearman_with_interval(x, y, seed=4) != spearman_with_interval(x, y, seed=5)
+
+
+def test_spearman_degenerate_inputs():
+    # most resamples of x are constant (rho undefined): they are skipped, the interval stays finite
+    r = spearman_with_interval([0, 0, 0, 0, 0, 0, 1.0], [1, 2, 3, 4, 5, 6, 7.0], n_boot=500, n_perm=200)
+    assert np.isfinite([r.rho, r.low, r.high, r.p_value]).all()
+    assert math.isnan(spearman_with_interval([1, 1, 1.0], [1, 2, 3.0]).rho)
+    assert math.isnan(spearman_with_interval([1, 2.0], [1, 2.0]).low)
+    with pytest.raises(ValueError, match="lengths"):
+        spearman_with_interval([1, 2, 3], [1, 2])
+
+
+# ---------------------------------------------------------------- expected_best
+
+
+def brute_force_expected_max(scores, n):
+    draws = list(itertools.product(scores, repeat=n))  # all N^n ordered draws, each equally likely
+    return sum(max(d) for d in draws) / len(draws)
+
+
+@pytest.mark.parametrize("scores", [[3.0, 1.0, 4.0, 1.5], [3.0, 1.0, 4.0, 1.0], [2.0, 7.0, 5.0]])
+def test_expected_best_matches_brute_force(scores):
+    curve = expected_best(scores, n_max=3)
+    assert curve.shape == (3,)
+    for n in (1, 2, 3):
+        assert curve[n - 1] == pytest.approx(brute_force_expected_max(scores, n))
+
+
+def test_expected_best_endpoints_and_default_length():
+    scores = [0.31, 0.52, 0.47, 0.12, 0.50]
+    curve = expected_best(scores)
+    assert len(curve) == 5  # n_max defaults to the number of trials
+    assert curve[0] == pytest.approx(np.mean(scores))  # one trial: the mean
+    assert np.all(np.diff(curve) > 0)
+    assert expected_best(scores, n_max=300)[-1] == pytest.approx(max(scores), abs=1e-9)  # many: the max
+    with pytest.raises(ValueError, match="empty"):
+        expected_best([])
+    with pytest.raises(ValueError, match="n_max"):
+        expected_best(scores, n_max=0)
+
+
+def test_expected_best_band_contains_curve():
+    rng = np.random.default_rng(2)
+    scores = rng.normal(15, 3, size=12)
+    band = expected_best_band(scores, n_max=20, n_boot=500, seed=1)
+    assert list(band.columns) == ["n", "expected_best", "low", "high"]
+    assert band["n"].tolist() == list(range(1, 21))
+    assert band["expected_best"].to_numpy() == pytest.approx(expected_best(scores, n_max=20))
+    assert (band["low"] <= band["expected_best"]).all() and (band["expected_best"] <= band["high"]).all()
+    assert (band["high"] - band["low"] > 0).all()
+    pd.testing.assert_frame_equal(band, expected_best_band(scores, n_max=20, n_boot=500, seed=1))
+    # identical trials: no uncertainty, the band collapses onto the curve
+    flat = expected_best_band([4.0, 4.0, 4.0], n_boot=50)
+    assert (flat["low"] == 4.0).all() and (flat["high"] == 4.0).all()
