@@ -16,7 +16,7 @@ LOCK_ARGS ?=
 EXECUTOR ?= inline
 TB_PORT ?= 6006
 
-.PHONY: setup lock test test-faults test-mutation-resume mutation coverage demo demo-data sweep report bench gpu-check tensorboard lab clean clean-runs
+.PHONY: setup lock lint format test test-faults test-mutation-resume mutation coverage demo demo-data sweep report bench gpu-check tensorboard lab clean clean-runs
 
 setup: $(STAMP)
 
@@ -44,7 +44,18 @@ lock: setup
 	  --no-emit-index-url --no-emit-find-links --constraint requirements/constraints.txt \
 	  --output-file $(LOCK) $(LOCK_ARGS) pyproject.toml
 
-test: setup
+# Style and architecture: ruff (lint, and formatting unchanged) and the import-linter layer contracts
+# of pyproject.toml (docs/architecture.md). Part of `make test`.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
 	$(PY) -m pytest -q
 
 test-faults: setup

@@ -18,6 +18,7 @@ numpy, so this compares like with like, and on a shared machine multi-threaded
 kernels are dominated by contention (on 2 busy cores, 2 threads measured up to
 30x slower than 1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,6 +59,7 @@ def _timed(fn, repeats: int) -> tuple[float, object]:
 # Retrieval
 # --------------------------------------------------------------------------
 
+
 def bench_retrieval(n_images: int, captions_per_image: int = 5, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
     n_texts = n_images * captions_per_image
@@ -75,7 +77,7 @@ def bench_retrieval(n_images: int, captions_per_image: int = 5, seed: int = 0) -
     return {
         "n_images": n_images,
         "n_texts": n_texts,
-        "matrix_mb": sim.numel() * sim.element_size() / 2 ** 20,
+        "matrix_mb": sim.numel() * sim.element_size() / 2**20,
         "limit_one_read_s": limit_s,
         "retrieval_metrics_s": ours_s,
         "original_itm_eval_s": original_s,
@@ -90,6 +92,7 @@ def bench_retrieval(n_images: int, captions_per_image: int = 5, seed: int = 0) -
 # --------------------------------------------------------------------------
 # Zero-shot classifier
 # --------------------------------------------------------------------------
+
 
 def _classnames_and_templates(n_classes: int) -> tuple[list[str], list[str]]:
     if METADATA.exists():
@@ -117,9 +120,11 @@ def _tiny_tokenizer(prompts: list[str]):
     tokenizer.normalizer = normalizer
     tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]")
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
 
 
 class TinyTextEncoder(nn.Module):
@@ -129,8 +134,9 @@ class TinyTextEncoder(nn.Module):
         super().__init__()
         from transformers import DistilBertConfig, DistilBertModel
 
-        config = DistilBertConfig(vocab_size=vocab_size, dim=dim, hidden_dim=2 * dim, n_layers=2, n_heads=2,
-                                  max_position_embeddings=64)
+        config = DistilBertConfig(
+            vocab_size=vocab_size, dim=dim, hidden_dim=2 * dim, n_layers=2, n_heads=2, max_position_embeddings=64
+        )
         self.bert = DistilBertModel(config)
         self.proj = nn.Linear(dim, embed_dim)
 
@@ -142,8 +148,9 @@ def _per_class_classifier(model, tokenizer, classnames, templates, max_length=30
     """The original pattern: one tokenisation and one forward per class."""
     weights = []
     for name in classnames:
-        embedded = extract_text_features(model, tokenizer, [t.format(name) for t in templates],
-                                         batch_size=len(templates), max_length=max_length)
+        embedded = extract_text_features(
+            model, tokenizer, [t.format(name) for t in templates], batch_size=len(templates), max_length=max_length
+        )
         weights.append(F.normalize(embedded.mean(dim=0), dim=-1))
     return torch.stack(weights, dim=1)
 
@@ -170,7 +177,7 @@ def bench_zeroshot(n_classes: int, n_slow_classes: int, seed: int = 0) -> dict:
         "per_class_extrapolated_from_classes": len(subset),
         "per_class_measured_s": subset_s,
         "speedup": per_class_s / batched_s,
-        "max_abs_difference": (batched[:, :len(subset)] - per_class).abs().max().item(),
+        "max_abs_difference": (batched[:, : len(subset)] - per_class).abs().max().item(),
     }
 
 
@@ -205,8 +212,7 @@ def _run(quick: bool) -> dict:
         "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "retrieval": bench_retrieval(n_images=1000 if quick else 5000),
-        "zeroshot_classifier": bench_zeroshot(n_classes=100 if quick else 1000,
-                                              n_slow_classes=20 if quick else 100),
+        "zeroshot_classifier": bench_zeroshot(n_classes=100 if quick else 1000, n_slow_classes=20 if quick else 100),
     }
 
 
@@ -215,14 +221,18 @@ def _print(results: dict) -> None:
     print(f"torch {results['torch']}, {results['torch_threads']} thread(s)")
     print(f"retrieval scoring, {r['n_images']} images x {r['n_texts']} texts ({r['matrix_mb']:.0f} MB float32)")
     print(f"  one read of the matrix (sim.sum): {r['limit_one_read_s']:.3f} s")
-    print(f"  retrieval_metrics:                {r['retrieval_metrics_s']:.3f} s "
-          f"({r['retrieval_metrics_in_reads']:.1f} x one read)")
+    print(
+        f"  retrieval_metrics:                {r['retrieval_metrics_s']:.3f} s "
+        f"({r['retrieval_metrics_in_reads']:.1f} x one read)"
+    )
     print(f"  original itm_eval (argsort loop): {r['original_itm_eval_s']:.3f} s")
     print(f"  speed-up: {r['speedup_vs_original']:.0f} x; max recall difference {r['max_recall_difference']:.3g}")
     print(f"zero-shot classifier, {z['n_classes']} classes x {z['n_templates']} templates (tiny DistilBERT)")
     print(f"  batched:         {z['batched_s']:.2f} s")
-    print(f"  one class a time: {z['per_class_s']:.2f} s (extrapolated from "
-          f"{z['per_class_extrapolated_from_classes']} classes, {z['per_class_measured_s']:.2f} s)")
+    print(
+        f"  one class a time: {z['per_class_s']:.2f} s (extrapolated from "
+        f"{z['per_class_extrapolated_from_classes']} classes, {z['per_class_measured_s']:.2f} s)"
+    )
     print(f"  speed-up: {z['speedup']:.1f} x; max abs difference {z['max_abs_difference']:.2g}")
 
 
@@ -230,8 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (1k x 5k matrix, 100 classes)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON output path (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads while timing (default: %(default)s; 0 keeps torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads while timing (default: %(default)s; 0 keeps torch's default)",
+    )
     args = parser.parse_args(argv)
     results = run(quick=args.quick, out=args.out, threads=args.threads or None)
     _print(results)

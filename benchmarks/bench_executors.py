@@ -14,6 +14,7 @@ difference is the fresh process importing papermill and the machine's noise.
 Usage: ``python benchmarks/bench_executors.py [--steps N] [--cells N] [--repeats N]``; writes
 ``reports/benchmarks/executors.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,13 @@ def one_sweep(variant: str, data: Path, runs: Path, steps: int, cells: int) -> t
     from clipstudy.study import executors
     from clipstudy.study.sweep import plan_cells, run_sweep
 
-    planned = plan_cells("demo", optimizers=["adamw"], losses=LOSSES[:cells], runs_root=runs,
-                         overrides={"data": str(data), "max_steps": steps, "epochs": 1, "threads": 1})
+    planned = plan_cells(
+        "demo",
+        optimizers=["adamw"],
+        losses=LOSSES[:cells],
+        runs_root=runs,
+        overrides={"data": str(data), "max_steps": steps, "epochs": 1, "threads": 1},
+    )
     start = time.perf_counter()
     if variant == "inline":
         results = run_sweep(planned, jobs=1, progress=False)
@@ -56,8 +62,15 @@ def run(steps: int = 5, cells: int = 2, repeats: int = 2, out: str | Path | None
     inside: dict[str, list[float]] = {"inline": [], "local": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_demo_data(tmp / "data", seed=0, image_size=32, train_size=256, retrieval_size=20,
-                       zeroshot_per_class=2, zeroshot_classes=5)
+        make_demo_data(
+            tmp / "data",
+            seed=0,
+            image_size=32,
+            train_size=256,
+            retrieval_size=20,
+            zeroshot_per_class=2,
+            zeroshot_classes=5,
+        )
         for r in range(repeats):
             order = ("inline", "local") if r % 2 == 0 else ("local", "inline")
             for variant in order:
@@ -65,27 +78,55 @@ def run(steps: int = 5, cells: int = 2, repeats: int = 2, out: str | Path | None
                 times[variant].append(wall)
                 inside[variant].append(in_cell)
     inline, local = min(times["inline"]), min(times["local"])
-    results = {"benchmark": "executors", "steps": steps, "cells": cells, "repeats": repeats,
-               "per_cell_s": times, "inside_run_cell_s": inside,
-               "outside_run_cell_s": {v: [w - i for w, i in zip(times[v], inside[v])] for v in times},
-               "inline_s": inline, "local_s": local, "overhead_s": local - inline,
-               "overhead_percent": 100.0 * (local - inline) / inline,
-               "median_overhead_s": statistics.median(times["local"]) - statistics.median(times["inline"])}
+    results = {
+        "benchmark": "executors",
+        "steps": steps,
+        "cells": cells,
+        "repeats": repeats,
+        "per_cell_s": times,
+        "inside_run_cell_s": inside,
+        "outside_run_cell_s": {v: [w - i for w, i in zip(times[v], inside[v])] for v in times},
+        "inline_s": inline,
+        "local_s": local,
+        "overhead_s": local - inline,
+        "overhead_percent": 100.0 * (local - inline) / inline,
+        "median_overhead_s": statistics.median(times["local"]) - statistics.median(times["inline"]),
+    }
     write_json(results, out)
     return results
 
 
 def print_results(results: dict) -> None:
-    rows = [{"variant": v, "best": min(t), "median": statistics.median(t), "all": " ".join(f"{x:.1f}" for x in t),
-             "outside": statistics.median(results["outside_run_cell_s"][v])}
-            for v, t in results["per_cell_s"].items()]
-    print(f"{results['cells']} demo cells of {results['steps']} steps per sweep, {results['repeats']} sweeps per "
-          "variant, alternating; wall seconds per cell:")
-    print(table(rows, [("variant", "executor", "{}"), ("best", "best", "{:.1f}"), ("median", "median", "{:.1f}"),
-                       ("all", "each sweep", "{}"),
-                       ("outside", "outside run_cell (median)", "{:.2f}")]))
-    print(f"local executor overhead: {results['overhead_s']:+.1f} s per cell (best vs best) = "
-          f"{results['overhead_percent']:+.1f}% of an inline cell; medians: {results['median_overhead_s']:+.1f} s")
+    rows = [
+        {
+            "variant": v,
+            "best": min(t),
+            "median": statistics.median(t),
+            "all": " ".join(f"{x:.1f}" for x in t),
+            "outside": statistics.median(results["outside_run_cell_s"][v]),
+        }
+        for v, t in results["per_cell_s"].items()
+    ]
+    print(
+        f"{results['cells']} demo cells of {results['steps']} steps per sweep, {results['repeats']} sweeps per "
+        "variant, alternating; wall seconds per cell:"
+    )
+    print(
+        table(
+            rows,
+            [
+                ("variant", "executor", "{}"),
+                ("best", "best", "{:.1f}"),
+                ("median", "median", "{:.1f}"),
+                ("all", "each sweep", "{}"),
+                ("outside", "outside run_cell (median)", "{:.2f}"),
+            ],
+        )
+    )
+    print(
+        f"local executor overhead: {results['overhead_s']:+.1f} s per cell (best vs best) = "
+        f"{results['overhead_percent']:+.1f}% of an inline cell; medians: {results['median_overhead_s']:+.1f} s"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

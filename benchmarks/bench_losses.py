@@ -8,6 +8,7 @@ hit all of them alike. The median over repeats is reported.
 
 Prints a table and writes ``reports/benchmarks/losses.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,13 +35,14 @@ def time_losses(batch: int, dim: int, repeats: int, warmup: int, device: torch.d
     num_samples = 8 * batch
     image = torch.randn(batch, dim, generator=g).to(device).requires_grad_(True)
     text = torch.randn(batch, dim, generator=g).to(device).requires_grad_(True)
-    losses = {name: make_loss(name, temperature=0.01, num_samples=num_samples).to(device)
-              for name in available_losses()}
+    losses = {
+        name: make_loss(name, temperature=0.01, num_samples=num_samples).to(device) for name in available_losses()
+    }
     indices = [torch.randperm(num_samples, generator=g)[:batch].to(device) for _ in range(repeats + warmup)]
     names = list(losses)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(warmup + repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             image.grad = text.grad = None
             for p in losses[name].parameters():
@@ -66,8 +68,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
 
     results = []
     for batch in args.batch_sizes:
@@ -78,14 +83,23 @@ def main(argv: list[str] | None = None) -> dict:
         for name, values in times.items():
             median = statistics.median(values)
             print(f"{name:<10} {1e3 * median:9.3f} {median / clip:7.2f}")
-            results.append({"loss": name, "batch": batch, "dim": args.dim, "median_ms": 1e3 * median,
-                            "ratio_to_clip": median / clip,
-                            "min_ms": 1e3 * min(values), "max_ms": 1e3 * max(values)})
+            results.append(
+                {
+                    "loss": name,
+                    "batch": batch,
+                    "dim": args.dim,
+                    "median_ms": 1e3 * median,
+                    "ratio_to_clip": median / clip,
+                    "min_ms": 1e3 * min(values),
+                    "max_ms": 1e3 * max(values),
+                }
+            )
     report = {
         "benchmark": "loss forward+backward time",
         "device": str(device),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
+        "device_name": (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+        ),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,

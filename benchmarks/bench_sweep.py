@@ -27,6 +27,7 @@ Usage: ``python benchmarks/bench_sweep.py [--runs DIR]``; writes
 ``reports/benchmarks/sweep.json``. With no executed notebooks it says so and
 exits 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,8 +76,10 @@ def cell_breakdown(run_dir: Path) -> dict | None:
     if not meta.get("duration") or metrics.get("status") != "completed":
         return None
     cells = [c for c in nb["cells"] if c.get("metadata", {}).get("papermill", {}).get("start_time")]
-    train_at = next((i for i, c in enumerate(cells) if c.get("cell_type") == "code"
-                     and "train(" in "".join(c.get("source", ""))), None)
+    train_at = next(
+        (i for i, c in enumerate(cells) if c.get("cell_type") == "code" and "train(" in "".join(c.get("source", ""))),
+        None,
+    )
     if not cells or train_at is None:
         return None
     durations = [float(c["metadata"]["papermill"].get("duration") or 0.0) for c in cells]
@@ -87,13 +90,26 @@ def cell_breakdown(run_dir: Path) -> dict | None:
     history, epochs = _csv_rows(run_dir / "history.csv"), _csv_rows(run_dir / "epochs.csv")
     data, steps, evaluation = _sum(history, "data_time"), _sum(history, "step_time"), _sum(epochs, "eval_time")
     loop = float(metrics.get("wall_time_s") or 0.0)
-    parts = {"kernel": kernel, "imports": imports, "setup": train_cell - loop, "data": data, "steps": steps,
-             "eval": evaluation, "loop_other": loop - data - steps - evaluation,
-             "after": total - kernel - imports - train_cell}
+    parts = {
+        "kernel": kernel,
+        "imports": imports,
+        "setup": train_cell - loop,
+        "data": data,
+        "steps": steps,
+        "eval": evaluation,
+        "loop_other": loop - data - steps - evaluation,
+        "after": total - kernel - imports - train_cell,
+    }
     overhead = parts["kernel"] + parts["imports"] + parts["after"]
-    return {"cell": run_dir.name, "total_s": total, **{f"{k}_s": v for k, v in parts.items()},
-            "papermill_overhead_s": overhead, "papermill_overhead_percent": 100.0 * overhead / total,
-            "steps_logged": len(history), "resumed": total < loop}
+    return {
+        "cell": run_dir.name,
+        "total_s": total,
+        **{f"{k}_s": v for k, v in parts.items()},
+        "papermill_overhead_s": overhead,
+        "papermill_overhead_percent": 100.0 * overhead / total,
+        "steps_logged": len(history),
+        "resumed": total < loop,
+    }
 
 
 def measure_overhead(repeats: int = 3, steps: int = 4) -> dict:
@@ -119,42 +135,82 @@ def measure_overhead(repeats: int = 3, steps: int = 4) -> dict:
         return execute(*args, **kwargs)
 
     from clipstudy.data.demo import make_demo_data
-    from clipstudy.study.sweep import plan_cells
     from clipstudy.study.cells import run_cell
+    from clipstudy.study.sweep import plan_cells
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_demo_data(tmp / "data", seed=0, image_size=32, train_size=256, retrieval_size=20,
-                       zeroshot_per_class=2, zeroshot_classes=5)
+        make_demo_data(
+            tmp / "data",
+            seed=0,
+            image_size=32,
+            train_size=256,
+            retrieval_size=20,
+            zeroshot_per_class=2,
+            zeroshot_classes=5,
+        )
         fields = {"data": str(tmp / "data"), "max_steps": steps, "epochs": 1, "threads": 1}
         times = {"papermill": [], "papermill, graceful kernel shutdown": [], "command line": []}
         for r in range(repeats):
             for variant in ("papermill", "papermill, graceful kernel shutdown"):
-                cell = plan_cells("demo", optimizers=["adamw"], losses=["clip"], overrides=fields,
-                                  runs_root=tmp / f"{variant[:14]}{r}")[0]
-                patch = (mock.patch.object(papermill, "execute_notebook",
-                                           functools.partial(graceful, papermill.execute_notebook))
-                         if "graceful" in variant else contextlib.nullcontext())
+                cell = plan_cells(
+                    "demo",
+                    optimizers=["adamw"],
+                    losses=["clip"],
+                    overrides=fields,
+                    runs_root=tmp / f"{variant[:14]}{r}",
+                )[0]
+                patch = (
+                    mock.patch.object(
+                        papermill, "execute_notebook", functools.partial(graceful, papermill.execute_notebook)
+                    )
+                    if "graceful" in variant
+                    else contextlib.nullcontext()
+                )
                 with patch:
                     metrics = run_cell(cell)
                 if metrics.get("status") != "completed":
                     raise RuntimeError(f"the papermill cell did not complete: {metrics}")
                 times[variant].append(metrics["sweep_wall_s"])
-            args = [sys.executable, "-m", "clipstudy", "train", "--profile", "demo", "--no-progress",
-                    "--out", str(tmp / f"cli{r}"), "--optimizer", "adamw", "--loss", "clip"]
+            args = [
+                sys.executable,
+                "-m",
+                "clipstudy",
+                "train",
+                "--profile",
+                "demo",
+                "--no-progress",
+                "--out",
+                str(tmp / f"cli{r}"),
+                "--optimizer",
+                "adamw",
+                "--loss",
+                "clip",
+            ]
             args += [f"--{k}={v}" for k, v in fields.items()]
             start = time.perf_counter()
             subprocess.run(args, check=True, capture_output=True, cwd=REPO)
             times["command line"].append(time.perf_counter() - start)
     papermill, cli = min(times["papermill"]), min(times["command line"])
     graceful_s = min(times["papermill, graceful kernel shutdown"])
-    return {"steps": steps, "repeats": repeats, "papermill_s": papermill, "command_line_s": cli,
-            "overhead_s": papermill - cli, "papermill_graceful_shutdown_s": graceful_s,
-            "overhead_graceful_shutdown_s": graceful_s - cli, "all_s": times}
+    return {
+        "steps": steps,
+        "repeats": repeats,
+        "papermill_s": papermill,
+        "command_line_s": cli,
+        "overhead_s": papermill - cli,
+        "papermill_graceful_shutdown_s": graceful_s,
+        "overhead_graceful_shutdown_s": graceful_s - cli,
+        "all_s": times,
+    }
 
 
-def run(quick: bool = False, out: str | Path | None = DEFAULT_OUT, runs: str | Path = DEFAULT_RUNS,
-        measure: bool | None = None) -> dict:
+def run(
+    quick: bool = False,
+    out: str | Path | None = DEFAULT_OUT,
+    runs: str | Path = DEFAULT_RUNS,
+    measure: bool | None = None,
+) -> dict:
     """Break down every executed cell under ``runs``.
 
     Unless ``quick`` (or ``measure=False``), also measures papermill's cost per cell
@@ -167,12 +223,13 @@ def run(quick: bool = False, out: str | Path | None = DEFAULT_OUT, runs: str | P
         total = sum(r["total_s"] for r in rows)
         results["mean"] = {f"{k}_s": sum(r[f"{k}_s"] for r in rows) / len(rows) for k in PARTS + ("total",)}
         results["share_percent"] = {k: 100.0 * sum(r[f"{k}_s"] for r in rows) / total for k in PARTS}
-        results["papermill_overhead_percent"] = (100.0 * sum(r["papermill_overhead_s"] for r in rows) / total)
+        results["papermill_overhead_percent"] = 100.0 * sum(r["papermill_overhead_s"] for r in rows) / total
         if measure if measure is not None else not quick:
             measured = measure_overhead()
             measured["percent_of_mean_cell"] = 100.0 * measured["overhead_s"] / results["mean"]["total_s"]
             measured["percent_of_mean_cell_graceful_shutdown"] = (
-                100.0 * measured["overhead_graceful_shutdown_s"] / results["mean"]["total_s"])
+                100.0 * measured["overhead_graceful_shutdown_s"] / results["mean"]["total_s"]
+            )
             results["measured_overhead"] = measured
         write_json(results, out)
     return results
@@ -180,30 +237,46 @@ def run(quick: bool = False, out: str | Path | None = DEFAULT_OUT, runs: str | P
 
 def print_results(results: dict) -> None:
     if not results["cells"]:
-        print(f"sweep breakdown: no executed, completed cell under {results['runs']} "
-              "(run `make demo` first); nothing to report")
+        print(
+            f"sweep breakdown: no executed, completed cell under {results['runs']} "
+            "(run `make demo` first); nothing to report"
+        )
         return
     print(f"demo sweep: wall time per cell ({len(results['cells'])} cells under {results['runs']}), seconds")
     columns = [("cell", "cell", "{}"), ("total_s", "total", "{:.1f}")]
     columns += [(f"{k}_s", k.replace("_", " "), "{:.1f}") for k in PARTS]
     columns += [("papermill_overhead_percent", "papermill %", "{:.1f}")]
-    print(table(results["cells"] + [{"cell": "mean", **results["mean"],
-                                     "papermill_overhead_percent": results["papermill_overhead_percent"]}],
-                columns))
-    print("share of all cells' wall time: " + ", ".join(
-        f"{k.replace('_', ' ')} {v:.1f}%" for k, v in results["share_percent"].items()))
-    print(f"notebook-side time (kernel + imports + after; an upper bound on papermill's cost, since the "
-          f"imports include torch's): {results['papermill_overhead_percent']:.1f}% "
-          f"(goal < {results['goal_overhead_percent']:.0f}%)")
+    print(
+        table(
+            results["cells"]
+            + [
+                {"cell": "mean", **results["mean"], "papermill_overhead_percent": results["papermill_overhead_percent"]}
+            ],
+            columns,
+        )
+    )
+    print(
+        "share of all cells' wall time: "
+        + ", ".join(f"{k.replace('_', ' ')} {v:.1f}%" for k, v in results["share_percent"].items())
+    )
+    print(
+        f"notebook-side time (kernel + imports + after; an upper bound on papermill's cost, since the "
+        f"imports include torch's): {results['papermill_overhead_percent']:.1f}% "
+        f"(goal < {results['goal_overhead_percent']:.0f}%)"
+    )
     m = results.get("measured_overhead")
     if m:
-        print(f"measured side by side, one {m['steps']}-step demo cell (best of {m['repeats']}): papermill "
-              f"{m['papermill_s']:.1f} s, command line {m['command_line_s']:.1f} s: papermill adds "
-              f"{m['overhead_s']:.1f} s per cell = {m['percent_of_mean_cell']:.1f}% of the mean cell above "
-              f"(goal < {results['goal_overhead_percent']:.0f}%)")
-        print(f"  before (papermill's polite kernel shutdown): {m['papermill_graceful_shutdown_s']:.1f} s, "
-              f"+{m['overhead_graceful_shutdown_s']:.1f} s = {m['percent_of_mean_cell_graceful_shutdown']:.1f}% "
-              "of the mean cell")
+        print(
+            f"measured side by side, one {m['steps']}-step demo cell (best of {m['repeats']}): papermill "
+            f"{m['papermill_s']:.1f} s, command line {m['command_line_s']:.1f} s: papermill adds "
+            f"{m['overhead_s']:.1f} s per cell = {m['percent_of_mean_cell']:.1f}% of the mean cell above "
+            f"(goal < {results['goal_overhead_percent']:.0f}%)"
+        )
+        print(
+            f"  before (papermill's polite kernel shutdown): {m['papermill_graceful_shutdown_s']:.1f} s, "
+            f"+{m['overhead_graceful_shutdown_s']:.1f} s = {m['percent_of_mean_cell_graceful_shutdown']:.1f}% "
+            "of the mean cell"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

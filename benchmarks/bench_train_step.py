@@ -25,6 +25,7 @@ loss's own measured forward + backward (marked ``derived``).
 Usage: ``python benchmarks/bench_train_step.py [--quick] [--threads N] [--paper-batch B]``;
 writes ``reports/benchmarks/train_step.json``. ``run(quick)`` does the same from Python.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT_DIR, machine, median, table, timed, torch_threads, write_json  # noqa: E402
 
-from clipstudy.engine.config import make_config  # noqa: E402
 from clipstudy.core.losses import available_losses, make_loss  # noqa: E402
 from clipstudy.core.optim import build_optimizer, make_scheduler  # noqa: E402
 from clipstudy.core.precision import autocast, choose_amp  # noqa: E402
+from clipstudy.engine.config import make_config  # noqa: E402
 from clipstudy.engine.train import Run, build_run, choose_device, planned_steps, train_step  # noqa: E402
 
 DEFAULT_OUT = OUT_DIR / "train_step.json"
@@ -51,8 +52,9 @@ DEMO_DATA = dict(seed=0, image_size=32, train_size=256, retrieval_size=8, zerosh
 
 
 # ---------------------------------------------------------------- the runs
-def demo_run(data_dir: Path, out: Path, loss: str, optimizer: str, device: str,
-             optimizer_params: dict | None = None) -> tuple[Run, dict]:
+def demo_run(
+    data_dir: Path, out: Path, loss: str, optimizer: str, device: str, optimizer_params: dict | None = None
+) -> tuple[Run, dict]:
     """A real demo-profile ``Run`` (``build_run``) and its first training batch from the real loader."""
     from torch.utils.data import DataLoader
 
@@ -60,13 +62,22 @@ def demo_run(data_dir: Path, out: Path, loss: str, optimizer: str, device: str,
     from clipstudy.data.sampling import EpochBatches, SeededSamples
 
     # speed only: random towers, so the benchmark does not pretrain the demo towers first
-    config = make_config("demo", pretrained=False, data=str(data_dir), out=str(out), loss=loss, optimizer=optimizer,
-                         device=device,
-                         optimizer_params=optimizer_params or {})
+    config = make_config(
+        "demo",
+        pretrained=False,
+        data=str(data_dir),
+        out=str(out),
+        loss=loss,
+        optimizer=optimizer,
+        device=device,
+        optimizer_params=optimizer_params or {},
+    )
     run = build_run(config, out)
-    loader = DataLoader(SeededSamples(run.train_set, config.seed),
-                        batch_sampler=EpochBatches(len(run.train_set), config.batch_size, config.seed, 0),
-                        collate_fn=make_collate(run.tokenizer, config.max_length))
+    loader = DataLoader(
+        SeededSamples(run.train_set, config.seed),
+        batch_sampler=EpochBatches(len(run.train_set), config.batch_size, config.seed, 0),
+        collate_fn=make_collate(run.tokenizer, config.max_length),
+    )
     return run, next(iter(loader))
 
 
@@ -84,35 +95,77 @@ def paper_model(device: torch.device) -> torch.nn.Module:
     return model
 
 
-def paper_batch(batch_size: int, image_size: int = 256, length: int = 30, vocab: int = 30522,
-                num_samples: int = 100_000) -> dict:
+def paper_batch(
+    batch_size: int, image_size: int = 256, length: int = 30, vocab: int = 30522, num_samples: int = 100_000
+) -> dict:
     """A synthetic batch shaped like the paper's: images, padded token ids of caption-like lengths, indices."""
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(8, length + 1, (batch_size,), generator=g)
     mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
     ids = torch.randint(1000, vocab, (batch_size, length), generator=g) * mask
-    return {"images": torch.randn(batch_size, 3, image_size, image_size, generator=g), "input_ids": ids,
-            "attention_mask": mask, "index": torch.randperm(num_samples, generator=g)[:batch_size], "skipped": 0}
+    return {
+        "images": torch.randn(batch_size, 3, image_size, image_size, generator=g),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "index": torch.randperm(num_samples, generator=g)[:batch_size],
+        "skipped": 0,
+    }
 
 
-def paper_run(model, loss: str, optimizer: str, batch_size: int, device: torch.device,
-              num_samples: int = 100_000, optimizer_params: dict | None = None) -> Run:
+def paper_run(
+    model,
+    loss: str,
+    optimizer: str,
+    batch_size: int,
+    device: torch.device,
+    num_samples: int = 100_000,
+    optimizer_params: dict | None = None,
+) -> Run:
     """A paper-profile ``Run`` assembled as ``build_run`` does, around an existing model."""
-    config = make_config("paper", loss=loss, optimizer=optimizer, pretrained=False, batch_size=batch_size,
-                         device=str(device), optimizer_params=optimizer_params or {})
-    loss_fn = make_loss(config.loss, temperature=config.temperature, num_samples=num_samples,
-                        **config.loss_params).to(device)
-    opt = build_optimizer(config.optimizer, model, loss_fn, lr=config.lr or None,
-                          weight_decay=config.weight_decay, **config.optimizer_params)
+    config = make_config(
+        "paper",
+        loss=loss,
+        optimizer=optimizer,
+        pretrained=False,
+        batch_size=batch_size,
+        device=str(device),
+        optimizer_params=optimizer_params or {},
+    )
+    loss_fn = make_loss(config.loss, temperature=config.temperature, num_samples=num_samples, **config.loss_params).to(
+        device
+    )
+    opt = build_optimizer(
+        config.optimizer,
+        model,
+        loss_fn,
+        lr=config.lr or None,
+        weight_decay=config.weight_decay,
+        **config.optimizer_params,
+    )
     steps, stop = planned_steps(config, num_samples // batch_size)
-    scheduler = make_scheduler(opt, total_steps=steps, warmup_steps=num_samples // batch_size,
-                               warmup_lr=config.warmup_lr, min_lr=config.min_lr)
+    scheduler = make_scheduler(
+        opt, total_steps=steps, warmup_steps=num_samples // batch_size, warmup_lr=config.warmup_lr, min_lr=config.min_lr
+    )
     amp_dtype = choose_amp(config.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    return Run(config=config, out=Path("."), device=device, model=model, tokenizer=None, loss=loss_fn,
-               optimizer=opt, scheduler=scheduler, scaler=scaler, train_set=None, retrieval_set=None,
-               zeroshot_set=None, steps_per_epoch=num_samples // batch_size, total_steps=steps,
-               stop_step=stop, amp_dtype=amp_dtype)
+    return Run(
+        config=config,
+        out=Path("."),
+        device=device,
+        model=model,
+        tokenizer=None,
+        loss=loss_fn,
+        optimizer=opt,
+        scheduler=scheduler,
+        scaler=scaler,
+        train_set=None,
+        retrieval_set=None,
+        zeroshot_set=None,
+        steps_per_epoch=num_samples // batch_size,
+        total_steps=steps,
+        stop_step=stop,
+        amp_dtype=amp_dtype,
+    )
 
 
 # ---------------------------------------------------------------- the pieces
@@ -121,8 +174,7 @@ def _inputs(run: Run, batch: dict):
     images = batch["images"].to(device, non_blocking=True)
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
-    return (images, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-            batch["index"].to(device))
+    return (images, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["index"].to(device))
 
 
 def bare_forward_backward(run: Run, inputs) -> None:
@@ -176,7 +228,7 @@ def time_run(run: Run, batch: dict, repeats: int, warmup: int) -> dict:
                 record["optimizer"] = timed(lambda: optimizer_part(run), device)
             else:
                 record["step"] = timed(lambda: losses.append(train_step(run, batch)[0]), device)
-        record["loss"] = timed(lambda: loss_part(run, image_emb, text_emb, inputs[3]), device)
+        record["loss"] = timed(lambda: loss_part(run, image_emb, text_emb, inputs[3]), device)  # noqa: B023 (called at once)
         if r >= warmup:
             for key, value in record.items():
                 times[key].append(value)
@@ -184,9 +236,12 @@ def time_run(run: Run, batch: dict, repeats: int, warmup: int) -> dict:
     # the overhead from differences paired within a round: robust to load drifting between rounds
     overhead = 1e3 * median([s - b for s, b in zip(times["step"], times["bare"])])
     return {
-        "bare_ms": ms["bare"], "step_ms": ms["step"], "overhead_ms": overhead,
+        "bare_ms": ms["bare"],
+        "step_ms": ms["step"],
+        "overhead_ms": overhead,
         "overhead_percent": 100.0 * overhead / ms["bare"],
-        "loss_ms": ms["loss"], "optimizer_ms": ms["optimizer"],
+        "loss_ms": ms["loss"],
+        "optimizer_ms": ms["optimizer"],
         "other_ms": overhead - ms["loss"] - ms["optimizer"],
         "loss_finite": all(v == v and abs(v) != float("inf") for v in losses),
         "repeats": repeats,
@@ -213,8 +268,9 @@ def _cases(config: str, quick: bool) -> list[tuple[str, str, str]]:
     losses = ["clip", "sogclr"] if quick else available_losses()
     optimizers = ["adamw"] if quick else ["adamw", "sgd", "adam"]
     rows = [("adamw", loss, "fused") for loss in losses]
-    return rows + [(opt, "clip", impl) for opt in optimizers for impl in IMPLEMENTATIONS
-                   if (opt, "clip", impl) not in rows]
+    return rows + [
+        (opt, "clip", impl) for opt in optimizers for impl in IMPLEMENTATIONS if (opt, "clip", impl) not in rows
+    ]
 
 
 def bench_demo(quick: bool, device: torch.device) -> list[dict]:
@@ -224,12 +280,22 @@ def bench_demo(quick: bool, device: torch.device) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         make_demo_data(Path(tmp) / "data", **DEMO_DATA)
         for optimizer, loss, impl in _cases("demo", quick):
-            run, batch = demo_run(Path(tmp) / "data", Path(tmp) / "run", loss, optimizer, str(device),
-                                  IMPLEMENTATIONS[impl])
+            run, batch = demo_run(
+                Path(tmp) / "data", Path(tmp) / "run", loss, optimizer, str(device), IMPLEMENTATIONS[impl]
+            )
             result = time_run(run, batch, repeats=5 if quick else 15, warmup=2)
-            rows.append({"config": "demo", "optimizer": optimizer, "implementation": impl, "loss": loss,
-                         "derived": False,
-                         "batch": int(batch["index"].numel()), "image_size": run.config.image_size, **result})
+            rows.append(
+                {
+                    "config": "demo",
+                    "optimizer": optimizer,
+                    "implementation": impl,
+                    "loss": loss,
+                    "derived": False,
+                    "batch": int(batch["index"].numel()),
+                    "image_size": run.config.image_size,
+                    **result,
+                }
+            )
             del run
     return rows
 
@@ -247,32 +313,61 @@ def bench_paper(quick: bool, device: torch.device, batch_size: int) -> list[dict
     for optimizer, loss, impl in _cases("paper", quick):
         run = paper_run(model, loss, optimizer, batch_size, device, optimizer_params=IMPLEMENTATIONS[impl])
         result = time_run(run, batch, repeats=2, warmup=1)
-        rows.append({"config": "paper", "optimizer": optimizer, "implementation": impl, "loss": loss,
-                     "batch": batch_size, "image_size": 256, "derived": False, **result})
+        rows.append(
+            {
+                "config": "paper",
+                "optimizer": optimizer,
+                "implementation": impl,
+                "loss": loss,
+                "batch": batch_size,
+                "image_size": 256,
+                "derived": False,
+                **result,
+            }
+        )
         del run
         gc.collect()
     clip = rows[0]
     inputs = _inputs(paper_run(model, "clip", "adamw", batch_size, device), batch)
     with torch.no_grad():
         image_emb, text_emb = (e.float() for e in model(*inputs[:3]))
-    for loss in ([] if quick else [name for name in available_losses() if name != "clip"]):
+    for loss in [] if quick else [name for name in available_losses() if name != "clip"]:
         run = paper_run(model, loss, "adamw", batch_size, device)
-        times = [timed(lambda: loss_part(run, image_emb, text_emb, inputs[3]), device) for _ in range(6)]
+        times = [timed(lambda: loss_part(run, image_emb, text_emb, inputs[3]), device) for _ in range(6)]  # noqa: B023 (called at once)
         loss_ms = 1e3 * median(times[1:])
         overhead = clip["overhead_ms"] - clip["loss_ms"] + loss_ms
-        rows.append({"config": "paper", "optimizer": "adamw", "implementation": "fused", "loss": loss,
-                     "batch": batch_size, "image_size": 256, "derived": True, "bare_ms": clip["bare_ms"],
-                     "step_ms": clip["bare_ms"] + overhead, "overhead_ms": overhead,
-                     "overhead_percent": 100.0 * overhead / clip["bare_ms"], "loss_ms": loss_ms,
-                     "optimizer_ms": clip["optimizer_ms"], "other_ms": clip["other_ms"], "loss_finite": True})
+        rows.append(
+            {
+                "config": "paper",
+                "optimizer": "adamw",
+                "implementation": "fused",
+                "loss": loss,
+                "batch": batch_size,
+                "image_size": 256,
+                "derived": True,
+                "bare_ms": clip["bare_ms"],
+                "step_ms": clip["bare_ms"] + overhead,
+                "overhead_ms": overhead,
+                "overhead_percent": 100.0 * overhead / clip["bare_ms"],
+                "loss_ms": loss_ms,
+                "optimizer_ms": clip["optimizer_ms"],
+                "other_ms": clip["other_ms"],
+                "loss_finite": True,
+            }
+        )
     n_params = sum(p.numel() for p in model.parameters())
     for row in rows:
         row["parameters"] = n_params
     return rows
 
 
-def run(quick: bool = False, out: str | Path | None = DEFAULT_OUT, threads: int | None = 1,
-        paper_batch_size: int | None = None, device: str = "auto") -> dict:
+def run(
+    quick: bool = False,
+    out: str | Path | None = DEFAULT_OUT,
+    threads: int | None = 1,
+    paper_batch_size: int | None = None,
+    device: str = "auto",
+) -> dict:
     """Time both configurations; returns (and writes to ``out``) the results.
 
     Args:
@@ -286,32 +381,64 @@ def run(quick: bool = False, out: str | Path | None = DEFAULT_OUT, threads: int 
     with torch_threads(threads):
         rows = bench_demo(quick, dev) + bench_paper(quick, dev, batch_size)
         info = machine()
-    worst = {cfg: max(r["overhead_percent"] for r in rows if r["config"] == cfg and r["implementation"] == "fused")
-             for cfg in ("demo", "paper")}
-    results = {"benchmark": "train_step", "quick": quick, "device": str(dev), **info,
-               "goal_overhead_percent": GOAL_PERCENT, "worst_overhead_percent": worst, "rows": rows}
+    worst = {
+        cfg: max(r["overhead_percent"] for r in rows if r["config"] == cfg and r["implementation"] == "fused")
+        for cfg in ("demo", "paper")
+    }
+    results = {
+        "benchmark": "train_step",
+        "quick": quick,
+        "device": str(dev),
+        **info,
+        "goal_overhead_percent": GOAL_PERCENT,
+        "worst_overhead_percent": worst,
+        "rows": rows,
+    }
     write_json(results, out)
     return results
 
 
 def print_results(results: dict) -> None:
-    print(f"training step vs bare encoders ({results['device']}, {results['torch_threads']} thread(s)); "
-          f"overhead = (step - bare) / bare, goal <= {results['goal_overhead_percent']:.0f}%")
-    print(table(results["rows"], [
-        ("config", "config", "{}"), ("optimizer", "optimizer", "{}"), ("implementation", "implementation", "{}"),
-        ("loss", "loss", "{}"), ("derived", "derived", "{}"),
-        ("batch", "batch", "{}"), ("bare_ms", "bare ms", "{:.1f}"), ("step_ms", "step ms", "{:.1f}"),
-        ("overhead_percent", "overhead %", "{:+.1f}"), ("loss_ms", "loss ms", "{:.2f}"),
-        ("optimizer_ms", "optim ms", "{:.2f}"), ("other_ms", "other ms", "{:+.2f}")]))
+    print(
+        f"training step vs bare encoders ({results['device']}, {results['torch_threads']} thread(s)); "
+        f"overhead = (step - bare) / bare, goal <= {results['goal_overhead_percent']:.0f}%"
+    )
+    print(
+        table(
+            results["rows"],
+            [
+                ("config", "config", "{}"),
+                ("optimizer", "optimizer", "{}"),
+                ("implementation", "implementation", "{}"),
+                ("loss", "loss", "{}"),
+                ("derived", "derived", "{}"),
+                ("batch", "batch", "{}"),
+                ("bare_ms", "bare ms", "{:.1f}"),
+                ("step_ms", "step ms", "{:.1f}"),
+                ("overhead_percent", "overhead %", "{:+.1f}"),
+                ("loss_ms", "loss ms", "{:.2f}"),
+                ("optimizer_ms", "optim ms", "{:.2f}"),
+                ("other_ms", "other ms", "{:+.2f}"),
+            ],
+        )
+    )
     for cfg in ("demo", "paper"):
         for opt in ("adamw", "sgd", "adam"):
-            pair = {r["implementation"]: r for r in results["rows"]
-                    if r["config"] == cfg and r["optimizer"] == opt and r["loss"] == "clip"}
+            pair = {
+                r["implementation"]: r
+                for r in results["rows"]
+                if r["config"] == cfg and r["optimizer"] == opt and r["loss"] == "clip"
+            }
             if len(pair) == 2:
-                print(f"{cfg} {opt}: optimizer part torch default / fused = "
-                      f"{pair['torch default']['optimizer_ms'] / pair['fused']['optimizer_ms']:.1f} x; overhead "
-                      f"{pair['torch default']['overhead_percent']:+.1f}% -> {pair['fused']['overhead_percent']:+.1f}%")
-    print("worst overhead with the fused optimizers: " + ", ".join(f"{k} {v:+.1f}%" for k, v in results["worst_overhead_percent"].items()))
+                print(
+                    f"{cfg} {opt}: optimizer part torch default / fused = "
+                    f"{pair['torch default']['optimizer_ms'] / pair['fused']['optimizer_ms']:.1f} x; overhead "
+                    f"{pair['torch default']['overhead_percent']:+.1f}% -> {pair['fused']['overhead_percent']:+.1f}%"
+                )
+    print(
+        "worst overhead with the fused optimizers: "
+        + ", ".join(f"{k} {v:+.1f}%" for k, v in results["worst_overhead_percent"].items())
+    )
     if not all(r["loss_finite"] for r in results["rows"]):
         print("WARNING: a loss was not finite during timing (its step skipped backward); numbers are off")
 

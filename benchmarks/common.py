@@ -4,6 +4,7 @@ Every benchmark compares its variants side by side in one run (interleaved
 repeats, medians), so that drifts in machine load hit all of them alike, and
 reports ratios rather than absolute times.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +12,8 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -35,8 +36,9 @@ def timed(fn: Callable[[], object], device=None) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                device=None) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, device=None
+) -> dict[str, list[float]]:
     """Time every function once per repeat, in a rotating order; returns name -> list of seconds.
 
     The first ``warmup`` rounds are run but not recorded.
@@ -69,8 +71,12 @@ def torch_threads(threads: int | None):
 
 
 def machine() -> dict:
-    info = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+    info = {
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

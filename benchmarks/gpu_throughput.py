@@ -27,6 +27,7 @@ text tower has the paper's exact size without downloading anything.
 Usage: ``python benchmarks/gpu_throughput.py [--tiny] [--steps N] [--batch B] [--workers W ...]``;
 writes ``reports/benchmarks/gpu_throughput.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,10 @@ from common import OUT_DIR, machine, table, torch_threads, write_json  # noqa: E
 
 DEFAULT_OUT = OUT_DIR / "gpu_throughput.json"
 NO_GPU = "no GPU available: ran on the CPU, so these numbers say nothing about GPU throughput"
-WORDS = ("a photo of the red blue green small large dog cat car tree house person on in with next to "
-         "beach street table sky water field people sitting standing white black old young").split()
+WORDS = (
+    "a photo of the red blue green small large dog cat car tree house person on in with next to "
+    "beach street table sky water field people sitting standing white black old young"
+).split()
 
 
 # ---------------------------------------------------------------- synthetic data
@@ -80,9 +83,11 @@ def _tokenizer(vocab_size: int | None):
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]")
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
 
 
 # ---------------------------------------------------------------- measurements
@@ -101,14 +106,13 @@ def matmul_rate(device: torch.device, n: int, repeats: int) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - start) / repeats
-    return {"matmul_n": n, "matmul_dtype": str(dtype).replace("torch.", ""), "matmul_flops_per_s": 2 * n ** 3 / seconds}
+    return {"matmul_n": n, "matmul_dtype": str(dtype).replace("torch.", ""), "matmul_flops_per_s": 2 * n**3 / seconds}
 
 
 def step_flops(run, batch: dict) -> float:
     """Forward + backward FLOPs of the model on one batch (torch.utils.flop_counter; matmuls and convolutions)."""
+    from bench_train_step import _inputs, bare_forward_backward
     from torch.utils.flop_counter import FlopCounterMode
-
-    from bench_train_step import bare_forward_backward, _inputs
 
     counter = FlopCounterMode(display=False)
     with counter:
@@ -148,15 +152,29 @@ def measure(run, workers: int, steps: int, warmup: int) -> dict:
     _sync(run.device)
     wall = time.perf_counter() - start
     del iterator
-    return {"workers": workers, "steps": steps, "wall_s": wall, "step_ms": 1e3 * wall / steps,
-            "samples_per_s": steps * config.batch_size / wall, "data_wait_fraction": min(1.0, wait / wall),
-            "loss_finite": all(v == v and abs(v) != float("inf") for v in losses)}
+    return {
+        "workers": workers,
+        "steps": steps,
+        "wall_s": wall,
+        "step_ms": 1e3 * wall / steps,
+        "samples_per_s": steps * config.batch_size / wall,
+        "data_wait_fraction": min(1.0, wait / wall),
+        "loss_finite": all(v == v and abs(v) != float("inf") for v in losses),
+    }
 
 
 # ---------------------------------------------------------------- entry points
-def run(tiny: bool = False, quick: bool = False, steps: int | None = None, batch_size: int | None = None,
-        workers: list[int] | None = None, device: str = "auto", out: str | Path | None = DEFAULT_OUT,
-        deterministic: bool = True, threads: int | None = None) -> dict:
+def run(
+    tiny: bool = False,
+    quick: bool = False,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    workers: list[int] | None = None,
+    device: str = "auto",
+    out: str | Path | None = DEFAULT_OUT,
+    deterministic: bool = True,
+    threads: int | None = None,
+) -> dict:
     """Measure throughput; returns (and writes to ``out``) the results.
 
     Args:
@@ -189,8 +207,14 @@ def _run(tiny, quick, steps, batch_size, workers, device, out, deterministic) ->
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if tiny:
         size, batch, n_steps, warmup = 64, batch_size or 4, steps or 3, 1
-        overrides = dict(image_encoder="small_resnet", text_encoder="small_distilbert",
-                         small_resnet_widths=[8, 16, 32], text_dim=32, text_layers=1, embed_dim=32)
+        overrides = dict(
+            image_encoder="small_resnet",
+            text_encoder="small_distilbert",
+            small_resnet_widths=[8, 16, 32],
+            text_dim=32,
+            text_layers=1,
+            embed_dim=32,
+        )
         worker_counts = workers or [1]
     else:
         size, batch, n_steps, warmup = 256, batch_size or 128, steps or (15 if quick else 40), 5
@@ -199,14 +223,34 @@ def _run(tiny, quick, steps, batch_size, workers, device, out, deterministic) ->
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         n_pairs = batch * (warmup + n_steps)
-        make_data(tmp / "data", n_files=min(n_pairs, 16 if tiny else 512), n_pairs=n_pairs,
-                  low=size, high=size + size // 4, vocab_size=None if tiny else 30522)
-        config = make_config("paper", train_ann=str(tmp / "data" / "train.json"),
-                             train_images=str(tmp / "data" / "images"), tokenizer=str(tmp / "data" / "tokenizer"),
-                             pretrained=False, image_size=size, batch_size=batch, epochs=1, amp="bf16",
-                             device=str(dev), deterministic=deterministic, out=str(tmp / "run"), **overrides)
-        previous = (torch.are_deterministic_algorithms_enabled(),
-                    torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
+        make_data(
+            tmp / "data",
+            n_files=min(n_pairs, 16 if tiny else 512),
+            n_pairs=n_pairs,
+            low=size,
+            high=size + size // 4,
+            vocab_size=None if tiny else 30522,
+        )
+        config = make_config(
+            "paper",
+            train_ann=str(tmp / "data" / "train.json"),
+            train_images=str(tmp / "data" / "images"),
+            tokenizer=str(tmp / "data" / "tokenizer"),
+            pretrained=False,
+            image_size=size,
+            batch_size=batch,
+            epochs=1,
+            amp="bf16",
+            device=str(dev),
+            deterministic=deterministic,
+            out=str(tmp / "run"),
+            **overrides,
+        )
+        previous = (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.benchmark,
+        )
         if config.deterministic:  # as clipstudy.engine.train sets up a run
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -214,10 +258,10 @@ def _run(tiny, quick, steps, batch_size, workers, device, out, deterministic) ->
         else:
             torch.backends.cudnn.benchmark = True
         try:
-            peak = matmul_rate(dev, 256 if tiny else (8192 if dev.type == "cuda" else 2048),
-                               repeats=3 if tiny else 30)
+            peak = matmul_rate(dev, 256 if tiny else (8192 if dev.type == "cuda" else 2048), repeats=3 if tiny else 30)
             run_ = build_run(config, tmp / "run")
             from clipstudy.data.datasets import make_collate
+
             first = make_collate(run_.tokenizer, config.max_length)([run_.train_set[i] for i in range(batch)])
             flops = step_flops(run_, first)
             rows = [measure(run_, w, n_steps, warmup) for w in worker_counts]
@@ -228,17 +272,28 @@ def _run(tiny, quick, steps, batch_size, workers, device, out, deterministic) ->
         row["model_flops_per_s"] = flops * row["steps"] / row["wall_s"]
         row["mfu"] = row["model_flops_per_s"] / peak["matmul_flops_per_s"]
     results = {
-        "benchmark": "gpu_throughput", "tiny": tiny, "device": str(dev), **machine(),
+        "benchmark": "gpu_throughput",
+        "tiny": tiny,
+        "device": str(dev),
+        **machine(),
         "note": None if dev.type == "cuda" else NO_GPU,
-        "config": {"image_encoder": config.image_encoder, "text_encoder": config.text_encoder,
-                   "image_size": size, "batch_size": batch, "amp": "bf16" if dev.type == "cuda" else "none (CPU)",
-                   "channels_last": dev.type == "cuda", "deterministic": config.deterministic,
-                   "parameters": sum(p.numel() for p in run_.model.parameters()), "cpu_cores": cores},
-        **peak, "model_flops_per_step": flops, "rows": rows,
+        "config": {
+            "image_encoder": config.image_encoder,
+            "text_encoder": config.text_encoder,
+            "image_size": size,
+            "batch_size": batch,
+            "amp": "bf16" if dev.type == "cuda" else "none (CPU)",
+            "channels_last": dev.type == "cuda",
+            "deterministic": config.deterministic,
+            "parameters": sum(p.numel() for p in run_.model.parameters()),
+            "cpu_cores": cores,
+        },
+        **peak,
+        "model_flops_per_step": flops,
+        "rows": rows,
     }
     best = max(rows, key=lambda r: r["samples_per_s"])
-    results.update(samples_per_s=best["samples_per_s"], data_wait_fraction=best["data_wait_fraction"],
-                   mfu=best["mfu"])
+    results.update(samples_per_s=best["samples_per_s"], data_wait_fraction=best["data_wait_fraction"], mfu=best["mfu"])
     write_json(results, out)
     return results
 
@@ -247,15 +302,29 @@ def print_results(results: dict) -> None:
     c = results["config"]
     if results["note"]:
         print(results["note"])
-    print(f"{results['device']} ({results.get('gpu', results['cpu'])}): {c['image_encoder']} + {c['text_encoder']}, "
-          f"{c['image_size']} px, batch {c['batch_size']}, amp {c['amp']}, channels_last {c['channels_last']}, "
-          f"{c['parameters'] / 1e6:.2f}M parameters")
-    print(f"measured {results['matmul_dtype']} matmul ({results['matmul_n']}^2): "
-          f"{results['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s; model {results['model_flops_per_step'] / 1e9:.1f} "
-          "GFLOP per step (forward + backward)")
-    print(table(results["rows"], [("workers", "workers", "{}"), ("steps", "steps", "{}"),
-                                  ("step_ms", "step ms", "{:.1f}"), ("samples_per_s", "samples/s", "{:.1f}"),
-                                  ("data_wait_fraction", "data wait", "{:.3f}"), ("mfu", "MFU", "{:.3f}")]))
+    print(
+        f"{results['device']} ({results.get('gpu', results['cpu'])}): {c['image_encoder']} + {c['text_encoder']}, "
+        f"{c['image_size']} px, batch {c['batch_size']}, amp {c['amp']}, channels_last {c['channels_last']}, "
+        f"{c['parameters'] / 1e6:.2f}M parameters"
+    )
+    print(
+        f"measured {results['matmul_dtype']} matmul ({results['matmul_n']}^2): "
+        f"{results['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s; model {results['model_flops_per_step'] / 1e9:.1f} "
+        "GFLOP per step (forward + backward)"
+    )
+    print(
+        table(
+            results["rows"],
+            [
+                ("workers", "workers", "{}"),
+                ("steps", "steps", "{}"),
+                ("step_ms", "step ms", "{:.1f}"),
+                ("samples_per_s", "samples/s", "{:.1f}"),
+                ("data_wait_fraction", "data wait", "{:.3f}"),
+                ("mfu", "MFU", "{:.3f}"),
+            ],
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,12 +335,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--workers", type=int, nargs="+", default=None)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--non-deterministic", action="store_true",
-                        help="allow non-deterministic kernels (cudnn autotuning); training is deterministic by default")
+    parser.add_argument(
+        "--non-deterministic",
+        action="store_true",
+        help="allow non-deterministic kernels (cudnn autotuning); training is deterministic by default",
+    )
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
-    results = run(tiny=args.tiny, quick=args.quick, steps=args.steps, batch_size=args.batch, workers=args.workers,
-                  device=args.device, out=args.out, deterministic=not args.non_deterministic)
+    results = run(
+        tiny=args.tiny,
+        quick=args.quick,
+        steps=args.steps,
+        batch_size=args.batch,
+        workers=args.workers,
+        device=args.device,
+        out=args.out,
+        deterministic=not args.non_deterministic,
+    )
     print_results(results)
     print(f"wrote {args.out}")
     return 0

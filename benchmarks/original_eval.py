@@ -10,14 +10,15 @@ Python loop. Ties fall in ``argsort`` order, so it matches
 Only the ``@torch.no_grad()`` decorator (a no-op on numpy input) is dropped;
 the body is unchanged.
 """
+
 import numpy as np
 
 
 def itm_eval(scores_i2t, scores_t2i, txt2img, img2txt):
 
-    #Images->Text
+    # Images->Text
     ranks = np.zeros(scores_i2t.shape[0])
-    for index,score in enumerate(scores_i2t):
+    for index, score in enumerate(scores_i2t):
         inds = np.argsort(score)[::-1]
         # Score
         rank = 1e20
@@ -32,10 +33,10 @@ def itm_eval(scores_i2t, scores_t2i, txt2img, img2txt):
     tr5 = 100.0 * len(np.where(ranks < 5)[0]) / len(ranks)
     tr10 = 100.0 * len(np.where(ranks < 10)[0]) / len(ranks)
 
-    #Text->Images
+    # Text->Images
     ranks = np.zeros(scores_t2i.shape[0])
 
-    for index,score in enumerate(scores_t2i):
+    for index, score in enumerate(scores_t2i):
         inds = np.argsort(score)[::-1]
         ranks[index] = np.where(inds == txt2img[index])[0][0]
 
@@ -48,13 +49,15 @@ def itm_eval(scores_i2t, scores_t2i, txt2img, img2txt):
     ir_mean = (ir1 + ir5 + ir10) / 3
     r_mean = (tr_mean + ir_mean) / 2
 
-    eval_result =  {'txt_r1': tr1,
-                    'txt_r5': tr5,
-                    'txt_r10': tr10,
-                    'txt_r_mean': tr_mean,
-                    'img_r1': ir1,
-                    'img_r5': ir5,
-                    'img_r10': ir10,
-                    'img_r_mean': ir_mean,
-                    'r_mean': r_mean}
+    eval_result = {
+        "txt_r1": tr1,
+        "txt_r5": tr5,
+        "txt_r10": tr10,
+        "txt_r_mean": tr_mean,
+        "img_r1": ir1,
+        "img_r5": ir5,
+        "img_r10": ir10,
+        "img_r_mean": ir_mean,
+        "r_mean": r_mean,
+    }
     return eval_result

@@ -15,6 +15,7 @@ run takes several minutes on two CPU cores; ``--quick`` runs smaller sizes in
 about a minute or two. A failing benchmark is reported and the others still run;
 the exit status is then 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these benchmarks")
-    parser.add_argument("--runs", default=None,
-                        help="demo run directories read by bench_data and bench_sweep (default reports/runs/demo)")
+    parser.add_argument(
+        "--runs",
+        default=None,
+        help="demo run directories read by bench_data and bench_sweep (default reports/runs/demo)",
+    )
     args = parser.parse_args(argv)
     failed = []
     started = time.perf_counter()

@@ -6,6 +6,7 @@ dispatches, so importing it stays cheap, and turns the user-facing errors of
 given; 1: a write or the run failed; 130: interrupted). ``--debug`` anywhere
 on the command line, or ``CLIPSTUDY_DEBUG=1``, shows the traceback instead.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -17,10 +18,19 @@ from clipstudy import errors
 COMMANDS = {
     "check-data": ("clipstudy.data.check", "main", "validate a data set before training"),
     "make-demo-data": ("clipstudy.data.demo", "main", "generate the embedded synthetic benchmark"),
-    "prepare-data": ("clipstudy.data.prepare.command", "main", "turn CC3M / COCO / ImageNet downloads into the formats"),
-    "fetch-weights": ("clipstudy.cli.commands", "fetch_weights_main", "download pretrained weights into the local caches"),
+    "prepare-data": (
+        "clipstudy.data.prepare.command",
+        "main",
+        "turn CC3M / COCO / ImageNet downloads into the formats",
+    ),
+    "fetch-weights": (
+        "clipstudy.cli.commands",
+        "fetch_weights_main",
+        "download pretrained weights into the local caches",
+    ),
     "train": ("clipstudy.cli.commands", "train_main", "train and evaluate one optimizer x loss cell"),
     "evaluate": ("clipstudy.cli.commands", "evaluate_main", "evaluate a saved checkpoint"),
+    "list": ("clipstudy.cli.commands", "list_main", "the registered losses and optimizers"),
     "sweep": ("clipstudy.study.sweep", "main", "run the optimizer x loss grid through papermill"),
     "choose-lr": ("clipstudy.study.lrsearch", "main", "pick one learning rate for every optimizer (short search)"),
     "report": ("clipstudy.cli.commands", "report_main", "render the analysis notebook to HTML"),
@@ -31,8 +41,11 @@ def usage() -> str:
     lines = ["usage: python -m clipstudy <command> [options]", "", "commands:"]
     for name, (_, _, help_) in COMMANDS.items():
         lines.append(f"  {name:<16} {help_}")
-    lines += ["", "`python -m clipstudy <command> --help` lists a command's options; --debug (or "
-              f"{errors.DEBUG_VARIABLE}=1) shows tracebacks instead of one-line errors."]
+    lines += [
+        "",
+        "`python -m clipstudy <command> --help` lists a command's options; --debug (or "
+        f"{errors.DEBUG_VARIABLE}=1) shows tracebacks instead of one-line errors.",
+    ]
     return "\n".join(lines)
 
 
@@ -62,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         where = f"{err.filename}: " if err.filename else ""
-        print(f"error: {where}{err.strerror or err}; check the paths, their permissions and the free disk space "
-              "(--debug shows where it happened)", file=sys.stderr)
+        print(
+            f"error: {where}{err.strerror or err}; check the paths, their permissions and the free disk space "
+            "(--debug shows where it happened)",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt as err:
         if debug:

@@ -17,6 +17,7 @@ Subclasses keep their own names (``ConfigError``, ``DataError``...) so a
 caller can catch one concern. Anything else is a bug and keeps its traceback.
 With ``--debug`` (or ``CLIPSTUDY_DEBUG=1``) every error shows its traceback.
 """
+
 from __future__ import annotations
 
 DEBUG_VARIABLE = "CLIPSTUDY_DEBUG"
@@ -24,22 +25,26 @@ DEBUG_VARIABLE = "CLIPSTUDY_DEBUG"
 
 class ClipstudyError(Exception):
     """A failure the user can act on; ``exit_code`` is the command's exit status."""
+
     exit_code = 1
 
 
 class StartupError(ClipstudyError):
     """The command cannot start as given; nothing was written."""
+
     exit_code = 2
 
 
 class RunFailure(ClipstudyError):
     """A run stopped for a reason outside the code (busy folder, unreadable data)."""
+
     exit_code = 1
 
 
 class WriteFailure(ClipstudyError, OSError):
     """A file could not be written; ``path`` and ``size`` (bytes) say which and how large, ``errno`` why
     (the underlying OSError's, e.g. ENOSPC)."""
+
     exit_code = 1
 
     def __init__(self, message: str, *, path=None, size: int | None = None, errno: int | None = None):

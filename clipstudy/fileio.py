@@ -6,6 +6,7 @@ the same folder, flushed, then renamed over the final name. Run folders are
 guarded by :func:`cell_lock` (an ``flock``, released by the kernel when the
 holder dies, even by ``kill -9``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,16 +47,22 @@ def cell_lock(folder: str | Path, name: str = LOCK_NAME, *, wait: bool = False):
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise CellBusy(f"{folder} is being trained by another process (lock {path}); "
-                           "wait for it or use another output directory") from None
+            raise CellBusy(
+                f"{folder} is being trained by another process (lock {path}); "
+                "wait for it or use another output directory"
+            ) from None
         pid = f"{os.getpid()}\n".encode()
         try:  # unbuffered, so a full disk fails here and not again when the file is closed
             os.ftruncate(fh.fileno(), 0)
             os.pwrite(fh.fileno(), pid, 0)
         except OSError as err:
-            raise WriteFailure(f"cannot write {path} ({human_size(len(pid))}): {err.strerror or err}. Free disk "
-                               f"space or make {folder} writable, then rerun the same command",
-                               path=path, size=len(pid), errno=err.errno) from err
+            raise WriteFailure(
+                f"cannot write {path} ({human_size(len(pid))}): {err.strerror or err}. Free disk "
+                f"space or make {folder} writable, then rerun the same command",
+                path=path,
+                size=len(pid),
+                errno=err.errno,
+            ) from err
         yield path
     finally:
         fh.close()
@@ -115,7 +122,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise WriteFailure(
             f"cannot write {path} ({human_size(len(data))}): {err.strerror or err}. Free disk space or make "
             f"{path.parent} writable, then rerun the same command; the file keeps its previous content",
-            path=path, size=len(data), errno=err.errno) from err
+            path=path,
+            size=len(data),
+            errno=err.errno,
+        ) from err
 
 
 def replace_atomically(path: Path, data: bytes) -> None:

@@ -14,6 +14,7 @@ Relative paths in a configuration are made absolute once, when the
 configuration is made (:func:`absolute`), so ``data/demo`` and
 ``<root>/data/demo`` are the same configuration.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,7 +48,8 @@ def project_root() -> Path:
     if root is None:
         raise ProjectRootNotFound(
             f"clipstudy is installed outside a source checkout, so it has no default folders: pass the paths "
-            f"explicitly (--data, --out, --runs) or set {ROOT_VARIABLE} to the project folder")
+            f"explicitly (--data, --out, --runs) or set {ROOT_VARIABLE} to the project folder"
+        )
     return root
 
 

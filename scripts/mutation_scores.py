@@ -9,6 +9,7 @@ inspect survivors with ``mutmut show NAME`` there). ``--recheck FOLDER`` takes a
 current tests and runs again only the mutants they had not killed (the mutated code is the same, and a
 test suite that only grew still kills what it killed), then prints the module's score.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,31 +25,59 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from mutation_resume import copy_worktree  # noqa: E402  (the same tree copy as the resume check)
+
 # module -> (file, mutant-name globs of the promise-carrying functions, tests)
 MODULES = {
-    "checkpoint": (["clipstudy/engine/checkpoint.py"], ["clipstudy.engine.checkpoint.*"],
-                   ["tests/test_checkpoint.py",
-                    "tests/test_sweep.py::test_dry_run_lists_each_cells_state_and_runs_nothing",
-                    "tests/test_sweep.py::test_a_cell_locked_by_another_sweep_is_skipped_not_trained"]),
-    "runstate": (["clipstudy/engine/runstate.py"], ["clipstudy.engine.runstate.*"],
-                 ["tests/test_runstate.py",
-                  "tests/test_resume.py::test_stop_request_flags_the_first_signal_raises_on_the_second_and_restores_handlers",
-                  "tests/test_resume.py::test_sigterm_then_rerun_resumes_and_equals_uninterrupted[sogclr-mid-epoch]",
-                  "tests/test_resume.py::test_sigterm_then_rerun_resumes_and_equals_uninterrupted[siglip-mid-epoch]"]),
-    "losses": (["clipstudy/core/losses.py", "clipstudy/core/losses_base.py", "clipstudy/core/losses_global.py"],
-               ["clipstudy.core.losses.*", "clipstudy.core.losses_base.*", "clipstudy.core.losses_global.*"],
-               ["tests/test_losses.py"]),
-    "retrieval metrics": (["clipstudy/core/metrics.py"],
-                          [f"clipstudy.core.metrics.x_{name}__mutmut_*" for name in
-                           ("_as_index_tensor", "_rows_per_chunk", "_recalls", "retrieval_ranks", "retrieval_metrics",
-                            "_no_correct_in_top", "chance_levels", "zeroshot_metrics")],
-                          ["tests/test_evaluate.py"]),
-    "sweep cell state": (["clipstudy/study/sweep.py"],
-                         ["clipstudy.study.sweep.x_cell_state__mutmut_*", "clipstudy.study.sweep.x_record_state__mutmut_*"],
-                         ["tests/test_sweep.py::test_dry_run_lists_each_cells_state_and_runs_nothing",
-                          "tests/test_sweep.py::test_record_state_tells_stale_and_cut_runs_apart_and_needs_a_config_"
-                          "for_either",
-                          "tests/test_sweep.py::test_a_cell_locked_by_another_sweep_is_skipped_not_trained"]),
+    "checkpoint": (
+        ["clipstudy/engine/checkpoint.py"],
+        ["clipstudy.engine.checkpoint.*"],
+        [
+            "tests/test_checkpoint.py",
+            "tests/test_sweep.py::test_dry_run_lists_each_cells_state_and_runs_nothing",
+            "tests/test_sweep.py::test_a_cell_locked_by_another_sweep_is_skipped_not_trained",
+        ],
+    ),
+    "runstate": (
+        ["clipstudy/engine/runstate.py"],
+        ["clipstudy.engine.runstate.*"],
+        [
+            "tests/test_runstate.py",
+            "tests/test_resume.py::test_stop_request_flags_the_first_signal_raises_on_the_second_and_restores_handlers",
+            "tests/test_resume.py::test_sigterm_then_rerun_resumes_and_equals_uninterrupted[sogclr-mid-epoch]",
+            "tests/test_resume.py::test_sigterm_then_rerun_resumes_and_equals_uninterrupted[siglip-mid-epoch]",
+        ],
+    ),
+    "losses": (
+        ["clipstudy/core/losses.py", "clipstudy/core/losses_base.py", "clipstudy/core/losses_global.py"],
+        ["clipstudy.core.losses.*", "clipstudy.core.losses_base.*", "clipstudy.core.losses_global.*"],
+        ["tests/test_losses.py"],
+    ),
+    "retrieval metrics": (
+        ["clipstudy/core/metrics.py"],
+        [
+            f"clipstudy.core.metrics.x_{name}__mutmut_*"
+            for name in (
+                "_as_index_tensor",
+                "_rows_per_chunk",
+                "_recalls",
+                "retrieval_ranks",
+                "retrieval_metrics",
+                "_no_correct_in_top",
+                "chance_levels",
+                "zeroshot_metrics",
+            )
+        ],
+        ["tests/test_evaluate.py"],
+    ),
+    "sweep cell state": (
+        ["clipstudy/study/sweep.py"],
+        ["clipstudy.study.sweep.x_cell_state__mutmut_*", "clipstudy.study.sweep.x_record_state__mutmut_*"],
+        [
+            "tests/test_sweep.py::test_dry_run_lists_each_cells_state_and_runs_nothing",
+            "tests/test_sweep.py::test_record_state_tells_stale_and_cut_runs_apart_and_needs_a_config_for_either",
+            "tests/test_sweep.py::test_a_cell_locked_by_another_sweep_is_skipped_not_trained",
+        ],
+    ),
 }
 STATUS = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
 
@@ -58,12 +87,13 @@ def scratch_copy(dest: Path, source_files: list[str], tests: list[str]) -> None:
     selection = ", ".join(f'"{t}"' for t in tests)
     with open(dest / "pyproject.toml", "a") as fh:
         mutate = ", ".join(f'"{f}"' for f in source_files)
-        fh.write(f'only_mutate = [{mutate}]\npytest_add_cli_args_test_selection = [{selection}]\n')
+        fh.write(f"only_mutate = [{mutate}]\npytest_add_cli_args_test_selection = [{selection}]\n")
 
 
 def score(folder: Path, globs: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=folder,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=folder, capture_output=True, text=True
+    ).stdout
     from fnmatch import fnmatch
 
     statuses = {}
@@ -82,15 +112,23 @@ def summary(module: str, counts: dict) -> str:
     checked = sum(n for status, n in counts.items() if status != "not checked")
     killed = counts.get("killed", 0)
     unchecked = counts.get("not checked", 0)
-    return (f"{module:18} {killed:4d} / {checked:4d} killed ({100 * killed / max(checked, 1):5.1f}%)"
-            + (f", {unchecked} not checked" if unchecked else "") + f"  {counts}")
+    return (
+        f"{module:18} {killed:4d} / {checked:4d} killed ({100 * killed / max(checked, 1):5.1f}%)"
+        + (f", {unchecked} not checked" if unchecked else "")
+        + f"  {counts}"
+    )
 
 
 def mutmut_run(folder: Path, max_children: int, names: list[str]) -> subprocess.CompletedProcess:
     """``mutmut run NAMES`` in a scratch copy (without our PYTHONPATH: mutmut sets the path itself)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names],
-                          cwd=folder, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 def recheck(folder: Path, module: str, max_children: int) -> tuple[str, list[str]]:

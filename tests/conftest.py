@@ -1,4 +1,5 @@
 """Shared test fixtures."""
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,13 @@ def demo_data_dir(tmp_path_factory) -> Path:
 def torch_global_state():
     """Restore torch's process-wide settings on exit: in-process ``train()`` sets deterministic mode, the thread
     count and cuDNN benchmark globally, and a later test must not depend on which test ran before it."""
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.get_num_threads(), torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.get_num_threads(),
+        torch.backends.cudnn.benchmark,
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
     try:
         yield
     finally:

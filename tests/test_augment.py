@@ -1,4 +1,5 @@
 """The original code base's training augmentation and zero-shot transform, against hand-worked cases."""
+
 from __future__ import annotations
 
 import math
@@ -14,23 +15,36 @@ from clipstudy.data.datasets import CLIP_MEAN, CLIP_STD, eval_transform, train_t
 
 
 def test_op_list_is_the_original_one():
-    assert ALBEF_OPS == ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
-                         "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+    assert ALBEF_OPS == (
+        "Identity",
+        "AutoContrast",
+        "Equalize",
+        "Brightness",
+        "Sharpness",
+        "ShearX",
+        "ShearY",
+        "TranslateX",
+        "TranslateY",
+        "Rotate",
+    )
     augment = AlbefRandomAugment()
     assert (augment.num_ops, augment.magnitude, augment.prob, augment.ops) == (2, 7, 0.5, ALBEF_OPS)
     with pytest.raises(ValueError, match="Solarize"):
         AlbefRandomAugment(ops=("Rotate", "Solarize"))
 
 
-@pytest.mark.parametrize("name, at7, at10, signed", [
-    ("Rotate", 21.0, 30.0, True),             # 30 deg x m/10
-    ("ShearX", 0.21, 0.3, True),              # 0.3 x m/10
-    ("ShearY", 0.21, 0.3, True),
-    ("TranslateX", 7.0, 10.0, True),          # 10 px x m/10, whatever the image size
-    ("TranslateY", 7.0, 10.0, True),
-    ("Brightness", 1.36, 1.9, False),         # 0.1 + 1.8 m/10, never negated
-    ("Sharpness", 1.36, 1.9, False),
-])
+@pytest.mark.parametrize(
+    "name, at7, at10, signed",
+    [
+        ("Rotate", 21.0, 30.0, True),  # 30 deg x m/10
+        ("ShearX", 0.21, 0.3, True),  # 0.3 x m/10
+        ("ShearY", 0.21, 0.3, True),
+        ("TranslateX", 7.0, 10.0, True),  # 10 px x m/10, whatever the image size
+        ("TranslateY", 7.0, 10.0, True),
+        ("Brightness", 1.36, 1.9, False),  # 0.1 + 1.8 m/10, never negated
+        ("Sharpness", 1.36, 1.9, False),
+    ],
+)
 def test_magnitude_mapping(name, at7, at10, signed):
     assert albef_op_argument(name, 7) == pytest.approx(at7)
     assert albef_op_argument(name, 10) == pytest.approx(at10)

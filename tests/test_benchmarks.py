@@ -1,4 +1,5 @@
 """The GPU throughput benchmark runs at tiny sizes on the CPU, so it cannot rot unnoticed."""
+
 import importlib
 import json
 import math

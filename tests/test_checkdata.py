@@ -1,15 +1,16 @@
 """check-data: counts, unreadable files, caption summaries, exit status, JSON output."""
+
 from __future__ import annotations
 
 import json
 import statistics
 
 import pytest
+from conftest import TINY_DEMO
 from PIL import Image
 
 from clipstudy.__main__ import main as clipstudy_main
 from clipstudy.data.check import check_data
-from conftest import TINY_DEMO
 
 
 def write_pairs(root, entries, good, bad_text=(), kind="train"):
@@ -46,25 +47,49 @@ def test_caption_summary_by_hand(tmp_path):
     entries = [{"image": f"{i}.png", "caption": c, "image_id": i} for i, c in enumerate(captions)]
     ann, images = write_pairs(tmp_path, entries, [f"{i}.png" for i in range(4)])
     words = check_data(train_ann=str(ann), train_images=str(images))["train"]["captions"]
-    assert words == {"count": 4, "min_words": 0, "mean_words": 2.5, "median_words": statistics.median([3, 2, 0, 5]),
-                     "max_words": 5, "empty_after_cleaning": 1}
+    assert words == {
+        "count": 4,
+        "min_words": 0,
+        "mean_words": 2.5,
+        "median_words": statistics.median([3, 2, 0, 5]),
+        "max_words": 5,
+        "empty_after_cleaning": 1,
+    }
     capped = check_data(train_ann=str(ann), train_images=str(images), max_words=3)["train"]["captions"]
     assert capped["max_words"] == 3
 
 
 def test_unreadable_files_listed_in_json(tmp_path, capsys):
-    entries = [{"image": "ok.png", "caption": ["a", "b"]}, {"image": "gone.png", "caption": ["c"]},
-               {"image": "text.png", "caption": "d"}]
+    entries = [
+        {"image": "ok.png", "caption": ["a", "b"]},
+        {"image": "gone.png", "caption": ["c"]},
+        {"image": "text.png", "caption": "d"},
+    ]
     ann, images = write_pairs(tmp_path, entries, ["ok.png"], ["text.png"], kind="retrieval")
-    assert clipstudy_main(["check-data", "--retrieval-ann", str(ann), "--retrieval-images", str(images), "--json",
-                           "--max-unreadable", "1"]) == 0  # 2 of 3 unreadable: allowed here, to see the listing
+    assert (
+        clipstudy_main(
+            [
+                "check-data",
+                "--retrieval-ann",
+                str(ann),
+                "--retrieval-images",
+                str(images),
+                "--json",
+                "--max-unreadable",
+                "1",
+            ]
+        )
+        == 0
+    )  # 2 of 3 unreadable: allowed here, to see the listing
     report = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
     section = report["retrieval"]
     assert section["entries"] == 3 and section["readable_images"] == 1 and section["texts"] == 4
     assert section["captions_per_image"] == {"min": 1, "mean": 1.33, "max": 2}
     key = next(k for k in section if "unreadable" in k)
-    assert {(item["path"].split("/")[-1], "not found" in item["reason"]) for item in section[key]} == \
-        {("gone.png", True), ("text.png", False)}
+    assert {(item["path"].split("/")[-1], "not found" in item["reason"]) for item in section[key]} == {
+        ("gone.png", True),
+        ("text.png", False),
+    }
 
 
 def test_set_without_usable_image_exits_one(tmp_path, capsys):
@@ -90,12 +115,15 @@ def test_zeroshot_empty_class_folders(tmp_path):
     assert section["classnames_file"] is False and section["usable"] is True
 
 
-@pytest.mark.parametrize("args, says", [
-    ([], "nothing to check: give --train-ann/--train-images"),
-    (["--train-ann", "x.json"], "--train-ann and --train-images go together"),
-    (["--retrieval-images", "somewhere"], "--retrieval-ann and --retrieval-images go together"),
-    (["--no-such-option"], "unrecognized arguments: --no-such-option"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        ([], "nothing to check: give --train-ann/--train-images"),
+        (["--train-ann", "x.json"], "--train-ann and --train-images go together"),
+        (["--retrieval-images", "somewhere"], "--retrieval-ann and --retrieval-images go together"),
+        (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+    ],
+)
 def test_usage_errors_exit_two_naming_the_problem(args, says, capsys):
     assert clipstudy_main(["check-data", *args]) == 2
     captured = capsys.readouterr()
@@ -110,7 +138,9 @@ def test_malformed_annotation_exits_two_naming_the_file(tmp_path, capsys):
     assert str(ann) in capsys.readouterr().err
     good = tmp_path / "good.json"
     good.write_text(json.dumps([{"image": "a.png", "caption": "x", "image_id": 0}]))
-    assert clipstudy_main(["check-data", "--train-ann", str(good), "--train-images", str(tmp_path / "missing_dir")]) == 2
+    assert (
+        clipstudy_main(["check-data", "--train-ann", str(good), "--train-images", str(tmp_path / "missing_dir")]) == 2
+    )
     assert "missing_dir" in capsys.readouterr().err
 
 

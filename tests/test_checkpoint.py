@@ -1,4 +1,5 @@
 """Checkpoints: atomic, verified, damaged ones skipped with a warning; locks released by a killed holder."""
+
 import os
 import signal
 import subprocess
@@ -7,8 +8,16 @@ import sys
 import pytest
 import torch
 
+from clipstudy.engine.checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
+    checkpoint_paths,
+    load_latest,
+    load_verified,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from clipstudy.fileio import CellBusy, cell_lock, is_locked
-from clipstudy.engine.checkpoint import CheckpointError, CheckpointWriteError, checkpoint_paths, load_latest, load_verified, remove_stale_temporaries, save_checkpoint
 
 
 def state(v):
@@ -19,8 +28,12 @@ def test_keep_newest_and_roundtrip(tmp_path):
     for step in (1, 2, 3):
         save_checkpoint(tmp_path, step, state(step))  # keeps the newest two by default
     assert [p.name for p in checkpoint_paths(tmp_path)] == ["ckpt-00000003.pt", "ckpt-00000002.pt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000002.pt", "ckpt-00000002.pt.sha256",
-                                                          "ckpt-00000003.pt", "ckpt-00000003.pt.sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt-00000002.pt",
+        "ckpt-00000002.pt.sha256",
+        "ckpt-00000003.pt",
+        "ckpt-00000003.pt.sha256",
+    ]
     loaded, path, warnings = load_latest(tmp_path)
     assert loaded["step"] == 3 and torch.equal(loaded["w"], torch.full((3,), 3.0)) and not warnings
     save_checkpoint(tmp_path, 4, state(4), keep=1)
@@ -80,8 +93,10 @@ def test_lock_excludes_and_is_released_by_kill(tmp_path):
             with cell_lock(tmp_path):
                 pass
     assert not is_locked(tmp_path)
-    code = ("import sys, time; from clipstudy.fileio import cell_lock\n"
-            "with cell_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from clipstudy.fileio import cell_lock\n"
+        "with cell_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     assert is_locked(tmp_path)
@@ -109,7 +124,8 @@ def test_failed_write_keeps_older_checkpoints_and_leaves_nothing_half_written(tm
     assert str(caught.value) == (
         f"cannot write checkpoint {tmp_path / 'ckpt-00000003.pt'} (2.0 MiB): No space left on device. Free disk "
         f"space or make {tmp_path} writable, then rerun the same command: it resumes from the newest checkpoint "
-        "still there")
+        "still there"
+    )
     assert isinstance(caught.value.__cause__, OSError)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no digest-less checkpoint, no temporary
     loaded, path, warnings = load_latest(tmp_path)
@@ -155,8 +171,8 @@ def test_atomic_writes_keep_plain_file_permissions_and_json_of_paths_and_scalars
 def test_a_failed_atomic_write_names_the_file_its_size_and_why(tmp_path):
     import errno
 
-    from clipstudy.fileio import atomic_write_bytes
     from clipstudy.errors import WriteFailure
+    from clipstudy.fileio import atomic_write_bytes
 
     (tmp_path / "old.txt").write_text("kept")
     blocker = tmp_path / "taken"
@@ -164,8 +180,10 @@ def test_a_failed_atomic_write_names_the_file_its_size_and_why(tmp_path):
     target = blocker / "out.json"
     with pytest.raises(WriteFailure) as caught:
         atomic_write_bytes(target, b"12345")
-    assert str(caught.value) == (f"cannot write {target} (5 bytes): File exists. Free disk space or make {blocker} "
-                                 "writable, then rerun the same command; the file keeps its previous content")
+    assert str(caught.value) == (
+        f"cannot write {target} (5 bytes): File exists. Free disk space or make {blocker} "
+        "writable, then rerun the same command; the file keeps its previous content"
+    )
     assert (caught.value.path, caught.value.size, caught.value.errno) == (target, 5, errno.EEXIST)
     with pytest.raises(CheckpointWriteError) as caught:
         save_checkpoint(blocker, 7, state(7))
@@ -174,7 +192,10 @@ def test_a_failed_atomic_write_names_the_file_its_size_and_why(tmp_path):
     serialised = io.BytesIO()
     torch.save(state(7), serialised)
     assert (caught.value.path, caught.value.size, caught.value.errno) == (
-        blocker / "ckpt-00000007.pt", len(serialised.getvalue()), errno.EEXIST)
+        blocker / "ckpt-00000007.pt",
+        len(serialised.getvalue()),
+        errno.EEXIST,
+    )
 
 
 def test_atomic_writes_make_missing_folders_and_stage_where_the_cleaner_looks(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ run's records are written, a missing demo data set, a sweep with a typo in
 ``--lr``. Each goes through the dispatcher (``python -m clipstudy``), which
 is the one place that turns errors into lines and exit statuses.
 """
+
 from __future__ import annotations
 
 import errno
@@ -20,10 +21,12 @@ from pathlib import Path
 
 import pytest
 
-import clipstudy.fileio as fileio
 import clipstudy.engine.train as train_mod
-from clipstudy.engine import config as config_mod, records
+import clipstudy.fileio as fileio
+from clipstudy.__main__ import COMMANDS
 from clipstudy.__main__ import main as clipstudy_main
+from clipstudy.engine import config as config_mod
+from clipstudy.engine import records
 from clipstudy.engine.config import FIELDS, ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -39,8 +42,19 @@ def one_error_line(err: str) -> str:
 
 
 def smoke_train(data, out, *extra) -> list[str]:
-    return ["train", "--profile", "smoke", "--data", str(data), "--out", str(out), "--threads", "1",
-            "--no-progress", *extra]
+    return [
+        "train",
+        "--profile",
+        "smoke",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -56,10 +70,13 @@ def no_weights(tmp_path, monkeypatch):
 
 
 # ============================================================ exit 2: cannot start as given
-@pytest.mark.parametrize("extra, names", [
-    (["--loss", "clip", "--loss_params", '{"gamma": 0.9}'], ["gamma"]),
-    (["--optimizer_params", '{"betas": 0.9}'], ["betas"]),
-])
+@pytest.mark.parametrize(
+    "extra, names",
+    [
+        (["--loss", "clip", "--loss_params", '{"gamma": 0.9}'], ["gamma"]),
+        (["--optimizer_params", '{"betas": 0.9}'], ["betas"]),
+    ],
+)
 def test_parameters_a_loss_or_optimizer_refuses(demo_data_dir, tmp_path, capsys, extra, names):
     code = clipstudy_main(smoke_train(demo_data_dir, tmp_path / "run", *extra))
     line = one_error_line(capsys.readouterr().err)
@@ -70,22 +87,35 @@ def test_parameters_a_loss_or_optimizer_refuses(demo_data_dir, tmp_path, capsys,
 
 
 def test_paper_profile_without_weights(demo_data_dir, tmp_path, capsys, no_weights):
-    code = clipstudy_main(["train", "--profile", "paper", "--data", str(demo_data_dir), "--out",
-                           str(tmp_path / "run"), "--no-progress"])
+    code = clipstudy_main(
+        ["train", "--profile", "paper", "--data", str(demo_data_dir), "--out", str(tmp_path / "run"), "--no-progress"]
+    )
     line = one_error_line(capsys.readouterr().err)
     assert code == 2
     assert "'image_weights'" in line and "fetch-weights --profile paper" in line
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_sweep_paper_without_weights_fails_before_any_cell(demo_data_dir, tmp_path, capsys, no_weights,
-                                                           monkeypatch):
+def test_sweep_paper_without_weights_fails_before_any_cell(demo_data_dir, tmp_path, capsys, no_weights, monkeypatch):
     import clipstudy.study.sweep as sweep_mod
 
     monkeypatch.setattr(sweep_mod, "run_cell", lambda *a, **k: pytest.fail("a cell was started"))
     runs = tmp_path / "runs"
-    code = clipstudy_main(["sweep", "--profile", "paper", "--data", str(demo_data_dir), "--runs", str(runs),
-                           "--optimizers", "adamw,sgd", "--losses", "clip"])
+    code = clipstudy_main(
+        [
+            "sweep",
+            "--profile",
+            "paper",
+            "--data",
+            str(demo_data_dir),
+            "--runs",
+            str(runs),
+            "--optimizers",
+            "adamw,sgd",
+            "--losses",
+            "clip",
+        ]
+    )
     line = one_error_line(capsys.readouterr().err)
     assert code == 2 and "fetch-weights --profile paper" in line
     assert not runs.exists()
@@ -95,8 +125,9 @@ def test_sweep_paper_without_data_fails_before_any_cell(tmp_path, capsys, monkey
     import clipstudy.study.sweep as sweep_mod
 
     monkeypatch.setattr(sweep_mod, "run_cell", lambda *a, **k: pytest.fail("a cell was started"))
-    code = clipstudy_main(["sweep", "--profile", "paper", "--runs", str(tmp_path / "runs"), "--optimizers",
-                           "adamw", "--losses", "clip"])
+    code = clipstudy_main(
+        ["sweep", "--profile", "paper", "--runs", str(tmp_path / "runs"), "--optimizers", "adamw", "--losses", "clip"]
+    )
     line = one_error_line(capsys.readouterr().err)
     assert code == 2 and "'train_ann'" in line and "data" in line
     assert not (tmp_path / "runs").exists()
@@ -105,8 +136,11 @@ def test_sweep_paper_without_data_fails_before_any_cell(tmp_path, capsys, monkey
 @pytest.mark.parametrize("command", ["train", "sweep"])
 def test_missing_demo_data_says_how_to_make_it(tmp_path, capsys, command):
     missing = tmp_path / "no-demo"
-    args = (smoke_train(missing, tmp_path / "run") if command == "train" else
-            ["sweep", "--profile", "smoke", "--data", str(missing), "--runs", str(tmp_path / "runs")])
+    args = (
+        smoke_train(missing, tmp_path / "run")
+        if command == "train"
+        else ["sweep", "--profile", "smoke", "--data", str(missing), "--runs", str(tmp_path / "runs")]
+    )
     code = clipstudy_main(args)
     line = one_error_line(capsys.readouterr().err)
     assert code == 2
@@ -115,19 +149,46 @@ def test_missing_demo_data_says_how_to_make_it(tmp_path, capsys, command):
 
 
 def test_sweep_lr_typo_names_it_and_the_valid_names(demo_data_dir, tmp_path, capsys):
-    code = clipstudy_main(["sweep", "--profile", "smoke", "--data", str(demo_data_dir), "--runs",
-                           str(tmp_path / "runs"), "--lr", "adamw=1e-3,sgdd=0.1", "--dry-run"])
+    code = clipstudy_main(
+        [
+            "sweep",
+            "--profile",
+            "smoke",
+            "--data",
+            str(demo_data_dir),
+            "--runs",
+            str(tmp_path / "runs"),
+            "--lr",
+            "adamw=1e-3,sgdd=0.1",
+            "--dry-run",
+        ]
+    )
     line = one_error_line(capsys.readouterr().err)
     assert code == 2 and "'sgdd'" in line and "'sgd'" in line and "'adamw'" in line
 
 
-@pytest.mark.parametrize("variant, names", [
-    ("fast=sgdd:lr=0.1", ["sgdd", "'sgd'"]),
-    ("fast=sgd:lrr=0.1", ["lrr", "valid fields"]),
-])
+@pytest.mark.parametrize(
+    "variant, names",
+    [
+        ("fast=sgdd:lr=0.1", ["sgdd", "'sgd'"]),
+        ("fast=sgd:lrr=0.1", ["lrr", "valid fields"]),
+    ],
+)
 def test_sweep_variant_typos(demo_data_dir, tmp_path, capsys, variant, names):
-    code = clipstudy_main(["sweep", "--profile", "smoke", "--data", str(demo_data_dir), "--runs",
-                           str(tmp_path / "runs"), "--variant", variant, "--dry-run"])
+    code = clipstudy_main(
+        [
+            "sweep",
+            "--profile",
+            "smoke",
+            "--data",
+            str(demo_data_dir),
+            "--runs",
+            str(tmp_path / "runs"),
+            "--variant",
+            variant,
+            "--dry-run",
+        ]
+    )
     line = one_error_line(capsys.readouterr().err)
     assert code == 2
     for name in names:
@@ -177,8 +238,9 @@ def test_evaluate_with_the_data_gone(trained_run, tmp_path, capsys):
     moved = tmp_path / "moved"
     moved.mkdir()
     for name in ("config.json",):
-        (moved / name).write_text(json.dumps({**record, "config": {**record["config"],
-                                                                    "data": str(tmp_path / "gone")}}))
+        (moved / name).write_text(
+            json.dumps({**record, "config": {**record["config"], "data": str(tmp_path / "gone")}})
+        )
     (moved / "checkpoints").symlink_to(trained_run / "checkpoints")
     assert clipstudy_main(["evaluate", "--run", str(moved)]) == 2
     line = one_error_line(capsys.readouterr().err)
@@ -200,8 +262,11 @@ def test_full_disk_while_writing_a_record(demo_data_dir, tmp_path, monkeypatch, 
     code = clipstudy_main(smoke_train(demo_data_dir, out, "--epochs", "1", "--max_steps", "2"))
     line = one_error_line(capsys.readouterr().err)
     assert code == 1
-    assert re.match(rf"error: cannot write {re.escape(str(out / name))} \(\d+(\.\d)? (bytes|KiB|MiB)\): "
-                    r"No space left on device\. Free disk space", line), line
+    assert re.match(
+        rf"error: cannot write {re.escape(str(out / name))} \(\d+(\.\d)? (bytes|KiB|MiB)\): "
+        r"No space left on device\. Free disk space",
+        line,
+    ), line
 
 
 def test_full_disk_while_writing_the_lock(demo_data_dir, tmp_path, monkeypatch, capsys):
@@ -223,7 +288,9 @@ def test_a_multi_line_message_becomes_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr(train_mod, "train", unavailable)
     assert clipstudy_main(["train", "--profile", "smoke", "--data", "/nowhere", "--no-progress"]) == 2
-    assert one_error_line(capsys.readouterr().err) == "error: DistilBERT (distilbert-base-uncased) Fix: run fetch-weights"
+    assert (
+        one_error_line(capsys.readouterr().err) == "error: DistilBERT (distilbert-base-uncased) Fix: run fetch-weights"
+    )
 
 
 def test_other_os_errors_are_one_line_too(monkeypatch, capsys):
@@ -266,19 +333,38 @@ def test_only_rank_zero_prints_the_metrics(monkeypatch, capsys, rank, printed):
     assert (json.loads(out) == {"status": "completed", "average": 1.0}) if printed else out == ""
 
 
-@pytest.mark.parametrize("statuses, code", [
-    (["completed", "failed"], 1),
-    (["completed", "diverged"], 0),
-    (["completed", "busy"], 0),
-])
+@pytest.mark.parametrize(
+    "statuses, code",
+    [
+        (["completed", "failed"], 1),
+        (["completed", "diverged"], 0),
+        (["completed", "busy"], 0),
+    ],
+)
 def test_sweep_exit_status_after_its_summary(demo_data_dir, tmp_path, monkeypatch, capsys, statuses, code):
     import clipstudy.study.sweep as sweep_mod
 
     given = iter(statuses)
-    monkeypatch.setattr(sweep_mod, "run_cell", lambda cell, **k: {"status": next(given), "cell": cell.name,
-                                                                  "error": "boom", "diverged_at_step": 3})
-    result = clipstudy_main(["sweep", "--profile", "smoke", "--data", str(demo_data_dir), "--runs",
-                             str(tmp_path / "runs"), "--optimizers", "adamw,sgd", "--losses", "clip"])
+    monkeypatch.setattr(
+        sweep_mod,
+        "run_cell",
+        lambda cell, **k: {"status": next(given), "cell": cell.name, "error": "boom", "diverged_at_step": 3},
+    )
+    result = clipstudy_main(
+        [
+            "sweep",
+            "--profile",
+            "smoke",
+            "--data",
+            str(demo_data_dir),
+            "--runs",
+            str(tmp_path / "runs"),
+            "--optimizers",
+            "adamw,sgd",
+            "--losses",
+            "clip",
+        ]
+    )
     captured = capsys.readouterr()
     assert result == code
     assert "sweep finished" in captured.out  # the summary comes first
@@ -315,13 +401,19 @@ def test_help_shows_the_profile_defaults_and_the_sentinels(capsys):
     assert "warmup_steps linear warm-up steps; -1 = one epoch [paper: 500]" in sweep
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "sweep", "report", "check-data", "make-demo-data",
-                                     "fetch-weights"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_help_does_not_import_torch(command):
-    code = ("import sys\nfrom clipstudy.__main__ import main\ntry:\n    main([%r, '--help'])\n"
-            "except SystemExit:\n    pass\nprint('torch' in sys.modules, file=sys.stderr)" % command)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    code = (
+        f"import sys\nfrom clipstudy.__main__ import main\ntry:\n    main([{command!r}, '--help'])\n"
+        "except SystemExit:\n    pass\nprint('torch' in sys.modules, file=sys.stderr)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
     assert done.stderr.strip().splitlines()[-1] == "False", done.stderr
     assert "usage:" in done.stdout
 

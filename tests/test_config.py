@@ -1,9 +1,11 @@
 """Configuration: profiles, overrides by name, validation naming the field."""
+
 import json
 
 import pytest
 
 from clipstudy.engine.config import ConfigError, RunConfig, cell_name, config_from_json, make_config, safe_name
+from clipstudy.engine.preflight import check_components
 
 
 def test_profiles_and_overrides():
@@ -17,45 +19,57 @@ def test_profiles_and_overrides():
     assert make_config("demo", **{"batch-size": 64}).batch_size == 64
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("optimizer", "adagrad", ["optimizer", "adamw"]),
-    ("loss", "triplet", ["loss", "clip"]),
-    ("lr", -1.0, ["lr", ">= 0"]),
-    ("epochs", 0, ["epochs", ">= 1"]),
-    ("epochs", "many", ["epochs", "int"]),
-    ("epochs", 2.5, ["epochs"]),
-    ("batch_size", True, ["batch_size"]),
-    ("amp", "fp8", ["amp", "bf16"]),
-    ("temperature", 0.0, ["temperature"]),
-    ("lr", float("nan"), ["lr"]),
-    ("label", "../evil", ["label"]),
-    ("no_such_field", 1, ["no_such_field"]),
-])
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("optimizer", "adagrad", ["optimizer", "adamw"]),
+        ("loss", "triplet", ["loss", "clip"]),
+        ("lr", -1.0, ["lr", ">= 0"]),
+        ("epochs", 0, ["epochs", ">= 1"]),
+        ("epochs", "many", ["epochs", "int"]),
+        ("epochs", 2.5, ["epochs"]),
+        ("batch_size", True, ["batch_size"]),
+        ("amp", "fp8", ["amp", "bf16"]),
+        ("temperature", 0.0, ["temperature"]),
+        ("lr", float("nan"), ["lr"]),
+        ("label", "../evil", ["label"]),
+        ("no_such_field", 1, ["no_such_field"]),
+    ],
+)
 def test_invalid_values_name_the_field(field, value, words):
     with pytest.raises(ConfigError) as err:
-        make_config("demo", **{field: value})
+        check_components(make_config("demo", **{field: value}))
     for word in words:
         assert word in str(err.value)
 
 
-@pytest.mark.parametrize("fields, words", [
-    # issue 15 case 5 / issue 13 item 4: each failed inside training (a traceback), not when the config was made
-    ({"loss": "sogclr", "loss_params": '{"gama": 0.9}'}, ["loss_params", "'gama'", "'gamma'", "'estimator'"]),
-    ({"loss": "clip", "loss_params": '{"gamma": 0.9}'}, ["loss_params", "'gamma'", "'clip'"]),
-    ({"loss": "sogclr", "loss_params": '{"gamma": 2.0}'}, ["loss_params", "gamma", "(0, 1]"]),
-    ({"optimizer": "adamw", "optimizer_params": '{"betas": 0.9}'}, ["optimizer_params", "'betas'=0.9", "adamw"]),
-    ({"optimizer": "sgd", "optimizer_params": '{"momentun": 0.5}'}, ["optimizer_params", "'momentun'", "'momentum'"]),
-    ({"optimizer": "adam", "optimizer_params": '{"eps": -1}'}, ["optimizer_params", "'eps'=-1"]),
-])
-def test_loss_and_optimizer_params_are_checked_when_the_config_is_made(fields, words):
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        # issue 15 case 5 / issue 13 item 4: each failed inside training (a traceback), not when the config was made
+        ({"loss": "sogclr", "loss_params": '{"gama": 0.9}'}, ["loss_params", "'gama'", "'gamma'", "'estimator'"]),
+        ({"loss": "clip", "loss_params": '{"gamma": 0.9}'}, ["loss_params", "'gamma'", "'clip'"]),
+        ({"loss": "sogclr", "loss_params": '{"gamma": 2.0}'}, ["loss_params", "gamma", "(0, 1]"]),
+        ({"optimizer": "adamw", "optimizer_params": '{"betas": 0.9}'}, ["optimizer_params", "'betas'=0.9", "adamw"]),
+        (
+            {"optimizer": "sgd", "optimizer_params": '{"momentun": 0.5}'},
+            ["optimizer_params", "'momentun'", "'momentum'"],
+        ),
+        ({"optimizer": "adam", "optimizer_params": '{"eps": -1}'}, ["optimizer_params", "'eps'=-1"]),
+    ],
+)
+def test_loss_and_optimizer_params_are_checked_by_the_components_at_start_up(fields, words):
+    config = make_config("demo", **fields)  # the configuration's own fields are fine
     with pytest.raises(ConfigError) as err:
-        make_config("demo", **fields)
+        check_components(config)
     message = str(err.value)
     assert "\n" not in message
     for word in words:
         assert word in message, message
-    ok = make_config("demo", loss="sogclr", loss_params={"gamma": 0.5}, optimizer="adamw",
-                     optimizer_params={"betas": [0.9, 0.98]})
+    ok = make_config(
+        "demo", loss="sogclr", loss_params={"gamma": 0.5}, optimizer="adamw", optimizer_params={"betas": [0.9, 0.98]}
+    )
+    check_components(ok)
     assert ok.loss_params == {"gamma": 0.5} and ok.optimizer_params == {"betas": [0.9, 0.98]}
 
 
@@ -86,7 +100,11 @@ def test_cell_names_are_single_safe_components():
 def test_paper_profile_runs_what_the_original_code_ran():
     paper = make_config("paper")
     assert (paper.augment, paper.zeroshot_transform, paper.image_weights, paper.amp) == (
-        "albef", "original", "timm-a1", "fp16")
+        "albef",
+        "original",
+        "timm-a1",
+        "fp16",
+    )
     # per-loss parameters of the code base, merged for the run's loss only; an explicit value wins
     assert make_config("paper", loss="sogclr").loss_params == {"estimator": "original"}
     assert make_config("paper", loss="onlineclr").loss_params == {"gamma": 0.8}
@@ -97,7 +115,10 @@ def test_paper_profile_runs_what_the_original_code_ran():
     # the corrections are named options
     corrected = make_config("paper", augment="torchvision", zeroshot_transform="clip", image_weights="torchvision")
     assert (corrected.augment, corrected.zeroshot_transform, corrected.image_weights) == (
-        "torchvision", "clip", "torchvision")
+        "torchvision",
+        "clip",
+        "torchvision",
+    )
 
 
 def test_demo_profile_keeps_its_setting():
@@ -137,8 +158,10 @@ def test_legacy_randaugment_field_is_migrated(tmp_path):
         make_config("demo", randaugment="maybe")
 
 
-@pytest.mark.parametrize("field, value", [("augment", "autoaugment"), ("zeroshot_transform", "imagenet"),
-                                          ("image_weights", "resnet50.a2_in1k")])
+@pytest.mark.parametrize(
+    "field, value",
+    [("augment", "autoaugment"), ("zeroshot_transform", "imagenet"), ("image_weights", "resnet50.a2_in1k")],
+)
 def test_new_choices_are_validated(field, value):
     with pytest.raises(ConfigError, match=field):
         make_config("paper", **{field: value})

@@ -1,4 +1,5 @@
 """Data layer: caption cleaning, image decoding, annotation formats, transforms, collation."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,20 @@ import pytest
 import torch
 from PIL import Image
 
-from clipstudy.data.datasets import (CLIP_MEAN, CLIP_STD, DataError, RetrievalSet, TrainPairs, UnreadableImage, clean_caption,
-                            collate_skip_none, eval_transform, load_rgb_image, make_collate, train_transform)
+from clipstudy.data.datasets import (
+    CLIP_MEAN,
+    CLIP_STD,
+    DataError,
+    RetrievalSet,
+    TrainPairs,
+    UnreadableImage,
+    clean_caption,
+    collate_skip_none,
+    eval_transform,
+    load_rgb_image,
+    make_collate,
+    train_transform,
+)
 from clipstudy.data.zeroshot import ZeroShotSet, clip_templates, imagenet_classnames, imagenet_wnids
 
 
@@ -27,15 +40,19 @@ def save(image: Image.Image, path, **kw):
 
 # --------------------------------------------------------------------------- captions
 
-@pytest.mark.parametrize("raw, expected", [
-    ("A Red Circle.", "a red circle"),
-    ("top-left: a little CRIMSON disc!", "top left a little crimson disc"),
-    ("  many\t\nspaces   here ", "many spaces here"),
-    ("don't stop", "dont stop"),
-    ("under_score & (brackets) #1", "under score brackets 1"),
-    ("Café au lait", "café au lait"),
-    ("!!! ...", ""),
-])
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("A Red Circle.", "a red circle"),
+        ("top-left: a little CRIMSON disc!", "top left a little crimson disc"),
+        ("  many\t\nspaces   here ", "many spaces here"),
+        ("don't stop", "dont stop"),
+        ("under_score & (brackets) #1", "under score brackets 1"),
+        ("Café au lait", "café au lait"),
+        ("!!! ...", ""),
+    ],
+)
 def test_clean_caption(raw, expected):
     assert clean_caption(raw) == expected
 
@@ -47,6 +64,7 @@ def test_clean_caption_word_cap():
 
 
 # --------------------------------------------------------------------------- image modes
+
 
 def rgb_at(path, xy=(0, 0)):
     image = load_rgb_image(path)
@@ -100,6 +118,7 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
 
 # --------------------------------------------------------------------------- bad images
 
+
 def good_png(path):
     return save(Image.new("RGB", (32, 32), (10, 200, 30)), path)
 
@@ -114,8 +133,13 @@ def bad_images(folder):
     (folder / "truncated.png").write_bytes(data[: len(data) // 2])
     jpeg = save(noisy, folder / "full.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
-    return {"missing": folder / "missing.png", "empty": folder / "empty.png", "text": folder / "text.png",
-            "truncated png": folder / "truncated.png", "truncated jpeg": folder / "truncated.jpg"}
+    return {
+        "missing": folder / "missing.png",
+        "empty": folder / "empty.png",
+        "text": folder / "text.png",
+        "truncated png": folder / "truncated.png",
+        "truncated jpeg": folder / "truncated.jpg",
+    }
 
 
 def test_unreadable_images_raise_with_reason(tmp_path):
@@ -144,16 +168,20 @@ def test_bad_images_become_none_with_a_warning(tmp_path, caplog):
 
 # --------------------------------------------------------------------------- annotation errors
 
-@pytest.mark.parametrize("content, words", [
-    ("{not json", "not valid JSON"),
-    (json.dumps({"image": "a.png", "caption": "x"}), "expected a list"),
-    (json.dumps([{"image": "a.png"}]), "'caption'"),
-    (json.dumps([{"caption": "x", "image_id": 1}]), "'image'"),
-    (json.dumps([{"image": "a.png", "caption": 3, "image_id": 1}]), "'caption'"),
-    (json.dumps([{"image": "a.png", "caption": "x", "image_id": [1]}]), "'image_id'"),
-    (json.dumps(["a.png"]), "not an object"),
-    (json.dumps([]), "empty"),
-])
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"image": "a.png", "caption": "x"}), "expected a list"),
+        (json.dumps([{"image": "a.png"}]), "'caption'"),
+        (json.dumps([{"caption": "x", "image_id": 1}]), "'image'"),
+        (json.dumps([{"image": "a.png", "caption": 3, "image_id": 1}]), "'caption'"),
+        (json.dumps([{"image": "a.png", "caption": "x", "image_id": [1]}]), "'image_id'"),
+        (json.dumps(["a.png"]), "not an object"),
+        (json.dumps([]), "empty"),
+    ],
+)
 def test_malformed_train_annotations(tmp_path, content, words):
     ann = tmp_path / "bad_train.json"
     ann.write_text(content)
@@ -186,12 +214,19 @@ def test_retrieval_rejects_bad_caption_lists(tmp_path):
 
 # --------------------------------------------------------------------------- formats
 
+
 def test_train_pairs_reads_entries(tmp_path):
     for name in ("a.png", "sub/b.png"):
         good_png(tmp_path / "img" / name)
     ann = tmp_path / "train.json"
-    ann.write_text(json.dumps([{"image": "a.png", "caption": "A Dog, running!", "image_id": 7},
-                               {"image": "sub/b.png", "caption": "Two cats.", "image_id": "x9"}]))
+    ann.write_text(
+        json.dumps(
+            [
+                {"image": "a.png", "caption": "A Dog, running!", "image_id": 7},
+                {"image": "sub/b.png", "caption": "Two cats.", "image_id": "x9"},
+            ]
+        )
+    )
     pairs = TrainPairs(ann, tmp_path / "img", eval_transform(8))
     assert len(pairs) == 2 and pairs.captions == ["a dog running", "two cats"] and pairs.image_ids == [7, "x9"]
     image, caption, index = pairs[1]
@@ -202,11 +237,15 @@ def test_retrieval_set_flattens_captions(tmp_path):
     for name in ("x.png", "y.png", "z.png"):
         good_png(tmp_path / name)
     ann = tmp_path / "coco.json"
-    ann.write_text(json.dumps([
-        {"image": "x.png", "caption": ["A cat.", "Two DOGS!"]},
-        {"image": "y.png", "caption": "single caption"},
-        {"image": "z.png", "caption": ["one", "two", "three"]},
-    ]))
+    ann.write_text(
+        json.dumps(
+            [
+                {"image": "x.png", "caption": ["A cat.", "Two DOGS!"]},
+                {"image": "y.png", "caption": "single caption"},
+                {"image": "z.png", "caption": ["one", "two", "three"]},
+            ]
+        )
+    )
     ret = RetrievalSet(ann, tmp_path, eval_transform(8))
     assert ret.texts == ["a cat", "two dogs", "single caption", "one", "two", "three"]
     assert ret.txt2img == [0, 0, 1, 2, 2, 2]
@@ -228,8 +267,11 @@ def test_zeroshot_classnames_json(tmp_path):
     root = make_folder(tmp_path / "zs", ["b_cls", "a_cls"])
     (root / "empty_cls").mkdir()
     (root / "notes.txt").write_text("not a class")
-    (root / "classnames.json").write_text(json.dumps(
-        {"classnames": {"a_cls": "apple", "b_cls": "banana", "empty_cls": "nothing"}, "templates": ["a {}."]}))
+    (root / "classnames.json").write_text(
+        json.dumps(
+            {"classnames": {"a_cls": "apple", "b_cls": "banana", "empty_cls": "nothing"}, "templates": ["a {}."]}
+        )
+    )
     zs = ZeroShotSet(root, eval_transform(8))
     assert zs.classes == ["a_cls", "b_cls", "empty_cls"]  # sorted; empty folders stay classes
     assert zs.classnames == ["apple", "banana", "nothing"] and zs.templates == ["a {}."]
@@ -256,8 +298,7 @@ def test_zeroshot_classnames_json_must_cover_every_folder(tmp_path):
 
 
 def test_zeroshot_imagenet_wnids_and_plain_folders(tmp_path):
-    imagenet = ZeroShotSet(make_folder(tmp_path / "in", ["n01443537", "n01440764", "n15075141"], 1),
-                           eval_transform(8))
+    imagenet = ZeroShotSet(make_folder(tmp_path / "in", ["n01443537", "n01440764", "n15075141"], 1), eval_transform(8))
     # ImageNet class index 0 tench, 1 goldfish, 999 toilet paper (toilet tissue)
     assert imagenet.classnames == ["tench", "goldfish", "toilet paper"]
     assert imagenet.templates == clip_templates() and len(imagenet.templates) == 80
@@ -277,6 +318,7 @@ def test_imagenet_metadata():
 
 
 # --------------------------------------------------------------------------- transforms
+
 
 def test_eval_transform_normalises_with_clip_statistics():
     colour = (128, 64, 32)
@@ -324,6 +366,7 @@ def test_transforms_equal_torchvision_compose_bit_for_bit():
 
 
 # --------------------------------------------------------------------------- collation
+
 
 def test_make_collate_tokenises_and_drops_unreadable(demo_data_dir):
     from transformers import AutoTokenizer

@@ -1,4 +1,5 @@
 """The embedded demo benchmark: layout, determinism, balance, captions that match the pixels."""
+
 from __future__ import annotations
 
 import filecmp
@@ -11,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_DEMO
 from PIL import Image
 
 from clipstudy.__main__ import main as clipstudy_main
 from clipstudy.data.datasets import RetrievalSet, TrainPairs, clean_caption, eval_transform
+from clipstudy.data.demo import COLOURS, POSITIONS, SIZES, content_digest, main, make_demo_data
+from clipstudy.data.layout import layout
 from clipstudy.data.zeroshot import ZeroShotSet
-from clipstudy.data.demo import (COLOURS, POSITIONS, SIZES, content_digest, demo_paths, main,
-                                 make_demo_data)
-from conftest import TINY_DEMO
 
 # Palette and words as the test reads them (the generator's tables, inverted).
 PALETTE = {name: np.array(rgb, dtype=float) for name, (rgb, _) in COLOURS.items()}
@@ -32,7 +33,7 @@ def all_files(root: Path) -> list[str]:
 
 
 def test_layout_and_formats(demo_data_dir):
-    paths = demo_paths(demo_data_dir)
+    paths = layout(demo_data_dir)
     for key in ("train_ann", "retrieval_ann", "manifest", "scenes"):
         assert paths[key].is_file(), key
     train = TrainPairs(paths["train_ann"], paths["train_images"], eval_transform(32))
@@ -80,6 +81,7 @@ def test_manifest_counts_and_chance_levels(demo_data_dir):
 
 
 # --------------------------------------------------------------------------- pixels vs captions
+
 
 def shape_pixels(path: Path):
     """Independent reading of a one-shape image: (colour name, centre (x, y) as fractions, area fraction)."""
@@ -156,6 +158,7 @@ def test_two_shape_captions_name_both_colours(demo_data_dir):
 
 # --------------------------------------------------------------------------- tokenizer
 
+
 def test_tokenizer_covers_every_caption(demo_data_dir):
     from transformers import AutoTokenizer
 
@@ -174,6 +177,7 @@ def test_tokenizer_covers_every_caption(demo_data_dir):
 
 # --------------------------------------------------------------------------- determinism and reuse
 
+
 def test_same_seed_gives_identical_bytes_in_a_fresh_process(demo_data_dir, tmp_path):
     """A second process (other hash seeds) writes the same files; its tokenizer loads offline."""
     out = tmp_path / "again"
@@ -186,8 +190,9 @@ def test_same_seed_gives_identical_bytes_in_a_fresh_process(demo_data_dir, tmp_p
         "print(json.dumps(tok('a small red circle in the top left')['input_ids']))\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONHASHSEED="12345")
-    result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, env=env,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(out)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     files = all_files(demo_data_dir)
     assert files == all_files(out)
@@ -202,15 +207,30 @@ def test_same_seed_gives_identical_bytes_in_a_fresh_process(demo_data_dir, tmp_p
 def test_different_seed_gives_different_data(demo_data_dir, tmp_path):
     make_demo_data(tmp_path, **{**TINY_DEMO, "seed": 1})
     assert (tmp_path / "train.json").read_bytes() != (demo_data_dir / "train.json").read_bytes()
-    assert (tmp_path / "images/train/000000.png").read_bytes() != \
-        (demo_data_dir / "images/train/000000.png").read_bytes()
+    assert (tmp_path / "images/train/000000.png").read_bytes() != (
+        demo_data_dir / "images/train/000000.png"
+    ).read_bytes()
 
 
 def test_complete_set_is_reused_and_a_damaged_one_rebuilt(demo_data_dir, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(demo_data_dir, copy)
-    args = ["--out", str(copy), "--seed", "0", "--image-size", "32", "--train-size", "64", "--retrieval-size", "16",
-            "--zeroshot-per-class", "3", "--zeroshot-classes", "4"]
+    args = [
+        "--out",
+        str(copy),
+        "--seed",
+        "0",
+        "--image-size",
+        "32",
+        "--train-size",
+        "64",
+        "--retrieval-size",
+        "16",
+        "--zeroshot-per-class",
+        "3",
+        "--zeroshot-classes",
+        "4",
+    ]
     image = copy / "images/train/000005.png"
     before = image.stat().st_mtime_ns
     assert main(args) == 0

@@ -1,4 +1,5 @@
 """Collapse diagnostics against hand-worked values."""
+
 import math
 import statistics
 
@@ -39,14 +40,25 @@ def test_weight_norm_counts_matrices_not_biases_or_norm_scales():
 
 
 def test_start_end_summary_takes_first_and_last_logged_values():
-    history = [{"step": 1, "text_cos_mean": 0.9, "weight_norm": 10.0}, {"step": 2, "loss": 1.0},
-               {"step": 3, "text_cos_mean": 0.2, "weight_norm": 8.0}]
+    history = [
+        {"step": 1, "text_cos_mean": 0.9, "weight_norm": 10.0},
+        {"step": 2, "loss": 1.0},
+        {"step": 3, "text_cos_mean": 0.2, "weight_norm": 8.0},
+    ]
     summary = diagnostics.start_end_summary(history)
-    assert summary == {"text_cos_mean_start": 0.9, "text_cos_mean_end": 0.2,
-                       "weight_norm_start": 10.0, "weight_norm_end": 8.0}
+    assert summary == {
+        "text_cos_mean_start": 0.9,
+        "text_cos_mean_end": 0.2,
+        "weight_norm_start": 10.0,
+        "weight_norm_end": 8.0,
+    }
 
 
 def test_start_end_summary_includes_the_gradient_norm():
     history = [{"step": 1, "grad_norm": 60.0, "weight_norm": 10.0}, {"step": 2, "grad_norm": 5.0, "weight_norm": 9.0}]
-    assert diagnostics.start_end_summary(history) == {"weight_norm_start": 10.0, "weight_norm_end": 9.0,
-                                                      "grad_norm_start": 60.0, "grad_norm_end": 5.0}
+    assert diagnostics.start_end_summary(history) == {
+        "weight_norm_start": 10.0,
+        "weight_norm_end": 9.0,
+        "grad_norm_start": 60.0,
+        "grad_norm_end": 5.0,
+    }

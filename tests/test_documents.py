@@ -1,6 +1,7 @@
 """The README's results are the committed data's: its table equals ``reports/demo/study_table.csv``, both equal
 what :mod:`clipstudy.study.report` computes from ``reports/demo/results.csv``, and every conclusion sentence, the
 chance line and Spearman's rho are the report's own output, not typed text."""
+
 from __future__ import annotations
 
 import re
@@ -44,8 +45,7 @@ def demo_chance(tmp_path_factory) -> dict:
     counts only, so a set with few, tiny training images has the same)."""
     from clipstudy.data.demo import make_demo_data
 
-    manifest = make_demo_data(tmp_path_factory.mktemp("demo_chance"), image_size=8, train_size=16,
-                              zeroshot_per_class=1)
+    manifest = make_demo_data(tmp_path_factory.mktemp("demo_chance"), image_size=8, train_size=16, zeroshot_per_class=1)
     return manifest["chance"]
 
 
@@ -65,10 +65,13 @@ def test_readme_conclusions_are_the_reports_sentences(results, demo_chance):
 
 def test_readme_chance_and_spearman_lines_are_computed(results, demo_chance):
     text = README.read_text(encoding="utf-8")
-    chance_line = (f"Chance: TR@1 {demo_chance['txt_r1']:.2f}, IR@1 {demo_chance['img_r1']:.2f}, "
-                   f"ACC@1 {demo_chance['zeroshot_top1']:.2f} (Average {demo_chance['average']:.2f}).")
+    chance_line = (
+        f"Chance: TR@1 {demo_chance['txt_r1']:.2f}, IR@1 {demo_chance['img_r1']:.2f}, "
+        f"ACC@1 {demo_chance['zeroshot_top1']:.2f} (Average {demo_chance['average']:.2f})."
+    )
     assert chance_line in text
     rho = findings.spearman_vs_published(results)
-    found = re.search(r"published\s+paper-scale ranking \(`clipstudy.study.findings.spearman_vs_published`\): (-?\d+\.\d\d)\.",
-                      text)
+    found = re.search(
+        r"published\s+paper-scale ranking \(`clipstudy.study.findings.spearman_vs_published`\): (-?\d+\.\d\d)\.", text
+    )
     assert found and found.group(1) == f"{rho['rho']:.2f}" and rho["n_cells"] == 15

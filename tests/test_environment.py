@@ -1,5 +1,6 @@
 """The pinned environment: the lock file against pyproject.toml, the installed packages against the lock,
 environment.yml, the digest recorded per run and the report's environment notes."""
+
 import hashlib
 import json
 import subprocess
@@ -11,8 +12,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from clipstudy.engine import environment
-from clipstudy.study import report
 from clipstudy.engine.environment import LockError, lock_mismatches, lock_problems, lock_versions, read_lock
+from clipstudy.study import report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,8 +50,9 @@ def reqs(*specs):
 # ------------------------------------------------------------------ the repository's own files
 def test_lock_satisfies_pyproject():
     problems = lock_problems(read_lock(), environment.pyproject_requirements())
-    assert not problems, ("requirements/lock.txt is out of step with pyproject.toml; run `make lock`:\n  "
-                          + "\n  ".join(problems))
+    assert not problems, "requirements/lock.txt is out of step with pyproject.toml; run `make lock`:\n  " + "\n  ".join(
+        problems
+    )
 
 
 def test_lock_takes_the_pinned_torch():
@@ -64,23 +66,29 @@ def test_lock_takes_the_pinned_torch():
 
 def test_installed_packages_are_the_locked_ones():
     """`pip freeze --all` of the running Python lists every locked package at its locked version."""
-    out = subprocess.run([sys.executable, "-m", "pip", "freeze", "--all"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "freeze", "--all"], capture_output=True, text=True, check=True
+    ).stdout
     frozen = {}
     for line in out.splitlines():
         name, sep, version = line.partition("==")
         if sep:
             frozen[canonicalize_name(name)] = version
-    wrong = [f"{name}=={pin.version} (installed: {frozen.get(name, 'nothing')})"
-             for name, pin in sorted(read_lock().items()) if frozen.get(name) != pin.version]
-    assert not wrong, (f"{sys.prefix} differs from requirements/lock.txt; run `make setup` "
-                       f"(rm -f .venv/.clipstudy-installed first if it says it is up to date):\n  " + "\n  ".join(wrong))
+    wrong = [
+        f"{name}=={pin.version} (installed: {frozen.get(name, 'nothing')})"
+        for name, pin in sorted(read_lock().items())
+        if frozen.get(name) != pin.version
+    ]
+    assert not wrong, (
+        f"{sys.prefix} differs from requirements/lock.txt; run `make setup` "
+        f"(rm -f .venv/.clipstudy-installed first if it says it is up to date):\n  " + "\n  ".join(wrong)
+    )
 
 
 def test_environment_yml_installs_the_same_lock():
     lines = [line.strip() for line in (ROOT / "environment.yml").read_text().splitlines()]
     assert f"- python={environment.LOCK_PYTHON}" in lines
-    pip_section = lines[lines.index("- pip:") + 1:]
+    pip_section = lines[lines.index("- pip:") + 1 :]
     assert "- -r requirements/lock.txt" in pip_section
 
 
@@ -120,29 +128,33 @@ def test_lock_problems_name_a_dependency_dropped_from_pyproject(tmp_path):
 def test_lock_problems_name_a_pin_outside_the_range_and_a_missing_hash(tmp_path):
     text = LOCK_TEXT.replace("    --hash=sha256:dddd\n", "")
     problems = lock_problems(read_lock(write_lock(tmp_path, text)), reqs("numpy<2", "setuptools>=68"))
-    assert problems == ["pyproject.toml asks for numpy<2, the lock pins numpy==2.4.6",
-                        "the lock pins setuptools==84.2.1 without a hash"]
+    assert problems == [
+        "pyproject.toml asks for numpy<2, the lock pins numpy==2.4.6",
+        "the lock pins setuptools==84.2.1 without a hash",
+    ]
 
 
 def test_lock_mismatches_list_missing_and_other_versions(tmp_path):
     lock = read_lock(write_lock(tmp_path))
     installed = {"jinja2": "3.1.6", "numpy": "2.4.5", "pandas": "3.0"}
-    assert lock_mismatches(lock, installed) == ["numpy: locked 2.4.6, installed 2.4.5",
-                                                "setuptools: locked 84.2.1, installed nothing"]
+    assert lock_mismatches(lock, installed) == [
+        "numpy: locked 2.4.6, installed 2.4.5",
+        "setuptools: locked 84.2.1, installed nothing",
+    ]
 
 
 def test_lock_versions_record_the_digest_and_the_drift(tmp_path, monkeypatch):
     path = write_lock(tmp_path)
-    monkeypatch.setattr(environment, "installed_versions",
-                        lambda: {"jinja2": "3.1.6", "numpy": "2.4.6", "setuptools": "80.0"})
+    monkeypatch.setattr(
+        environment, "installed_versions", lambda: {"jinja2": "3.1.6", "numpy": "2.4.6", "setuptools": "80.0"}
+    )
     record = lock_versions(path)
     assert record["lock_sha256"] == hashlib.sha256(LOCK_TEXT.encode()).hexdigest()
     assert record["lock_mismatches"] == ["setuptools: locked 84.2.1, installed 80.0"]
     abc = tmp_path / "abc.txt"
     abc.write_bytes(b"abc")  # FIPS 180-2's test vector
     assert environment.lock_digest(abc) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    assert lock_versions(tmp_path / "absent.txt") == {"lock_file": None, "lock_sha256": None,
-                                                       "lock_mismatches": None}
+    assert lock_versions(tmp_path / "absent.txt") == {"lock_file": None, "lock_sha256": None, "lock_mismatches": None}
 
 
 # ------------------------------------------------------------------ the report's environment notes
@@ -170,13 +182,16 @@ def test_report_flags_runs_made_with_different_environments(tmp_path):
     (tmp_path / "adam-clip-s1" / "config.json").write_text("{not json")
     notes = report.environment_notes(report.environment_table(tmp_path))
     assert notes[0].startswith("Runs made with different environments")
-    assert "3 runs: Python 3.11.7, torch 2.14.1, lock sha256 aaaaaaaaaaaa (adam-clip-s0, adamw-clip-s0, " \
-           "adamw-clip-s1)" in notes[0]
+    assert (
+        "3 runs: Python 3.11.7, torch 2.14.1, lock sha256 aaaaaaaaaaaa (adam-clip-s0, adamw-clip-s0, "
+        "adamw-clip-s1)" in notes[0]
+    )
     assert "1 run: Python 3.11.7, torch 2.9.1, lock sha256 bbbbbbbbbbbb (sgd-clip-s0)" in notes[0]
     assert "1 run: Python 3.11.7, torch 2.14.1, no lock file recorded (sgd-clip-s1)" in notes[0]
     assert "1 run: Python ?, torch ?, no lock file recorded (adam-clip-s1)" in notes[0]
-    assert notes[1] == ("1 run used packages other than its lock file's: adam-clip-s0 "
-                        "(numpy: locked 2.4.6, installed 2.4.5).")
+    assert notes[1] == (
+        "1 run used packages other than its lock file's: adam-clip-s0 (numpy: locked 2.4.6, installed 2.4.5)."
+    )
 
 
 def test_runs_record_the_lock_digest_beside_the_versions():

@@ -1,4 +1,5 @@
 """Tests of clipstudy.engine.evaluate against brute-force references and hand-worked cases."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -39,6 +40,7 @@ def _load_original_eval():
 # --------------------------------------------------------------------------
 # Brute-force reference: explicit loops, one sort per query
 # --------------------------------------------------------------------------
+
 
 def brute_force_metrics(sim: torch.Tensor, txt2img) -> dict[str, float]:
     """Ranks by sorting each query's candidates, wrong ones first at equal score."""
@@ -83,10 +85,10 @@ def correlated_similarity(txt2img, n_images, generator, signal=1.5):
 # retrieval_metrics
 # --------------------------------------------------------------------------
 
+
 def test_worked_example_counts_ties_against_the_model():
     # 2 images, 3 texts; texts 0 and 1 describe image 0, text 2 describes image 1.
-    sim = torch.tensor([[0.5, 0.2, 0.5],
-                        [0.1, 0.3, 0.3]])
+    sim = torch.tensor([[0.5, 0.2, 0.5], [0.1, 0.3, 0.3]])
     # Image -> text. Image 0: best correct score 0.5 (text 0); wrong text 2 also
     # scores 0.5 >= 0.5, so rank 2. Image 1: correct text 2 scores 0.3; wrong
     # text 1 scores 0.3 >= 0.3, text 0 scores 0.1, so rank 2.
@@ -185,25 +187,31 @@ def test_cuda_matches_cpu():
     assert retrieval_metrics(sim.cuda(), txt2img.cuda()) == retrieval_metrics(sim, txt2img)
 
 
-@pytest.mark.parametrize("sim, txt2img, match", [
-    (torch.zeros(3), [0, 1, 2], "2-D"),
-    (torch.zeros(2, 3), [0, 1], "one entry per text"),
-    (torch.zeros(2, 3), [0, 1, 2], r"\[0, 2\)"),
-    (torch.zeros(2, 3), [0, -1, 1], r"\[0, 2\)"),
-    (torch.zeros(2, 3), [0.0, 1.0, 1.0], "integer"),
-    (torch.zeros(2, 3, dtype=torch.long), [0, 1, 1], "floating point"),
-])
+@pytest.mark.parametrize(
+    "sim, txt2img, match",
+    [
+        (torch.zeros(3), [0, 1, 2], "2-D"),
+        (torch.zeros(2, 3), [0, 1], "one entry per text"),
+        (torch.zeros(2, 3), [0, 1, 2], r"\[0, 2\)"),
+        (torch.zeros(2, 3), [0, -1, 1], r"\[0, 2\)"),
+        (torch.zeros(2, 3), [0.0, 1.0, 1.0], "integer"),
+        (torch.zeros(2, 3, dtype=torch.long), [0, 1, 1], "floating point"),
+    ],
+)
 def test_invalid_inputs_raise_clear_errors(sim, txt2img, match):
     with pytest.raises(ValueError, match=match):
         retrieval_metrics(sim, txt2img)
 
 
-@pytest.mark.parametrize("sim, txt2img, message", [
-    (torch.zeros(0, 3), [], r"^similarity must have at least one image and one text, got shape \(0, 3\)$"),
-    (torch.zeros(2, 0), [], r"^similarity must have at least one image and one text, got shape \(2, 0\)$"),
-    (torch.zeros(2, 3), [0.0, 1.0, 1.0], "^txt2img must hold integer indices, got dtype torch.float32"),
-    (torch.zeros(2, 3), [True, False, True], "^txt2img must hold integer indices, got dtype torch.bool"),
-])
+@pytest.mark.parametrize(
+    "sim, txt2img, message",
+    [
+        (torch.zeros(0, 3), [], r"^similarity must have at least one image and one text, got shape \(0, 3\)$"),
+        (torch.zeros(2, 0), [], r"^similarity must have at least one image and one text, got shape \(2, 0\)$"),
+        (torch.zeros(2, 3), [0.0, 1.0, 1.0], "^txt2img must hold integer indices, got dtype torch.float32"),
+        (torch.zeros(2, 3), [True, False, True], "^txt2img must hold integer indices, got dtype torch.bool"),
+    ],
+)
 def test_invalid_inputs_are_named_exactly(sim, txt2img, message):
     with pytest.raises(ValueError, match=message):
         retrieval_metrics(sim, txt2img)
@@ -258,6 +266,7 @@ def test_default_chunking_of_a_matrix_larger_than_one_chunk_matches_one_pass():
 # chance_levels
 # --------------------------------------------------------------------------
 
+
 def test_chance_levels_by_hand():
     # Image 0 has 3 of 4 texts, image 1 has 1, image 2 none (excluded from TR).
     got = chance_levels([0, 0, 0, 1], n_images=3, n_classes=1000)
@@ -295,28 +304,39 @@ def test_chance_levels_at_the_smallest_valid_sizes():
     assert chance_levels([1, 1], n_images=2)["txt_r1"] == 100.0
 
 
-@pytest.mark.parametrize("args, message", [
-    (([0], 0), "n_images must be >= 1, got 0"),
-    (([], 3), "txt2img is empty; chance levels need at least one text"),
-    (([0, 3], 3), r"txt2img values must lie in \[0, 3\), got range \[0, 3\]"),
-    (([-1, 0], 3), r"txt2img values must lie in \[0, 3\), got range \[-1, 0\]"),
-    (([0.0, 1.0], 3), "txt2img must hold integer indices, got dtype torch.float32"),
-    (([0], 1, 0), r"n_classes must be >= 1 \(or None\), got 0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (([0], 0), "n_images must be >= 1, got 0"),
+        (([], 3), "txt2img is empty; chance levels need at least one text"),
+        (([0, 3], 3), r"txt2img values must lie in \[0, 3\), got range \[0, 3\]"),
+        (([-1, 0], 3), r"txt2img values must lie in \[0, 3\), got range \[-1, 0\]"),
+        (([0.0, 1.0], 3), "txt2img must hold integer indices, got dtype torch.float32"),
+        (([0], 1, 0), r"n_classes must be >= 1 \(or None\), got 0"),
+    ],
+)
 def test_chance_levels_reject_impossible_inputs_naming_them(args, message):
     with pytest.raises(ValueError, match=f"^{message}"):
         chance_levels(*args)
 
 
-@pytest.mark.parametrize("features, labels, classifier, message", [
-    (torch.zeros(2, 3), [0, 1], torch.zeros(4, 2), r"must agree on D; got \(2, 3\) and \(4, 2\)"),
-    (torch.zeros(2, 3, 1), [0, 1], torch.zeros(3, 2), "must agree on D"),
-    (torch.zeros(2, 3), [0, 1], torch.zeros(3), "must agree on D"),
-    (torch.zeros(0, 3), [], torch.zeros(3, 2), "^image_features is empty$"),
-    (torch.zeros(2, 3), [0], torch.zeros(3, 2), "labels has 1 entries for 2 images"),
-    (torch.zeros(2, 3), [0.0, 1.0], torch.zeros(3, 2), "^labels must hold integer indices, got dtype torch.float32"),
-    (torch.zeros(2, 3), [0, 2], torch.zeros(3, 2), r"labels must lie in \[0, 2\) .* got range \[0, 2\]"),
-])
+@pytest.mark.parametrize(
+    "features, labels, classifier, message",
+    [
+        (torch.zeros(2, 3), [0, 1], torch.zeros(4, 2), r"must agree on D; got \(2, 3\) and \(4, 2\)"),
+        (torch.zeros(2, 3, 1), [0, 1], torch.zeros(3, 2), "must agree on D"),
+        (torch.zeros(2, 3), [0, 1], torch.zeros(3), "must agree on D"),
+        (torch.zeros(0, 3), [], torch.zeros(3, 2), "^image_features is empty$"),
+        (torch.zeros(2, 3), [0], torch.zeros(3, 2), "labels has 1 entries for 2 images"),
+        (
+            torch.zeros(2, 3),
+            [0.0, 1.0],
+            torch.zeros(3, 2),
+            "^labels must hold integer indices, got dtype torch.float32",
+        ),
+        (torch.zeros(2, 3), [0, 2], torch.zeros(3, 2), r"labels must lie in \[0, 2\) .* got range \[0, 2\]"),
+    ],
+)
 def test_zeroshot_metrics_reject_mismatched_inputs_naming_them(features, labels, classifier, message):
     with pytest.raises(ValueError, match=message):
         zeroshot_metrics(features, labels, classifier)
@@ -325,6 +345,7 @@ def test_zeroshot_metrics_reject_mismatched_inputs_naming_them(features, labels,
 # --------------------------------------------------------------------------
 # Fakes: a dual encoder with known embeddings and a word-level tokenizer
 # --------------------------------------------------------------------------
+
 
 class FakeTokenizer:
     """Whitespace word-level tokenizer; id 0 is padding."""
@@ -337,7 +358,7 @@ class FakeTokenizer:
         ids = torch.zeros(len(texts), max_length, dtype=torch.long)
         for row, text in enumerate(texts):
             tokens = [self.vocab[w] for w in text.split()][:max_length]
-            ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         return {"input_ids": ids, "attention_mask": (ids > 0).long()}
 
 
@@ -354,7 +375,7 @@ class FakeDualEncoder(nn.Module):
 
     def encode_image(self, images):
         self.modes_seen.append(self.training)
-        return self.dropout(images.flatten(1)[:, :self.dim])
+        return self.dropout(images.flatten(1)[:, : self.dim])
 
     def encode_text(self, input_ids, attention_mask):
         self.modes_seen.append(self.training)
@@ -364,7 +385,7 @@ class FakeDualEncoder(nn.Module):
 
 def image_from_vector(vector: torch.Tensor) -> torch.Tensor:
     image = torch.zeros(3, 4, 4)
-    image.view(-1)[:len(vector)] = vector
+    image.view(-1)[: len(vector)] = vector
     return image
 
 
@@ -384,6 +405,7 @@ class FakeImageSet:
 # --------------------------------------------------------------------------
 # Feature extraction
 # --------------------------------------------------------------------------
+
 
 def test_extract_image_features_skips_unreadable_items_and_restores_modes():
     g = torch.Generator().manual_seed(8)
@@ -419,6 +441,7 @@ def test_extract_text_features_in_batches_restores_training_mode():
 # --------------------------------------------------------------------------
 # evaluate_retrieval
 # --------------------------------------------------------------------------
+
 
 class FakeRetrievalSet(FakeImageSet):
     def __init__(self, vectors, texts, txt2img, unreadable=()):
@@ -496,7 +519,7 @@ def test_classifier_is_normalised_mean_of_normalised_template_embeddings():
     expected[7, :] = b / math.sqrt(a)
     torch.testing.assert_close(classifier, expected)
     # Averaging unnormalised embeddings would give (e_c + 1.5 e_7)/|.| = 0.5547 e_c + ...: not this.
-    assert abs(classifier[0, 0].item() - 1 / math.sqrt(1 + 1.5 ** 2)) > 0.2
+    assert abs(classifier[0, 0].item() - 1 / math.sqrt(1 + 1.5**2)) > 0.2
     assert model.text_calls == 1  # all 14 prompts in one batch, not one forward per class
 
 
@@ -555,8 +578,9 @@ class FakeZeroShotSet(FakeImageSet):
 def test_evaluate_zeroshot_skips_unreadable_images():
     model, tokenizer = zeroshot_model_and_tokenizer()
     vectors, labels = zeroshot_images()
-    got = evaluate_zeroshot(model, tokenizer, FakeZeroShotSet(vectors, labels, unreadable={3}),
-                            batch_size=4, progress=False)
+    got = evaluate_zeroshot(
+        model, tokenizer, FakeZeroShotSet(vectors, labels, unreadable={3}), batch_size=4, progress=False
+    )
     # Image 3 (rank 7) is gone: ranks 1,1,1,2,6,5,1,1,1 -> top1 6/9, top5 8/9.
     assert got["top1"] == pytest.approx(600 / 9) and got["top5"] == pytest.approx(800 / 9)
     assert got["n_images"] == 9 and got["n_skipped_images"] == 1

@@ -1,5 +1,6 @@
 """The sweep's executors: submitit's local executor (real subprocesses), Slurm with fake commands on PATH,
 multi-process (DDP) cells, preemption and resubmission; TensorBoard event files of a cell."""
+
 from __future__ import annotations
 
 import csv
@@ -15,17 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipstudy.study import executors
-from clipstudy.engine.config import make_config
 from clipstudy.__main__ import main as clipstudy_main
-from clipstudy.study.sweep import plan_cells
+from clipstudy.engine.config import make_config
 from clipstudy.engine.tensorboard_log import read_scalars
 from clipstudy.engine.train import train
+from clipstudy.study import executors
+from clipstudy.study.sweep import plan_cells
 
 
 def sweep_main(argv: list[str]) -> int:
     """The sweep through the dispatcher, which turns its errors into one line and an exit status."""
     return clipstudy_main(["sweep", *argv])
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # a short cell: 3 epochs of 4 steps on the tiny demo data, one torch thread
@@ -33,8 +35,23 @@ SHORT = {"threads": 1, "epochs": 3}
 
 
 def sweep_args(data, runs, losses="clip", *extra):
-    return ["--profile", "smoke", "--data", str(data), "--runs", str(runs), "--optimizers", "adamw",
-            "--losses", losses, "--set", "threads=1", "--set", "epochs=3", *extra]
+    return [
+        "--profile",
+        "smoke",
+        "--data",
+        str(data),
+        "--runs",
+        str(runs),
+        "--optimizers",
+        "adamw",
+        "--losses",
+        losses,
+        "--set",
+        "threads=1",
+        "--set",
+        "epochs=3",
+        *extra,
+    ]
 
 
 def comparable(metrics: dict) -> dict:
@@ -50,8 +67,9 @@ def history_losses(run: Path) -> list[float]:
 
 def reference(data, out: Path, loss: str = "clip", **fields) -> dict:
     """The same cell trained in this process without any executor, never interrupted."""
-    config = make_config("smoke", optimizer="adamw", loss=loss, seed=0, data=str(data), out=str(out),
-                         **{**SHORT, **fields})
+    config = make_config(
+        "smoke", optimizer="adamw", loss=loss, seed=0, data=str(data), out=str(out), **{**SHORT, **fields}
+    )
     return train(config, progress=False)
 
 
@@ -72,8 +90,9 @@ def test_tensorboard_events_hold_every_logged_scalar(demo_data_dir, tmp_path):
             continue
         events = scalars[f"train/{column}"]
         assert [s for s, _ in events] == [int(row["step"]) for row in history], column
-        np.testing.assert_allclose([v for _, v in events], [float(row[column]) for row in history],
-                                   rtol=1e-6, err_msg=column)  # TensorBoard stores float32
+        np.testing.assert_allclose(
+            [v for _, v in events], [float(row[column]) for row in history], rtol=1e-6, err_msg=column
+        )  # TensorBoard stores float32
     for column in ("txt_r1", "img_r1", "zeroshot_top1", "average"):
         events = scalars[f"eval/{column}"]
         assert [s for s, _ in events] == [int(row["step"]) for row in epochs]
@@ -112,8 +131,13 @@ def fake_slurm(tmp_path, monkeypatch):
     record.mkdir()
     bin_dir.mkdir()
     (record / "state").write_text("RUNNING")
-    for name, text in {"sbatch": FAKE_SBATCH, "sacct": FAKE_SACCT, "squeue": FAKE_SQUEUE,
-                       "srun": "#!/bin/bash\nexit 0\n", "scontrol": "#!/bin/bash\nexit 0\n"}.items():
+    for name, text in {
+        "sbatch": FAKE_SBATCH,
+        "sacct": FAKE_SACCT,
+        "squeue": FAKE_SQUEUE,
+        "srun": "#!/bin/bash\nexit 0\n",
+        "scontrol": "#!/bin/bash\nexit 0\n",
+    }.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -127,18 +151,48 @@ def test_slurm_sweep_submits_one_array_and_status_shows_jobs(demo_data_dir, tmp_
     import submitit
 
     runs = tmp_path / "runs"
-    args = sweep_args(demo_data_dir, runs, "clip,sogclr", "--executor", "slurm", "--partition", "gpu",
-                      "--account", "study", "--time", "90", "--gpus-per-cell", "2", "--cpus-per-cell", "8",
-                      "--mem-gb", "64", "--sbatch", "qos=high", "--sbatch", "constraint=a100")
+    args = sweep_args(
+        demo_data_dir,
+        runs,
+        "clip,sogclr",
+        "--executor",
+        "slurm",
+        "--partition",
+        "gpu",
+        "--account",
+        "study",
+        "--time",
+        "90",
+        "--gpus-per-cell",
+        "2",
+        "--cpus-per-cell",
+        "8",
+        "--mem-gb",
+        "64",
+        "--sbatch",
+        "qos=high",
+        "--sbatch",
+        "constraint=a100",
+    )
     assert sweep_main(args) == 0
     out = capsys.readouterr().out
     scripts = sorted(fake_slurm.glob("submitted-*.sh"))
     assert len(scripts) == 1, "the cells must go out as one job array"
     script = scripts[0].read_text()
-    for line in ("#SBATCH --array=0-1%2", "#SBATCH --gpus-per-node=2", "#SBATCH --ntasks-per-node=2",
-                 "#SBATCH --time=90", "#SBATCH --requeue", "#SBATCH --partition=gpu", "#SBATCH --account=study",
-                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB", "#SBATCH --qos=high",
-                 "#SBATCH --constraint=a100", "#SBATCH --signal=USR2@90"):
+    for line in (
+        "#SBATCH --array=0-1%2",
+        "#SBATCH --gpus-per-node=2",
+        "#SBATCH --ntasks-per-node=2",
+        "#SBATCH --time=90",
+        "#SBATCH --requeue",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=study",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --mem=64GB",
+        "#SBATCH --qos=high",
+        "#SBATCH --constraint=a100",
+        "#SBATCH --signal=USR2@90",
+    ):
         assert line in script.splitlines(), f"{line} missing from\n{script}"
     assert "submitit.core._submit" in script  # the task is submitit's runner of the pickled CellTask
     for k, loss in enumerate(("clip", "sogclr")):
@@ -193,7 +247,8 @@ def test_local_executor_two_cells_then_the_report(demo_data_dir, tmp_path, capsy
         assert (cell / "train.ipynb").is_file() and list(cell.glob("events.out.tfevents.*"))
         # the same numbers as the cell trained here, without an executor
         assert comparable(json.loads((cell / "metrics.json").read_text())) == comparable(
-            reference(demo_data_dir, tmp_path / "reference" / loss, loss=loss))
+            reference(demo_data_dir, tmp_path / "reference" / loss, loss=loss)
+        )
     html = report.render("smoke", runs, tmp_path / "report")
     assert "Adamw" in html.read_text() or "AdamW" in html.read_text()
     assert len(results.collect_runs(runs)) == 2
@@ -228,7 +283,8 @@ def test_local_cell_killed_mid_run_resumes_on_resubmission(demo_data_dir, tmp_pa
     assert again.returncode == 0 and re.search(r"adamw-clip-s0\s+completed", again.stdout), again.stdout + again.stderr
     assert 0 < resumed_step(cell) == saved_step
     assert comparable(json.loads((cell / "metrics.json").read_text())) == comparable(
-        reference(demo_data_dir, tmp_path / "reference"))
+        reference(demo_data_dir, tmp_path / "reference")
+    )
     assert history_losses(cell) == history_losses(tmp_path / "reference")
 
 
@@ -243,8 +299,13 @@ def test_preempted_local_job_checkpoints_is_requeued_and_resumes(demo_data_dir, 
     from test_faults import has_full_checkpoint
 
     runs = tmp_path / "runs"
-    (cell,) = plan_cells("smoke", optimizers=["adamw"], losses=["clip"],
-                         overrides={"data": str(demo_data_dir), **SHORT, "epochs": 5}, runs_root=runs)
+    (cell,) = plan_cells(
+        "smoke",
+        optimizers=["adamw"],
+        losses=["clip"],
+        overrides={"data": str(demo_data_dir), **SHORT, "epochs": 5},
+        runs_root=runs,
+    )
     (job,) = executors.submit_cells("local", [cell], executors.Resources(time_min=30), runs / ".submitit")
     deadline = time.time() + 600
     while not has_full_checkpoint(cell.out) and not job.done() and time.time() < deadline:
@@ -271,8 +332,19 @@ def test_two_process_ddp_cell(demo_data_dir, tmp_path, capsys, executor):
     """--procs-per-node 2 on a CPU: two gloo ranks (local: submitit tasks + TorchDistributedEnvironment;
     inline: torchrun); rank 0 runs the notebook; the cell equals one process on the global batch."""
     runs = tmp_path / "runs"
-    args = sweep_args(demo_data_dir, runs, "sogclr", "--executor", executor, "--procs-per-node", "2",
-                      "--set", "small_resnet_norm=group", "--set", "epochs=1")
+    args = sweep_args(
+        demo_data_dir,
+        runs,
+        "sogclr",
+        "--executor",
+        executor,
+        "--procs-per-node",
+        "2",
+        "--set",
+        "small_resnet_norm=group",
+        "--set",
+        "epochs=1",
+    )
     assert sweep_main(args) == 0
     assert re.search(r"adamw-sogclr-s0\s+completed", capsys.readouterr().out)
     cell = runs / "adamw-sogclr-s0"

@@ -11,6 +11,7 @@ digests, truncation, unsafe pickles and a lock left by a killed process
 (test_resume.py), divergence of one run (test_train.py); sweep skip / resume / continue after a failure and
 a wrongly typed papermill parameter (test_sweep.py).
 """
+
 from __future__ import annotations
 
 import errno
@@ -26,19 +27,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
+from conftest import TINY_DEMO, assert_same_weights
 
-import clipstudy.engine.train as train_mod
 from clipstudy.__main__ import main as clipstudy_main
 from clipstudy.data.check import check_data
-from clipstudy.fileio import SWEEP_LOCK_NAME, is_locked
-from clipstudy.engine.checkpoint import CheckpointWriteError, checkpoint_paths, load_latest, load_verified
-from clipstudy.engine.config import ConfigError, cell_name, make_config
 from clipstudy.data.datasets import DataError, RetrievalSet, TrainPairs, eval_transform
 from clipstudy.data.zeroshot import ZeroShotSet
-from clipstudy.study.sweep import plan_cells
+from clipstudy.engine.checkpoint import CheckpointWriteError, checkpoint_paths, load_latest, load_verified
+from clipstudy.engine.config import ConfigError, cell_name, make_config
 from clipstudy.engine.train import train
-from conftest import TINY_DEMO, assert_same_weights
+from clipstudy.fileio import SWEEP_LOCK_NAME, is_locked
+from clipstudy.study.sweep import plan_cells
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Fields that legitimately differ between two runs of the same cell.
@@ -68,8 +67,10 @@ def error_line(stderr: str) -> str:
 
 def strict_json(path: Path):
     """Parse as standard JSON: NaN / Infinity (which Python writes by default) are refused."""
+
     def refuse(name):
         raise ValueError(f"{path}: {name} is not JSON")
+
     return json.loads(Path(path).read_text(), parse_constant=refuse)
 
 
@@ -105,14 +106,16 @@ def test_damaged_latest_checkpoint_is_skipped_with_a_warning(reference_run, demo
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
     newest, previous = checkpoint_paths(run / "checkpoints")
-    assert (newest.name, previous.name) == (f"ckpt-{3 * SMOKE_STEPS_PER_EPOCH:08d}.pt",
-                                            f"ckpt-{2 * SMOKE_STEPS_PER_EPOCH:08d}.pt")
+    assert (newest.name, previous.name) == (
+        f"ckpt-{3 * SMOKE_STEPS_PER_EPOCH:08d}.pt",
+        f"ckpt-{2 * SMOKE_STEPS_PER_EPOCH:08d}.pt",
+    )
     data = newest.read_bytes()
     if damage == "truncate":  # e.g. a copy or a sync cut short
         newest.write_bytes(data[: len(data) // 3])
     elif damage == "flip":  # same size, one byte changed in the middle of the tensors
         middle = len(data) // 2
-        newest.write_bytes(data[:middle] + bytes([data[middle] ^ 0x40]) + data[middle + 1:])
+        newest.write_bytes(data[:middle] + bytes([data[middle] ^ 0x40]) + data[middle + 1 :])
     else:  # the digest was never written
         newest.with_name(newest.name + ".sha256").unlink()
 
@@ -190,16 +193,20 @@ def failing(function: str, target_prefix: str, exc: OSError):
     return fake, calls
 
 
-@pytest.mark.parametrize("where, error", [
-    # the disk fills while the checkpoint itself is flushed
-    pytest.param("fsync", errno.ENOSPC, id="enospc-checkpoint"),
-    # the checkpoint is in place, then its digest cannot be written
-    pytest.param("fsync-digest", errno.ENOSPC, id="enospc-digest"),
-    # the folder lost its write permission: the rename fails
-    pytest.param("replace", errno.EACCES, id="eacces-rename"),
-])
-def test_full_disk_at_a_checkpoint_keeps_the_previous_one(reference_run, demo_data_dir, tmp_path, monkeypatch,
-                                                          capsys, where, error):
+@pytest.mark.parametrize(
+    "where, error",
+    [
+        # the disk fills while the checkpoint itself is flushed
+        pytest.param("fsync", errno.ENOSPC, id="enospc-checkpoint"),
+        # the checkpoint is in place, then its digest cannot be written
+        pytest.param("fsync-digest", errno.ENOSPC, id="enospc-digest"),
+        # the folder lost its write permission: the rename fails
+        pytest.param("replace", errno.EACCES, id="eacces-rename"),
+    ],
+)
+def test_full_disk_at_a_checkpoint_keeps_the_previous_one(
+    reference_run, demo_data_dir, tmp_path, monkeypatch, capsys, where, error
+):
     run = tmp_path / "run"
     second = f"ckpt-{2 * SMOKE_STEPS_PER_EPOCH:08d}.pt"
     first = f"ckpt-{SMOKE_STEPS_PER_EPOCH:08d}.pt"
@@ -224,22 +231,28 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(reference_run, demo_da
     # space freed: the same command resumes from the first checkpoint and ends like an uninterrupted run
     capsys.readouterr()
     metrics = train(reference_config(demo_data_dir, run), progress=False)
-    assert re.search(rf"resumed from \S*{re.escape(first)} \(epoch 2, batch 0, step {SMOKE_STEPS_PER_EPOCH}\)",
-                     capsys.readouterr().err)
+    assert re.search(
+        rf"resumed from \S*{re.escape(first)} \(epoch 2, batch 0, step {SMOKE_STEPS_PER_EPOCH}\)",
+        capsys.readouterr().err,
+    )
     assert len(strict_json(run / "config.json")["resumes"]) == 1
     assert comparable(metrics) == comparable(read_metrics(reference_run))
     assert_same_weights(newest_state(run), newest_state(reference_run))
     assert_same_history(run, reference_run)
 
 
-@pytest.mark.parametrize("name, resumes_from", [
-    ("config.json", None),                    # at the start: nothing trained yet
-    ("history.csv", SMOKE_STEPS_PER_EPOCH),   # just after the first checkpoint
-    ("epochs.csv", SMOKE_STEPS_PER_EPOCH),
-    ("metrics.json", 3 * SMOKE_STEPS_PER_EPOCH),  # at the very end
-])
-def test_full_disk_while_writing_a_result_file(reference_run, demo_data_dir, tmp_path, monkeypatch, capsys, name,
-                                               resumes_from):
+@pytest.mark.parametrize(
+    "name, resumes_from",
+    [
+        ("config.json", None),  # at the start: nothing trained yet
+        ("history.csv", SMOKE_STEPS_PER_EPOCH),  # just after the first checkpoint
+        ("epochs.csv", SMOKE_STEPS_PER_EPOCH),
+        ("metrics.json", 3 * SMOKE_STEPS_PER_EPOCH),  # at the very end
+    ],
+)
+def test_full_disk_while_writing_a_result_file(
+    reference_run, demo_data_dir, tmp_path, monkeypatch, capsys, name, resumes_from
+):
     """The disk fills while a result file is flushed: the run stops with the error, leaves no half-written
     file, and once space is freed the same command resumes and ends like an uninterrupted run."""
     run = tmp_path / "run"
@@ -267,15 +280,31 @@ def test_full_disk_while_writing_a_result_file(reference_run, demo_data_dir, tmp
     assert comparable(metrics) == comparable(read_metrics(reference_run))
     assert_same_weights(newest_state(run), newest_state(reference_run))
     assert_same_history(run, reference_run)
-    pd.testing.assert_frame_equal(pd.read_csv(run / "epochs.csv").drop(columns="eval_time"),
-                                  pd.read_csv(reference_run / "epochs.csv").drop(columns="eval_time"))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(run / "epochs.csv").drop(columns="eval_time"),
+        pd.read_csv(reference_run / "epochs.csv").drop(columns="eval_time"),
+    )
 
 
 def test_checkpoint_write_error_through_the_cli(demo_data_dir, tmp_path, monkeypatch, capsys):
     fake, _ = failing("fsync", ".ckpt-", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     monkeypatch.setattr(os, "fsync", fake)
-    code = clipstudy_main(["train", "--profile", "smoke", "--data", str(demo_data_dir), "--out", str(tmp_path / "run"),
-                           "--epochs", "1", "--threads", "1", "--no-progress"])
+    code = clipstudy_main(
+        [
+            "train",
+            "--profile",
+            "smoke",
+            "--data",
+            str(demo_data_dir),
+            "--out",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+            "--threads",
+            "1",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     line = error_line(err)
     assert code == 1 and "Traceback" not in err
@@ -290,14 +319,28 @@ def test_run_directory_that_cannot_be_created(demo_data_dir, tmp_path, capsys):
         with pytest.raises(ConfigError, match="'out'") as caught:
             train(smoke(demo_data_dir, out), progress=False)
         assert str(out) in str(caught.value) and "choose a folder you can write to" in str(caught.value)
-    code = clipstudy_main(["train", "--profile", "smoke", "--data", str(demo_data_dir), "--out", str(blocker / "run"),
-                           "--no-progress"])
+    code = clipstudy_main(
+        ["train", "--profile", "smoke", "--data", str(demo_data_dir), "--out", str(blocker / "run"), "--no-progress"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and str(blocker / "run") in err and "Traceback" not in err
     assert blocker.read_text() == "not a folder"
     # the sweep checks its runs folder before starting any cell
-    code = clipstudy_main(["sweep", "--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(blocker / "runs"),
-                       "--optimizers", "adamw", "--losses", "clip"])
+    code = clipstudy_main(
+        [
+            "sweep",
+            "--profile",
+            "smoke",
+            "--data",
+            str(demo_data_dir),
+            "--runs",
+            str(blocker / "runs"),
+            "--optimizers",
+            "adamw",
+            "--losses",
+            "clip",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and str(blocker / "runs") in err and "--runs" in err
 
@@ -329,12 +372,27 @@ def test_training_set_without_a_readable_image(demo_data_dir, tmp_path, capsys):
     assert failed["status"] == "failed" and "check-data" in failed["error"]
     assert checkpoint_paths(run / "checkpoints") == []  # nothing trained, nothing saved
 
-    assert clipstudy_main(["check-data", "--train-ann", str(data / "train.json"), "--train-images", str(data / "images")]) == 1
+    assert (
+        clipstudy_main(["check-data", "--train-ann", str(data / "train.json"), "--train-images", str(data / "images")])
+        == 1
+    )
     out = capsys.readouterr().out
     assert "NOT USABLE" in out and f"unreadable: {len(entries)}" in out
 
-    code = clipstudy_main(["train", "--profile", "smoke", "--data", str(data), "--out", str(tmp_path / "cli"),
-                           "--threads", "1", "--no-progress"])
+    code = clipstudy_main(
+        [
+            "train",
+            "--profile",
+            "smoke",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "cli"),
+            "--threads",
+            "1",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert error_line(err).startswith(f"error: {data / 'train.json'}: none of the")
@@ -364,12 +422,12 @@ def test_evaluation_set_without_a_readable_image_fails_at_start(demo_data_dir, t
 def test_dirty_but_usable_data_trains_and_is_reported(demo_data_dir, tmp_path, caplog, capsys):
     data = copy_data(demo_data_dir, tmp_path)
     entries = json.loads((data / "train.json").read_text())
-    entries[3]["caption"] = "!!!"        # cleans to nothing
-    entries[10]["caption"] = ""          # empty
-    entries[11]["caption"] = " -- ?"     # cleans to nothing
+    entries[3]["caption"] = "!!!"  # cleans to nothing
+    entries[10]["caption"] = ""  # empty
+    entries[11]["caption"] = " -- ?"  # cleans to nothing
     entries[20]["image_id"] = entries[21]["image_id"]  # an id on two different images
     entries.append(dict(entries[5], caption="another caption of the same image"))  # one image, two captions
-    entries.append(dict(entries[6]))    # an exact repeat of a pair
+    entries.append(dict(entries[6]))  # an exact repeat of a pair
     (data / "train.json").write_text(json.dumps(entries))
     (data / "zeroshot" / "zz_empty").mkdir()  # a class with no image
     names = json.loads((data / "zeroshot" / "classnames.json").read_text())
@@ -385,10 +443,13 @@ def test_dirty_but_usable_data_trains_and_is_reported(demo_data_dir, tmp_path, c
     assert report["ok"] is True
     assert report["train"]["captions"]["empty_after_cleaning"] == 3
     assert report["train"]["duplicates"] == {
-        "repeated_image_ids": 3, "entries_with_repeated_ids": 6,
+        "repeated_image_ids": 3,
+        "entries_with_repeated_ids": 6,
         "repeated_id_examples": [entries[5]["image_id"], entries[6]["image_id"], entries[21]["image_id"]],
-        "ids_on_different_images": 1, "different_images_examples": [entries[21]["image_id"]],
-        "repeated_pairs": 1}
+        "ids_on_different_images": 1,
+        "different_images_examples": [entries[21]["image_id"]],
+        "repeated_pairs": 1,
+    }
     assert report["zeroshot"]["empty_classes"] == ["zz_empty"]
     assert report["zeroshot"]["classes"] == TINY_DEMO["zeroshot_classes"] + 1
     assert ZeroShotSet(data / "zeroshot", eval_transform(8)).classnames[-1] == "green diamond"  # in the classifier
@@ -414,8 +475,8 @@ def test_unreadable_training_images_are_counted_each_epoch_and_warned_once(demo_
     data = copy_data(demo_data_dir, tmp_path)
     entries = json.loads((data / "train.json").read_text())
     bad = [entries[k]["image"] for k in (1, 17, 40)]
-    (data / "images" / bad[0]).unlink()                      # missing
-    (data / "images" / bad[1]).write_bytes(b"")              # empty
+    (data / "images" / bad[0]).unlink()  # missing
+    (data / "images" / bad[1]).write_bytes(b"")  # empty
     (data / "images" / bad[2]).write_bytes(b"GIF89a broken")  # not an image
     epochs = 2
     with caplog.at_level("WARNING", logger="clipstudy.data.datasets"):
@@ -435,8 +496,22 @@ def test_a_run_directory_in_use_is_refused_untouched(demo_data_dir, tmp_path, ca
     with cell_lock(run):
         with pytest.raises(CellBusy, match=f"{re.escape(str(run))} is being trained by another process"):
             train(smoke(demo_data_dir, run, epochs=1), progress=False)
-        code = clipstudy_main(["train", "--profile", "smoke", "--data", str(demo_data_dir), "--out", str(run),
-                                   "--epochs", "1", "--threads", "1", "--no-progress"])
+        code = clipstudy_main(
+            [
+                "train",
+                "--profile",
+                "smoke",
+                "--data",
+                str(demo_data_dir),
+                "--out",
+                str(run),
+                "--epochs",
+                "1",
+                "--threads",
+                "1",
+                "--no-progress",
+            ]
+        )
         line = error_line(capsys.readouterr().err)
     assert code == 1 and "wait for it or use another output directory" in line
     assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints"]  # no result, no failure record
@@ -497,8 +572,9 @@ def test_image_path_climbing_out_is_rejected_by_train(demo_data_dir, tmp_path, c
     entries = json.loads((data / "train.json").read_text())
     entries[7]["image"] = "../../" + entries[7]["image"]
     (data / "train.json").write_text(json.dumps(entries))
-    code = clipstudy_main(["train", "--profile", "smoke", "--data", str(data), "--out", str(tmp_path / "run"),
-                           "--no-progress"])
+    code = clipstudy_main(
+        ["train", "--profile", "smoke", "--data", str(data), "--out", str(tmp_path / "run"), "--no-progress"]
+    )
     err = capsys.readouterr().err
     line = error_line(err)
     assert code == 2 and "Traceback" not in err
@@ -511,17 +587,21 @@ def test_image_path_climbing_out_is_rejected_by_train(demo_data_dir, tmp_path, c
 
 
 # ============================================================ bad parameters
-@pytest.mark.parametrize("args, names", [
-    (["--optimizer", "rmsprop"], ["'optimizer'", "rmsprop"]),
-    (["--loss", "triplet"], ["'loss'", "triplet"]),
-    (["--lr", "-0.1"], ["'lr'", "cannot be negative"]),
-    (["--epochs", "three"], ["'epochs'", "three"]),
-    (["--batch_size", "100000"], ["'batch_size'", "larger than the training set", "lower batch_size"]),
-])
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["--optimizer", "rmsprop"], ["'optimizer'", "rmsprop"]),
+        (["--loss", "triplet"], ["'loss'", "triplet"]),
+        (["--lr", "-0.1"], ["'lr'", "cannot be negative"]),
+        (["--epochs", "three"], ["'epochs'", "three"]),
+        (["--batch_size", "100000"], ["'batch_size'", "larger than the training set", "lower batch_size"]),
+    ],
+)
 def test_train_cli_rejects_bad_parameters(demo_data_dir, tmp_path, capsys, args, names):
     run = tmp_path / "run"
-    code = clipstudy_main(["train", "--profile", "smoke", "--data", str(demo_data_dir), "--out", str(run), "--no-progress",
-                           *args])
+    code = clipstudy_main(
+        ["train", "--profile", "smoke", "--data", str(demo_data_dir), "--out", str(run), "--no-progress", *args]
+    )
     err = capsys.readouterr().err
     line = error_line(err)
     assert code == 2 and "Traceback" not in err
@@ -530,10 +610,13 @@ def test_train_cli_rejects_bad_parameters(demo_data_dir, tmp_path, capsys, args,
     assert not (run / "metrics.json").exists() and checkpoint_paths(run / "checkpoints") == []
 
 
-@pytest.mark.parametrize("args, names", [
-    (["--profile", "huge"], ["--profile", "huge"]),
-    (["--no-such-flag", "1"], ["--no-such-flag"]),
-])
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["--profile", "huge"], ["--profile", "huge"]),
+        (["--no-such-flag", "1"], ["--no-such-flag"]),
+    ],
+)
 def test_train_cli_rejects_unknown_choices_and_flags(capsys, args, names):
     with pytest.raises(SystemExit) as caught:
         clipstudy_main(["train", *args])
@@ -543,18 +626,21 @@ def test_train_cli_rejects_unknown_choices_and_flags(capsys, args, names):
         assert name in err
 
 
-@pytest.mark.parametrize("args, names", [
-    (["--optimizers", "adamw,rmsprop"], ["'optimizer'", "rmsprop"]),
-    (["--losses", "clip,triplet"], ["'loss'", "triplet"]),
-    (["--lr", "-1"], ["'lr'", "cannot be negative"]),
-    (["--lr", "adamw=-1e-3"], ["'lr'", "cannot be negative"]),
-    (["--lr", "adamw=fast"], ["--lr", "fast"]),
-    (["--seeds", "0,one"], ["--seeds", "one"]),
-    (["--set", "epochz=3"], ["--set", "epochz"]),
-    (["--set", "epochs=many"], ["'epochs'", "many"]),
-    (["--variant", "../escape=adamw", "--optimizers", "../escape"], ["'label'", "../escape"]),
-    (["--jobs", "0"], ["--jobs"]),
-])
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["--optimizers", "adamw,rmsprop"], ["'optimizer'", "rmsprop"]),
+        (["--losses", "clip,triplet"], ["'loss'", "triplet"]),
+        (["--lr", "-1"], ["'lr'", "cannot be negative"]),
+        (["--lr", "adamw=-1e-3"], ["'lr'", "cannot be negative"]),
+        (["--lr", "adamw=fast"], ["--lr", "fast"]),
+        (["--seeds", "0,one"], ["--seeds", "one"]),
+        (["--set", "epochz=3"], ["--set", "epochz"]),
+        (["--set", "epochs=many"], ["'epochs'", "many"]),
+        (["--variant", "../escape=adamw", "--optimizers", "../escape"], ["'label'", "../escape"]),
+        (["--jobs", "0"], ["--jobs"]),
+    ],
+)
 def test_sweep_cli_rejects_bad_parameters_before_running(demo_data_dir, tmp_path, capsys, args, names):
     runs = tmp_path / "runs"
     code = clipstudy_main(["sweep", "--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(runs), *args])
@@ -574,15 +660,28 @@ def test_sweep_cli_rejects_unknown_profile(capsys):
 def test_evaluate_and_report_cli_name_the_missing_run(tmp_path, capsys):
     assert clipstudy_main(["evaluate", "--run", str(tmp_path / "nowhere")]) == 2
     assert str(tmp_path / "nowhere") in capsys.readouterr().err
-    assert clipstudy_main(["report", "--profile", "smoke", "--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    assert (
+        clipstudy_main(
+            ["report", "--profile", "smoke", "--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]
+        )
+        == 2
+    )
     assert str(tmp_path / "empty") in capsys.readouterr().err
 
 
 # ============================================================ names cannot leave the runs folder
-@pytest.mark.parametrize("label, loss", [
-    ("../../etc", "clip"), ("/abs/path", "x/y"), ("..", ".."), (".hidden", "a/../../b"), ("a\\..\\b", "\0"),
-    ("", ""), ("x" * 3, "../" * 50),
-])
+@pytest.mark.parametrize(
+    "label, loss",
+    [
+        ("../../etc", "clip"),
+        ("/abs/path", "x/y"),
+        ("..", ".."),
+        (".hidden", "a/../../b"),
+        ("a\\..\\b", "\0"),
+        ("", ""),
+        ("x" * 3, "../" * 50),
+    ],
+)
 def test_cell_names_are_one_safe_path_component(tmp_path, label, loss):
     name = cell_name(label, loss, 0)
     assert "/" not in name and "\0" not in name and name not in (".", "..") and not name.startswith(".")
@@ -598,19 +697,44 @@ def test_plan_cells_keeps_every_cell_inside_the_runs_folder(tmp_path):
         plan_cells("smoke", optimizers=["../adamw"], **kw)
     with pytest.raises(ConfigError, match="'loss'"):
         plan_cells("smoke", losses=["../clip"], **kw)
-    cells = plan_cells("smoke", optimizers=["adamw", "sgd+hi"], losses=["clip", "siglip"], seeds=[0, 7],
-                       variants={"sgd+hi": {"optimizer": "sgd", "lr": 0.1}}, **kw)
+    cells = plan_cells(
+        "smoke",
+        optimizers=["adamw", "sgd+hi"],
+        losses=["clip", "siglip"],
+        seeds=[0, 7],
+        variants={"sgd+hi": {"optimizer": "sgd", "lr": 0.1}},
+        **kw,
+    )
     assert len(cells) == 8
     for cell in cells:
         assert cell.out.parent == runs and cell.out.name == cell.name
-        assert cell.params["out"] == str(cell.out)
+        assert cell.config.out == str(cell.out)
     assert not runs.exists()
 
 
 # ============================================================ end to end: kill -9 of a sweep
 def sweep_command(data, runs, optimizers, losses, *extra):
-    return [sys.executable, "-m", "clipstudy", "sweep", "--profile", "smoke", "--data", str(data), "--runs", str(runs),
-            "--optimizers", optimizers, "--losses", losses, "--jobs", "1", "--set", "threads=1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "clipstudy",
+        "sweep",
+        "--profile",
+        "smoke",
+        "--data",
+        str(data),
+        "--runs",
+        str(runs),
+        "--optimizers",
+        optimizers,
+        "--losses",
+        losses,
+        "--jobs",
+        "1",
+        "--set",
+        "threads=1",
+        *extra,
+    ]
 
 
 def descendants(pid: int) -> list[int]:
@@ -697,17 +821,22 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 600)
         if proc.poll() is not None or time.time() > deadline:
             if proc.poll() is None:
                 kill_everything(proc)
-            pytest.fail(f"sweep ended or timed out before the expected state; its output:\n{log.read_text()}\n"
-                        f"{log.with_suffix('.err').read_text()[-3000:]}")
+            pytest.fail(
+                f"sweep ended or timed out before the expected state; its output:\n{log.read_text()}\n"
+                f"{log.with_suffix('.err').read_text()[-3000:]}"
+            )
         time.sleep(0.05)
 
 
 @pytest.mark.faults
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("optimizers, losses", [
-    pytest.param("adamw,sgd,adam", "isogclr", id="every-optimizer"),
-    pytest.param("adam", "sogclr,onlineclr", id="every-other-stateful-loss"),
-])
+@pytest.mark.parametrize(
+    "optimizers, losses",
+    [
+        pytest.param("adamw,sgd,adam", "isogclr", id="every-optimizer"),
+        pytest.param("adam", "sogclr,onlineclr", id="every-other-stateful-loss"),
+    ],
+)
 def test_kill9_of_a_sweep_mid_cell_then_rerun(demo_data_dir, tmp_path, optimizers, losses):
     """Each cell in turn is killed mid-training (with everything the sweep started); every rerun leaves the
     finished cells untouched, resumes the killed one from its newest checkpoint, and the final results equal
@@ -722,8 +851,7 @@ def test_kill9_of_a_sweep_mid_cell_then_rerun(demo_data_dir, tmp_path, optimizer
     for k, name in enumerate(names):
         log = tmp_path / f"sweep-{k}.log"
         proc = start_sweep(cmd, log)
-        wait_for(lambda: all(completed(runs / n) for n in names[:k]) and has_full_checkpoint(runs / name),
-                 proc, log)
+        wait_for(lambda: all(completed(runs / n) for n in names[:k]) and has_full_checkpoint(runs / name), proc, log)  # noqa: B023
         assert len(kill_everything(proc)) == 1  # the sweep and the kernel training the cell
         assert not completed(runs / name), "the cell finished before the kill; nothing was interrupted"
         deadline = time.time() + 15  # the locks die with their holders
@@ -745,8 +873,9 @@ def test_kill9_of_a_sweep_mid_cell_then_rerun(demo_data_dir, tmp_path, optimizer
     for (opt, loss), name in zip(cells, names):
         notebook = (runs / name / "train.ipynb").read_text()
         assert re.search(rf"resumed from \S*{re.escape(resumed_from[name])}", notebook), name
-        reference = train(smoke(demo_data_dir, tmp_path / "reference" / name, optimizer=opt, loss=loss,
-                                epochs=epochs), progress=False)
+        reference = train(
+            smoke(demo_data_dir, tmp_path / "reference" / name, optimizer=opt, loss=loss, epochs=epochs), progress=False
+        )
         assert comparable(read_metrics(runs / name)) == comparable(reference), name
         assert_same_weights(newest_state(runs / name), newest_state(tmp_path / "reference" / name))
         assert_same_history(runs / name, tmp_path / "reference" / name)
@@ -802,13 +931,16 @@ def test_two_sweeps_on_one_folder_train_each_cell_once(demo_data_dir, tmp_path):
     for opt in optimizers:
         name = cell_name(opt, loss, 0)
         trained = [bool(re.search(rf"^{re.escape(name)}\s+completed", out, re.M)) for out in outputs]
-        skipped = [bool(re.search(rf"^{re.escape(name)}\s+skipped \((another sweep is running it|running|done)",
-                                  out, re.M)) for out in outputs]  # stdout holds only the per-cell lines
+        skipped = [
+            bool(re.search(rf"^{re.escape(name)}\s+skipped \((another sweep is running it|running|done)", out, re.M))
+            for out in outputs
+        ]  # stdout holds only the per-cell lines
         assert sorted(trained) == [False, True], (name, outputs)  # trained by exactly one sweep
         assert skipped == [not t for t in trained], (name, outputs)  # and reported as skipped by the other
         run = runs / name
-        reference = train(smoke(demo_data_dir, tmp_path / "reference" / name, optimizer=opt, loss=loss, epochs=1),
-                          progress=False)
+        reference = train(
+            smoke(demo_data_dir, tmp_path / "reference" / name, optimizer=opt, loss=loss, epochs=1), progress=False
+        )
         assert comparable(read_metrics(run)) == comparable(reference)
         history = pd.read_csv(run / "history.csv")
         assert history["step"].tolist() == list(range(1, SMOKE_STEPS_PER_EPOCH + 1))
@@ -823,16 +955,38 @@ def test_diverged_cell_is_recorded_the_sweep_goes_on_and_the_report_shows_it(dem
     from clipstudy.study import report
 
     runs = tmp_path / "runs"
-    code = clipstudy_main(["sweep", "--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(runs),
-                       "--optimizers", "sgd,adamw", "--losses", "sogclr", "--lr", "sgd=1e12", "--jobs", "1",
-                       "--set", "warmup_steps=0", "--set", "epochs=1", "--set", "threads=1"])
+    code = clipstudy_main(
+        [
+            "sweep",
+            "--profile",
+            "smoke",
+            "--data",
+            str(demo_data_dir),
+            "--runs",
+            str(runs),
+            "--optimizers",
+            "sgd,adamw",
+            "--losses",
+            "sogclr",
+            "--lr",
+            "sgd=1e12",
+            "--jobs",
+            "1",
+            "--set",
+            "warmup_steps=0",
+            "--set",
+            "epochs=1",
+            "--set",
+            "threads=1",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     boom = read_metrics(runs / "sgd-sogclr-s0")  # standard JSON, no NaN, even for a diverged run
     step = boom["diverged_at_step"]
     assert boom["status"] == "diverged" and isinstance(step, int) and 1 <= step <= SMOKE_STEPS_PER_EPOCH
     assert read_metrics(runs / "adamw-sogclr-s0")["status"] == "completed"
-    diverged_line = out.index(f"sgd-sogclr-s0")
+    diverged_line = out.index("sgd-sogclr-s0")
     assert f"DIVERGED at step {step}" in out[diverged_line:].splitlines()[0]
     assert out.index("adamw-sogclr-s0") > diverged_line  # the sweep went on after the divergence
     strict_json(runs / "sgd-sogclr-s0" / "config.json")

@@ -3,6 +3,7 @@ of the full run, already-complete reruns, no silent data replacement, `make clea
 
 The numbered cases are those of issue 15 ("Results never go stale or mislabeled").
 """
+
 import hashlib
 import json
 import os
@@ -14,16 +15,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_DEMO
 
+from clipstudy.__main__ import main as clipstudy_main
+from clipstudy.data.demo import DifferentDataSet, make_demo_data
 from clipstudy.engine import records
 from clipstudy.engine.checkpoint import load_latest
 from clipstudy.engine.config import ConfigError, make_config
-from clipstudy.__main__ import main as clipstudy_main
-from clipstudy.data.demo import DifferentDataSet, make_demo_data
 from clipstudy.engine.fingerprint import differences, fingerprint
-from clipstudy.study.sweep import main as sweep_main
 from clipstudy.engine.train import train
-from conftest import TINY_DEMO
+from clipstudy.study.sweep import main as sweep_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,8 +35,11 @@ def smoke(data, out, **kw):
 
 def snapshot(folder: Path) -> dict:
     """Digest of every file under ``folder`` (lock files aside: they hold the last holder's pid)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".lock")}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(".lock")
+    }
 
 
 # ------------------------------------------------------------------ the fingerprint itself
@@ -44,29 +48,41 @@ def test_fingerprint_holds_what_changes_results_and_nothing_else(demo_data_dir, 
     # case 4: the same folder spelled two ways is the same configuration
     monkeypatch.chdir(demo_data_dir.parent)
     relative = make_config("smoke", data=f"./{demo_data_dir.name}/../{demo_data_dir.name}", out="elsewhere")
-    explicit = make_config("smoke", train_ann=str(demo_data_dir / "train.json"),
-                           train_images=str(demo_data_dir / "images"),
-                           retrieval_ann=str(demo_data_dir / "retrieval.json"),
-                           retrieval_images=str(demo_data_dir / "images"),
-                           zeroshot_images=str(demo_data_dir / "zeroshot"),
-                           tokenizer=str(demo_data_dir / "tokenizer"))
+    explicit = make_config(
+        "smoke",
+        train_ann=str(demo_data_dir / "train.json"),
+        train_images=str(demo_data_dir / "images"),
+        retrieval_ann=str(demo_data_dir / "retrieval.json"),
+        retrieval_images=str(demo_data_dir / "images"),
+        zeroshot_images=str(demo_data_dir / "zeroshot"),
+        tokenizer=str(demo_data_dir / "tokenizer"),
+    )
     assert fingerprint(relative)["config"] == base["config"]
     assert fingerprint(explicit)["config"] == base["config"]
     # where and how fast a run executes, and where it stops, are not part of it
-    neutral = smoke(demo_data_dir, tmp_path / "b", max_steps=3, device="cpu", log_every=5, keep_checkpoints=1,
-                    cache_images=False, num_workers=1)
+    neutral = smoke(
+        demo_data_dir,
+        tmp_path / "b",
+        max_steps=3,
+        device="cpu",
+        log_every=5,
+        keep_checkpoints=1,
+        cache_images=False,
+        num_workers=1,
+    )
     assert fingerprint(neutral)["digest"] == base["digest"]
     # what changes the numbers is, and the difference is named old -> new
     changed = fingerprint(smoke(demo_data_dir, tmp_path / "a", lr=0.05))
     assert changed["digest"] != base["digest"]
     assert differences(base, changed) == ["lr 0.002 -> 0.05"]
-    assert differences(base, fingerprint(smoke(demo_data_dir, tmp_path / "a", loss_params={"gamma": 0.5},
-                                               loss="sogclr"))) == ["loss clip -> sogclr",
-                                                                    "loss_params.gamma none -> 0.5"]
+    assert differences(
+        base, fingerprint(smoke(demo_data_dir, tmp_path / "a", loss_params={"gamma": 0.5}, loss="sogclr"))
+    ) == ["loss clip -> sogclr", "loss_params.gamma none -> 0.5"]
 
 
-def test_a_sweep_pass_lists_the_zero_shot_folder_once_and_later_passes_see_changes(demo_data_dir, tmp_path,
-                                                                                    monkeypatch, capsys):
+def test_a_sweep_pass_lists_the_zero_shot_folder_once_and_later_passes_see_changes(
+    demo_data_dir, tmp_path, monkeypatch, capsys
+):
     from clipstudy.engine import fingerprint as fp
 
     walked = []
@@ -80,8 +96,19 @@ def test_a_sweep_pass_lists_the_zero_shot_folder_once_and_later_passes_see_chang
         records.write_metrics(tmp_path / "runs" / cell, {"status": "completed", "average": 1.0})
         (tmp_path / "runs" / cell / "config.json").write_text(json.dumps({"fingerprint": {"digest": "old"}}))
     monkeypatch.setattr(os, "walk", counting_walk)
-    args = ["--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(tmp_path / "runs"),
-            "--optimizers", "adamw,sgd", "--losses", "clip,sogclr", "--dry-run"]
+    args = [
+        "--profile",
+        "smoke",
+        "--data",
+        str(demo_data_dir),
+        "--runs",
+        str(tmp_path / "runs"),
+        "--optimizers",
+        "adamw,sgd",
+        "--losses",
+        "clip,sogclr",
+        "--dry-run",
+    ]
     assert sweep_main(args) == 0
     assert capsys.readouterr().out.count(" stale (") == 4
     assert walked.count("zeroshot") == 1 and walked.count("tokenizer") == 1  # once for 4 cells
@@ -109,15 +136,20 @@ def test_fingerprint_sees_regenerated_data_under_the_same_path(demo_data_dir, tm
     edited = fingerprint(smoke(data, tmp_path / "run"))
     entries = json.loads((data / "train.json").read_text())
     (data / "train.json").write_text(json.dumps(entries[:-1]))
-    assert [c.split(" ")[0] for c in differences(edited, fingerprint(smoke(data, tmp_path / "run")))] == \
-        ["data.train_ann"]
+    assert [c.split(" ")[0] for c in differences(edited, fingerprint(smoke(data, tmp_path / "run")))] == [
+        "data.train_ann"
+    ]
 
 
 # ------------------------------------------------- case 7: max_steps is a cut of the full run
 def test_max_steps_cuts_the_full_run_and_a_rerun_extends_it(demo_data_dir, tmp_path, capfd):
     full = train(smoke(demo_data_dir, tmp_path / "full"), progress=False)
-    assert (full["steps_completed"], full["steps_total"], full["truncated"], full["epochs_completed"]) == \
-        (8, 8, False, 2)  # 64 pairs / batch 16 = 4 steps per epoch, 2 epochs
+    assert (full["steps_completed"], full["steps_total"], full["truncated"], full["epochs_completed"]) == (
+        8,
+        8,
+        False,
+        2,
+    )  # 64 pairs / batch 16 = 4 steps per epoch, 2 epochs
 
     out = tmp_path / "cut"
     cut = train(smoke(demo_data_dir, out, max_steps=3), progress=False)
@@ -156,10 +188,29 @@ def test_rerunning_a_finished_run_says_complete_and_changes_nothing(demo_data_di
     assert "already complete (completed, stopped at step 2 of 8)" in err and "resumed from" not in err
     assert again == first and snapshot(out) == before
     # from the command line: exit 0, and the same line
-    result = subprocess.run([sys.executable, "-m", "clipstudy", "train", "--profile", "smoke", "--data",
-                             str(demo_data_dir), "--out", str(out), "--max_steps", "2", "--threads", "1",
-                             "--no-progress"], capture_output=True, text=True, cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clipstudy",
+            "train",
+            "--profile",
+            "smoke",
+            "--data",
+            str(demo_data_dir),
+            "--out",
+            str(out),
+            "--max_steps",
+            "2",
+            "--threads",
+            "1",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr
     assert "already complete" in result.stderr and "resumed from" not in result.stderr
     assert json.loads(result.stdout)["steps_completed"] == 2 and snapshot(out) == before
@@ -179,8 +230,23 @@ def test_a_run_on_other_data_is_refused_naming_it(demo_data_dir, tmp_path):
 
 # ------------------------------------------------------ case 1: stale cells are not "done"
 def sweep_args(data, runs, *more):
-    return ["--profile", "smoke", "--data", str(data), "--runs", str(runs), "--optimizers", "adamw,sgd",
-            "--losses", "clip", "--set", "max_steps=2", "--set", "threads=1", *more]
+    return [
+        "--profile",
+        "smoke",
+        "--data",
+        str(data),
+        "--runs",
+        str(runs),
+        "--optimizers",
+        "adamw,sgd",
+        "--losses",
+        "clip",
+        "--set",
+        "max_steps=2",
+        "--set",
+        "threads=1",
+        *more,
+    ]
 
 
 def test_sweep_shows_stale_cells_and_refuses_them_unless_told(demo_data_dir, tmp_path, capsys):
@@ -216,11 +282,14 @@ def test_sweep_shows_stale_cells_and_refuses_them_unless_told(demo_data_dir, tmp
     (archived,) = (runs / "stale").iterdir()
     assert archived.name.startswith("sgd-clip-s0-")
     assert json.loads((archived / "config.json").read_text())["config"]["lr"] == 0.002
-    assert snapshot(archived) == {k.removeprefix("sgd-clip-s0/"): v for k, v in before.items()
-                                  if k.startswith("sgd-clip-s0/")}
+    assert snapshot(archived) == {
+        k.removeprefix("sgd-clip-s0/"): v for k, v in before.items() if k.startswith("sgd-clip-s0/")
+    }
     assert json.loads((runs / "sgd-clip-s0" / "config.json").read_text())["config"]["lr"] == 0.05
-    assert records.read_metrics(runs / "sgd-clip-s0")["fingerprint"] == \
-        fingerprint(smoke(demo_data_dir, runs / "sgd-clip-s0", optimizer="sgd", lr=0.05))["digest"]
+    assert (
+        records.read_metrics(runs / "sgd-clip-s0")["fingerprint"]
+        == fingerprint(smoke(demo_data_dir, runs / "sgd-clip-s0", optimizer="sgd", lr=0.05))["digest"]
+    )
     assert sweep_main(sweep_args(demo_data_dir, runs, "--lr", "sgd=5e-2", "--dry-run")) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in lines[:2]] == ["done", "done"]
@@ -231,13 +300,27 @@ def test_make_demo_data_refuses_to_replace_another_set(demo_data_dir, tmp_path, 
     data = tmp_path / "data"
     shutil.copytree(demo_data_dir, data)
     before = snapshot(data)
-    args = ["--out", str(data), "--seed", "0", "--image-size", "32", "--retrieval-size", "16",
-            "--zeroshot-per-class", "3", "--zeroshot-classes", "4"]
+    args = [
+        "--out",
+        str(data),
+        "--seed",
+        "0",
+        "--image-size",
+        "32",
+        "--retrieval-size",
+        "16",
+        "--zeroshot-per-class",
+        "3",
+        "--zeroshot-classes",
+        "4",
+    ]
     assert clipstudy_main(["make-demo-data", *args, "--train-size", "16"]) == 2
     message = capsys.readouterr().err.strip()
-    assert message == (f"error: make-demo-data: {data} holds another data set (train_size=64), not the one asked for "
-                       "(train_size=16); runs trained on it would lose their data: pass --force to replace it, "
-                       "or choose another --out")
+    assert message == (
+        f"error: make-demo-data: {data} holds another data set (train_size=64), not the one asked for "
+        "(train_size=16); runs trained on it would lose their data: pass --force to replace it, "
+        "or choose another --out"
+    )
     assert snapshot(data) == before
     with pytest.raises(DifferentDataSet):
         make_demo_data(data, **{**TINY_DEMO, "seed": 3})

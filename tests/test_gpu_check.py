@@ -1,4 +1,5 @@
 """The prepared GPU check runs at toy sizes on the CPU, so it is ready when a GPU is, and says it needs one."""
+
 import importlib
 import json
 import math

@@ -3,6 +3,7 @@
 The references below use only scalar arithmetic on the rows (no code from
 ``clipstudy.core.losses``); autograd through them gives the reference gradients.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,8 +72,10 @@ def ref_vicreg(x, y, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
     total = sim_coeff * invariance
     for z in (x, y):
         mean = [sum(z[b, k] for b in range(n)) / n for k in range(d)]
-        cov = [[sum((z[b, k] - mean[k]) * (z[b, m] - mean[m]) for b in range(n)) / (n - 1) for m in range(d)]
-               for k in range(d)]
+        cov = [
+            [sum((z[b, k] - mean[k]) * (z[b, m] - mean[m]) for b in range(n)) / (n - 1) for m in range(d)]
+            for k in range(d)
+        ]
         std = [torch.sqrt(cov[k][k] + 1e-4) for k in range(d)]
         total = total + std_coeff * sum(torch.relu(1 - std[k]) for k in range(d)) / d / 2
         total = total + cov_coeff * sum(cov[k][m] ** 2 for k in range(d) for m in range(d) if k != m) / d
@@ -107,7 +110,7 @@ class RefSogClr:
                 g = sum(torch.exp(d.detach() / self.tau) for d in diffs.values()) / (n - 1)
                 key = int(index[i])
                 table[key] = g if key not in table else (1 - self.gamma) * table[key] + self.gamma * g
-                for j, d in diffs.items():
+                for d in diffs.values():
                     surrogate = surrogate + (torch.exp(d.detach() / self.tau) / table[key]) * d / ((n - 1) * n)
                 estimate = estimate + self.tau * torch.log(table[key]) / n
         return surrogate, estimate
@@ -122,8 +125,9 @@ def ref_onlineclr_steps(batches, tau, gamma=0.5, pos_scale=10.0):
         _, _, s = similarity(img, txt)
         n = len(s)
         directions = [s, [[s[j][i] for j in range(n)] for i in range(n)]]  # image->text, text->image
-        neg_sum = sum(torch.exp(m[i][j].detach() / tau) for m in directions for i in range(n) for j in range(n)
-                      if i != j)
+        neg_sum = sum(
+            torch.exp(m[i][j].detach() / tau) for m in directions for i in range(n) for j in range(n) if i != j
+        )
         pos_sum = sum(torch.exp(-m[i][i].detach() / tau_pos) for m in directions for i in range(n))
         u_neg = (1 - gamma) * u_neg + gamma * neg_sum
         u_pos = (1 - gamma) * u_pos + gamma * pos_sum
@@ -232,7 +236,7 @@ def test_sogclr_float32_state_survives_scores_spanning_hundreds_of_logits():
     index = torch.arange(B)
     g = torch.Generator().manual_seed(3)
     anchors = torch.randn(B, D, generator=g, dtype=torch.float64)
-    for step, noise in enumerate([3.0, 0.01, 0.01, 3.0]):
+    for noise in [3.0, 0.01, 0.01, 3.0]:
         img = anchors.float()
         txt = (anchors + noise * torch.randn(B, D, generator=g, dtype=torch.float64)).float()
         value, g_img, g_txt = value_and_grads(loss, img, txt, index)
@@ -286,7 +290,11 @@ def test_state_dict_round_trip(name):
 def test_per_sample_state_buffers_are_registered():
     loss = make_loss("sogclr", num_samples=7)
     assert {k: tuple(v.shape) for k, v in loss.state_dict().items()} == {
-        "u_image": (7,), "b_image": (7,), "u_text": (7,), "b_text": (7,)}
+        "u_image": (7,),
+        "b_image": (7,),
+        "u_text": (7,),
+        "b_text": (7,),
+    }
     assert loss.stateful and not make_loss("clip").stateful
 
 
@@ -303,8 +311,7 @@ def ref_isogclr_steps(batches, index, tau0, rho, lr, beta, clip, tmin, tmax):
         _, _, s = similarity(img, txt)
         n = len(s)
         value = 0.0
-        for table, mom, score in ((tau_img, mom_img, lambda a, b: s[a][b]),
-                                  (tau_txt, mom_txt, lambda a, b: s[b][a])):
+        for table, mom, score in ((tau_img, mom_img, lambda a, b: s[a][b]), (tau_txt, mom_txt, lambda a, b: s[b][a])):  # noqa: B023
             updates = {}
             for i in range(n):
                 key = int(index[i])
@@ -328,7 +335,7 @@ def ref_isogclr_steps(batches, index, tau0, rho, lr, beta, clip, tmin, tmax):
 def test_isogclr_matches_reference(rho, tau_lr):
     index = torch.tensor([4, 1, 9, 0, 7, 3])
     params = dict(rho=rho, tau_lr=tau_lr, tau_beta=0.5, tau_grad_clip=5.0, tau_min=0.005, tau_max=0.05)
-    tau0 = 2.0 ** -6  # exact in the float32 buffers the temperatures start in
+    tau0 = 2.0**-6  # exact in the float32 buffers the temperatures start in
     loss = make_loss("isogclr", temperature=tau0, num_samples=10, gamma=1.0, **params).double()
     batches = [batch(20), batch(21)]
     ref = ref_isogclr_steps(batches, index, tau0, rho, tau_lr, 0.5, 5.0, 0.005, 0.05)
@@ -657,8 +664,7 @@ def test_isogclr_defaults_cannot_cross_the_temperature_range_in_one_update():
 
 def test_siglip_logs_its_learned_scale_as_a_temperature_and_its_bias():
     loss = make_loss("siglip", init_logit_scale=math.log(4.0), init_logit_bias=-3.0)
-    assert loss.extra_metrics() == pytest.approx({"siglip_scale": 4.0, "siglip_temperature": 0.25,
-                                                  "siglip_bias": -3.0})
+    assert loss.extra_metrics() == pytest.approx({"siglip_scale": 4.0, "siglip_temperature": 0.25, "siglip_bias": -3.0})
 
 
 def test_isogclr_logs_the_mean_temperature_of_the_last_batch_after_its_update():
@@ -682,12 +688,20 @@ def test_each_loss_class_has_its_documented_defaults():
     from clipstudy.core.losses import LOSSES
 
     expected = {  # the Args sections of the docstrings (and docs): temperature 0.01 everywhere
-        "clip": {}, "siglip": {},
+        "clip": {},
+        "siglip": {},
         "cyclip": {"lambda_inmodal": 0.25, "lambda_crossmodal": 0.25},
         "vicreg": {"sim_coeff": 25.0, "std_coeff": 25.0, "cov_coeff": 1.0},
         "sogclr": {"gamma": 0.8, "estimator": "exact"},
-        "isogclr": {"gamma": 0.8, "rho": 8.0, "tau_min": 0.005, "tau_max": 0.05, "tau_lr": 1e-5, "tau_beta": 0.5,
-                    "tau_grad_clip": 5.0},
+        "isogclr": {
+            "gamma": 0.8,
+            "rho": 8.0,
+            "tau_min": 0.005,
+            "tau_max": 0.05,
+            "tau_lr": 1e-5,
+            "tau_beta": 0.5,
+            "tau_grad_clip": 5.0,
+        },
         "onlineclr": {"gamma": 0.5, "pos_temperature": 0.1},
     }
     for name, fields in expected.items():
@@ -698,27 +712,30 @@ def test_each_loss_class_has_its_documented_defaults():
     assert isogclr.tau_image.tolist() == pytest.approx([0.01] * 4) == isogclr.tau_text.tolist()
 
 
-@pytest.mark.parametrize("name, param, value, requirement", [
-    ("cyclip", "lambda_inmodal", -0.5, "must be a finite number >= 0"),
-    ("cyclip", "lambda_crossmodal", -0.5, "must be a finite number >= 0"),
-    ("vicreg", "sim_coeff", -1.0, "must be a finite number >= 0"),
-    ("vicreg", "std_coeff", -1.0, "must be a finite number >= 0"),
-    ("vicreg", "cov_coeff", float("inf"), "must be a finite number >= 0"),
-    ("sogclr", "gamma", 0.0, "must be in (0, 1]"),
-    ("sogclr", "estimator", "approx", "choose one of ('exact', 'original')"),
-    ("isogclr", "rho", -1.0, "must be a finite number >= 0"),
-    ("isogclr", "tau_min", 0.0, "must be a finite number > 0"),
-    ("isogclr", "tau_max", -0.1, "must be a finite number > 0"),
-    ("isogclr", "tau_lr", -1e-5, "must be a finite number >= 0"),
-    ("isogclr", "tau_beta", 1.5, "must be in (0, 1]"),
-    ("isogclr", "tau_grad_clip", 0, "must be a finite number > 0"),
-    ("isogclr", "tau_max", 0.004, "must be >= tau_min=0.005"),
-    ("isogclr", "temperature", 0.06, "the initial temperature must lie in [tau_min, tau_max] = [0.005, 0.05]"),
-    ("onlineclr", "gamma", True, "must be in (0, 1]"),
-    ("onlineclr", "pos_temperature_scale", 0.0, "must be a finite number > 0"),
-    ("siglip", "init_logit_bias", float("nan"), "must be a finite number"),
-    ("siglip", "init_logit_scale", float("inf"), "must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "name, param, value, requirement",
+    [
+        ("cyclip", "lambda_inmodal", -0.5, "must be a finite number >= 0"),
+        ("cyclip", "lambda_crossmodal", -0.5, "must be a finite number >= 0"),
+        ("vicreg", "sim_coeff", -1.0, "must be a finite number >= 0"),
+        ("vicreg", "std_coeff", -1.0, "must be a finite number >= 0"),
+        ("vicreg", "cov_coeff", float("inf"), "must be a finite number >= 0"),
+        ("sogclr", "gamma", 0.0, "must be in (0, 1]"),
+        ("sogclr", "estimator", "approx", "choose one of ('exact', 'original')"),
+        ("isogclr", "rho", -1.0, "must be a finite number >= 0"),
+        ("isogclr", "tau_min", 0.0, "must be a finite number > 0"),
+        ("isogclr", "tau_max", -0.1, "must be a finite number > 0"),
+        ("isogclr", "tau_lr", -1e-5, "must be a finite number >= 0"),
+        ("isogclr", "tau_beta", 1.5, "must be in (0, 1]"),
+        ("isogclr", "tau_grad_clip", 0, "must be a finite number > 0"),
+        ("isogclr", "tau_max", 0.004, "must be >= tau_min=0.005"),
+        ("isogclr", "temperature", 0.06, "the initial temperature must lie in [tau_min, tau_max] = [0.005, 0.05]"),
+        ("onlineclr", "gamma", True, "must be in (0, 1]"),
+        ("onlineclr", "pos_temperature_scale", 0.0, "must be a finite number > 0"),
+        ("siglip", "init_logit_bias", float("nan"), "must be a finite number"),
+        ("siglip", "init_logit_scale", float("inf"), "must be a finite number"),
+    ],
+)
 def test_a_bad_parameter_is_refused_naming_it_its_value_and_the_rule(name, param, value, requirement):
     with pytest.raises(ValueError) as raised:
         make_loss(name, num_samples=4, **{param: value})
@@ -745,9 +762,10 @@ def test_the_smallest_batch_a_loss_accepts_and_the_refusal_below_it(name):
     assert torch.isfinite(loss(img, txt, torch.arange(smallest)))
     if smallest > 1:
         with pytest.raises(ValueError) as raised:
-            loss(img[:smallest - 1], txt[:smallest - 1], torch.arange(smallest - 1))
-        assert str(raised.value) == (f"loss {name!r} needs a (global) batch of at least {smallest} pairs, "
-                                     f"got {smallest - 1}")
+            loss(img[: smallest - 1], txt[: smallest - 1], torch.arange(smallest - 1))
+        assert str(raised.value) == (
+            f"loss {name!r} needs a (global) batch of at least {smallest} pairs, got {smallest - 1}"
+        )
 
 
 def test_embeddings_and_indices_are_checked_naming_what_is_wrong():
@@ -758,15 +776,18 @@ def test_embeddings_and_indices_are_checked_naming_what_is_wrong():
     assert str(raised.value) == "loss 'sogclr': embeddings must be floating point, got torch.float32 and torch.int64"
     with pytest.raises(ValueError) as raised:
         loss(img, txt, torch.tensor([0, 1, 5]))
-    assert str(raised.value) == ("loss 'sogclr': dataset indices must be in [0, num_samples=5), got values in "
-                                 "[0, 5]; build the loss with num_samples=len(training set)")
+    assert str(raised.value) == (
+        "loss 'sogclr': dataset indices must be in [0, num_samples=5), got values in "
+        "[0, 5]; build the loss with num_samples=len(training set)"
+    )
 
 
 def test_unknown_parameters_are_listed_with_the_ones_the_loss_has():
     with pytest.raises(ValueError) as raised:
         make_loss("onlineclr", gama=0.5, tau=2)
-    assert str(raised.value) == ("loss 'onlineclr' has no parameter 'gama', 'tau'; its parameters are "
-                                 "['gamma', 'pos_temperature_scale']")
+    assert str(raised.value) == (
+        "loss 'onlineclr' has no parameter 'gama', 'tau'; its parameters are ['gamma', 'pos_temperature_scale']"
+    )
     with pytest.raises(ValueError) as raised:
         make_loss("clip", gamma=0.5)
     assert str(raised.value) == "loss 'clip' has no parameter 'gamma'; its parameters are none besides temperature"
@@ -789,8 +810,9 @@ def test_a_loss_with_only_compute_gets_the_documented_base_defaults():
 def test_num_samples_must_be_a_positive_integer(value):
     with pytest.raises(ValueError) as raised:
         make_loss("sogclr", num_samples=value)
-    assert str(raised.value) == (f"loss parameter 'num_samples'={value!r}: must be an integer >= 1 "
-                                 "(the training set size)")
+    assert str(raised.value) == (
+        f"loss parameter 'num_samples'={value!r}: must be an integer >= 1 (the training set size)"
+    )
 
 
 def test_the_index_is_checked_naming_its_problem():
@@ -798,8 +820,9 @@ def test_the_index_is_checked_naming_its_problem():
     img, txt = batch(9, n=3, dtype=torch.float32)
     with pytest.raises(ValueError) as raised:
         loss(img, txt)
-    assert str(raised.value) == ("loss 'sogclr' keeps per-sample state: pass index, the LongTensor [B] of the "
-                                 "rows' dataset indices")
+    assert str(raised.value) == (
+        "loss 'sogclr' keeps per-sample state: pass index, the LongTensor [B] of the rows' dataset indices"
+    )
     with pytest.raises(ValueError) as raised:
         loss(img, txt, torch.arange(4))
     assert str(raised.value) == "loss 'sogclr': index must have shape [B]=(3,), got (4,)"

@@ -5,6 +5,7 @@ through a tiny two-tower linear model wrapped in DistributedDataParallel, then
 takes two SGD steps (model and loss parameters). Rank 0 saves what it saw; the
 test process runs the same steps alone on the whole batch and compares.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -73,8 +74,9 @@ def _worker(rank, world_size, store, path):
     if os.path.exists("/sys/class/net/lo"):  # both ranks on this machine: loopback, whatever the hostname resolves to
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     # a file store: no port to pick, so no race with another process taking it
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         assert dist_utils.is_distributed() and dist_utils.get_rank() == rank
         results = {name: run_steps(name, rank, world_size) for name in available_losses()}
@@ -99,7 +101,7 @@ def two_rank_results(tmp_path_factory):
         except mp.ProcessExitedException as err:
             if attempt == 2:
                 raise
-            warnings.warn(f"two-rank launch aborted ({err}); launching again")
+            warnings.warn(f"two-rank launch aborted ({err}); launching again", stacklevel=2)
     return torch.load(path)
 
 

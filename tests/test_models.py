@@ -1,4 +1,5 @@
 """The dual encoder: shapes, tokenizer pairing, and a clear, immediate error when weights are not cached."""
+
 import socket
 
 import pytest
@@ -14,18 +15,31 @@ def forbid_network(monkeypatch):
 
 
 def test_demo_encoder_shapes_and_tokenizer(demo_data_dir):
-    model, tokenizer = build_model(image_encoder="small_resnet", text_encoder="small_distilbert",
-                                   embed_dim=16, tokenizer_path=str(demo_data_dir / "tokenizer"),
-                                   pretrained=False, small_resnet_widths=(8, 16), small_resnet_blocks=(1, 1),
-                                   text_dim=32, text_layers=1)
-    tokens = tokenizer(["a small red circle", "a big blue square in the top left"], padding="max_length",
-                       truncation=True, max_length=12, return_tensors="pt")
+    model, tokenizer = build_model(
+        image_encoder="small_resnet",
+        text_encoder="small_distilbert",
+        embed_dim=16,
+        tokenizer_path=str(demo_data_dir / "tokenizer"),
+        pretrained=False,
+        small_resnet_widths=(8, 16),
+        small_resnet_blocks=(1, 1),
+        text_dim=32,
+        text_layers=1,
+    )
+    tokens = tokenizer(
+        ["a small red circle", "a big blue square in the top left"],
+        padding="max_length",
+        truncation=True,
+        max_length=12,
+        return_tensors="pt",
+    )
     text = model.encode_text(tokens["input_ids"], tokens["attention_mask"])
     image = model.encode_image(torch.randn(2, 3, 32, 32))
     assert text.shape == image.shape == (2, 16)
     # [CLS] pooling: padding beyond the mask does not change the feature
-    longer = tokenizer(["a small red circle"], padding="max_length", truncation=True, max_length=20,
-                       return_tensors="pt")
+    longer = tokenizer(
+        ["a small red circle"], padding="max_length", truncation=True, max_length=20, return_tensors="pt"
+    )
     model.eval()
     with torch.no_grad():
         a = model.encode_text(tokens["input_ids"][:1], tokens["attention_mask"][:1])
@@ -41,8 +55,9 @@ def test_group_norm_variant_normalises_each_image_alone():
     for norm, independent in (("group", True), ("batch", False)):
         m = SmallResNet((8, 16), (1, 1), norm=norm).train()
         norms = [x for x in m.modules() if isinstance(x, (torch.nn.BatchNorm2d, torch.nn.GroupNorm))]
-        assert len(norms) == 6 and {type(x) for x in norms} == {torch.nn.GroupNorm if independent else
-                                                               torch.nn.BatchNorm2d}
+        assert len(norms) == 6 and {type(x) for x in norms} == {
+            torch.nn.GroupNorm if independent else torch.nn.BatchNorm2d
+        }
         with torch.no_grad():
             whole, halves = m(images), torch.cat([m(images[:2]), m(images[2:])])
         assert torch.allclose(whole, halves, atol=1e-5) == independent, norm
@@ -68,6 +83,7 @@ def test_paper_weights_missing_fail_at_once_with_fix(tmp_path, monkeypatch):
 def test_resnet50_loads_local_weights(tmp_path, monkeypatch):
     """The paper image tower reads a local state dict (here a random one saved to disk)."""
     from torchvision.models import resnet50
+
     from clipstudy.core.models import resnet50_trunk
 
     reference = resnet50(weights=None)
@@ -162,8 +178,8 @@ def test_both_resnet50_backbones_give_2048_d_pooled_features():
 
 
 def test_fetch_weights_fetches_what_the_profile_loads():
-    from clipstudy.engine.config import make_config
     from clipstudy.core.models import weights_needed
+    from clipstudy.engine.config import make_config
 
     assert weights_needed(make_config("paper")) == {"resnet50": "timm-a1", "distilbert": True}
     assert weights_needed(make_config("paper", image_weights="torchvision"))["resnet50"] == "torchvision"

@@ -1,4 +1,5 @@
 """Optimizers, weight-decay groups and the schedule against hand-computed values."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,14 @@ import torch
 from torch import nn
 
 from clipstudy.core.losses import make_loss
-from clipstudy.core.optim import (OPTIMIZERS, available_optimizers, build_optimizer, default_lr, make_scheduler,
-                             param_groups)
+from clipstudy.core.optim import (
+    OPTIMIZERS,
+    available_optimizers,
+    build_optimizer,
+    default_lr,
+    make_scheduler,
+    param_groups,
+)
 
 
 class Mixed(nn.Module):
@@ -20,7 +27,7 @@ class Mixed(nn.Module):
         self.bn = nn.BatchNorm2d(3)
         self.fc = nn.Linear(3, 3)
         self.ln = nn.LayerNorm(3)
-        self.scale = nn.Parameter(torch.ones(3))          # a 1-d parameter outside any norm layer
+        self.scale = nn.Parameter(torch.ones(3))  # a 1-d parameter outside any norm layer
         self.frozen = nn.Parameter(torch.ones(2, 2), requires_grad=False)
 
 
@@ -38,16 +45,17 @@ def test_weight_decay_groups_by_parameter_name():
     }
     # every trainable parameter exactly once, the groups' tensors match their names
     for group in param_groups(model, loss):
-        owner = {**{n: p for n, p in model.named_parameters()},
-                 **{f"loss.{n}": p for n, p in loss.named_parameters()}}
+        owner = {**{n: p for n, p in model.named_parameters()}, **{f"loss.{n}": p for n, p in loss.named_parameters()}}
         assert [id(owner[n]) for n in group["param_names"]] == [id(p) for p in group["params"]]
 
 
 def test_groups_without_loss_parameters_and_norm_inside_containers():
     model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.GroupNorm(1, 2), nn.Linear(2, 1)))
     groups = groups_by_name(param_groups(model, make_loss("clip")))
-    assert groups == {"decay": ({"0.weight", "1.1.weight"}, 0.02),
-                      "no_decay": ({"0.bias", "1.0.weight", "1.0.bias", "1.1.bias"}, 0.0)}
+    assert groups == {
+        "decay": ({"0.weight", "1.1.weight"}, 0.02),
+        "no_decay": ({"0.bias", "1.0.weight", "1.0.bias", "1.1.bias"}, 0.0),
+    }
 
 
 def test_loss_parameters_are_optimised_without_decay():
@@ -94,7 +102,7 @@ def test_adamw_decay_is_decoupled_and_adam_decay_is_l2():
         g2 = wd * w
         m = b1 * (1 - b1) * g + (1 - b1) * g2
         v = b2 * (1 - b2) * g * g + (1 - b2) * g2 * g2
-        m_hat, v_hat = m / (1 - b1 ** 2), v / (1 - b2 ** 2)
+        m_hat, v_hat = m / (1 - b1**2), v / (1 - b2**2)
         w2.append(w - lr * m_hat / (math.sqrt(v_hat) + eps))
     torch.testing.assert_close(adam[1], torch.tensor(w2))
 
@@ -162,10 +170,10 @@ def test_schedule_warmup_then_cosine():
     opt = build_optimizer("adamw", nn.Linear(2, 2), lr=2e-4)
     sched = make_scheduler(opt, total_steps=100, warmup_steps=10, warmup_lr=1e-5, min_lr=1e-6)
     lrs = [row[0] for row in lr_sequence(sched, opt, 121)]
-    assert lrs[0] == pytest.approx(1e-5)                       # step 0: warmup_lr
-    assert lrs[5] == pytest.approx(1e-5 + (2e-4 - 1e-5) / 2)   # half-way through the warm-up
-    assert lrs[10] == pytest.approx(2e-4)                      # end of warm-up: the base rate
-    assert lrs[55] == pytest.approx((2e-4 + 1e-6) / 2)         # middle of the cosine
+    assert lrs[0] == pytest.approx(1e-5)  # step 0: warmup_lr
+    assert lrs[5] == pytest.approx(1e-5 + (2e-4 - 1e-5) / 2)  # half-way through the warm-up
+    assert lrs[10] == pytest.approx(2e-4)  # end of warm-up: the base rate
+    assert lrs[55] == pytest.approx((2e-4 + 1e-6) / 2)  # middle of the cosine
     assert lrs[99] == pytest.approx(1e-6 + (2e-4 - 1e-6) * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
     assert lrs[100] == pytest.approx(1e-6) and lrs[120] == pytest.approx(1e-6)
     for t, lr in enumerate(lrs):
@@ -193,13 +201,16 @@ def test_schedule_applies_to_every_group_and_resumes():
 def test_schedule_edge_cases():
     # warm-up target below warmup_lr: the start is capped at the base rate (no "warm-down")
     opt = build_optimizer("adamw", nn.Linear(2, 2), lr=5e-6)
-    lrs = [r[0] for r in lr_sequence(make_scheduler(opt, total_steps=10, warmup_steps=4, warmup_lr=1e-5,
-                                                    min_lr=1e-6), opt, 11)]
+    lrs = [
+        r[0]
+        for r in lr_sequence(make_scheduler(opt, total_steps=10, warmup_steps=4, warmup_lr=1e-5, min_lr=1e-6), opt, 11)
+    ]
     assert lrs[:5] == pytest.approx([5e-6] * 5) and lrs[10] == pytest.approx(1e-6)
     # one step, no warm-up: the single iteration runs at the base rate
     opt = build_optimizer("adamw", nn.Linear(2, 2), lr=1e-3)
-    assert [r[0] for r in lr_sequence(make_scheduler(opt, total_steps=1, warmup_steps=0), opt, 2)] == \
-        pytest.approx([1e-3, 1e-6])
+    assert [r[0] for r in lr_sequence(make_scheduler(opt, total_steps=1, warmup_steps=0), opt, 2)] == pytest.approx(
+        [1e-3, 1e-6]
+    )
     # all warm-up
     opt = build_optimizer("adamw", nn.Linear(2, 2), lr=1e-3)
     lrs = [r[0] for r in lr_sequence(make_scheduler(opt, total_steps=2, warmup_steps=2, warmup_lr=0.0), opt, 2)]
@@ -220,6 +231,7 @@ def test_schedule_edge_cases():
 def original_code_base_lrs(base, warmup_lr, min_lr, epochs, steps_per_epoch, warmup_epochs=5, step_size=100):
     """Replays the code base's calls: timm's CosineLRScheduler(t_initial=epochs, warmup_t=5, warmup_prefix,
     cycle_limit=1) stepped with t = i // 100 at i % 100 == 0, i <= 500 in epoch 0, and t = e + 6 after epoch e."""
+
     def lr_of(t):
         if t < warmup_epochs:
             return warmup_lr + t * (base - warmup_lr) / warmup_epochs
@@ -242,8 +254,16 @@ def original_code_base_lrs(base, warmup_lr, min_lr, epochs, steps_per_epoch, war
 def test_original_schedule_replays_the_code_base(steps_per_epoch):
     epochs = 4
     opt = build_optimizer("adamw", nn.Linear(2, 2), lr=2e-4)
-    sched = make_scheduler(opt, total_steps=epochs * steps_per_epoch, warmup_steps=500, kind="original",
-                           steps_per_epoch=steps_per_epoch, epochs=epochs, warmup_lr=1e-5, min_lr=1e-6)
+    sched = make_scheduler(
+        opt,
+        total_steps=epochs * steps_per_epoch,
+        warmup_steps=500,
+        kind="original",
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        warmup_lr=1e-5,
+        min_lr=1e-6,
+    )
     lrs = [row[0] for row in lr_sequence(sched, opt, epochs * steps_per_epoch)]
     expected = original_code_base_lrs(2e-4, 1e-5, 1e-6, epochs, steps_per_epoch)
     assert lrs == pytest.approx(expected, rel=1e-9)

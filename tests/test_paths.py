@@ -1,4 +1,5 @@
 """Folders come from clipstudy.paths, not from the current directory; an installed clipstudy works anywhere."""
+
 import json
 import os
 import shutil
@@ -11,8 +12,8 @@ import pytest
 
 from clipstudy import paths
 from clipstudy.engine.config import make_config
-from clipstudy.study.sweep import plan_cells
 from clipstudy.engine.train import run_directory
+from clipstudy.study.sweep import plan_cells
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,8 +30,12 @@ def test_project_folders_are_the_checkouts_whatever_the_current_directory(tmp_pa
 
 def test_relative_and_absolute_spellings_are_one_configuration(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    spelled = [make_config("demo"), make_config("demo", data="data/demo"),
-               make_config("demo", data=str(ROOT / "data" / "demo")), make_config("demo", data="./data/x/../demo")]
+    spelled = [
+        make_config("demo"),
+        make_config("demo", data="data/demo"),
+        make_config("demo", data=str(ROOT / "data" / "demo")),
+        make_config("demo", data="./data/x/../demo"),
+    ]
     assert all(c.to_dict() == spelled[0].to_dict() for c in spelled)
     # a path the caller gives is relative to where the caller stands, stored absolute
     monkeypatch.chdir(tmp_path)
@@ -47,11 +52,29 @@ def test_default_run_directory_is_where_the_sweep_and_the_report_look(tmp_path, 
 
 def _papermill_train(cwd: Path, data: Path, label: str) -> subprocess.CompletedProcess:
     notebook = ROOT / "notebooks" / "train.ipynb"
-    params = {"profile": "smoke", "label": label, "data": str(data), "progress": False,
-              "overrides": {"epochs": 1, "max_steps": 2, "threads": 1}}
-    return subprocess.run([sys.executable, "-m", "papermill", os.path.relpath(notebook, cwd), str(cwd / "out.ipynb"),
-                           "-y", json.dumps(params), "--no-progress-bar"],
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
+    params = {
+        "profile": "smoke",
+        "label": label,
+        "data": str(data),
+        "progress": False,
+        "overrides": {"epochs": 1, "max_steps": 2, "threads": 1},
+    }
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "papermill",
+            os.path.relpath(notebook, cwd),
+            str(cwd / "out.ipynb"),
+            "-y",
+            json.dumps(params),
+            "--no-progress-bar",
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("where", ["notebooks", "elsewhere"])
@@ -96,22 +119,47 @@ def test_installed_clipstudy_runs_train_and_report_from_another_directory(demo_d
     jupyter.mkdir()
     (jupyter / "nbconvert").symlink_to(Path(sys.prefix) / "share" / "jupyter" / "nbconvert")
     env["JUPYTER_PATH"] = str(jupyter)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    str(source)], check=True, capture_output=True, env=env, cwd=tmp_path)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", str(source)],
+        check=True,
+        capture_output=True,
+        env=env,
+        cwd=tmp_path,
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
 
     def clipstudy(*args):
-        return subprocess.run([str(python), "-m", "clipstudy", *args], capture_output=True, text=True, env=env,
-                              cwd=elsewhere, timeout=300)
+        return subprocess.run(
+            [str(python), "-m", "clipstudy", *args], capture_output=True, text=True, env=env, cwd=elsewhere, timeout=300
+        )
 
     where = clipstudy("train", "--profile", "smoke", "--max_steps", "1")
     assert where.returncode == 2 and "pass the paths explicitly" in where.stderr and "Traceback" not in where.stderr
-    located = subprocess.run([str(python), "-c", "import clipstudy; print(clipstudy.__file__)"], env=env,
-                             cwd=elsewhere, capture_output=True, text=True)
+    located = subprocess.run(
+        [str(python), "-c", "import clipstudy; print(clipstudy.__file__)"],
+        env=env,
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+    )
     assert str(site_dir) in located.stdout
-    trained = clipstudy("train", "--profile", "smoke", "--data", str(demo_data_dir), "--out", "runs/cell",
-                        "--epochs", "1", "--max_steps", "2", "--threads", "1", "--no-progress")
+    trained = clipstudy(
+        "train",
+        "--profile",
+        "smoke",
+        "--data",
+        str(demo_data_dir),
+        "--out",
+        "runs/cell",
+        "--epochs",
+        "1",
+        "--max_steps",
+        "2",
+        "--threads",
+        "1",
+        "--no-progress",
+    )
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert json.loads((elsewhere / "runs" / "cell" / "metrics.json").read_text())["status"] == "completed"
     reported = clipstudy("report", "--profile", "smoke", "--runs", "runs", "--out", "report")

@@ -1,4 +1,5 @@
 """prepare-data: miniature downloads in each layout -> the study's formats, counted skips, reruns."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,11 +15,11 @@ from PIL import Image
 from clipstudy.__main__ import main as clipstudy_main
 from clipstudy.data.check import check_data
 from clipstudy.data.datasets import eval_transform
-from clipstudy.data.zeroshot import ZeroShotSet, imagenet_classnames, imagenet_wnids
 from clipstudy.data.prepare.cc3m import prepare_cc3m
 from clipstudy.data.prepare.coco import prepare_coco_karpathy
 from clipstudy.data.prepare.common import PrepareError
 from clipstudy.data.prepare.imagenet import prepare_imagenet_val
+from clipstudy.data.zeroshot import ZeroShotSet, imagenet_classnames, imagenet_wnids
 
 FAILED, NO_CAPTION, BROKEN = "000000003", "000000005", "000000007"
 
@@ -96,6 +97,7 @@ GOOD = [f"{i:09d}" for i in range(12) if f"{i:09d}" not in (FAILED, NO_CAPTION, 
 
 # --------------------------------------------------------------------------- cc3m
 
+
 @pytest.mark.parametrize("layout", ["files", "webdataset"])
 def test_cc3m_counts_skips_and_check_data(tmp_path, layout):
     samples = cc3m_samples()
@@ -131,8 +133,12 @@ def test_cc3m_limit_is_deterministic_and_layout_independent(tmp_path):
     files = write_files_layout(tmp_path / "files", samples)
     tars = write_webdataset_layout(tmp_path / "tars", samples)
     chosen = {}
-    for name, src, seed, out in [("a", files, 1, "a"), ("b", files, 1, "b"), ("tar", tars, 1, "t"),
-                                 ("seed2", files, 2, "c")]:
+    for name, src, seed, out in [
+        ("a", files, 1, "a"),
+        ("b", files, 1, "b"),
+        ("tar", tars, 1, "t"),
+        ("seed2", files, 2, "c"),
+    ]:
         prepare_cc3m(src, tmp_path / out, limit=4, seed=seed, workers=3, progress=False)
         chosen[name] = [f"{e['image_id']:09d}" for e in json.loads((tmp_path / out / "train.json").read_text())]
     # Ranks are over samples with an image; the broken one may rank high, then the next one is taken.
@@ -187,6 +193,7 @@ def test_cc3m_errors_name_the_folder(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- coco-karpathy
 
+
 def karpathy_file(tmp_path: Path) -> tuple[Path, Path]:
     root = tmp_path / "coco"
     (root / "val2014").mkdir(parents=True)
@@ -210,8 +217,10 @@ def test_coco_karpathy_takes_only_test_with_captions_in_order(tmp_path):
     split_file, root = karpathy_file(tmp_path)
     result = prepare_coco_karpathy(split_file, root, tmp_path / "out", progress=False)
     entries = json.loads((tmp_path / "out" / "retrieval.json").read_text())
-    assert [e["image"] for e in entries] == ["coco/val2014/COCO_val2014_000000000001.jpg",
-                                             "coco/val2014/COCO_val2014_000000000003.jpg"]
+    assert [e["image"] for e in entries] == [
+        "coco/val2014/COCO_val2014_000000000001.jpg",
+        "coco/val2014/COCO_val2014_000000000003.jpg",
+    ]
     assert entries[1]["caption"] == [f"Image 3 caption {j}." for j in range(5)]
     assert result.counts == {"images": 2, "captions": 10}
     assert result.skipped == {"image file missing or empty under the COCO root": 1, "no caption": 1}
@@ -241,8 +250,16 @@ def write_devkit(folder: Path) -> Path:
     import scipy.io
 
     folder.mkdir(parents=True)
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-              "num_train_images"]
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
     rows = [(i + 1, wnid, f"words {wnid}", "gloss", 0, np.zeros(0), 0, 1300) for i, wnid in enumerate(DEVKIT_ORDER)]
     rows.append((1001, "n00001740", "entity", "gloss", 2, np.array([1, 2]), 19, 0))  # an inner node: ignored
     synsets = np.empty((len(rows), 1), dtype=[(name, object) for name in fields])
@@ -287,17 +304,20 @@ def test_imagenet_val_relabel_moves_links_and_bad_labels_fail(tmp_path, capsys):
     text = csv_file.read_text().replace(f"val_00000002,{WNIDS[0]}", f"val_00000002,{WNIDS[7]}")
     csv_file.write_text(text)
     prepare_imagenet_val(flat, csv_file, tmp_path / "out", progress=False)
-    assert sorted(p.parent.name for p in (tmp_path / "out" / "zeroshot").glob("*/ILSVRC2012_val_00000002.JPEG")) \
-        == [WNIDS[7]]
+    assert sorted(p.parent.name for p in (tmp_path / "out" / "zeroshot").glob("*/ILSVRC2012_val_00000002.JPEG")) == [
+        WNIDS[7]
+    ]
     bad = tmp_path / "gt.txt"
     bad.write_text("1\n")  # no meta.mat beside it
-    code = clipstudy_main(["prepare-data", "imagenet-val", "--src", str(flat), "--labels", str(bad),
-                           "--out", str(tmp_path / "o2")])
+    code = clipstudy_main(
+        ["prepare-data", "imagenet-val", "--src", str(flat), "--labels", str(bad), "--out", str(tmp_path / "o2")]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "meta.mat" in err
 
 
 # --------------------------------------------------------------------------- the whole path
+
 
 def test_json_output_feeds_check_data_and_train(tmp_path, capsys, demo_data_dir):
     cc3m = write_webdataset_layout(tmp_path / "cc3m", cc3m_samples(n=24))
@@ -305,9 +325,11 @@ def test_json_output_feeds_check_data_and_train(tmp_path, capsys, demo_data_dir)
     flat = flat_val(tmp_path)
     out = tmp_path / "data"
     fields = {}
-    for argv in (["cc3m", "--src", str(cc3m), "--max-side", "32"],
-                 ["coco-karpathy", "--src", str(split_file), "--images", str(coco_root)],
-                 ["imagenet-val", "--src", str(flat), "--labels", str(write_loc_csv(tmp_path / "s.csv"))]):
+    for argv in (
+        ["cc3m", "--src", str(cc3m), "--max-side", "32"],
+        ["coco-karpathy", "--src", str(split_file), "--images", str(coco_root)],
+        ["imagenet-val", "--src", str(flat), "--labels", str(write_loc_csv(tmp_path / "s.csv"))],
+    ):
         assert clipstudy_main(["prepare-data", *argv, "--out", str(out), "--json"]) == 0
         stdout = capsys.readouterr().out
         fields.update(json.loads(stdout))  # nothing but one JSON object on stdout
@@ -316,9 +338,27 @@ def test_json_output_feeds_check_data_and_train(tmp_path, capsys, demo_data_dir)
     assert clipstudy_main(["check-data", *check_args]) == 0
     capsys.readouterr()
     train_args = [f"--{key}={value}" for key, value in fields.items()]
-    code = clipstudy_main(["train", "--profile", "smoke", *train_args, "--tokenizer", str(demo_data_dir / "tokenizer"),
-                           "--epochs", "1", "--max_steps", "2", "--batch_size", "8", "--threads", "1",
-                           "--out", str(tmp_path / "run"), "--no-progress"])
+    code = clipstudy_main(
+        [
+            "train",
+            "--profile",
+            "smoke",
+            *train_args,
+            "--tokenizer",
+            str(demo_data_dir / "tokenizer"),
+            "--epochs",
+            "1",
+            "--max_steps",
+            "2",
+            "--batch_size",
+            "8",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "completed"

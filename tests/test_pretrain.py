@@ -1,4 +1,5 @@
 """The demo's pretrained towers: disjoint from the study's data, deterministic, cached, race-free."""
+
 import hashlib
 import json
 import shutil
@@ -9,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from clipstudy.data.datasets import clean_caption
 from clipstudy.engine import pretrain
 from clipstudy.engine.config import ConfigError, make_config
-from clipstudy.data.datasets import clean_caption
 
 TINY = dict(images=48, image_epochs=1, image_batch_size=16, captions=96, text_epochs=1, text_batch_size=16)
 
@@ -36,8 +37,9 @@ def pixel_digest(path):
 def test_pretraining_images_are_disjoint_from_every_study_image(data_dir):
     config = smoke(data_dir)
     study = {pixel_digest(p) for p in sorted(data_dir.rglob("*.png"))}
-    n_study = sum(1 for folder in ("images/train", "images/retrieval", "zeroshot")
-                  for _ in (data_dir / folder).rglob("*.png"))
+    n_study = sum(
+        1 for folder in ("images/train", "images/retrieval", "zeroshot") for _ in (data_dir / folder).rglob("*.png")
+    )
     assert len(study) == n_study == len(pretrain.study_image_hashes(config))
     settings = pretrain.settings_from(config)
     images, labels, dropped = pretrain.pretraining_images(settings, 32, pretrain.study_image_hashes(config))
@@ -47,8 +49,9 @@ def test_pretraining_images_are_disjoint_from_every_study_image(data_dir):
     # the filter works: excluding the first image's hash drops exactly that image
     first = next(iter(sorted(ours)))
     again, _, dropped = pretrain.pretraining_images(settings, 32, {first})
-    assert dropped == 1 and first not in {hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()
-                                          for a in again}
+    assert dropped == 1 and first not in {
+        hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest() for a in again
+    }
 
 
 def test_pretraining_captions_are_disjoint_from_the_study_captions(data_dir):
@@ -112,8 +115,10 @@ def test_concurrent_runs_build_once(data_dir, monkeypatch):
 
     monkeypatch.setattr(pretrain, "build_towers", counted)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(pretrain.ensure_pretrained(config, progress=False)[0]))
-               for _ in range(2)]
+    threads = [
+        threading.Thread(target=lambda: results.append(pretrain.ensure_pretrained(config, progress=False)[0]))
+        for _ in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -159,7 +164,6 @@ def test_a_pretrained_run_logs_collapse_diagnostics(data_dir, tmp_path):
         assert metrics[f"{name}_start"] == pytest.approx(history[name].iloc[0])
         assert metrics[f"{name}_end"] == pytest.approx(history[name].iloc[-1])
     assert ((history["text_cos_mean"] > -1) & (history["text_cos_mean"] < 1)).all()
-
 
 
 def test_loading_the_towers_reads_the_file_once(data_dir, monkeypatch):

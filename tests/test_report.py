@@ -1,4 +1,5 @@
 """The analysis notebook and report functions on fixture run directories (no training)."""
+
 import json
 from pathlib import Path
 
@@ -25,12 +26,21 @@ def write_fixture_runs(root: Path):
     for opt, loss, seed, status, tr, ir, acc in FIXTURE:
         d = root / f"{opt}-{loss}-s{seed}"
         d.mkdir(parents=True)
-        m = {"status": status, "optimizer": opt, "loss": loss, "seed": seed, "wall_time_s": 10.0 + seed,
-             "train_samples_per_s": 100.0, "peak_memory_mb": 500.0}
+        m = {
+            "status": status,
+            "optimizer": opt,
+            "loss": loss,
+            "seed": seed,
+            "wall_time_s": 10.0 + seed,
+            "train_samples_per_s": 100.0,
+            "peak_memory_mb": 500.0,
+        }
         if status == "completed":
             m.update(txt_r1=tr, img_r1=ir, zeroshot_top1=acc, average=(tr + ir + acc) / 3)
             (d / "history.csv").write_text("step,loss,lr\n1,4.0,0.001\n2,3.5,0.001\n")
-            (d / "epochs.csv").write_text(f"epoch,step,txt_r1,img_r1,zeroshot_top1,average\n1,2,{tr},{ir},{acc},{(tr+ir+acc)/3}\n")
+            (d / "epochs.csv").write_text(
+                f"epoch,step,txt_r1,img_r1,zeroshot_top1,average\n1,2,{tr},{ir},{acc},{(tr + ir + acc) / 3}\n"
+            )
         elif status == "diverged":
             m.update(diverged_at_step=7)
         else:
@@ -45,8 +55,10 @@ def test_tables_and_conclusions(tmp_path):
     table = results.study_table(df).set_index(["Optimizer", "Method"])
     # mean ± sample std over the two seeds, by hand: TR (10, 12) -> 11.00 ± 1.41
     assert table.loc[("AdamW", "CLIP"), "TR@1"] == "11.00 ± 1.41"
-    assert table.loc[("AdamW", "SogCLR"), "Average"] == f"{((14+11+26)/3 + (13+12+24)/3)/2:.2f} ± " \
-        f"{pd.Series([(14+11+26)/3, (13+12+24)/3]).std():.2f}"
+    assert (
+        table.loc[("AdamW", "SogCLR"), "Average"] == f"{((14 + 11 + 26) / 3 + (13 + 12 + 24) / 3) / 2:.2f} ± "
+        f"{pd.Series([(14 + 11 + 26) / 3, (13 + 12 + 24) / 3]).std():.2f}"
+    )
     assert table.loc[("SGD", "CLIP"), "TR@1"] == "9.00" and table.loc[("SGD", "CLIP"), "Status"] == "1 diverged"
     assert table.loc[("SGD", "SogCLR"), "Average"] == "–" and table.loc[("SGD", "SogCLR"), "Status"] == "2 failed"
     lines = report.conclusions(df)
@@ -66,9 +78,20 @@ def test_spearman_against_published(tmp_path):
             d = root / f"{r.optimizer}-{r.loss}-s0"
             d.mkdir(parents=True)
             avg = sign * r.average
-            (d / "metrics.json").write_text(json.dumps({"status": "completed", "optimizer": r.optimizer,
-                                                        "loss": r.loss, "seed": 0, "txt_r1": avg, "img_r1": avg,
-                                                        "zeroshot_top1": avg, "average": avg}))
+            (d / "metrics.json").write_text(
+                json.dumps(
+                    {
+                        "status": "completed",
+                        "optimizer": r.optimizer,
+                        "loss": r.loss,
+                        "seed": 0,
+                        "txt_r1": avg,
+                        "img_r1": avg,
+                        "zeroshot_top1": avg,
+                        "average": avg,
+                    }
+                )
+            )
         rho = findings.spearman_vs_published(results.collect_runs(root))
         assert rho["n_cells"] == 15
         assert rho["rho"] == pytest.approx(sign * 1.0)
@@ -79,8 +102,10 @@ def test_analysis_notebook_renders_report(tmp_path):
     write_fixture_runs(runs)
     html = report.render("demo", runs, out)
     results = pd.read_csv(out / "results.csv")
-    assert {"optimizer", "loss", "seed", "txt_r1", "img_r1", "zeroshot_top1", "average", "status"} <= set(results.columns)
-    fixture = {(o, l, s): (st, tr) for o, l, s, st, tr, _, _ in FIXTURE}
+    assert {"optimizer", "loss", "seed", "txt_r1", "img_r1", "zeroshot_top1", "average", "status"} <= set(
+        results.columns
+    )
+    fixture = {(o, loss, s): (st, tr) for o, loss, s, st, tr, _, _ in FIXTURE}
     for row in results.itertuples():
         status, tr = fixture[(row.optimizer, row.loss, row.seed)]
         assert row.status == status
@@ -112,22 +137,46 @@ def test_conclusions_compare_variants_with_their_base_optimizer(tmp_path):
     for opt, base, loss, tr, ir, acc in extra:
         d = tmp_path / f"{opt}-{loss}-s0"
         d.mkdir()
-        (d / "metrics.json").write_text(json.dumps({
-            "status": "completed", "optimizer": opt, "base_optimizer": base, "loss": loss, "seed": 0,
-            "txt_r1": tr, "img_r1": ir, "zeroshot_top1": acc, "average": (tr + ir + acc) / 3}))
+        (d / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "status": "completed",
+                    "optimizer": opt,
+                    "base_optimizer": base,
+                    "loss": loss,
+                    "seed": 0,
+                    "txt_r1": tr,
+                    "img_r1": ir,
+                    "zeroshot_top1": acc,
+                    "average": (tr + ir + acc) / 3,
+                }
+            )
+        )
     lines = report.conclusions(results.collect_runs(tmp_path))
     # by hand: Adam+CLIP (3+3+4)/3 = 3.33, Adam (no L2) 7.00; SGD: only SGD+CLIP s0 completed, 31/3 = 10.33
-    assert ("Adam (no L2) averages 7.00 over losses against 3.33 for Adam with its defaults: "
-            "the variant helps." in lines)
+    assert "Adam (no L2) averages 7.00 over losses against 3.33 for Adam with its defaults: the variant helps." in lines
     assert "hot averages 3.00 over losses against 10.33 for SGD with its defaults: the variant does not help." in lines
     # with a chance Average of 6 both stay within 2 x 6 = 12: neither learns
     lines = report.conclusions(results.collect_runs(tmp_path), {"txt_r1": 6.0, "img_r1": 6.0, "zeroshot_top1": 6.0})
-    assert ("hot averages 3.00 over losses against 10.33 for SGD with its defaults: "
-            "neither learns (both within twice the chance Average, 6.00)." in lines)
+    assert (
+        "hot averages 3.00 over losses against 10.33 for SGD with its defaults: "
+        "neither learns (both within twice the chance Average, 6.00)." in lines
+    )
     # a variant whose runs do not say what it modifies is not compared with anything
-    (tmp_path / "hot-clip-s0" / "metrics.json").write_text(json.dumps({
-        "status": "completed", "optimizer": "hot", "loss": "clip", "seed": 0, "txt_r1": 3.0, "img_r1": 3.0,
-        "zeroshot_top1": 3.0, "average": 3.0}))
+    (tmp_path / "hot-clip-s0" / "metrics.json").write_text(
+        json.dumps(
+            {
+                "status": "completed",
+                "optimizer": "hot",
+                "loss": "clip",
+                "seed": 0,
+                "txt_r1": 3.0,
+                "img_r1": 3.0,
+                "zeroshot_top1": 3.0,
+                "average": 3.0,
+            }
+        )
+    )
     assert not any(line.startswith("hot averages") for line in report.conclusions(results.collect_runs(tmp_path)))
 
 
@@ -136,7 +185,7 @@ def test_logs_are_loaded_and_tagged_per_run(tmp_path):
     (tmp_path / "adam-clip-s0" / "epochs.csv").write_text(",".join(("epoch", "step", "txt_r1")) + "\n")  # header only
     df = results.collect_runs(tmp_path)
     history = results.load_logs(df, "history.csv")
-    completed = [(o, l, s) for o, l, s, st, *_ in FIXTURE if st == "completed"]
+    completed = [(o, loss, s) for o, loss, s, st, *_ in FIXTURE if st == "completed"]
     assert len(history) == 2 * len(completed)  # two rows per completed fixture run
     assert sorted(set(zip(history["optimizer"], history["loss_name"], history["seed"]))) == sorted(completed)
     assert list(history["loss"][:2]) == [4.0, 3.5]  # the history's own loss column is kept
@@ -159,12 +208,17 @@ def test_one_seed_shows_no_spread(tmp_path):
 
 def test_collapse_comes_from_the_diagnostics_not_the_scores(tmp_path):
     write_fixture_runs(tmp_path)
-    cosines = {"adam-clip-s0": (0.99, 0.40), "adamw-clip-s0": (0.10, 0.20), "adamw-clip-s1": (0.12, 0.18),
-               "sgd-clip-s0": (0.30, 0.97)}
+    cosines = {
+        "adam-clip-s0": (0.99, 0.40),
+        "adamw-clip-s0": (0.10, 0.20),
+        "adamw-clip-s1": (0.12, 0.18),
+        "sgd-clip-s0": (0.30, 0.97),
+    }
     for run, (image_cos, text_cos) in cosines.items():
         path = tmp_path / run / "metrics.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "image_cos_mean_end": image_cos,
-                                    "text_cos_mean_end": text_cos}))
+        path.write_text(
+            json.dumps({**json.loads(path.read_text()), "image_cos_mean_end": image_cos, "text_cos_mean_end": text_cos})
+        )
     lines = report.conclusions(results.collect_runs(tmp_path), {"txt_r1": 1.0, "img_r1": 1.0, "zeroshot_top1": 10.0})
     # Adam + CLIP is below chance and collapsed; SGD + CLIP learned (10.33 > 8) yet its text embeddings collapsed
     assert "Below chance: Adam + CLIP." in lines
@@ -183,9 +237,21 @@ def write_grid_runs(root: Path, averages: dict, extra=None):
     for (opt, loss), avg in averages.items():
         d = root / f"{opt}-{loss}-s0"
         d.mkdir(parents=True)
-        (d / "metrics.json").write_text(json.dumps({
-            "status": "completed", "optimizer": opt, "loss": loss, "seed": 0, "txt_r1": avg, "img_r1": avg,
-            "zeroshot_top1": avg, "average": avg, **(extra or {}).get((opt, loss), {})}))
+        (d / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "status": "completed",
+                    "optimizer": opt,
+                    "loss": loss,
+                    "seed": 0,
+                    "txt_r1": avg,
+                    "img_r1": avg,
+                    "zeroshot_top1": avg,
+                    "average": avg,
+                    **(extra or {}).get((opt, loss), {}),
+                }
+            )
+        )
 
 
 def test_spearman_per_optimizer_row_against_a_hand_computation(tmp_path):
@@ -213,6 +279,7 @@ def test_paper_findings_hold_on_the_published_numbers_and_fail_when_broken(tmp_p
     grid = pub.pivot(index="optimizer", columns="loss", values="average")
     published_verdicts = findings.findings_from_grid(grid)
     assert [f["reproduced"] for f in published_verdicts] == [True, True, True, True]
+
     def broken(**cells):
         changed = grid.copy()
         for key, value in cells.items():
@@ -220,14 +287,14 @@ def test_paper_findings_hold_on_the_published_numbers_and_fail_when_broken(tmp_p
             changed.loc[opt, loss] = value
         return [f["reproduced"] for f in findings.findings_from_grid(changed)], findings.findings_from_grid(changed)
 
-    verdicts, f = broken(sgd_vicreg=3.7)      # SGD beats AdamW (3.60) on VICReg, nothing else changes
+    verdicts, f = broken(sgd_vicreg=3.7)  # SGD beats AdamW (3.60) on VICReg, nothing else changes
     assert verdicts == [False, True, True, True]
     assert f[0]["evidence"] == "AdamW is best for 4 of 5 losses; not for VICReg (best: SGD)"
-    verdicts, _ = broken(adamw_clip=16.8)     # CLIP passes SogCLR (16.68) as AdamW's second-best loss
+    verdicts, _ = broken(adamw_clip=16.8)  # CLIP passes SogCLR (16.68) as AdamW's second-best loss
     assert verdicts == [True, False, True, True]
-    verdicts, _ = broken(adam_clip=11.4)      # just below SGD's 11.44: Adam still last for CLIP
+    verdicts, _ = broken(adam_clip=11.4)  # just below SGD's 11.44: Adam still last for CLIP
     assert verdicts == [True, True, True, True]
-    verdicts, f = broken(adam_clip=11.5)      # just above it: SGD is last for CLIP
+    verdicts, f = broken(adam_clip=11.5)  # just above it: SGD is last for CLIP
     assert verdicts == [True, True, False, True]
     assert f[2]["evidence"] == "Adam is last for 4 of 5 losses; not for CLIP (last: SGD)"
     # SGD last everywhere: Adam is no longer last and SGD no longer second
@@ -240,8 +307,14 @@ def test_paper_findings_hold_on_the_published_numbers_and_fail_when_broken(tmp_p
 def test_collapse_figures_flag_collapsed_cells(tmp_path):
     pub = findings.published_table()
     averages = {(r.optimizer, r.loss): r.average for r in pub.itertuples()}
-    healthy = {"image_cos_mean_start": 0.5, "image_cos_mean_end": 0.2, "text_cos_mean_start": 0.5,
-               "text_cos_mean_end": 0.3, "weight_norm_start": 27.0, "weight_norm_end": 27.0}
+    healthy = {
+        "image_cos_mean_start": 0.5,
+        "image_cos_mean_end": 0.2,
+        "text_cos_mean_start": 0.5,
+        "text_cos_mean_end": 0.3,
+        "weight_norm_start": 27.0,
+        "weight_norm_end": 27.0,
+    }
     extra = {key: dict(healthy) for key in averages}
     extra[("adam", "sogclr")].update(text_cos_mean_end=0.99, weight_norm_end=3.0)
     write_grid_runs(tmp_path, averages, extra)
@@ -250,8 +323,13 @@ def test_collapse_figures_flag_collapsed_cells(tmp_path):
     assert table.loc[("adam", "sogclr"), "collapsed_seeds"] == 1
     assert table["collapsed_seeds"].sum() == 1
     lines = report.collapse_conclusions(df, chance_avg=1.0)
-    assert any(line.startswith("Cells whose embeddings end collapsed") and "Adam + SogCLR" in line
-               and "text 0.99" in line and "AdamW" not in line for line in lines)
+    assert any(
+        line.startswith("Cells whose embeddings end collapsed")
+        and "Adam + SogCLR" in line
+        and "text 0.99" in line
+        and "AdamW" not in line
+        for line in lines
+    )
     assert any("start collapsed" in line and line.endswith("none.") for line in lines)
     # Adam's mean end norm: (3 + 4 * 27) / 5
     assert any(f"Adam 27.0 -> {(3 + 4 * 27) / 5:.1f}" in line for line in lines)
@@ -259,8 +337,10 @@ def test_collapse_figures_flag_collapsed_cells(tmp_path):
     # relative weakness: SGD + SogCLR (1.81, above twice a chance of 0.5) is below half of AdamW's 16.68;
     # SGD + CLIP (11.44 against 14.81) is not
     lines = report.collapse_conclusions(df, chance_avg=0.5)
-    assert any(line.startswith("SGD + SogCLR reaches less than half the best Average for SogCLR (1.81 against "
-                               "16.68)") for line in lines)
+    assert any(
+        line.startswith("SGD + SogCLR reaches less than half the best Average for SogCLR (1.81 against 16.68)")
+        for line in lines
+    )
     assert not any(line.startswith("SGD + CLIP") for line in lines)
     sgd = next(line for line in findings.optimizer_conclusions(df) if line.startswith("SGD"))
     assert sgd.endswith("against AdamW: CLIP -3.37, SogCLR -14.87, CyCLIP -5.38, VICReg -1.59, OnlineCLR -12.44.")
@@ -269,26 +349,43 @@ def test_collapse_figures_flag_collapsed_cells(tmp_path):
 def write_step_size_runs(root: Path, averages: dict, first: dict, *, lr=None, grad_clip=None, base=None):
     """Completed runs with healthy embeddings, a history.csv whose gradient norm starts at first[loss] and
     ends ten times lower (no summary in metrics.json, as in runs from before it), and config.json's lr."""
-    healthy = {"image_cos_mean_start": 0.5, "image_cos_mean_end": 0.4, "text_cos_mean_start": 0.5,
-               "text_cos_mean_end": 0.6, "weight_norm_start": 31.0, "weight_norm_end": 30.0}
-    write_grid_runs(root, averages, {key: {**healthy, "base_optimizer": (base or {}).get(key[0], key[0])}
-                                     for key in averages})
+    healthy = {
+        "image_cos_mean_start": 0.5,
+        "image_cos_mean_end": 0.4,
+        "text_cos_mean_start": 0.5,
+        "text_cos_mean_end": 0.6,
+        "weight_norm_start": 31.0,
+        "weight_norm_end": 30.0,
+    }
+    write_grid_runs(
+        root, averages, {key: {**healthy, "base_optimizer": (base or {}).get(key[0], key[0])} for key in averages}
+    )
     for opt, loss in averages:
         run = root / f"{opt}-{loss}-s0"
-        run.joinpath("history.csv").write_text(f"step,loss,grad_norm\n1,0.5,{first[loss]}\n2,0.4,\n"
-                                               f"3,0.3,{first[loss] / 10}\n")
+        run.joinpath("history.csv").write_text(
+            f"step,loss,grad_norm\n1,0.5,{first[loss]}\n2,0.4,\n3,0.3,{first[loss] / 10}\n"
+        )
         config = {"lr": (lr or {}).get((opt, loss), 1e-3), "grad_clip": (grad_clip or {}).get((opt, loss), 0.0)}
         run.joinpath("config.json").write_text(json.dumps({"config": config}))
 
 
-STEP_GRID = {("adamw", "clip"): 60.0, ("adamw", "sogclr"): 62.0, ("adamw", "vicreg"): 27.0,
-             ("sgd", "clip"): 56.0, ("sgd", "sogclr"): 5.0, ("sgd", "vicreg"): 6.0}
+STEP_GRID = {
+    ("adamw", "clip"): 60.0,
+    ("adamw", "sogclr"): 62.0,
+    ("adamw", "vicreg"): 27.0,
+    ("sgd", "clip"): 56.0,
+    ("sgd", "sogclr"): 5.0,
+    ("sgd", "vicreg"): 6.0,
+}
 FIRST = {"clip": 60.0, "sogclr": 1.2, "vicreg": 30.0}
 
 
 def step_lines(root: Path) -> list[str]:
-    return [line for line in report.collapse_conclusions(results.collect_runs(root), chance_avg=0.5)
-            if ": its first gradient norm" in line]
+    return [
+        line
+        for line in report.collapse_conclusions(results.collect_runs(root), chance_avg=0.5)
+        if ": its first gradient norm" in line
+    ]
 
 
 def test_a_small_first_gradient_is_named_as_sgds_short_steps(tmp_path):
@@ -300,13 +397,16 @@ def test_a_small_first_gradient_is_named_as_sgds_short_steps(tmp_path):
     sgd_sogclr = df[(df["optimizer"] == "sgd") & (df["loss"] == "sogclr")].iloc[0]
     assert (sgd_sogclr.grad_norm_start, sgd_sogclr.grad_norm_end, sgd_sogclr.lr) == (1.2, 0.12, 1e-3)
     lines = report.collapse_conclusions(df, chance_avg=0.5)
-    assert ("SGD + SogCLR reaches less than half the best Average for SogCLR (5.00 against 62.00): image cosine "
-            "0.50 -> 0.40, text cosine 0.50 -> 0.60, weight norm 31.0 -> 30.0, gradient norm 1.20 -> 0.12.") in lines
+    assert (
+        "SGD + SogCLR reaches less than half the best Average for SogCLR (5.00 against 62.00): image cosine "
+        "0.50 -> 0.40, text cosine 0.50 -> 0.60, weight norm 31.0 -> 30.0, gradient norm 1.20 -> 0.12."
+    ) in lines
     assert step_lines(tmp_path) == [
         "SGD + SogCLR: its first gradient norm (1.20) is 50x smaller than SGD + CLIP's (60.00). SGD's step is the "
         "learning rate times the gradient, so at the same learning rate (0.001, no gradient clipping) its first "
         "steps are about 50x shorter; AdamW + SogCLR, whose step is divided by a running gradient scale, reaches "
-        "62.00 at that rate (first gradient norm 1.20)."]
+        "62.00 at that rate (first gradient norm 1.20)."
+    ]
     assert any(line.startswith("SGD + VICReg reaches less than half") for line in lines)
     # a recorded figure wins over the history
     record = json.loads((tmp_path / "sgd-sogclr-s0" / "metrics.json").read_text())
@@ -327,14 +427,27 @@ def test_no_step_size_line_unless_both_cells_ran_at_one_rate_without_clipping(tm
 def test_the_comparison_is_an_adam_type_cell_of_the_same_start_and_rate(tmp_path):
     # the loss's best cell is an SGD variant at a higher rate: not what "divided by a gradient scale" may name;
     # AdamW (scratch) is better still but starts from other weights; AdamW at another rate is left out too
-    grid = {**STEP_GRID, ("sgd-hi", "sogclr"): 70.0, ("sgd-hi", "clip"): 50.0, ("adamw-scratch", "sogclr"): 80.0,
-            ("adamw-scratch", "clip"): 10.0, ("adam", "sogclr"): 61.0, ("adam", "clip"): 59.0}
-    write_step_size_runs(tmp_path, grid, FIRST, lr={("sgd-hi", "sogclr"): 0.1, ("sgd-hi", "clip"): 0.1,
-                                                    ("adamw", "sogclr"): 2e-3},
-                         base={"sgd-hi": "sgd", "adamw-scratch": "adamw"})
+    grid = {
+        **STEP_GRID,
+        ("sgd-hi", "sogclr"): 70.0,
+        ("sgd-hi", "clip"): 50.0,
+        ("adamw-scratch", "sogclr"): 80.0,
+        ("adamw-scratch", "clip"): 10.0,
+        ("adam", "sogclr"): 61.0,
+        ("adam", "clip"): 59.0,
+    }
+    write_step_size_runs(
+        tmp_path,
+        grid,
+        FIRST,
+        lr={("sgd-hi", "sogclr"): 0.1, ("sgd-hi", "clip"): 0.1, ("adamw", "sogclr"): 2e-3},
+        base={"sgd-hi": "sgd", "adamw-scratch": "adamw"},
+    )
     (line,) = [line for line in step_lines(tmp_path) if line.startswith("SGD + SogCLR")]
-    assert line.endswith("; Adam + SogCLR, whose step is divided by a running gradient scale, reaches 61.00 at that "
-                         "rate (first gradient norm 1.20).")
+    assert line.endswith(
+        "; Adam + SogCLR, whose step is divided by a running gradient scale, reaches 61.00 at that "
+        "rate (first gradient norm 1.20)."
+    )
 
 
 def test_without_an_adam_type_cell_the_step_size_line_names_no_comparison(tmp_path):
@@ -343,22 +456,27 @@ def test_without_an_adam_type_cell_the_step_size_line_names_no_comparison(tmp_pa
     assert step_lines(tmp_path) == [
         "SGD + SogCLR: its first gradient norm (1.20) is 50x smaller than SGD + CLIP's (60.00). SGD's step is the "
         "learning rate times the gradient, so at the same learning rate (0.001, no gradient clipping) its first "
-        "steps are about 50x shorter."]
+        "steps are about 50x shorter."
+    ]
 
 
 def test_chance_levels_come_from_the_data_of_real_runs(demo_data_dir, tmp_path):
     """chance_levels_for reads a real run's config.json, finds its evaluation sets and gives the chance levels
     the data generator computed independently (and 100 / n by hand)."""
+    from conftest import TINY_DEMO
+
     from clipstudy.engine.config import make_config
     from clipstudy.engine.train import train
-    from conftest import TINY_DEMO
 
     runs = tmp_path / "runs"
     (runs / "aaa-from-elsewhere").mkdir(parents=True)  # a run whose data is not on this machine: skipped
-    (runs / "aaa-from-elsewhere" / "config.json").write_text(json.dumps({"config": {
-        "profile": "smoke", "data": str(tmp_path / "not-here")}}))
-    train(make_config("smoke", data=str(demo_data_dir), out=str(runs / "adamw-clip-s0"), max_steps=1, threads=1),
-          progress=False)
+    (runs / "aaa-from-elsewhere" / "config.json").write_text(
+        json.dumps({"config": {"profile": "smoke", "data": str(tmp_path / "not-here")}})
+    )
+    train(
+        make_config("smoke", data=str(demo_data_dir), out=str(runs / "adamw-clip-s0"), max_steps=1, threads=1),
+        progress=False,
+    )
     chance = report.chance_levels_for(runs)
     manifest = json.loads((demo_data_dir / "manifest.json").read_text())["chance"]
     for key in ("txt_r1", "img_r1", "zeroshot_top1", "zeroshot_top5"):

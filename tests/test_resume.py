@@ -6,6 +6,7 @@ Every loss that carries state or learned parameters (SogCLR, iSogCLR and OnlineC
 and bias) is cut mid-epoch and at an epoch's last step, by SIGTERM in-process; the command line is cut by
 ``kill -9`` at a known step, by SIGINT (exit code 130) and by a second signal.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,17 +22,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_DEMO, assert_same_weights
 
 import clipstudy.engine.train as train_mod
 from clipstudy.engine.checkpoint import checkpoint_paths, load_latest, load_verified
 from clipstudy.engine.config import make_config
 from clipstudy.engine.runstate import StopRequest
 from clipstudy.engine.train import train
-from conftest import TINY_DEMO, assert_same_weights
 
 TIMING = {"wall_time_s", "train_samples_per_s", "peak_memory_mb", "eval_time", "git_commit"}
 STEPS_PER_EPOCH = TINY_DEMO["train_size"] // 16  # smoke batch size 16
-EPOCHS = 2                                        # the smoke profile's
+EPOCHS = 2  # the smoke profile's
 STATEFUL_LOSSES = ["sogclr", "isogclr", "onlineclr", "siglip"]
 
 
@@ -54,12 +55,14 @@ def assert_same_run(run: Path, reference: Path) -> None:
     got, want = json.loads((run / "metrics.json").read_text()), json.loads((reference / "metrics.json").read_text())
     assert comparable(got) == comparable(want)
     assert_same_weights(newest_state(run), newest_state(reference))
-    pd.testing.assert_frame_equal(pd.read_csv(run / "history.csv").drop(columns=["samples_per_s", "data_time",
-                                                                                  "step_time"]),
-                                  pd.read_csv(reference / "history.csv").drop(columns=["samples_per_s", "data_time",
-                                                                                       "step_time"]))
-    pd.testing.assert_frame_equal(pd.read_csv(run / "epochs.csv").drop(columns=["eval_time"]),
-                                  pd.read_csv(reference / "epochs.csv").drop(columns=["eval_time"]))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(run / "history.csv").drop(columns=["samples_per_s", "data_time", "step_time"]),
+        pd.read_csv(reference / "history.csv").drop(columns=["samples_per_s", "data_time", "step_time"]),
+    )
+    pd.testing.assert_frame_equal(
+        pd.read_csv(run / "epochs.csv").drop(columns=["eval_time"]),
+        pd.read_csv(reference / "epochs.csv").drop(columns=["eval_time"]),
+    )
 
 
 def assert_finished_checkpoint(run: Path, step: int) -> dict:
@@ -105,14 +108,17 @@ def reference_of(tmp_path_factory, demo_data_dir):
             assert train(smoke(demo_data_dir, out, loss=loss), progress=False)["status"] == "completed"
             made[loss] = out
         return made[loss]
+
     return get
 
 
-@pytest.mark.parametrize("cut", [pytest.param(STEPS_PER_EPOCH - 1, id="mid-epoch"),
-                                 pytest.param(STEPS_PER_EPOCH, id="last-step-of-epoch")])
+@pytest.mark.parametrize(
+    "cut", [pytest.param(STEPS_PER_EPOCH - 1, id="mid-epoch"), pytest.param(STEPS_PER_EPOCH, id="last-step-of-epoch")]
+)
 @pytest.mark.parametrize("loss", STATEFUL_LOSSES)
-def test_sigterm_then_rerun_resumes_and_equals_uninterrupted(reference_of, demo_data_dir, tmp_path, monkeypatch,
-                                                             capsys, loss, cut):
+def test_sigterm_then_rerun_resumes_and_equals_uninterrupted(
+    reference_of, demo_data_dir, tmp_path, monkeypatch, capsys, loss, cut
+):
     reference = reference_of(loss)
     run = tmp_path / "run"
     config = smoke(demo_data_dir, run, loss=loss)
@@ -159,14 +165,32 @@ sys.exit(main(sys.argv[4:]))
 
 
 def cli_args(data, out, loss="onlineclr", epochs=EPOCHS):
-    return ["train", "--profile", "smoke", "--data", str(data), "--out", str(out), "--loss", loss,
-            "--epochs", str(epochs), "--threads", "1", "--no-progress"]
+    return [
+        "train",
+        "--profile",
+        "smoke",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--loss",
+        loss,
+        "--epochs",
+        str(epochs),
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
 
 
 def start_blocked(tmp_path, block_at: int, args) -> tuple[subprocess.Popen, Path]:
     ready, go = tmp_path / "ready", tmp_path / "go"
-    proc = subprocess.Popen([sys.executable, "-c", BLOCKING_CLI, str(ready), str(go), str(block_at), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BLOCKING_CLI, str(ready), str(go), str(block_at), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not ready.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -174,11 +198,14 @@ def start_blocked(tmp_path, block_at: int, args) -> tuple[subprocess.Popen, Path
     return proc, go
 
 
-@pytest.mark.parametrize("block_at, resume_at", [
-    # right after ckpt-4 (the in-process SIGTERM tests cover this boundary in the fast suite)
-    pytest.param(STEPS_PER_EPOCH + 1, STEPS_PER_EPOCH, id="at-epoch-boundary", marks=pytest.mark.faults),
-    pytest.param(STEPS_PER_EPOCH + 3, STEPS_PER_EPOCH, id="mid-epoch"),           # steps 5, 6 lost
-])
+@pytest.mark.parametrize(
+    "block_at, resume_at",
+    [
+        # right after ckpt-4 (the in-process SIGTERM tests cover this boundary in the fast suite)
+        pytest.param(STEPS_PER_EPOCH + 1, STEPS_PER_EPOCH, id="at-epoch-boundary", marks=pytest.mark.faults),
+        pytest.param(STEPS_PER_EPOCH + 3, STEPS_PER_EPOCH, id="mid-epoch"),  # steps 5, 6 lost
+    ],
+)
 def test_kill9_of_the_cli_then_rerun_resumes(reference_of, demo_data_dir, tmp_path, block_at, resume_at):
     """``kill -9`` of ``clipstudy train`` while it waits before step ``block_at``; the rerun resumes from the
     newest finished checkpoint and ends like an uninterrupted run."""
@@ -201,7 +228,9 @@ def test_sigint_of_the_cli_checkpoints_exits_130_and_the_rerun_resumes(demo_data
     go.write_text("")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert re.search(r"^stopped: interrupted; checkpoint saved in \S*checkpoints: rerun the same command to resume$", err, re.M), err
+    assert re.search(
+        r"^stopped: interrupted; checkpoint saved in \S*checkpoints: rerun the same command to resume$", err, re.M
+    ), err
     assert "Traceback" not in err and out == ""
     assert_finished_checkpoint(tmp_path / "run", 3)
     rerun = subprocess.run([sys.executable, "-m", "clipstudy", *args], capture_output=True, text=True, timeout=300)
@@ -234,7 +263,8 @@ def test_stop_request_flags_the_first_signal_raises_on_the_second_and_restores_h
             pytest.fail("the first signal raised KeyboardInterrupt instead of setting the flag")
         assert stop.signal == signal.SIGINT
         assert [r.getMessage() for r in caplog.records] == [
-            f"received signal {int(signal.SIGINT)}: checkpointing after this step"]
+            f"received signal {int(signal.SIGINT)}: checkpointing after this step"
+        ]
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
     assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -1,4 +1,5 @@
 """Resume: checks before any write, the checkpoint format, the resume log, one precision policy."""
+
 import hashlib
 import json
 import re
@@ -7,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from clipstudy.__main__ import main as clipstudy_main
 from clipstudy.core import precision
 from clipstudy.engine import records, runstate
 from clipstudy.engine.checkpoint import checkpoint_paths, save_checkpoint
-from clipstudy.__main__ import main as clipstudy_main
 from clipstudy.engine.config import ConfigError, make_config
 from clipstudy.engine.train import train
 
@@ -21,8 +22,11 @@ def smoke(demo_data_dir, out, **kw):
 
 def snapshot(folder: Path) -> dict:
     """Digest of every file under ``folder`` (the lock file aside: it holds the last holder's pid)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def test_refused_rerun_changes_nothing_on_disk(demo_data_dir, tmp_path):
@@ -68,19 +72,38 @@ def test_checkpoint_of_another_format_is_refused_naming_it(demo_data_dir, tmp_pa
     save_checkpoint(out / "checkpoints", state["global_step"] + 1, state)
     (out / "metrics.json").unlink()
     before = snapshot(out)
-    with pytest.raises(ConfigError, match=f"checkpoint format {runstate.CHECKPOINT_FORMAT + 1}, this clipstudy "
-                                          f"reads format {runstate.CHECKPOINT_FORMAT}"):
+    with pytest.raises(
+        ConfigError,
+        match=f"checkpoint format {runstate.CHECKPOINT_FORMAT + 1}, this clipstudy "
+        f"reads format {runstate.CHECKPOINT_FORMAT}",
+    ):
         train(smoke(demo_data_dir, out, max_steps=2), progress=False)
     assert snapshot(out) == before
 
 
 def test_metrics_of_a_failure_have_one_schema(tmp_path):
-    failed = records.failure_metrics(cell="adamw-clip-s0", profile="smoke", optimizer="adamw",
-                                     base_optimizer="adamw", loss="clip", seed=0, error="E: x")
+    failed = records.failure_metrics(
+        cell="adamw-clip-s0",
+        profile="smoke",
+        optimizer="adamw",
+        base_optimizer="adamw",
+        loss="clip",
+        seed=0,
+        error="E: x",
+    )
     records.write_metrics(tmp_path, failed)
     assert records.read_metrics(tmp_path) == failed
-    assert set(failed) == {"status", "cell", "profile", "optimizer", "base_optimizer", "loss", "seed", "error",
-                           "git_commit"}
+    assert set(failed) == {
+        "status",
+        "cell",
+        "profile",
+        "optimizer",
+        "base_optimizer",
+        "loss",
+        "seed",
+        "error",
+        "git_commit",
+    }
     (tmp_path / "metrics.json").write_text("{not json")
     assert records.read_metrics(tmp_path)["status"] == records.FAILED
     assert records.read_metrics(tmp_path / "absent") is None
@@ -111,14 +134,20 @@ def test_training_and_evaluate_command_evaluate_at_the_same_precision(demo_data_
 # Random generators, captured and restored state, the refusal texts (unit level)
 # --------------------------------------------------------------------------
 
+
 def draws() -> tuple:
     """One value from each generator a run uses (Gaussian draws exercise the cached-normal fields)."""
     import random
 
     import numpy as np
 
-    return (random.random(), random.gauss(0, 1), float(np.random.random_sample()), float(np.random.standard_normal()),
-            torch.rand(2).tolist())
+    return (
+        random.random(),
+        random.gauss(0, 1),
+        float(np.random.random_sample()),
+        float(np.random.standard_normal()),
+        torch.rand(2).tolist(),
+    )
 
 
 @pytest.mark.parametrize("seed", [7, 2**32 + 7])
@@ -184,14 +213,21 @@ def _fake_run(seed: int, init_scale: float):
     optimizer.step()
     scheduler.step()
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)  # enabled: its scale is state to restore
-    return SimpleNamespace(model=model, loss=loss, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                           config=_Config(lr=0.1, loss="clip"))
+    return SimpleNamespace(
+        model=model,
+        loss=loss,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        config=_Config(lr=0.1, loss="clip"),
+    )
 
 
 def test_capture_then_restore_brings_back_every_part_of_a_run():
     saved = _fake_run(seed=1, init_scale=1024.0)
-    state = runstate.capture_state(saved, epoch=2, batch_in_epoch=5, global_step=17, history=[{"step": 17}],
-                                   epochs=[{"epoch": 1}], elapsed=12.5)
+    state = runstate.capture_state(
+        saved, epoch=2, batch_in_epoch=5, global_step=17, history=[{"step": 17}], epochs=[{"epoch": 1}], elapsed=12.5
+    )
     assert state["format"] == runstate.CHECKPOINT_FORMAT
     assert (state["epoch"], state["batch_in_epoch"], state["global_step"], state["elapsed"]) == (2, 5, 17, 12.5)
     assert state["history"] == [{"step": 17}] and state["epochs"] == [{"epoch": 1}]
@@ -204,8 +240,9 @@ def test_capture_then_restore_brings_back_every_part_of_a_run():
         assert torch.equal(got, want)
     assert torch.equal(fresh.loss.u, saved.loss.u)
     momentum = [fresh.optimizer.state[p]["momentum_buffer"] for p in fresh.model.parameters()]
-    assert all(torch.equal(a, saved.optimizer.state[p]["momentum_buffer"])
-               for a, p in zip(momentum, saved.model.parameters()))
+    assert all(
+        torch.equal(a, saved.optimizer.state[p]["momentum_buffer"]) for a, p in zip(momentum, saved.model.parameters())
+    )
     assert fresh.scheduler.get_last_lr() == saved.scheduler.get_last_lr() == [0.05]
     assert fresh.scaler.get_scale() == 1024.0
     assert draws() == expected
@@ -214,17 +251,22 @@ def test_capture_then_restore_brings_back_every_part_of_a_run():
 def test_refusals_name_the_file_the_change_and_the_way_out(tmp_path):
     path = tmp_path / "checkpoints" / "step_00000004.pt"
     with pytest.raises(ConfigError) as raised:
-        runstate.check_resume_compatible(_Config(lr=0.005, max_steps=9), json.dumps({"lr": 0.001, "max_steps": 4}),
-                                         path)
-    assert str(raised.value) == (f"{path} was written with a different configuration ({{'lr': (0.001, 0.005)}}); "
-                                 "resume with the same settings or use a new output directory")
+        runstate.check_resume_compatible(
+            _Config(lr=0.005, max_steps=9), json.dumps({"lr": 0.001, "max_steps": 4}), path
+        )
+    assert str(raised.value) == (
+        f"{path} was written with a different configuration ({{'lr': (0.001, 0.005)}}); "
+        "resume with the same settings or use a new output directory"
+    )
     runstate.check_resume_compatible(_Config(lr=0.001, max_steps=9), json.dumps({"lr": 0.001, "max_steps": 4}), path)
 
     with pytest.raises(ConfigError) as raised:
         runstate.check_checkpoint_format({"format": 0}, path)
-    assert str(raised.value) == (f"{path}: checkpoint format 0, this clipstudy reads format "
-                                 f"{runstate.CHECKPOINT_FORMAT}; resume it with the clipstudy version that wrote "
-                                 "it, or use a new output directory")
+    assert str(raised.value) == (
+        f"{path}: checkpoint format 0, this clipstudy reads format "
+        f"{runstate.CHECKPOINT_FORMAT}; resume it with the clipstudy version that wrote "
+        "it, or use a new output directory"
+    )
     runstate.check_checkpoint_format({"format": runstate.CHECKPOINT_FORMAT}, path)
 
     out = tmp_path / "run"
@@ -234,8 +276,9 @@ def test_refusals_name_the_file_the_change_and_the_way_out(tmp_path):
         runstate.check_recorded_fingerprint(out, {"digest": "b", "fields": {"lr": 0.005}})
     message = str(raised.value)
     assert message.startswith(f"{out} was written with a different configuration (")
-    assert message.endswith("); resume with the same settings, or use a new output directory (--out, or a "
-                            "--label for a variant)")
+    assert message.endswith(
+        "); resume with the same settings, or use a new output directory (--out, or a --label for a variant)"
+    )
     runstate.check_recorded_fingerprint(out, {"digest": "a", "fields": {"lr": 0.001}})
 
 
@@ -244,9 +287,15 @@ def _checkpointed_run(tmp_path, steps=(2, 4), metrics: dict | None = None):
     out = tmp_path / "run"
     saved = _fake_run(seed=1, init_scale=8.0)
     for step in steps:
-        state = runstate.capture_state(saved, epoch=1, batch_in_epoch=step, global_step=step,
-                                       history=[{"step": s} for s in range(1, step + 1)], epochs=[{"epoch": 1}],
-                                       elapsed=1.0)
+        state = runstate.capture_state(
+            saved,
+            epoch=1,
+            batch_in_epoch=step,
+            global_step=step,
+            history=[{"step": s} for s in range(1, step + 1)],
+            epochs=[{"epoch": 1}],
+            elapsed=1.0,
+        )
         save_checkpoint(out / "checkpoints", step, state)
     if metrics is not None:
         records.write_metrics(out, metrics)

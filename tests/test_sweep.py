@@ -1,5 +1,6 @@
 """The sweep through papermill: runs the training notebook per cell, skips finished cells,
 resumes interrupted ones, records failures and divergence and goes on."""
+
 import json
 import os
 import re
@@ -9,24 +10,32 @@ from pathlib import Path
 import pytest
 
 import clipstudy.engine.train as train_mod
-from clipstudy.engine.config import ConfigError, make_config
 from clipstudy.__main__ import main as clipstudy_main
-from clipstudy.fileio import SWEEP_LOCK_NAME, cell_lock
+from clipstudy.engine.config import ConfigError, make_config
 from clipstudy.engine.fingerprint import fingerprint
-from clipstudy.study.sweep import main as sweep_main, plan_cells, run_sweep
+from clipstudy.fileio import SWEEP_LOCK_NAME, cell_lock
 from clipstudy.study.cells import cell_state, record_state, run_cell, summary_line
+from clipstudy.study.sweep import main as sweep_main
+from clipstudy.study.sweep import plan_cells, run_sweep
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"  # not the working directory's
 
 
 def test_plan_validates_every_cell_before_running(tmp_path):
-    cells = plan_cells("smoke", optimizers=["adamw", "adam-nol2"], losses=["clip", "sogclr"], seeds=[0, 1],
-                       lr={"adamw": 1e-3}, overrides={"data": str(tmp_path)}, runs_root=tmp_path)
+    cells = plan_cells(
+        "smoke",
+        optimizers=["adamw", "adam-nol2"],
+        losses=["clip", "sogclr"],
+        seeds=[0, 1],
+        lr={"adamw": 1e-3},
+        overrides={"data": str(tmp_path)},
+        runs_root=tmp_path,
+    )
     assert [c.name for c in cells][:3] == ["adamw-clip-s0", "adamw-clip-s1", "adamw-sogclr-s0"]
     assert len(cells) == 8
     nol2 = [c for c in cells if c.label == "adam-nol2"][0]
-    assert nol2.params["optimizer"] == "adam" and nol2.params["weight_decay"] == 0.0
-    assert cells[0].params["lr"] == 1e-3 and "lr" not in nol2.params
+    assert nol2.config.optimizer == "adam" and nol2.config.weight_decay == 0.0
+    assert cells[0].config.lr == 1e-3 and nol2.config.lr == make_config("smoke").lr
     with pytest.raises(ConfigError, match="loss"):
         plan_cells("smoke", losses=["nope"], overrides={"data": str(tmp_path)}, runs_root=tmp_path)
     with pytest.raises(ConfigError, match="epochs"):
@@ -34,8 +43,22 @@ def test_plan_validates_every_cell_before_running(tmp_path):
 
 
 def test_dry_run_lists_states(tmp_path, capsys, demo_data_dir):
-    code = clipstudy_main(["sweep", "--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(tmp_path),
-                       "--optimizers", "adamw", "--losses", "clip,vicreg", "--dry-run"])
+    code = clipstudy_main(
+        [
+            "sweep",
+            "--profile",
+            "smoke",
+            "--data",
+            str(demo_data_dir),
+            "--runs",
+            str(tmp_path),
+            "--optimizers",
+            "adamw",
+            "--losses",
+            "clip,vicreg",
+            "--dry-run",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "adamw-clip-s0" in out and "pending" in out and "2 cells" in out
     assert clipstudy_main(["sweep", "--profile", "smoke", "--losses", "bogus", "--dry-run"]) == 2
@@ -56,29 +79,57 @@ def write_cell_record(run, status=None, checkpoint=None, config=None, **metrics)
 def test_dry_run_lists_each_cells_state_and_runs_nothing(tmp_path, capsys, demo_data_dir):
     """Every state cell_state tells apart, as the dry run prints it; a live lock wins over any file."""
     runs = tmp_path / "runs"
-    planned = {cell.name: cell.config for cell in plan_cells(
-        "smoke", optimizers=["adamw", "sgd"], losses=["clip"], overrides={"data": str(demo_data_dir)},
-        runs_root=runs)}
-    planned.update({cell.name: cell.config for cell in plan_cells(
-        "smoke", optimizers=["adamw"], losses=["sogclr", "cyclip", "vicreg", "onlineclr", "isogclr", "siglip"],
-        overrides={"data": str(demo_data_dir)}, runs_root=runs)})
+    planned = {
+        cell.name: cell.config
+        for cell in plan_cells(
+            "smoke",
+            optimizers=["adamw", "sgd"],
+            losses=["clip"],
+            overrides={"data": str(demo_data_dir)},
+            runs_root=runs,
+        )
+    }
+    planned.update(
+        {
+            cell.name: cell.config
+            for cell in plan_cells(
+                "smoke",
+                optimizers=["adamw"],
+                losses=["sogclr", "cyclip", "vicreg", "onlineclr", "isogclr", "siglip"],
+                overrides={"data": str(demo_data_dir)},
+                runs_root=runs,
+            )
+        }
+    )
 
     def write_cell(run, *args, **kwargs):
         return write_cell_record(run, *args, config=planned[run.name], **kwargs)
 
     write_cell(runs / "adamw-clip-s0", "completed", average=12.345)
-    write_cell(runs / "adamw-sogclr-s0", "completed")              # a result without the average
+    write_cell(runs / "adamw-sogclr-s0", "completed")  # a result without the average
     write_cell(runs / "adamw-cyclip-s0", "diverged", diverged_at_step=7)
     write_cell(runs / "adamw-vicreg-s0", "failed", error="DataError: " + "x" * 200)
     write_cell(runs / "adamw-onlineclr-s0", checkpoint=12)
     write_cell(runs / "adamw-isogclr-s0", "completed", average=1.0)  # finished, yet a process holds its lock
-    write_cell(runs / "adamw-siglip-s0", checkpoint=3)              # held by a sweep
-    write_cell(runs / "sgd-clip-s0", "failed")                       # a failure record without its error
+    write_cell(runs / "adamw-siglip-s0", checkpoint=3)  # held by a sweep
+    write_cell(runs / "sgd-clip-s0", "failed")  # a failure record without its error
     before = sorted(p.relative_to(runs) for p in runs.rglob("*"))
     with cell_lock(runs / "adamw-isogclr-s0"), cell_lock(runs / "adamw-siglip-s0", SWEEP_LOCK_NAME):
-        code = sweep_main(["--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(runs),
-                           "--optimizers", "adamw,sgd", "--losses", "clip,sogclr,cyclip,vicreg,onlineclr,isogclr,siglip",
-                           "--dry-run"])
+        code = sweep_main(
+            [
+                "--profile",
+                "smoke",
+                "--data",
+                str(demo_data_dir),
+                "--runs",
+                str(runs),
+                "--optimizers",
+                "adamw,sgd",
+                "--losses",
+                "clip,sogclr,cyclip,vicreg,onlineclr,isogclr,siglip",
+                "--dry-run",
+            ]
+        )
     out = capsys.readouterr().out.splitlines()
     assert code == 0
     states = {line.split()[0]: line.split(None, 1)[1].strip() for line in out[:-1]}
@@ -99,9 +150,9 @@ def test_record_state_tells_stale_and_cut_runs_apart_and_needs_a_config_for_eith
     cut = {"average": 5.0, "truncated": True, "steps_completed": 4, "steps_total": 10}
     write_cell_record(tmp_path / "cut", "completed", config=asked, **cut)
     assert record_state(tmp_path / "cut", asked) == ("partial", "stopped at step 4 of 10; continues")
-    assert record_state(tmp_path / "cut", make_config("smoke", data=str(demo_data_dir), out=str(tmp_path / "x"),
-                                                      lr=2e-3, max_steps=4)) == ("done",
-                                                                                  "average 5.00, stopped at step 4 of 10")
+    assert record_state(
+        tmp_path / "cut", make_config("smoke", data=str(demo_data_dir), out=str(tmp_path / "x"), lr=2e-3, max_steps=4)
+    ) == ("done", "average 5.00, stopped at step 4 of 10")
     assert record_state(tmp_path / "cut") == ("done", "average 5.00, stopped at step 4 of 10")  # no config: as recorded
     other = make_config("smoke", data=str(demo_data_dir), out=str(tmp_path / "x"), lr=5e-2)
     write_cell_record(tmp_path / "finished", "completed", config=other, average=7.0)
@@ -118,8 +169,9 @@ def test_record_state_tells_stale_and_cut_runs_apart_and_needs_a_config_for_eith
 
 
 def test_a_cell_locked_by_another_sweep_is_skipped_not_trained(tmp_path, capsys, demo_data_dir):
-    (cell,) = plan_cells("smoke", optimizers=["adamw"], losses=["clip"],
-                         overrides={"data": str(demo_data_dir)}, runs_root=tmp_path)
+    (cell,) = plan_cells(
+        "smoke", optimizers=["adamw"], losses=["clip"], overrides={"data": str(demo_data_dir)}, runs_root=tmp_path
+    )
     cell.out.mkdir()
     with cell_lock(cell.out, SWEEP_LOCK_NAME):
         assert run_cell(cell) == {"status": "busy", "cell": cell.name, "sweep_wall_s": 0.0}
@@ -131,8 +183,10 @@ def test_a_cell_locked_by_another_sweep_is_skipped_not_trained(tmp_path, capsys,
 
 def test_sweep_skip_resume_and_continue_after_failure(tmp_path, demo_data_dir, monkeypatch, capsys):
     runs = tmp_path / "runs"
-    variants = {"broken": {"optimizer": "adamw", "retrieval_ann": str(tmp_path / "missing.json")},
-                "boom": {"optimizer": "sgd", "lr": 1e12, "warmup_steps": 0}}
+    variants = {
+        "broken": {"optimizer": "adamw", "retrieval_ann": str(tmp_path / "missing.json")},
+        "boom": {"optimizer": "sgd", "lr": 1e12, "warmup_steps": 0},
+    }
     common = dict(seeds=[0], overrides={"data": str(demo_data_dir), "threads": 1}, variants=variants, runs_root=runs)
     # An interrupted cell: SIGTERM mid-run leaves a checkpoint and no metrics.
     (partial,) = plan_cells("smoke", optimizers=["adamw"], losses=["sogclr"], **common)
@@ -148,8 +202,7 @@ def test_sweep_skip_resume_and_continue_after_failure(tmp_path, demo_data_dir, m
 
     monkeypatch.setattr(train_mod, "train_step", step_then_signal)
     with pytest.raises(KeyboardInterrupt):
-        train_mod.train(make_config("smoke", **{k: v for k, v in partial.params.items() if k != "profile"}),
-                        progress=False)
+        train_mod.train(partial.config, progress=False)
     monkeypatch.setattr(train_mod, "train_step", original)
     assert cell_state(partial.out)[0] == "partial"
 
@@ -179,10 +232,13 @@ def test_bad_papermill_parameter_type_fails_naming_it(tmp_path, demo_data_dir):
     import papermill
 
     with pytest.raises(papermill.PapermillExecutionError) as err:
-        papermill.execute_notebook(str(NOTEBOOKS / "train.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3",
-                                   progress_bar=False,
-                                   parameters={"profile": "smoke", "data": str(demo_data_dir),
-                                               "out": str(tmp_path / "run"), "seed": "zero"})
+        papermill.execute_notebook(
+            str(NOTEBOOKS / "train.ipynb"),
+            str(tmp_path / "out.ipynb"),
+            kernel_name="python3",
+            progress_bar=False,
+            parameters={"profile": "smoke", "data": str(demo_data_dir), "out": str(tmp_path / "run"), "seed": "zero"},
+        )
     assert "seed" in str(err.value) and "ConfigError" in str(err.value)
 
 
@@ -197,15 +253,32 @@ def test_a_dead_kernel_fails_its_cell_while_the_other_job_completes(tmp_path, de
     import clipstudy.study.sweep as sweep_mod
 
     notebook = nbformat.read(NOTEBOOKS / "train.ipynb", as_version=4)
-    dying = nbformat.v4.new_code_cell('import os, signal\nif loss == "vicreg":\n'
-                                      '    os.kill(os.getpid(), signal.SIGKILL)')
+    dying = nbformat.v4.new_code_cell(
+        'import os, signal\nif loss == "vicreg":\n    os.kill(os.getpid(), signal.SIGKILL)'
+    )
     notebook.cells.insert(3, dying)  # after the configuration, before train()
     nbformat.write(notebook, tmp_path / "train.ipynb")
     monkeypatch.setattr(sweep_mod.paths, "notebook", lambda name: tmp_path / "train.ipynb")
     monkeypatch.setattr(sweep_mod.os, "cpu_count", lambda: 2)
     runs = tmp_path / "runs"
-    code = sweep_main(["--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(runs),
-                       "--optimizers", "adamw", "--losses", "vicreg,clip", "--jobs", "2", "--set", "epochs=1"])
+    code = sweep_main(
+        [
+            "--profile",
+            "smoke",
+            "--data",
+            str(demo_data_dir),
+            "--runs",
+            str(runs),
+            "--optimizers",
+            "adamw",
+            "--losses",
+            "vicreg,clip",
+            "--jobs",
+            "2",
+            "--set",
+            "epochs=1",
+        ]
+    )
     out = capsys.readouterr().out
     # the sweep went on, and exits 1 after its summary because a cell failed
     assert code == 1 and "sweep finished in" in out and "1 completed, 1 failed" in out, out
@@ -216,7 +289,9 @@ def test_a_dead_kernel_fails_its_cell_while_the_other_job_completes(tmp_path, de
     done = json.loads((runs / "adamw-clip-s0" / "metrics.json").read_text())
     executed = (runs / "adamw-clip-s0" / "train.ipynb").read_text()
     assert '\\"threads\\": 1' in executed or "'threads': 1" in executed  # jobs 2 on 2 cores: a thread each
-    reference = train_mod.train(make_config("smoke", data=str(demo_data_dir), out=str(tmp_path / "ref"),
-                                            loss="clip", epochs=1, threads=1), progress=False)
+    reference = train_mod.train(
+        make_config("smoke", data=str(demo_data_dir), out=str(tmp_path / "ref"), loss="clip", epochs=1, threads=1),
+        progress=False,
+    )
     skip = {"wall_time_s", "train_samples_per_s", "peak_memory_mb", "git_commit", "eval_time"}
     assert {k: v for k, v in done.items() if k not in skip} == {k: v for k, v in reference.items() if k not in skip}

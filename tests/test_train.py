@@ -1,4 +1,5 @@
 """The training engine on the smoke profile: outputs, determinism, divergence, DDP (resume: test_resume.py)."""
+
 import json
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def test_run_directory_schema(demo_data_dir, tmp_path):
 def test_same_seed_same_numbers_different_seed_differs(demo_data_dir, tmp_path):
     a = train(smoke(demo_data_dir, tmp_path / "a", epochs=1), progress=False)
     b = train(smoke(demo_data_dir, tmp_path / "b", epochs=1), progress=False)
-    c = train(smoke(demo_data_dir, tmp_path / "c", epochs=1, seed=5), progress=False)
+    train(smoke(demo_data_dir, tmp_path / "c", epochs=1, seed=5), progress=False)
     la = pd.read_csv(tmp_path / "a" / "history.csv")["loss"]
     assert la.tolist() == pd.read_csv(tmp_path / "b" / "history.csv")["loss"].tolist()
     assert la.tolist() != pd.read_csv(tmp_path / "c" / "history.csv")["loss"].tolist()
@@ -68,13 +69,16 @@ def test_same_seed_same_numbers_different_seed_differs(demo_data_dir, tmp_path):
 
 
 def test_exploding_learning_rate_ends_as_diverged(demo_data_dir, tmp_path):
-    metrics = train(smoke(demo_data_dir, tmp_path / "boom", loss="vicreg", optimizer="sgd", lr=1e12,
-                          warmup_steps=0), progress=False)
+    metrics = train(
+        smoke(demo_data_dir, tmp_path / "boom", loss="vicreg", optimizer="sgd", lr=1e12, warmup_steps=0), progress=False
+    )
     assert metrics["status"] == "diverged"
     assert metrics["diverged_at_step"] >= 1
     saved = json.loads((tmp_path / "boom" / "metrics.json").read_text())
     assert saved["status"] == "diverged" and saved["diverged_at_step"] == metrics["diverged_at_step"]
-    history = pd.read_csv(tmp_path / "boom" / "history.csv") if (tmp_path / "boom" / "history.csv").stat().st_size else None
+    history = (
+        pd.read_csv(tmp_path / "boom" / "history.csv") if (tmp_path / "boom" / "history.csv").stat().st_size else None
+    )
     if history is not None:  # every logged loss is finite: the guard stopped before training on NaN
         assert history["loss"].map(lambda v: v == v and abs(v) != float("inf")).all()
 
@@ -87,14 +91,47 @@ def test_batch_larger_than_data_fails_fast(demo_data_dir, tmp_path):
 
 
 def test_two_process_ddp_matches_one_process(demo_data_dir, tmp_path):
-    common = ["--profile", "smoke", "--data", str(demo_data_dir), "--loss", "sogclr", "--epochs", "1",
-              "--small_resnet_norm", "group", "--threads", "1", "--no-progress"]
-    one = subprocess.run([sys.executable, "-m", "clipstudy", "train", *common, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, timeout=300)
+    common = [
+        "--profile",
+        "smoke",
+        "--data",
+        str(demo_data_dir),
+        "--loss",
+        "sogclr",
+        "--epochs",
+        "1",
+        "--small_resnet_norm",
+        "group",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", "clipstudy", "train", *common, "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "clipstudy", "train", *common, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "clipstudy",
+            "train",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "metrics.json").read_text())
     b = json.loads((tmp_path / "two" / "metrics.json").read_text())
@@ -115,6 +152,8 @@ def test_decoded_image_cache_changes_no_number(demo_data_dir, tmp_path):
     cached = train(smoke(demo_data_dir, tmp_path / "cached", epochs=2, cache_images=True), progress=False)
     disk = train(smoke(demo_data_dir, tmp_path / "disk", epochs=2, cache_images=False), progress=False)
     assert comparable(cached) == comparable(disk)
-    assert pd.read_csv(tmp_path / "cached" / "history.csv")["loss"].tolist() == \
-        pd.read_csv(tmp_path / "disk" / "history.csv")["loss"].tolist()
+    assert (
+        pd.read_csv(tmp_path / "cached" / "history.csv")["loss"].tolist()
+        == pd.read_csv(tmp_path / "disk" / "history.csv")["loss"].tolist()
+    )
     assert_same_state(final_weights(tmp_path / "cached"), final_weights(tmp_path / "disk"))

@@ -24,6 +24,7 @@ times the gradient, but not from Adam or AdamW, which divide by a running
 gradient scale. The first row's figures come from the forward pass of
 step 1, i.e. from the initial weights.
 """
+
 from __future__ import annotations
 
 import math
@@ -102,8 +103,8 @@ def step_diagnostics(run) -> dict[str, float]:
     figures = _embedding_figures(*run.last_embeddings) if run.last_embeddings is not None else {}
     tensors = [value for value in figures.values() if isinstance(value, torch.Tensor)]
     host = torch.stack(squares + tensors).tolist() if squares or tensors else []
-    out = {"weight_norm": math.sqrt(sum(host[:len(squares)])) if squares else 0.0}
-    copied = iter(host[len(squares):])
+    out = {"weight_norm": math.sqrt(sum(host[: len(squares)])) if squares else 0.0}
+    copied = iter(host[len(squares) :])
     out.update({name: next(copied) if isinstance(value, torch.Tensor) else value for name, value in figures.items()})
     return out
 

@@ -36,6 +36,7 @@ All ranks must pass tensors of the same shape (equal per-rank batches, as a
 ``torch.distributed`` is not initialised, or has one process, every function
 here is a no-op.
 """
+
 from __future__ import annotations
 
 import torch
@@ -74,7 +75,7 @@ class _GatherWithGrad(torch.autograd.Function):
         # all_reduce works on every backend (gloo has no reduce_scatter); the tensors are small.
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = dist.get_rank() * ctx.rows
-        return grad[start:start + ctx.rows]
+        return grad[start : start + ctx.rows]
 
 
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:

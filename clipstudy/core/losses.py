@@ -38,8 +38,10 @@ from here.
 The definitions follow the study's protocol (``docs/protocol.md``) and the official code
 of each method; each class says where it departs from that code and why.
 """
+
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -47,12 +49,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipstudy.core.losses_base import LOSSES, PairLoss, _check, _non_negative, _normalize, register_loss
+
 # the stateful losses live in their own module; importing them here registers them and keeps
 # ``from clipstudy.core.losses import SogClrLoss`` working
 from clipstudy.core.losses_global import ISogClrLoss, OnlineClrLoss, SogClrLoss
 
-__all__ = ["LOSSES", "register_loss", "available_losses", "make_loss", "PairLoss", "ClipLoss", "SogClrLoss",
-           "ISogClrLoss", "CyClipLoss", "VicRegLoss", "OnlineClrLoss", "SigLipLoss"]
+__all__ = [
+    "LOSSES",
+    "register_loss",
+    "available_losses",
+    "make_loss",
+    "PairLoss",
+    "ClipLoss",
+    "SogClrLoss",
+    "ISogClrLoss",
+    "CyClipLoss",
+    "VicRegLoss",
+    "OnlineClrLoss",
+    "SigLipLoss",
+]
 
 
 def available_losses() -> list[str]:
@@ -60,7 +75,32 @@ def available_losses() -> list[str]:
     return sorted(LOSSES)
 
 
-def make_loss(name: str, *, temperature: float = 0.01, num_samples: int | None = None, **params) -> "PairLoss":
+def losses_in_order() -> list[str]:
+    """Every registered loss in its table order (the original study's first)."""
+    return sorted(LOSSES, key=lambda name: (LOSSES[name].order, name))
+
+
+def default_grid_losses() -> list[str]:
+    """The losses ``sweep`` runs unless told otherwise, in table order."""
+    return [name for name in losses_in_order() if LOSSES[name].in_default_grid]
+
+
+def loss_help(name: str, width: int = 90) -> str:
+    """The first paragraph of the loss's docstring, on one line of at most ``width`` characters."""
+    paragraph = " ".join((inspect.getdoc(LOSSES[name]) or name).split("\n\n")[0].split())
+    return paragraph if len(paragraph) <= width else paragraph[: width - 3].rstrip() + "..."
+
+
+def check_loss_params(name: str, *, temperature: float, params: dict) -> None:
+    """Raise ValueError (naming the parameter) unless ``params`` are what loss ``name`` accepts.
+
+    Called at start-up, before any data is read; builds the loss once for a
+    one-sample set, which checks every parameter the constructor checks.
+    """
+    make_loss(name, temperature=temperature, num_samples=1, **params)
+
+
+def make_loss(name: str, *, temperature: float = 0.01, num_samples: int | None = None, **params) -> PairLoss:
     """Build the loss registered as ``name``.
 
     Args:
@@ -77,13 +117,15 @@ def make_loss(name: str, *, temperature: float = 0.01, num_samples: int | None =
     accepted = cls.parameter_names()
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise ValueError(f"loss {name!r} has no parameter {', '.join(map(repr, unknown))}; "
-                         f"its parameters are {accepted or 'none besides temperature'}")
+        raise ValueError(
+            f"loss {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+            f"its parameters are {accepted or 'none besides temperature'}"
+        )
     return cls(temperature=temperature, num_samples=num_samples, **params)
 
 
 # ------------------------------------------------------------------- CLIP
-@register_loss("clip")
+@register_loss("clip", display_name="CLIP", order=0, in_default_grid=True)
 class ClipLoss(PairLoss):
     """CLIP (Radford et al., 2021): mean of the image->text and text->image
     cross-entropies of ``s / tau`` with the matching pair as the target.
@@ -99,7 +141,7 @@ class ClipLoss(PairLoss):
 
 
 # ----------------------------------------------------------------- CyCLIP
-@register_loss("cyclip")
+@register_loss("cyclip", display_name="CyCLIP", order=2, in_default_grid=True)
 class CyClipLoss(PairLoss):
     """CyCLIP (Goel et al., NeurIPS 2022): the CLIP loss plus two cycle-consistency terms,
 
@@ -115,8 +157,13 @@ class CyClipLoss(PairLoss):
         lambda_crossmodal: weight of the cross-modal term (default 0.25).
     """
 
-    def __init__(self, temperature: float = 0.01, num_samples: int | None = None, lambda_inmodal: float = 0.25,
-                 lambda_crossmodal: float = 0.25):
+    def __init__(
+        self,
+        temperature: float = 0.01,
+        num_samples: int | None = None,
+        lambda_inmodal: float = 0.25,
+        lambda_crossmodal: float = 0.25,
+    ):
         super().__init__(temperature, num_samples)
         self.lambda_inmodal = _non_negative("lambda_inmodal", lambda_inmodal)
         self.lambda_crossmodal = _non_negative("lambda_crossmodal", lambda_crossmodal)
@@ -134,7 +181,7 @@ class CyClipLoss(PairLoss):
 
 
 # ----------------------------------------------------------------- VICReg
-@register_loss("vicreg")
+@register_loss("vicreg", display_name="VICReg", order=3, in_default_grid=True)
 class VicRegLoss(PairLoss):
     """VICReg (Bardes et al., ICLR 2022) across modalities, on the unnormalised embeddings x (image), y (text):
 
@@ -153,8 +200,14 @@ class VicRegLoss(PairLoss):
 
     min_batch = 2  # the variance needs two rows
 
-    def __init__(self, temperature: float = 0.01, num_samples: int | None = None, sim_coeff: float = 25.0,
-                 std_coeff: float = 25.0, cov_coeff: float = 1.0):
+    def __init__(
+        self,
+        temperature: float = 0.01,
+        num_samples: int | None = None,
+        sim_coeff: float = 25.0,
+        std_coeff: float = 25.0,
+        cov_coeff: float = 1.0,
+    ):
         super().__init__(temperature, num_samples)
         self.sim_coeff = _non_negative("sim_coeff", sim_coeff)
         self.std_coeff = _non_negative("std_coeff", std_coeff)
@@ -176,7 +229,7 @@ class VicRegLoss(PairLoss):
 
 
 # ----------------------------------------------------------------- SigLIP
-@register_loss("siglip")
+@register_loss("siglip", display_name="SigLIP", order=6)
 class SigLipLoss(PairLoss):
     """SigLIP (Zhai et al., ICCV 2023), as open_clip's ``SigLipLoss``: with
     logits ``exp(t) * u_i.v_j + b`` and labels +1 for matching pairs, -1 otherwise,
@@ -191,8 +244,13 @@ class SigLipLoss(PairLoss):
         init_logit_bias: initial b (default -10).
     """
 
-    def __init__(self, temperature: float = 0.01, num_samples: int | None = None,
-                 init_logit_scale: float = math.log(10.0), init_logit_bias: float = -10.0):
+    def __init__(
+        self,
+        temperature: float = 0.01,
+        num_samples: int | None = None,
+        init_logit_scale: float = math.log(10.0),
+        init_logit_bias: float = -10.0,
+    ):
         super().__init__(temperature, num_samples)
         for name, value in (("init_logit_scale", init_logit_scale), ("init_logit_bias", init_logit_bias)):
             _check(name, value, isinstance(value, (int, float)) and math.isfinite(value), "must be a finite number")

@@ -5,6 +5,7 @@ sample for SogCLR and iSogCLR, two scalars for OnlineCLR), all updated by the
 one shifted moving average below. They register with the registry of
 :mod:`clipstudy.core.losses_base`; build them with :func:`clipstudy.core.losses.make_loss`.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,14 @@ __all__ = ["SogClrLoss", "ISogClrLoss", "OnlineClrLoss"]
 
 
 @torch.no_grad()
-def _shifted_moving_average(u_old: torch.Tensor, b_old: torch.Tensor, x: torch.Tensor, gamma: float,
-                            scale: float, first_visit: torch.Tensor | None = None):
+def _shifted_moving_average(
+    u_old: torch.Tensor,
+    b_old: torch.Tensor,
+    x: torch.Tensor,
+    gamma: float,
+    scale: float,
+    first_visit: torch.Tensor | None = None,
+):
     """One step of ``U <- (1 - gamma) U + gamma * scale * sum_j exp(x_j)`` (sum over the last dim).
 
     ``U`` is stored as ``u * exp(b)``, with the shift ``b`` chosen as the larger of
@@ -48,7 +55,7 @@ def _shifted_moving_average(u_old: torch.Tensor, b_old: torch.Tensor, x: torch.T
 
 
 # ----------------------------------------------------------------- SogCLR
-@register_loss("sogclr")
+@register_loss("sogclr", display_name="SogCLR", order=1, in_default_grid=True)
 class SogClrLoss(PairLoss):
     """SogCLR (Yuan et al., ICML 2022): stochastic optimisation of the global
     contrastive loss
@@ -96,8 +103,9 @@ class SogClrLoss(PairLoss):
     #: the code base's stabiliser in the original estimator
     ORIGINAL_EPS = 1e-8
 
-    def __init__(self, temperature: float = 0.01, num_samples: int | None = None, gamma: float = 0.8,
-                 estimator: str = "exact"):
+    def __init__(
+        self, temperature: float = 0.01, num_samples: int | None = None, gamma: float = 0.8, estimator: str = "exact"
+    ):
         super().__init__(temperature, num_samples)
         self.gamma = _rate("gamma", gamma)
         _check("estimator", estimator, estimator in self.ESTIMATORS, f"choose one of {self.ESTIMATORS}")
@@ -133,8 +141,9 @@ class SogClrLoss(PairLoss):
             if self.estimator == "original":
                 u_new, b_new, exps, denominator = self._original_average(u_old, b_old, x)
             else:
-                u_new, b_new, exps = _shifted_moving_average(u_old, b_old, x, self.gamma, 1.0 / (batch - 1),
-                                                             first_visit=u_old <= 0)
+                u_new, b_new, exps = _shifted_moving_average(
+                    u_old, b_old, x, self.gamma, 1.0 / (batch - 1), first_visit=u_old <= 0
+                )
                 denominator = u_new
             weights = exps / denominator.unsqueeze(1)  # exp(x_ij) / U_i, 0 on the diagonal
             u_buf[index] = u_new.to(u_buf.dtype)
@@ -160,7 +169,7 @@ class SogClrLoss(PairLoss):
 
 
 # ---------------------------------------------------------------- iSogCLR
-@register_loss("isogclr")
+@register_loss("isogclr", display_name="iSogCLR", order=5)
 class ISogClrLoss(SogClrLoss):
     """iSogCLR (Qiu et al., ICML 2023): SogCLR with an individual temperature
     per image and per text, learned by the distributionally robust objective
@@ -208,16 +217,29 @@ class ISogClrLoss(SogClrLoss):
         tau_grad_clip: clip of the temperature gradient (default 5.0).
     """
 
-    def __init__(self, temperature: float = 0.01, num_samples: int | None = None, gamma: float = 0.8,
-                 rho: float = 8.0, tau_min: float = 0.005, tau_max: float = 0.05, tau_lr: float = 1e-5,
-                 tau_beta: float = 0.5, tau_grad_clip: float = 5.0):
+    def __init__(
+        self,
+        temperature: float = 0.01,
+        num_samples: int | None = None,
+        gamma: float = 0.8,
+        rho: float = 8.0,
+        tau_min: float = 0.005,
+        tau_max: float = 0.05,
+        tau_lr: float = 1e-5,
+        tau_beta: float = 0.5,
+        tau_grad_clip: float = 5.0,
+    ):
         super().__init__(temperature, num_samples, gamma)
         self.rho = _non_negative("rho", rho)
         self.tau_min = _positive("tau_min", tau_min)
         self.tau_max = _positive("tau_max", tau_max)
         _check("tau_max", tau_max, tau_max >= tau_min, f"must be >= tau_min={tau_min}")
-        _check("temperature", temperature, tau_min <= temperature <= tau_max,
-               f"the initial temperature must lie in [tau_min, tau_max] = [{tau_min}, {tau_max}]")
+        _check(
+            "temperature",
+            temperature,
+            tau_min <= temperature <= tau_max,
+            f"the initial temperature must lie in [tau_min, tau_max] = [{tau_min}, {tau_max}]",
+        )
         self.tau_lr = _non_negative("tau_lr", tau_lr)
         self.tau_beta = _rate("tau_beta", tau_beta)
         self.tau_grad_clip = _positive("tau_grad_clip", tau_grad_clip)
@@ -260,7 +282,7 @@ class ISogClrLoss(SogClrLoss):
 
 
 # -------------------------------------------------------------- OnlineCLR
-@register_loss("onlineclr")
+@register_loss("onlineclr", display_name="OnlineCLR", order=4, in_default_grid=True)
 class OnlineClrLoss(PairLoss):
     """OnlineCLR, the study code base's variant: separate temperatures for
     positives (``pos_temperature_scale * tau``) and negatives (tau), and two
@@ -288,8 +310,13 @@ class OnlineClrLoss(PairLoss):
     stateful = True
     min_batch = 2  # negatives are needed
 
-    def __init__(self, temperature: float = 0.01, num_samples: int | None = None, gamma: float = 0.5,
-                 pos_temperature_scale: float = 10.0):
+    def __init__(
+        self,
+        temperature: float = 0.01,
+        num_samples: int | None = None,
+        gamma: float = 0.5,
+        pos_temperature_scale: float = 10.0,
+    ):
         super().__init__(temperature, num_samples)
         self.gamma = _rate("gamma", gamma)
         self.pos_temperature = self.temperature * _positive("pos_temperature_scale", pos_temperature_scale)
@@ -303,10 +330,12 @@ class OnlineClrLoss(PairLoss):
         with torch.no_grad():
             x_neg = (sim / self.temperature).masked_fill(positive, -math.inf).flatten()
             x_pos = -diagonal / self.pos_temperature
-            u_neg, b_neg, exp_neg = _shifted_moving_average(self.u_neg.to(sim.dtype), self.b_neg.to(sim.dtype),
-                                                            x_neg, self.gamma, 2.0)
-            u_pos, b_pos, exp_pos = _shifted_moving_average(self.u_pos.to(sim.dtype), self.b_pos.to(sim.dtype),
-                                                            x_pos, self.gamma, 2.0)
+            u_neg, b_neg, exp_neg = _shifted_moving_average(
+                self.u_neg.to(sim.dtype), self.b_neg.to(sim.dtype), x_neg, self.gamma, 2.0
+            )
+            u_pos, b_pos, exp_pos = _shifted_moving_average(
+                self.u_pos.to(sim.dtype), self.b_pos.to(sim.dtype), x_pos, self.gamma, 2.0
+            )
             weights_neg = (exp_neg / u_neg).view_as(sim)
             weights_pos = exp_pos / u_pos
             for name, value in (("u_neg", u_neg), ("b_neg", b_neg), ("u_pos", u_pos), ("b_pos", b_pos)):

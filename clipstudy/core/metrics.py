@@ -18,6 +18,7 @@ base ranked by ``argsort`` order instead, which lets ties fall either way.
 :mod:`clipstudy.engine.evaluate` computes the embeddings with a model and re-exports
 these functions.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,13 +41,16 @@ _CUDA_CHUNK_ELEMENTS = 1 << 26
 # Metrics on a similarity matrix
 # --------------------------------------------------------------------------
 
+
 def _as_index_tensor(values, name: str, device: torch.device) -> Tensor:
     index = torch.as_tensor(values, device=device)
     if index.numel() == 0:
         return index.long()  # an empty list arrives as float32
     if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integer indices, got dtype {index.dtype}; "
-                         f"pass e.g. torch.tensor({name}, dtype=torch.long)")
+        raise ValueError(
+            f"{name} must hold integer indices, got dtype {index.dtype}; "
+            f"pass e.g. torch.tensor({name}, dtype=torch.long)"
+        )
     return index.long()
 
 
@@ -67,8 +71,7 @@ def _recalls(ranks: Tensor, prefix: str) -> dict[str, float]:
     return out
 
 
-def retrieval_ranks(similarity: Tensor, txt2img, *, chunk_size: int | None = None
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+def retrieval_ranks(similarity: Tensor, txt2img, *, chunk_size: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """1-based ranks of the correct items for both retrieval directions.
 
     Args:
@@ -100,12 +103,14 @@ def retrieval_ranks(similarity: Tensor, txt2img, *, chunk_size: int | None = Non
         raise ValueError(f"similarity must have at least one image and one text, got shape {tuple(sim.shape)}")
     t2i = _as_index_tensor(txt2img, "txt2img", sim.device)
     if t2i.shape != (n_texts,):
-        raise ValueError(f"txt2img must have one entry per text (similarity has {n_texts} columns), "
-                         f"got shape {tuple(t2i.shape)}")
+        raise ValueError(
+            f"txt2img must have one entry per text (similarity has {n_texts} columns), got shape {tuple(t2i.shape)}"
+        )
     lo, hi = int(t2i.min()), int(t2i.max())
     if lo < 0 or hi >= n_images:
-        raise ValueError(f"txt2img values must lie in [0, {n_images}) (similarity has {n_images} rows), "
-                         f"got range [{lo}, {hi}]")
+        raise ValueError(
+            f"txt2img values must lie in [0, {n_images}) (similarity has {n_images} rows), got range [{lo}, {hi}]"
+        )
 
     device = sim.device
     text_index = torch.arange(n_texts, device=device)
@@ -212,16 +217,16 @@ def chance_levels(txt2img, n_images: int, n_classes: int | None = None) -> dict[
     if n_texts == 0:
         raise ValueError("txt2img is empty; chance levels need at least one text")
     if int(t2i.min()) < 0 or int(t2i.max()) >= n_images:
-        raise ValueError(f"txt2img values must lie in [0, {n_images}), got range "
-                         f"[{int(t2i.min())}, {int(t2i.max())}]")
+        raise ValueError(f"txt2img values must lie in [0, {n_images}), got range [{int(t2i.min())}, {int(t2i.max())}]")
     captions_per_image = torch.bincount(t2i, minlength=n_images)
     captioned = captions_per_image[captions_per_image > 0]
     # Images sharing a caption count share a probability: one term per distinct count.
     counts, multiplicity = torch.unique(captioned, return_counts=True)
     out = {}
     for k in RECALL_KS:
-        hit = sum(m * (1.0 - _no_correct_in_top(int(c), n_texts, k))
-                  for c, m in zip(counts.tolist(), multiplicity.tolist()))
+        hit = sum(
+            m * (1.0 - _no_correct_in_top(int(c), n_texts, k)) for c, m in zip(counts.tolist(), multiplicity.tolist())
+        )
         out[f"txt_r{k}"] = 100.0 * hit / captioned.numel()
     for k in RECALL_KS:
         out[f"img_r{k}"] = 100.0 * min(k, n_images) / n_images
@@ -233,8 +238,9 @@ def chance_levels(txt2img, n_images: int, n_classes: int | None = None) -> dict[
     return out
 
 
-def zeroshot_metrics(image_features: Tensor, labels, classifier: Tensor, *,
-                     chunk_size: int | None = None) -> dict[str, float]:
+def zeroshot_metrics(
+    image_features: Tensor, labels, classifier: Tensor, *, chunk_size: int | None = None
+) -> dict[str, float]:
     """Top-1 and top-5 accuracy (percent) of ``image_features @ classifier``.
 
     Args:
@@ -250,8 +256,10 @@ def zeroshot_metrics(image_features: Tensor, labels, classifier: Tensor, *,
     feats = torch.as_tensor(image_features)
     weights = torch.as_tensor(classifier).to(feats.device)
     if feats.dim() != 2 or weights.dim() != 2 or feats.shape[1] != weights.shape[0]:
-        raise ValueError(f"image_features [N, D] and classifier [D, n_classes] must agree on D; "
-                         f"got {tuple(feats.shape)} and {tuple(weights.shape)}")
+        raise ValueError(
+            f"image_features [N, D] and classifier [D, n_classes] must agree on D; "
+            f"got {tuple(feats.shape)} and {tuple(weights.shape)}"
+        )
     n_images, n_classes = feats.shape[0], weights.shape[1]
     if n_images == 0:
         raise ValueError("image_features is empty")
@@ -259,14 +267,16 @@ def zeroshot_metrics(image_features: Tensor, labels, classifier: Tensor, *,
     if target.numel() != n_images:
         raise ValueError(f"labels has {target.numel()} entries for {n_images} images")
     if int(target.min()) < 0 or int(target.max()) >= n_classes:
-        raise ValueError(f"labels must lie in [0, {n_classes}) (classifier has {n_classes} columns), "
-                         f"got range [{int(target.min())}, {int(target.max())}]")
+        raise ValueError(
+            f"labels must lie in [0, {n_classes}) (classifier has {n_classes} columns), "
+            f"got range [{int(target.min())}, {int(target.max())}]"
+        )
     rows = _rows_per_chunk(chunk_size, n_images, n_classes, feats.device)
     ranks = torch.empty(n_images, dtype=torch.long, device=feats.device)
     weights = weights.float()
     for start in range(0, n_images, rows):
-        logits = feats[start:start + rows].float() @ weights
-        true_logit = logits.gather(1, target[start:start + rows, None])
+        logits = feats[start : start + rows].float() @ weights
+        true_logit = logits.gather(1, target[start : start + rows, None])
         # Counting "<" keeps the true class itself (the "1 +") and counts NaN as ">=".
-        ranks[start:start + rows] = n_classes - (logits < true_logit).sum(dim=1)
+        ranks[start : start + rows] = n_classes - (logits < true_logit).sum(dim=1)
     return {f"top{k}": 100.0 * (ranks <= min(k, n_classes)).double().mean().item() for k in ZEROSHOT_KS}

@@ -26,6 +26,7 @@ fetch-weights`` fills those caches on a machine with internet; the variables
 the chosen ResNet-50 weights) and ``CLIPSTUDY_DISTILBERT`` (a
 ``save_pretrained`` folder) point to local copies.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,14 +34,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.models import ResNet50_Weights, resnet50
+from torchvision.models.resnet import BasicBlock
 
 from clipstudy.errors import StartupError
 from clipstudy.paths import DISTILBERT_ENV, RESNET50_ENV
-from torchvision.models import resnet50, ResNet50_Weights
-from torchvision.models.resnet import BasicBlock
 
 DISTILBERT_NAME = "distilbert-base-uncased"
-TIMM_RESNET50 = "resnet50.a1_in1k"            # timm's default `resnet50` weights in the code base's era
+TIMM_RESNET50 = "resnet50.a1_in1k"  # timm's default `resnet50` weights in the code base's era
 TIMM_RESNET50_REPO = f"timm/{TIMM_RESNET50}"  # where timm keeps them on the Hugging Face hub
 IMAGE_WEIGHTS = ("timm-a1", "torchvision")
 
@@ -91,8 +92,9 @@ class SmallResNet(nn.Module):
                 down = None
                 if b == 0 and (stride != 1 or in_ch != width):
                     down = nn.Sequential(nn.Conv2d(in_ch, width, 1, stride=stride, bias=False), make_norm(width))
-                layers.append(BasicBlock(in_ch, width, stride=stride if b == 0 else 1, downsample=down,
-                                         norm_layer=make_norm))
+                layers.append(
+                    BasicBlock(in_ch, width, stride=stride if b == 0 else 1, downsample=down, norm_layer=make_norm)
+                )
                 in_ch = width
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
@@ -216,17 +218,34 @@ def pretrained_tokenizer():
     try:
         return AutoTokenizer.from_pretrained(distilbert_location(), local_files_only=True)
     except OSError as err:
-        raise WeightsUnavailable(f"DistilBERT tokenizer ({distilbert_location()})\n"
-                                 + _fetch_hint("The DistilBERT tokenizer")) from err
+        raise WeightsUnavailable(
+            f"DistilBERT tokenizer ({distilbert_location()})\n" + _fetch_hint("The DistilBERT tokenizer")
+        ) from err
 
 
-def small_distilbert(vocab_size: int, *, dim: int = 128, n_layers: int = 2, n_heads: int = 4,
-                     hidden_dim: int = 256, max_position_embeddings: int = 64, pad_token_id: int = 0):
+def small_distilbert(
+    vocab_size: int,
+    *,
+    dim: int = 128,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    hidden_dim: int = 256,
+    max_position_embeddings: int = 64,
+    pad_token_id: int = 0,
+):
     from transformers import DistilBertConfig, DistilBertModel
 
-    config = DistilBertConfig(vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads,
-                              hidden_dim=hidden_dim, max_position_embeddings=max_position_embeddings,
-                              pad_token_id=pad_token_id, dropout=0.0, attention_dropout=0.0)
+    config = DistilBertConfig(
+        vocab_size=vocab_size,
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        hidden_dim=hidden_dim,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=pad_token_id,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     return DistilBertModel(config)
 
 
@@ -236,8 +255,10 @@ def local_tokenizer(path: str | os.PathLike):
 
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        raise FileNotFoundError(f"no tokenizer in {path}: expected a Hugging Face tokenizer folder "
-                                "(run `python -m clipstudy make-demo-data --out DIR`, which writes DIR/tokenizer)")
+        raise FileNotFoundError(
+            f"no tokenizer in {path}: expected a Hugging Face tokenizer folder "
+            "(run `python -m clipstudy make-demo-data --out DIR`, which writes DIR/tokenizer)"
+        )
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
@@ -267,11 +288,22 @@ IMAGE_ENCODERS = ("resnet50", "small_resnet")
 TEXT_ENCODERS = ("distilbert", "small_distilbert")
 
 
-def build_model(*, image_encoder: str = "resnet50", text_encoder: str = "distilbert",
-                embed_dim: int = 256, tokenizer_path: str | None = None, pretrained: bool = True,
-                image_weights: str = "torchvision",
-                small_resnet_widths=(32, 64, 128), small_resnet_blocks=(1, 1, 1), small_resnet_norm="batch",
-                text_dim: int = 128, text_layers: int = 2, max_length: int = 30, text_pooling: str = "first"):
+def build_model(
+    *,
+    image_encoder: str = "resnet50",
+    text_encoder: str = "distilbert",
+    embed_dim: int = 256,
+    tokenizer_path: str | None = None,
+    pretrained: bool = True,
+    image_weights: str = "torchvision",
+    small_resnet_widths=(32, 64, 128),
+    small_resnet_blocks=(1, 1, 1),
+    small_resnet_norm="batch",
+    text_dim: int = 128,
+    text_layers: int = 2,
+    max_length: int = 30,
+    text_pooling: str = "first",
+):
     """Build ``(model, tokenizer)``.
 
     ``resnet50`` / ``distilbert`` are the paper towers (pretrained unless
@@ -294,14 +326,19 @@ def build_model(*, image_encoder: str = "resnet50", text_encoder: str = "distilb
             transformer = pretrained_distilbert()
         else:
             from transformers import DistilBertConfig, DistilBertModel
+
             transformer = DistilBertModel(DistilBertConfig(vocab_size=len(tokenizer)))
     elif text_encoder == "small_distilbert":
         if not tokenizer_path:
             raise ValueError("text_encoder='small_distilbert' needs tokenizer_path (the demo set's tokenizer folder)")
         tokenizer = local_tokenizer(tokenizer_path)
-        transformer = small_distilbert(len(tokenizer), dim=text_dim, n_layers=text_layers,
-                                       max_position_embeddings=max(64, max_length),
-                                       pad_token_id=tokenizer.pad_token_id or 0)
+        transformer = small_distilbert(
+            len(tokenizer),
+            dim=text_dim,
+            n_layers=text_layers,
+            max_position_embeddings=max(64, max_length),
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
     else:
         raise ValueError(f"text_encoder={text_encoder!r}; choose one of {TEXT_ENCODERS}")
     return DualEncoder(image_tower, TextTower(transformer, text_pooling), embed_dim), tokenizer
@@ -309,28 +346,36 @@ def build_model(*, image_encoder: str = "resnet50", text_encoder: str = "distilb
 
 # --------------------------------------------------------------- fetch-weights
 def weights_needed(config) -> dict:
-    """What a :class:`~clipstudy.engine.config.RunConfig` loads: ``{"resnet50": weights or None, "distilbert": bool}``."""
-    return {"resnet50": config.image_weights if config.image_encoder == "resnet50" and config.pretrained else None,
-            "distilbert": config.text_encoder == "distilbert" and config.pretrained}
+    """What a run configuration loads: ``{"resnet50": weights or None, "distilbert": bool}``."""
+    return {
+        "resnet50": config.image_weights if config.image_encoder == "resnet50" and config.pretrained else None,
+        "distilbert": config.text_encoder == "distilbert" and config.pretrained,
+    }
 
 
 def require_weights(config) -> None:
     """Raise :class:`WeightsUnavailable` (naming the field and the fix) when ``config`` loads
     pretrained weights that are not in the local caches; loads nothing."""
     needed = weights_needed(config)
-    fix = (f"run `python -m clipstudy fetch-weights --profile {config.profile}` on a machine with internet "
-           f"(it fills ~/.cache/torch/hub and ~/.cache/huggingface), point {RESNET50_ENV} / {DISTILBERT_ENV} "
-           "to local copies, or set pretrained=false")
+    fix = (
+        f"run `python -m clipstudy fetch-weights --profile {config.profile}` on a machine with internet "
+        f"(it fills ~/.cache/torch/hub and ~/.cache/huggingface), point {RESNET50_ENV} / {DISTILBERT_ENV} "
+        "to local copies, or set pretrained=false"
+    )
     if needed["resnet50"]:
         local = os.environ.get(RESNET50_ENV)
         if local and not Path(local).is_file():
             raise WeightsUnavailable(f"{RESNET50_ENV}={local} is not a file; {fix}")
         if not local and resnet50_cache_path(needed["resnet50"]) is None:
-            raise WeightsUnavailable(f"config field 'image_weights'={needed['resnet50']!r}: the ResNet-50 weights "
-                                     f"are not in the local cache; {fix}")
+            raise WeightsUnavailable(
+                f"config field 'image_weights'={needed['resnet50']!r}: the ResNet-50 weights "
+                f"are not in the local cache; {fix}"
+            )
     if needed["distilbert"] and not distilbert_cached():
-        raise WeightsUnavailable(f"config field 'text_encoder'='distilbert': DistilBERT "
-                                 f"({distilbert_location()}) is not in the local cache; {fix}")
+        raise WeightsUnavailable(
+            f"config field 'text_encoder'='distilbert': DistilBERT "
+            f"({distilbert_location()}) is not in the local cache; {fix}"
+        )
 
 
 def distilbert_cached() -> bool:
@@ -343,8 +388,9 @@ def distilbert_cached() -> bool:
     return isinstance(try_to_load_from_cache(DISTILBERT_NAME, "config.json"), str)
 
 
-def fetch_weights(dest: str | None = None, *, image_weights: str | None = "timm-a1",
-                  distilbert: bool = True) -> list[str]:
+def fetch_weights(
+    dest: str | None = None, *, image_weights: str | None = "timm-a1", distilbert: bool = True
+) -> list[str]:
     """Download weights into the torch / Hugging Face caches (and plain copies into ``dest``).
 
     ``image_weights``: the ResNet-50 weights to fetch (``"timm-a1"``,

@@ -12,59 +12,120 @@ Every optimizer's default learning rate is 2e-4 (the original study used one
 rate for all three); pass ``lr`` to override it. A new optimizer is one
 ``@register_optimizer("name", default_lr=...)`` factory.
 """
+
 from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
-__all__ = ["OPTIMIZERS", "OptimizerSpec", "register_optimizer", "available_optimizers", "default_lr",
-           "param_groups", "build_optimizer", "make_scheduler", "WarmupCosineLR", "StaircaseEpochCosineLR"]
+__all__ = [
+    "OPTIMIZERS",
+    "OptimizerSpec",
+    "register_optimizer",
+    "available_optimizers",
+    "default_lr",
+    "optimizers_in_order",
+    "default_grid_optimizers",
+    "check_optimizer_options",
+    "param_groups",
+    "build_optimizer",
+    "make_scheduler",
+    "WarmupCosineLR",
+    "StaircaseEpochCosineLR",
+]
 
 #: Modules whose parameters (scale and shift) never get weight decay.
-NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
-                                           nn.LocalResponseNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """A registered optimizer: ``build(groups, lr, **kwargs)``, its default learning rate, and the
-    torch class whose constructor options ``build`` accepts (used to name unknown options)."""
+    """A registered optimizer: ``build(groups, lr, **kwargs)``, its default learning rate, the torch
+    class whose constructor options ``build`` accepts (used to name unknown options), and what the
+    study shows of it: its name in tables, its place there and whether the default grid runs it."""
 
     name: str
     build: Callable[..., torch.optim.Optimizer]
     default_lr: float
     description: str
     torch_class: type[torch.optim.Optimizer] | None = None
+    display_name: str = ""
+    order: int = 100
+    in_default_grid: bool = False
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {}
 
 
-def register_optimizer(name: str, *, default_lr: float = 2e-4,
-                       torch_class: type[torch.optim.Optimizer] | None = None):
+def register_optimizer(
+    name: str,
+    *,
+    default_lr: float = 2e-4,
+    torch_class: type[torch.optim.Optimizer] | None = None,
+    display_name: str = "",
+    order: int = 100,
+    in_default_grid: bool = False,
+):
     """Decorator: register ``factory(param_groups, lr, **kwargs) -> Optimizer`` as ``name``.
 
-    The factory's docstring becomes the description; ``default_lr`` is used when
+    The factory's docstring becomes the description (``--help``); ``default_lr`` is used when
     :func:`build_optimizer` gets ``lr=None`` (default 2e-4, the original study's
-    rate); ``torch_class`` (optional) lets unknown options be reported by name.
+    rate); ``torch_class`` (optional) lets unknown options be reported by name;
+    ``display_name`` (default ``name``), ``order`` and ``in_default_grid`` are
+    what tables, reports and ``sweep`` read.
     """
+
     def add(factory):
         if name in OPTIMIZERS:
             raise ValueError(f"an optimizer named {name!r} is already registered")
-        OPTIMIZERS[name] = OptimizerSpec(name, factory, float(default_lr), inspect.getdoc(factory) or "",
-                                         torch_class)
+        description = inspect.getdoc(factory) or ""
+        OPTIMIZERS[name] = OptimizerSpec(
+            name, factory, float(default_lr), description, torch_class, display_name or name, order, in_default_grid
+        )
         return factory
+
     return add
 
 
 def available_optimizers() -> list[str]:
     """Names accepted by :func:`build_optimizer`, sorted."""
     return sorted(OPTIMIZERS)
+
+
+def optimizers_in_order() -> list[str]:
+    """Every registered optimizer in its table order (the original study's first)."""
+    return sorted(OPTIMIZERS, key=lambda name: (OPTIMIZERS[name].order, name))
+
+
+def default_grid_optimizers() -> list[str]:
+    """The optimizers ``sweep`` runs unless told otherwise, in table order."""
+    return [name for name in optimizers_in_order() if OPTIMIZERS[name].in_default_grid]
+
+
+def check_optimizer_options(name: str, *, lr: float | None, weight_decay: float, options: dict) -> None:
+    """Raise ValueError naming the first option that optimizer ``name`` rejects (each option alone first).
+
+    Called at start-up, before any data is read, by building the optimizer on a
+    one-weight stand-in model, so torch itself judges every option.
+    """
+    stand_in = nn.Linear(1, 1)
+    for key, value in [*options.items(), (None, None)]:
+        chosen = options if key is None else {key: value}
+        try:
+            build_optimizer(name, stand_in, lr=lr, weight_decay=weight_decay, **chosen)
+        except (TypeError, ValueError, KeyError) as err:
+            what = f"option {key!r}={value!r}" if key else "these options"
+            raise ValueError(f"{what} rejected by optimizer {name!r} ({type(err).__name__}: {err})") from None
 
 
 def default_lr(name: str) -> float:
@@ -78,26 +139,25 @@ def _spec(name: str) -> OptimizerSpec:
     return OPTIMIZERS[name]
 
 
-@register_optimizer("adamw", torch_class=torch.optim.AdamW)
+@register_optimizer("adamw", torch_class=torch.optim.AdamW, display_name="AdamW", order=0, in_default_grid=True)
 def _adamw(groups, lr, **kwargs):
     """AdamW (Loshchilov & Hutter): Adam with decoupled weight decay (torch defaults betas (0.9, 0.999), eps 1e-8)."""
     return torch.optim.AdamW(groups, lr=lr, **kwargs)
 
 
-@register_optimizer("sgd", torch_class=torch.optim.SGD)
+@register_optimizer("sgd", torch_class=torch.optim.SGD, display_name="SGD", order=1, in_default_grid=True)
 def _sgd(groups, lr, momentum=0.9, nesterov=True, **kwargs):
     """SGD with momentum 0.9 and Nesterov momentum; weight decay is the L2 term of torch's SGD."""
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, **kwargs)
 
 
-@register_optimizer("adam", torch_class=torch.optim.Adam)
+@register_optimizer("adam", torch_class=torch.optim.Adam, display_name="Adam", order=2, in_default_grid=True)
 def _adam(groups, lr, **kwargs):
     """Adam (Kingma & Ba) with weight decay as an L2 term added to the gradient (torch's Adam)."""
     return torch.optim.Adam(groups, lr=lr, **kwargs)
 
 
-def param_groups(model: nn.Module, loss_module: nn.Module | None = None,
-                 weight_decay: float = 0.02) -> list[dict]:
+def param_groups(model: nn.Module, loss_module: nn.Module | None = None, weight_decay: float = 0.02) -> list[dict]:
     """Split the trainable parameters into weight-decay groups.
 
     * ``"decay"`` (``weight_decay``): model parameters with ``ndim >= 2`` (linear,
@@ -114,8 +174,9 @@ def param_groups(model: nn.Module, loss_module: nn.Module | None = None,
     """
     if weight_decay < 0 or not math.isfinite(weight_decay):
         raise ValueError(f"weight_decay={weight_decay!r}: must be a finite number >= 0")
-    norm_params = {id(p) for module in model.modules() if isinstance(module, NORM_TYPES)
-                   for p in module.parameters(recurse=False)}
+    norm_params = {
+        id(p) for module in model.modules() if isinstance(module, NORM_TYPES) for p in module.parameters(recurse=False)
+    }
     groups = {"decay": ([], []), "no_decay": ([], []), "loss": ([], [])}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -130,12 +191,22 @@ def param_groups(model: nn.Module, loss_module: nn.Module | None = None,
                 groups["loss"][0].append(p)
                 groups["loss"][1].append(f"loss.{name}")
     decay = {"decay": weight_decay, "no_decay": 0.0, "loss": 0.0}
-    return [{"name": key, "params": params, "param_names": names, "weight_decay": decay[key]}
-            for key, (params, names) in groups.items() if params]
+    return [
+        {"name": key, "params": params, "param_names": names, "weight_decay": decay[key]}
+        for key, (params, names) in groups.items()
+        if params
+    ]
 
 
-def build_optimizer(name: str, model: nn.Module, loss_module: nn.Module | None = None, *,
-                    lr: float | None = None, weight_decay: float = 0.02, **kwargs) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str,
+    model: nn.Module,
+    loss_module: nn.Module | None = None,
+    *,
+    lr: float | None = None,
+    weight_decay: float = 0.02,
+    **kwargs,
+) -> torch.optim.Optimizer:
     """Build optimizer ``name`` over :func:`param_groups` of the model and the loss.
 
     Args:
@@ -160,8 +231,10 @@ def build_optimizer(name: str, model: nn.Module, loss_module: nn.Module | None =
         accepted = set(inspect.signature(spec.torch_class.__init__).parameters) - {"self", "params"}
         unknown = sorted(set(kwargs) - accepted)
         if unknown:
-            raise ValueError(f"optimizer {name!r} has no option {unknown[0]!r}; "
-                             f"its options are {sorted(accepted - {'lr', 'weight_decay'})}")
+            raise ValueError(
+                f"optimizer {name!r} has no option {unknown[0]!r}; "
+                f"its options are {sorted(accepted - {'lr', 'weight_decay'})}"
+            )
     groups = param_groups(model, loss_module, weight_decay)
     if not groups:
         raise ValueError("the model and the loss have no trainable parameters")
@@ -182,6 +255,7 @@ def _can_fuse(spec: OptimizerSpec, groups: list[dict], kwargs: dict) -> bool:
         return False
     try:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
         devices = set(_get_fused_kernels_supported_devices())
     except ImportError:  # older or newer torch without the helper: the two devices that have it
         devices = {"cpu", "cuda"}
@@ -210,8 +284,16 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
     total_steps`` warms up for the whole run.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int,
-                 warmup_lr: float = 1e-5, min_lr: float = 1e-6, last_epoch: int = -1):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        total_steps: int,
+        warmup_steps: int,
+        warmup_lr: float = 1e-5,
+        min_lr: float = 1e-6,
+        last_epoch: int = -1,
+    ):
         for key, value in (("total_steps", total_steps), ("warmup_steps", warmup_steps)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{key}={value!r}: must be an integer")
@@ -272,15 +354,31 @@ class StaircaseEpochCosineLR(WarmupCosineLR):
 
     _SETTINGS = WarmupCosineLR._SETTINGS + ("steps_per_epoch", "epochs", "warmup_every")
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int,
-                 steps_per_epoch: int, epochs: int, warmup_every: int = 100, warmup_lr: float = 1e-5,
-                 min_lr: float = 1e-6, last_epoch: int = -1):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        total_steps: int,
+        warmup_steps: int,
+        steps_per_epoch: int,
+        epochs: int,
+        warmup_every: int = 100,
+        warmup_lr: float = 1e-5,
+        min_lr: float = 1e-6,
+        last_epoch: int = -1,
+    ):
         for key, value in (("steps_per_epoch", steps_per_epoch), ("epochs", epochs), ("warmup_every", warmup_every)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key}={value!r}: must be an integer >= 1")
         self.steps_per_epoch, self.epochs, self.warmup_every = steps_per_epoch, epochs, warmup_every
-        super().__init__(optimizer, total_steps=total_steps, warmup_steps=warmup_steps, warmup_lr=warmup_lr,
-                         min_lr=min_lr, last_epoch=last_epoch)
+        super().__init__(
+            optimizer,
+            total_steps=total_steps,
+            warmup_steps=warmup_steps,
+            warmup_lr=warmup_lr,
+            min_lr=min_lr,
+            last_epoch=last_epoch,
+        )
 
     def lr_at(self, step: int, base: float) -> float:
         start, end = min(self.warmup_lr, base), min(self.min_lr, base)
@@ -297,9 +395,17 @@ class StaircaseEpochCosineLR(WarmupCosineLR):
 LR_SCHEDULES = ("smooth", "original")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int,
-                   warmup_lr: float = 1e-5, min_lr: float = 1e-6, kind: str = "smooth",
-                   steps_per_epoch: int | None = None, epochs: int | None = None) -> WarmupCosineLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    warmup_lr: float = 1e-5,
+    min_lr: float = 1e-6,
+    kind: str = "smooth",
+    steps_per_epoch: int | None = None,
+    epochs: int | None = None,
+) -> WarmupCosineLR:
     """The learning-rate schedule, stepped after every optimizer step (``state_dict`` resumes it).
 
     ``kind="smooth"`` (default): warm-up from ``warmup_lr`` to each group's base
@@ -311,10 +417,17 @@ def make_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup
     if kind == "original":
         if steps_per_epoch is None or epochs is None:
             raise ValueError("the original schedule needs steps_per_epoch and epochs")
-        return StaircaseEpochCosineLR(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
-                                      steps_per_epoch=steps_per_epoch, epochs=epochs, warmup_lr=warmup_lr,
-                                      min_lr=min_lr)
+        return StaircaseEpochCosineLR(
+            optimizer,
+            total_steps=total_steps,
+            warmup_steps=warmup_steps,
+            steps_per_epoch=steps_per_epoch,
+            epochs=epochs,
+            warmup_lr=warmup_lr,
+            min_lr=min_lr,
+        )
     if kind != "smooth":
         raise ValueError(f"lr_schedule={kind!r}; choose one of {LR_SCHEDULES}")
-    return WarmupCosineLR(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
-                          warmup_lr=warmup_lr, min_lr=min_lr)
+    return WarmupCosineLR(
+        optimizer, total_steps=total_steps, warmup_steps=warmup_steps, warmup_lr=warmup_lr, min_lr=min_lr
+    )

@@ -5,6 +5,7 @@ none (autocast there is slow and changes the numbers); on CUDA ``auto`` is
 bf16 where supported, else fp16. Every forward pass of a run, training or
 evaluation, runs under :func:`autocast` with that dtype.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
-from clipstudy.data.demo import demo_paths
+from clipstudy.data.layout import resolve_paths
 from clipstudy.errors import StartupError
 
 SETS = ("train", "retrieval", "zeroshot")
@@ -156,13 +156,11 @@ def check_data(*, train_ann: str | None = None, train_images: str | None = None,
         ValueError: an annotation file without its image folder (or the
             reverse), or no set at all.
     """
-    if data:
-        layout = {key: str(path) for key, path in demo_paths(data).items()}
-        train_ann = train_ann or layout["train_ann"]
-        train_images = train_images or layout["train_images"]
-        retrieval_ann = retrieval_ann or layout["retrieval_ann"]
-        retrieval_images = retrieval_images or layout["retrieval_images"]
-        zeroshot_images = zeroshot_images or layout["zeroshot_images"]
+    if data:  # explicit paths win over the folder's layout
+        given = dict(train_ann=train_ann, train_images=train_images, retrieval_ann=retrieval_ann,
+                     retrieval_images=retrieval_images, zeroshot_images=zeroshot_images)
+        found = resolve_paths({"data": data, **given}, needs_tokenizer=False)
+        train_ann, train_images, retrieval_ann, retrieval_images, zeroshot_images = (found[key] for key in given)
     for kind, ann, images in (("train", train_ann, train_images), ("retrieval", retrieval_ann, retrieval_images)):
         if bool(ann) != bool(images):
             raise ValueError(f"--{kind}-ann and --{kind}-images go together: give both or neither")

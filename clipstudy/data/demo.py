@@ -46,6 +46,7 @@ from clipstudy.data.demo_scenes import (COLOURS, PAIR_P, POSITIONS, RELATIONS, S
                                    ZEROSHOT_TEMPLATES, captions_for, class_ids, class_scene, random_scene,
                                    render_scene, shape_extent)
 
+from clipstudy.data.layout import layout
 from clipstudy.errors import StartupError
 
 GENERATOR_VERSION = 1
@@ -55,15 +56,6 @@ CAPTIONS_PER_RETRIEVAL_IMAGE = 5
 
 DEFAULTS = dict(seed=0, image_size=32, train_size=4000, retrieval_size=500, zeroshot_per_class=10,
                 zeroshot_classes=None)
-
-
-def demo_paths(data_dir: str | Path) -> dict[str, Path]:
-    """The demo layout's paths (keys as in the check-data / train options)."""
-    data_dir = Path(data_dir)
-    return {"train_ann": data_dir / "train.json", "train_images": data_dir / "images",
-            "retrieval_ann": data_dir / "retrieval.json", "retrieval_images": data_dir / "images",
-            "zeroshot_images": data_dir / "zeroshot", "tokenizer": data_dir / "tokenizer",
-            "manifest": data_dir / "manifest.json", "scenes": data_dir / "scenes.json"}
 
 
 # --------------------------------------------------------------------------- tokenizer

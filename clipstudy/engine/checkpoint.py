@@ -7,6 +7,7 @@ after it; loading verifies the digest and reads with
 ``torch.load(weights_only=True)`` (no arbitrary unpickling). A checkpoint that
 fails either check is reported and the previous one is used.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,7 +68,11 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, keep: int = 2) -
         raise CheckpointWriteError(
             f"cannot write checkpoint {path} ({human_size(len(data))}): {reason}. "
             f"Free disk space or make {folder} writable, then rerun the same command: it resumes from the "
-            "newest checkpoint still there", path=path, size=len(data), errno=err.errno) from err
+            "newest checkpoint still there",
+            path=path,
+            size=len(data),
+            errno=err.errno,
+        ) from err
     for old in checkpoint_paths(folder)[keep:]:
         for p in (old, old.with_name(old.name + ".sha256")):
             try:

@@ -5,6 +5,7 @@ epochs=4)``), from the command line (``--epochs 4``) and from papermill
 parameters; all three go through :func:`make_config`, which validates at
 start and names the field and the accepted values when something is wrong.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipstudy.data.layout import DATA_PATH_FIELDS, resolve_paths
 from clipstudy.errors import StartupError
 
 
@@ -42,10 +44,10 @@ class RunConfig:
     # --- the cell
     profile: str = "paper"
     optimizer: str = "adamw"
-    label: str = ""                    # the optimizer's name in reports (e.g. "adam-nol2"); empty = optimizer
+    label: str = ""  # the optimizer's name in reports (e.g. "adam-nol2"); empty = optimizer
     loss: str = "clip"
     seed: int = 0
-    out: str = ""                      # run directory; empty = reports/runs/<profile>/<cell>
+    out: str = ""  # run directory; empty = reports/runs/<profile>/<cell>
 
     # --- data (docs/protocol.md formats); `data` is the demo layout shorthand (DIR/train.json, ...)
     data: str = ""
@@ -54,60 +56,62 @@ class RunConfig:
     retrieval_ann: str = ""
     retrieval_images: str = ""
     zeroshot_images: str = ""
-    limit_train: int = 0               # 0 = all pairs; N = the first N (quick experiments)
+    limit_train: int = 0  # 0 = all pairs; N = the first N (quick experiments)
     max_words: int = 30
-    max_length: int = 30               # tokens
+    max_length: int = 30  # tokens
     image_size: int = 256
-    crop_scale_min: float = 0.5        # RandomResizedCrop scale (min, 1.0)
+    crop_scale_min: float = 0.5  # RandomResizedCrop scale (min, 1.0)
     hflip: bool = True
-    augment: str = "torchvision"       # albef (the original's RandomAugment) | torchvision (RandAugment) | none; (2, 7)
+    augment: str = "torchvision"  # albef (the original's RandomAugment) | torchvision (RandAugment) | none; (2, 7)
     num_workers: int = 4
-    cache_images: bool = False         # keep decoded images in memory (small data sets such as the demo)
-    zeroshot_transform: str = "clip"   # clip (square resize, CLIP stats) | original (short side + crop, ImageNet stats)
+    cache_images: bool = False  # keep decoded images in memory (small data sets such as the demo)
+    zeroshot_transform: str = "clip"  # clip (square resize, CLIP stats) | original (short side + crop, ImageNet stats)
 
     # --- model
-    image_encoder: str = "resnet50"    # resnet50 | small_resnet
-    text_encoder: str = "distilbert"   # distilbert | small_distilbert
-    pretrained: bool = True            # False = random init ("scratch"); demo towers: see clipstudy.engine.pretrain
-    image_weights: str = "torchvision" # ResNet-50: torchvision (IMAGENET1K_V1) | timm-a1 (timm resnet50.a1_in1k)
-    pretrain: dict = field(default_factory=dict)      # demo pretraining settings (clipstudy.engine.pretrain.PretrainSettings)
-    text_pooling: str = "first"        # first ([CLS], the original) | mean (mean over the caption's tokens)
+    image_encoder: str = "resnet50"  # resnet50 | small_resnet
+    text_encoder: str = "distilbert"  # distilbert | small_distilbert
+    pretrained: bool = True  # False = random init ("scratch"); demo towers: see clipstudy.engine.pretrain
+    image_weights: str = "torchvision"  # ResNet-50: torchvision (IMAGENET1K_V1) | timm-a1 (timm resnet50.a1_in1k)
+    pretrain: dict = field(
+        default_factory=dict
+    )  # demo pretraining settings (clipstudy.engine.pretrain.PretrainSettings)
+    text_pooling: str = "first"  # first ([CLS], the original) | mean (mean over the caption's tokens)
     embed_dim: int = 256
-    tokenizer: str = ""                # tokenizer folder; empty = the encoder's own (or DATA/tokenizer)
+    tokenizer: str = ""  # tokenizer folder; empty = the encoder's own (or DATA/tokenizer)
     small_resnet_widths: list = field(default_factory=lambda: [32, 64, 128])
     small_resnet_blocks: list = field(default_factory=lambda: [1, 1, 1])
-    small_resnet_norm: str = "batch"   # batch | group (group: exact multi-process equivalence on CPU)
+    small_resnet_norm: str = "batch"  # batch | group (group: exact multi-process equivalence on CPU)
     text_dim: int = 128
     text_layers: int = 2
 
     # --- loss
     temperature: float = 0.01
-    loss_params: dict = field(default_factory=dict)   # e.g. {"gamma": 0.8}
+    loss_params: dict = field(default_factory=dict)  # e.g. {"gamma": 0.8}
 
     # --- optimisation
-    lr: float = 0.0                    # 0 = the optimizer's default learning rate
+    lr: float = 0.0  # 0 = the optimizer's default learning rate
     weight_decay: float = 0.02
     optimizer_params: dict = field(default_factory=dict)
     epochs: int = 30
     batch_size: int = 128
-    warmup_steps: int = -1             # -1 = one epoch of warm-up
-    lr_schedule: str = "smooth"        # smooth (per-step warm-up + cosine) | original (staircase, cosine per epoch)
+    warmup_steps: int = -1  # -1 = one epoch of warm-up
+    lr_schedule: str = "smooth"  # smooth (per-step warm-up + cosine) | original (staircase, cosine per epoch)
     warmup_lr: float = 1e-5
     min_lr: float = 1e-6
-    grad_clip: float = 0.0             # 0 = no clipping (the gradient norm is still logged)
-    amp: str = "auto"                  # auto (bf16/fp16 on CUDA, none on CPU) | bf16 | fp16 | none
-    max_steps: int = 0                 # 0 = the whole run; N = stop at step N as if the whole run were cut there
-                                       # (same schedule; rerun with a later N, or 0, to continue it)
+    grad_clip: float = 0.0  # 0 = no clipping (the gradient norm is still logged)
+    amp: str = "auto"  # auto (bf16/fp16 on CUDA, none on CPU) | bf16 | fp16 | none
+    max_steps: int = 0  # 0 = the whole run; N = stop at step N as if the whole run were cut there
+    # (same schedule; rerun with a later N, or 0, to continue it)
 
     # --- evaluation and bookkeeping
-    eval_every: int = 1                # epochs between evaluations (the last epoch is always evaluated)
+    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     eval_batch_size: int = 256
-    device: str = "auto"               # auto | cpu | cuda | cuda:N
-    threads: int = 0                   # torch CPU threads; 0 = leave as is
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads; 0 = leave as is
     deterministic: bool = True
     keep_checkpoints: int = 2
-    log_every: int = 1                 # steps between history rows
-    tensorboard: bool = True           # TensorBoard event files beside history.csv (clipstudy.engine.tensorboard_log)
+    log_every: int = 1  # steps between history rows
+    tensorboard: bool = True  # TensorBoard event files beside history.csv (clipstudy.engine.tensorboard_log)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -120,21 +124,7 @@ class RunConfig:
 
     def resolved_paths(self) -> dict:
         """Data paths with the `data` shorthand expanded (explicit paths win)."""
-        base = Path(self.data) if self.data else None
-
-        def pick(value: str, default: str) -> str:
-            if value:
-                return value
-            return str(base / default) if base else ""
-
-        return {
-            "train_ann": pick(self.train_ann, "train.json"),
-            "train_images": pick(self.train_images, "images"),
-            "retrieval_ann": pick(self.retrieval_ann, "retrieval.json"),
-            "retrieval_images": pick(self.retrieval_images, "images"),
-            "zeroshot_images": pick(self.zeroshot_images, "zeroshot"),
-            "tokenizer": pick(self.tokenizer, "tokenizer") if self.text_encoder == "small_distilbert" else self.tokenizer,
-        }
+        return resolve_paths(self.to_dict(), needs_tokenizer=self.text_encoder == "small_distilbert")
 
 
 # The original study's setting: the field defaults plus what its code base ran
@@ -142,8 +132,12 @@ class RunConfig:
 # named option. Per-loss parameters are merged into `loss_params` for the
 # run's loss (see make_config); OnlineCLR got the SogCLR gamma.
 PAPER: dict[str, Any] = dict(
-    augment="albef", zeroshot_transform="original", image_weights="timm-a1", amp="fp16",
-    lr_schedule="original", warmup_steps=500,
+    augment="albef",
+    zeroshot_transform="original",
+    image_weights="timm-a1",
+    amp="fp16",
+    lr_schedule="original",
+    warmup_steps=500,
 )
 PROFILE_LOSS_PARAMS: dict[str, dict[str, dict]] = {
     "paper": {"sogclr": {"estimator": "original"}, "onlineclr": {"gamma": 0.8}},
@@ -161,17 +155,45 @@ PROFILE_LOSS_PARAMS: dict[str, dict[str, dict]] = {
 # (they would contradict the position and colour words of the captions). Small
 # batches: on this budget the number of steps matters more than the negatives per step.
 DEMO: dict[str, Any] = dict(
-    profile="demo", data="data/demo", image_size=32, crop_scale_min=0.85, hflip=False, augment="none",
-    num_workers=0, cache_images=True, image_encoder="small_resnet", text_encoder="small_distilbert", pretrained=True,
-    text_pooling="mean", small_resnet_widths=[16, 32, 64], embed_dim=128, max_length=20, epochs=3, batch_size=32,
-    warmup_steps=20, lr=1e-3, eval_batch_size=500, threads=0,
+    profile="demo",
+    data="data/demo",
+    image_size=32,
+    crop_scale_min=0.85,
+    hflip=False,
+    augment="none",
+    num_workers=0,
+    cache_images=True,
+    image_encoder="small_resnet",
+    text_encoder="small_distilbert",
+    pretrained=True,
+    text_pooling="mean",
+    small_resnet_widths=[16, 32, 64],
+    embed_dim=128,
+    max_length=20,
+    epochs=3,
+    batch_size=32,
+    warmup_steps=20,
+    lr=1e-3,
+    eval_batch_size=500,
+    threads=0,
 )
 
 # Seconds, for tests: tiny encoders on a tiny demo set, random init (a test that
 # needs the pretrained towers sets pretrained=True and a tiny `pretrain`).
 SMOKE: dict[str, Any] = dict(
-    DEMO, profile="smoke", small_resnet_widths=[8, 16, 32], text_dim=32, text_layers=1, embed_dim=32,
-    epochs=2, batch_size=16, warmup_steps=2, eval_batch_size=64, max_length=16, pretrained=False, lr=2e-3,
+    DEMO,
+    profile="smoke",
+    small_resnet_widths=[8, 16, 32],
+    text_dim=32,
+    text_layers=1,
+    embed_dim=32,
+    epochs=2,
+    batch_size=16,
+    warmup_steps=2,
+    eval_batch_size=64,
+    max_length=16,
+    pretrained=False,
+    lr=2e-3,
 )
 
 PROFILES: dict[str, dict[str, Any]] = {"paper": PAPER, "demo": DEMO, "smoke": SMOKE}
@@ -245,9 +267,9 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def validate(config: RunConfig) -> RunConfig:
-    """Check every value; raise ConfigError naming the field and the accepted values."""
-    from clipstudy.core.losses import available_losses
-    from clipstudy.core.optim import available_optimizers
+    """Check every value of the configuration's own fields; raise ConfigError naming the field and the
+    accepted values. The loss, the optimizer and their parameters are checked by the components
+    themselves (:func:`clipstudy.engine.preflight.check_components`), called at start-up."""
 
     def fail(name, msg):
         raise ConfigError(f"config field {name!r}={getattr(config, name)!r}: {msg}")
@@ -256,15 +278,23 @@ def validate(config: RunConfig) -> RunConfig:
         fail("label", "use letters, digits and . _ + = - only")
     if config.profile not in PROFILES:
         fail("profile", f"choose one of {sorted(PROFILES)}")
-    if config.optimizer not in available_optimizers():
-        fail("optimizer", f"choose one of {available_optimizers()}")
-    if config.loss not in available_losses():
-        fail("loss", f"choose one of {available_losses()}")
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
             fail(name, f"choose one of {list(choices)}")
-    for name in ("epochs", "batch_size", "image_size", "embed_dim", "max_length", "max_words",
-                 "eval_batch_size", "text_dim", "text_layers", "keep_checkpoints", "log_every", "eval_every"):
+    for name in (
+        "epochs",
+        "batch_size",
+        "image_size",
+        "embed_dim",
+        "max_length",
+        "max_words",
+        "eval_batch_size",
+        "text_dim",
+        "text_layers",
+        "keep_checkpoints",
+        "log_every",
+        "eval_every",
+    ):
         if getattr(config, name) < 1:
             fail(name, "must be >= 1")
     for name in ("num_workers", "limit_train", "max_steps", "threads", "seed"):
@@ -285,31 +315,7 @@ def validate(config: RunConfig) -> RunConfig:
         fail("small_resnet_blocks", "needs one entry per entry of small_resnet_widths")
     if config.text_encoder == "small_distilbert" and not config.resolved_paths()["tokenizer"]:
         fail("tokenizer", "small_distilbert needs the data set's tokenizer folder (set `data` or `tokenizer`)")
-    _check_component_params(config)
     return config
-
-
-def _check_component_params(config: RunConfig) -> None:
-    """``loss_params`` and ``optimizer_params`` as the loss and the optimizer accept them, checked now
-    (before any data is read) by building both on a one-weight stand-in model."""
-    import torch
-
-    from clipstudy.core.losses import make_loss
-    from clipstudy.core.optim import build_optimizer
-
-    try:
-        make_loss(config.loss, temperature=config.temperature, num_samples=1, **config.loss_params)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"config field 'loss_params'={config.loss_params!r}: {err}") from None
-    for name, value in [*config.optimizer_params.items(), (None, None)]:
-        options = config.optimizer_params if name is None else {name: value}
-        try:  # each option alone first, so the error names the one torch rejects
-            build_optimizer(config.optimizer, torch.nn.Linear(1, 1), lr=config.lr or None,
-                            weight_decay=config.weight_decay, **options)
-        except (TypeError, ValueError, KeyError) as err:
-            what = f"option {name!r}={value!r}" if name else "these options"
-            raise ConfigError(f"config field 'optimizer_params'={config.optimizer_params!r}: {what} rejected by "
-                              f"optimizer {config.optimizer!r} ({type(err).__name__}: {err})") from None
 
 
 def make_config(profile: str = "demo", **overrides: Any) -> RunConfig:
@@ -341,8 +347,7 @@ def make_config(profile: str = "demo", **overrides: Any) -> RunConfig:
 
 
 # Fields holding a file or folder; stored absolute and normalised (see _absolute_path).
-PATH_FIELDS = ("out", "data", "train_ann", "train_images", "retrieval_ann", "retrieval_images",
-               "zeroshot_images", "tokenizer")
+PATH_FIELDS = ("out", "data", *DATA_PATH_FIELDS)
 
 
 def _absolute_path(name: str, value: str, *, from_profile: bool) -> str:
@@ -357,15 +362,27 @@ def _absolute_path(name: str, value: str, *, from_profile: bool) -> str:
     try:
         return paths.absolute(value, paths.project_root())
     except paths.ProjectRootNotFound as err:
-        raise ConfigError(f"config field {name!r}={value!r} (profile default) is relative to the project "
-                          f"folder: {err}") from None
+        raise ConfigError(
+            f"config field {name!r}={value!r} (profile default) is relative to the project folder: {err}"
+        ) from None
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    """A configuration as :meth:`RunConfig.to_dict` wrote it (``config.json``, the training notebook's
+    ``run_config``), validated again; fields of older versions are understood."""
+    known = {k: v for k, v in values.items() if (k in FIELDS or k in LEGACY_FIELDS) and k != "profile"}
+    return make_config(values.get("profile", "demo"), **known)
 
 
 def config_from_json(path: str | Path) -> RunConfig:
     data = json.loads(Path(path).read_text())
-    data = data.get("config", data)
-    known = {k: v for k, v in data.items() if (k in FIELDS or k in LEGACY_FIELDS) and k != "profile"}
-    return make_config(data.get("profile", "demo"), **known)
+    return config_from_dict(data.get("config", data))
+
+
+def notebook_parameters(config: RunConfig, *, progress: bool = False) -> dict:
+    """The training notebook's papermill parameters for a configuration that is already validated:
+    the configuration itself, whole (the notebook runs it as given, with :func:`config_from_dict`)."""
+    return {"run_config": config.to_dict(), "progress": progress}
 
 
 def add_config_arguments(parser, profile: str | None) -> None:
@@ -375,13 +392,15 @@ def add_config_arguments(parser, profile: str | None) -> None:
     (None: the defaults come from elsewhere, e.g. a run's config.json).
     """
     group = parser.add_argument_group(
-        "configuration fields" + (f" (defaults of the {profile!r} profile)" if profile else ""))
+        "configuration fields" + (f" (defaults of the {profile!r} profile)" if profile else "")
+    )
     for name in FIELDS:
         if name == "profile":  # the command's own choice argument
             continue
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        group.add_argument(*flags, dest=name, default=None, metavar=_TYPES[name].__name__.upper(),
-                           help=field_help(name, profile))
+        group.add_argument(
+            *flags, dest=name, default=None, metavar=_TYPES[name].__name__.upper(), help=field_help(name, profile)
+        )
 
 
 def profile_named_in(argv: list[str], default: str) -> str:

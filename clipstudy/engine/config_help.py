@@ -4,23 +4,24 @@ One line per field of :class:`clipstudy.engine.config.RunConfig`, saying what it
 and what its special values mean; :func:`clipstudy.engine.config.add_config_arguments`
 adds the default of the profile in use. A test checks every field has one.
 """
+
 from __future__ import annotations
 
 FIELD_HELP: dict[str, str] = {
     # the cell
     "profile": "built-in setting the other fields start from: paper, demo or smoke",
-    "optimizer": "optimizer name (adamw, sgd, adam, ...; see clipstudy.core.optim)",
+    "optimizer": "a registered optimizer name (`python -m clipstudy list` shows them with their default rates)",
     "label": "the optimizer's name in run folders and reports, e.g. adam-nol2; empty = the optimizer name",
-    "loss": "loss name (clip, sogclr, cyclip, vicreg, onlineclr, isogclr, siglip)",
+    "loss": "a registered loss name (`python -m clipstudy list` shows them and which the default grid runs)",
     "seed": "random seed of initial weights, data order and augmentation",
     "out": "run directory; empty = reports/runs/<profile>/<label>-<loss>-s<seed>",
     # data
     "data": "demo-layout data folder (DIR/train.json, DIR/images, DIR/retrieval.json, DIR/zeroshot); "
-            "explicit paths below win",
+    "explicit paths below win",
     "train_ann": "training annotation JSON (list of image/caption/image_id); empty = DATA/train.json",
     "train_images": "folder the training image paths are relative to; empty = DATA/images",
     "retrieval_ann": "retrieval annotation JSON (image + list of captions); empty = DATA/retrieval.json, "
-                     "none without DATA",
+    "none without DATA",
     "retrieval_images": "folder the retrieval image paths are relative to; empty = DATA/images",
     "zeroshot_images": "zero-shot ImageFolder root (one folder per class); empty = DATA/zeroshot, none without DATA",
     "limit_train": "use only the first N training pairs; 0 = all",
@@ -33,12 +34,12 @@ FIELD_HELP: dict[str, str] = {
     "num_workers": "data loading processes; 0 = load in the training process",
     "cache_images": "keep decoded images in memory (small sets such as the demo)",
     "zeroshot_transform": "zero-shot preprocessing: clip (square resize, CLIP statistics) or original "
-                          "(short side + centre crop, ImageNet statistics)",
+    "(short side + centre crop, ImageNet statistics)",
     # model
     "image_encoder": "image tower: resnet50 (paper) or small_resnet (demo)",
     "text_encoder": "text tower: distilbert (paper) or small_distilbert (demo)",
     "pretrained": "start from pretrained towers (paper: cached weights, see fetch-weights; demo: pretrained by "
-                  "clipstudy.engine.pretrain); false = random initialisation",
+    "clipstudy.engine.pretrain); false = random initialisation",
     "image_weights": "ResNet-50 weights: timm-a1 (timm resnet50.a1_in1k) or torchvision (IMAGENET1K_V1)",
     "embed_dim": "dimension of the shared embedding space",
     "tokenizer": "tokenizer folder; empty = the text encoder's own (small_distilbert: DATA/tokenizer)",
@@ -47,12 +48,13 @@ FIELD_HELP: dict[str, str] = {
     "small_resnet_norm": "small_resnet normalisation: batch or group (group: exact multi-process equivalence on CPU)",
     "text_dim": "small_distilbert hidden size",
     "text_layers": "small_distilbert transformer layers",
-    "pretrain": "demo towers' pretraining settings as JSON (see clipstudy.engine.pretrain.PretrainSettings); {} = its defaults",
+    "pretrain": "demo towers' pretraining settings as JSON (see clipstudy.engine.pretrain.PretrainSettings); "
+    "{} = its defaults",
     "text_pooling": "text feature: first (the [CLS] token, the original) or mean (mean over the caption's tokens)",
     # loss
     "temperature": "softmax temperature of the contrastive losses (> 0)",
     "loss_params": "extra loss parameters as JSON, e.g. '{\"gamma\": 0.8}' for sogclr; only the loss's own "
-                   "keys are accepted (the paper profile adds each loss's original settings)",
+    "keys are accepted (the paper profile adds each loss's original settings)",
     # optimisation
     "lr": "peak learning rate; 0 = the optimizer's default",
     "weight_decay": "weight decay (decoupled for adamw, an L2 term for sgd and adam)",

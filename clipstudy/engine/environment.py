@@ -5,15 +5,16 @@
 records ``lock_versions()`` in its config.json beside the package versions, so the report can tell
 runs made in different environments apart (``clipstudy.study.report.environment_table``).
 """
+
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata as md
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -33,7 +34,7 @@ class LockError(ValueError):
 
 @dataclass(frozen=True)
 class LockedPackage:
-    name: str            # canonical (PEP 503) name
+    name: str  # canonical (PEP 503) name
     version: str
     hashes: tuple[str, ...]
     via: tuple[str, ...]  # pip-compile's "# via" annotations: who asked for it
@@ -54,7 +55,7 @@ def read_lock(path: Path = LOCK_FILE) -> dict[str, LockedPackage]:
     blocks: list[list[str]] = []
     for raw in text.splitlines():
         if raw and not raw[0].isspace() and not raw.startswith(("#", "-")):
-            blocks.append([raw])            # a new "name==version \" line
+            blocks.append([raw])  # a new "name==version \" line
         elif blocks and raw.strip():
             blocks[-1].append(raw.strip())  # its hashes and "# via" lines
     return dict(_parse_block(path, b) for b in blocks)

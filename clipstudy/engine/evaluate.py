@@ -11,22 +11,29 @@ The public model interface is ``encode_image(images) -> [B, D]`` and
 ``encode_text(input_ids, attention_mask) -> [B, D]`` (unnormalised
 embeddings); tokenizers are Hugging Face tokenizers.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clipstudy.core.metrics import (RECALL_KS, ZEROSHOT_KS, chance_levels, retrieval_metrics,  # noqa: F401
-                                    retrieval_ranks, zeroshot_metrics)
-
+from clipstudy.core.metrics import (  # noqa: F401
+    RECALL_KS,
+    ZEROSHOT_KS,
+    chance_levels,
+    retrieval_metrics,
+    retrieval_ranks,
+    zeroshot_metrics,
+)
 
 # --------------------------------------------------------------------------
 # Feature extraction
 # --------------------------------------------------------------------------
+
 
 @contextmanager
 def _eval_mode(model) -> Iterator[None]:
@@ -51,8 +58,16 @@ def _autocast(device: torch.device, amp):
     return autocast(device, dtype if device.type == "cuda" else None)
 
 
-def extract_image_features(model, dataset, *, batch_size: int = 256, device="cpu", num_workers: int = 0,
-                           amp: bool | torch.dtype | None = False, progress: bool = True) -> tuple[Tensor, Tensor]:
+def extract_image_features(
+    model,
+    dataset,
+    *,
+    batch_size: int = 256,
+    device="cpu",
+    num_workers: int = 0,
+    amp: bool | torch.dtype | None = False,
+    progress: bool = True,
+) -> tuple[Tensor, Tensor]:
     """L2-normalised image embeddings of every readable item of `dataset`.
 
     Args:
@@ -79,8 +94,13 @@ def extract_image_features(model, dataset, *, batch_size: int = 256, device="cpu
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=collate_skip_none, pin_memory=device.type == "cuda")
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_skip_none,
+        pin_memory=device.type == "cuda",
+    )
     features, ids = [], []
     with _eval_mode(model), torch.inference_mode():
         for batch in tqdm(loader, desc="image features", disable=not progress, leave=False):
@@ -96,8 +116,16 @@ def extract_image_features(model, dataset, *, batch_size: int = 256, device="cpu
     return torch.cat(features), torch.cat(ids)
 
 
-def extract_text_features(model, tokenizer, texts: Sequence[str], *, batch_size: int = 256, max_length: int = 30,
-                          device="cpu", amp: bool | torch.dtype | None = False) -> Tensor:
+def extract_text_features(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 256,
+    max_length: int = 30,
+    device="cpu",
+    amp: bool | torch.dtype | None = False,
+) -> Tensor:
     """L2-normalised text embeddings, float32 ``[len(texts), D]`` on CPU.
 
     Args:
@@ -120,8 +148,13 @@ def extract_text_features(model, tokenizer, texts: Sequence[str], *, batch_size:
     features = []
     with _eval_mode(model), torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            tokens = tokenizer(texts[start:start + batch_size], padding="max_length", truncation=True,
-                               max_length=max_length, return_tensors="pt")
+            tokens = tokenizer(
+                texts[start : start + batch_size],
+                padding="max_length",
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
             with _autocast(device, amp):
                 embedded = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
             features.append(F.normalize(embedded.float(), dim=-1).cpu())
@@ -132,9 +165,21 @@ def extract_text_features(model, tokenizer, texts: Sequence[str], *, batch_size:
 # Retrieval
 # --------------------------------------------------------------------------
 
-def evaluate_retrieval(model, tokenizer, dataset, *, batch_size: int = 256, text_batch_size: int = 1024,
-                       max_length: int = 30, device="cpu", num_workers: int = 0, amp: bool | torch.dtype | None = False,
-                       progress: bool = True, chunk_size: int | None = None) -> dict[str, float]:
+
+def evaluate_retrieval(
+    model,
+    tokenizer,
+    dataset,
+    *,
+    batch_size: int = 256,
+    text_batch_size: int = 1024,
+    max_length: int = 30,
+    device="cpu",
+    num_workers: int = 0,
+    amp: bool | torch.dtype | None = False,
+    progress: bool = True,
+    chunk_size: int | None = None,
+) -> dict[str, float]:
     """Image <-> text retrieval scores of `model` on a retrieval set.
 
     Unreadable images are dropped together with their captions, and the
@@ -157,16 +202,23 @@ def evaluate_retrieval(model, tokenizer, dataset, *, batch_size: int = 256, text
     txt2img = torch.as_tensor(list(dataset.txt2img), dtype=torch.long)
     n_total = len(dataset)
     if txt2img.numel() != len(texts):
-        raise ValueError(f"dataset.txt2img has {txt2img.numel()} entries but dataset.texts has {len(texts)}; "
-                         "they must be parallel lists")
+        raise ValueError(
+            f"dataset.txt2img has {txt2img.numel()} entries but dataset.texts has {len(texts)}; "
+            "they must be parallel lists"
+        )
     if txt2img.numel() and (int(txt2img.min()) < 0 or int(txt2img.max()) >= n_total):
-        raise ValueError(f"dataset.txt2img values must lie in [0, {n_total}) (len(dataset)), got range "
-                         f"[{int(txt2img.min())}, {int(txt2img.max())}]")
+        raise ValueError(
+            f"dataset.txt2img values must lie in [0, {n_total}) (len(dataset)), got range "
+            f"[{int(txt2img.min())}, {int(txt2img.max())}]"
+        )
     image_features, image_ids = extract_image_features(
-        model, dataset, batch_size=batch_size, device=device, num_workers=num_workers, amp=amp, progress=progress)
+        model, dataset, batch_size=batch_size, device=device, num_workers=num_workers, amp=amp, progress=progress
+    )
     if image_ids.unique().numel() != image_ids.numel() or int(image_ids.min()) < 0 or int(image_ids.max()) >= n_total:
-        raise ValueError("dataset[i] must return (image, i) with distinct ids in [0, len(dataset)); "
-                         f"got ids in [{int(image_ids.min())}, {int(image_ids.max())}] for {n_total} items")
+        raise ValueError(
+            "dataset[i] must return (image, i) with distinct ids in [0, len(dataset)); "
+            f"got ids in [{int(image_ids.min())}, {int(image_ids.max())}] for {n_total} items"
+        )
     # Position of each original image among those read (-1: unreadable).
     new_index = torch.full((n_total,), -1, dtype=torch.long)
     new_index[image_ids] = torch.arange(image_ids.numel())
@@ -175,13 +227,22 @@ def evaluate_retrieval(model, tokenizer, dataset, *, batch_size: int = 256, text
     if kept_texts.numel() == 0:
         raise ValueError("no caption belongs to a readable image; cannot score retrieval")
     text_features = extract_text_features(
-        model, tokenizer, [texts[i] for i in kept_texts.tolist()], batch_size=text_batch_size,
-        max_length=max_length, device=device, amp=amp)
+        model,
+        tokenizer,
+        [texts[i] for i in kept_texts.tolist()],
+        batch_size=text_batch_size,
+        max_length=max_length,
+        device=device,
+        amp=amp,
+    )
     device = torch.device(device)
     similarity = image_features.to(device) @ text_features.to(device).T
     metrics = retrieval_metrics(similarity, remapped[kept_texts].to(device), chunk_size=chunk_size)
-    metrics.update(n_images=int(image_ids.numel()), n_texts=int(kept_texts.numel()),
-                   n_skipped_images=int(n_total - image_ids.numel()))
+    metrics.update(
+        n_images=int(image_ids.numel()),
+        n_texts=int(kept_texts.numel()),
+        n_skipped_images=int(n_total - image_ids.numel()),
+    )
     return metrics
 
 
@@ -189,8 +250,18 @@ def evaluate_retrieval(model, tokenizer, dataset, *, batch_size: int = 256, text
 # Zero-shot classification
 # --------------------------------------------------------------------------
 
-def zeroshot_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], *,
-                        max_length: int = 30, batch_size: int = 1024, device="cpu", amp: bool | torch.dtype | None = False) -> Tensor:
+
+def zeroshot_classifier(
+    model,
+    tokenizer,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    max_length: int = 30,
+    batch_size: int = 1024,
+    device="cpu",
+    amp: bool | torch.dtype | None = False,
+) -> Tensor:
     """Zero-shot classifier weights, float32 ``[D, n_classes]`` on CPU.
 
     Class c's weight is ``normalise(mean_t normalise(embed(template_t.format(c))))``
@@ -211,15 +282,27 @@ def zeroshot_classifier(model, tokenizer, classnames: Sequence[str], templates: 
     if bad:
         raise ValueError(f"each template must contain exactly one '{{}}' for the class name; got {bad[:3]}")
     prompts = [template.format(name) for name in classnames for template in templates]  # class-major
-    embedded = extract_text_features(model, tokenizer, prompts, batch_size=batch_size, max_length=max_length,
-                                     device=device, amp=amp)
+    embedded = extract_text_features(
+        model, tokenizer, prompts, batch_size=batch_size, max_length=max_length, device=device, amp=amp
+    )
     per_class = embedded.view(len(classnames), len(templates), -1).mean(dim=1)
     return F.normalize(per_class, dim=-1).T.contiguous()
 
 
-def evaluate_zeroshot(model, tokenizer, dataset, *, batch_size: int = 256, text_batch_size: int = 1024,
-                      max_length: int = 30, device="cpu", num_workers: int = 0, amp: bool | torch.dtype | None = False,
-                      progress: bool = True, chunk_size: int | None = None) -> dict[str, float]:
+def evaluate_zeroshot(
+    model,
+    tokenizer,
+    dataset,
+    *,
+    batch_size: int = 256,
+    text_batch_size: int = 1024,
+    max_length: int = 30,
+    device="cpu",
+    num_workers: int = 0,
+    amp: bool | torch.dtype | None = False,
+    progress: bool = True,
+    chunk_size: int | None = None,
+) -> dict[str, float]:
     """Zero-shot top-1/top-5 of `model` on a labelled image set.
 
     Args:
@@ -230,10 +313,19 @@ def evaluate_zeroshot(model, tokenizer, dataset, *, batch_size: int = 256, text_
     Returns:
         ``top1``, ``top5`` (percent), ``n_images`` (scored) and ``n_skipped_images``.
     """
-    classifier = zeroshot_classifier(model, tokenizer, dataset.classnames, dataset.templates,
-                                     max_length=max_length, batch_size=text_batch_size, device=device, amp=amp)
-    features, labels = extract_image_features(model, dataset, batch_size=batch_size, device=device,
-                                              num_workers=num_workers, amp=amp, progress=progress)
+    classifier = zeroshot_classifier(
+        model,
+        tokenizer,
+        dataset.classnames,
+        dataset.templates,
+        max_length=max_length,
+        batch_size=text_batch_size,
+        device=device,
+        amp=amp,
+    )
+    features, labels = extract_image_features(
+        model, dataset, batch_size=batch_size, device=device, num_workers=num_workers, amp=amp, progress=progress
+    )
     device = torch.device(device)
     metrics = zeroshot_metrics(features.to(device), labels.to(device), classifier.to(device), chunk_size=chunk_size)
     metrics.update(n_images=int(labels.numel()), n_skipped_images=int(len(dataset) - labels.numel()))

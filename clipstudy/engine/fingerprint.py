@@ -18,6 +18,7 @@ commit is recorded beside it but is not part of it (a code change alone does
 not make a result stale). :func:`differences` names what changed between two
 fingerprints, e.g. ``lr 0.002 -> 0.05``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,19 @@ from clipstudy.engine.config import PATH_FIELDS  # replaced in the fingerprint b
 
 # Fields that do not change a run's numbers: where it runs and how fast, how often it logs, how many
 # checkpoints it keeps, TensorBoard logs, and where it stops (max_steps: the schedule is the full run's).
-RESULT_NEUTRAL_FIELDS = frozenset({"out", "num_workers", "threads", "device", "log_every", "cache_images",
-                                   "keep_checkpoints", "max_steps", "tensorboard"})
+RESULT_NEUTRAL_FIELDS = frozenset(
+    {
+        "out",
+        "num_workers",
+        "threads",
+        "device",
+        "log_every",
+        "cache_images",
+        "keep_checkpoints",
+        "max_steps",
+        "tensorboard",
+    }
+)
 MISSING = "missing"
 
 # (path, size, mtime_ns) -> digest: a sweep fingerprints every cell over the same files.

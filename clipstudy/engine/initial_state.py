@@ -3,6 +3,7 @@
 Used to measure how collapsed the towers' embeddings start out (the README's
 initialisation table): the model is built exactly as a run builds it.
 """
+
 from __future__ import annotations
 
 import torch

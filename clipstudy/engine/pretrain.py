@@ -26,6 +26,7 @@ written atomically. A run with ``pretrained=True`` and the demo towers calls
 :func:`load_pretrained_towers`, which builds them on first use (with a
 progress bar) and reuses them afterwards.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,11 +50,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 @dataclass(frozen=True)
 class PretrainSettings:
     """How the demo towers are pretrained (config field ``pretrain`` overrides any of these)."""
-    images: int = 6000              # single-shape scenes for the image classifier (10 % held out)
+
+    images: int = 6000  # single-shape scenes for the image classifier (10 % held out)
     image_epochs: int = 10
     image_batch_size: int = 64
     image_lr: float = 2e-3
-    captions: int = 12000           # captions for masked-language modelling (10 % held out)
+    captions: int = 12000  # captions for masked-language modelling (10 % held out)
     text_epochs: int = 4
     text_batch_size: int = 64
     text_lr: float = 1e-3
@@ -129,9 +131,14 @@ def scene_labels(scene: dict) -> list[int]:
     from clipstudy.data.demo_scenes import COLOURS, SHAPES, SIZES, TONES
 
     shape = scene["shapes"][0]
-    return [list(COLOURS).index(shape["colour"]), list(SHAPES).index(shape["shape"]),
-            list(SIZES).index(shape["size"]), shape["row"], shape["col"],
-            list(TONES).index(scene["background"]["tone"])]
+    return [
+        list(COLOURS).index(shape["colour"]),
+        list(SHAPES).index(shape["shape"]),
+        list(SIZES).index(shape["size"]),
+        shape["row"],
+        shape["col"],
+        list(TONES).index(scene["background"]["tone"]),
+    ]
 
 
 def pretraining_images(settings: PretrainSettings, image_size: int, exclude: set[str]):
@@ -175,19 +182,21 @@ def pretraining_captions(settings: PretrainSettings, exclude: set[str], max_word
 # ------------------------------------------------------------------ training
 def _batches(n: int, batch_size: int, generator: torch.Generator):
     order = torch.randperm(n, generator=generator)
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
-def _fit(batch_loss, modules, n: int, batch_size: int, epochs: int, lr: float, settings: PretrainSettings,
-         bar, stage: str) -> None:
+def _fit(
+    batch_loss, modules, n: int, batch_size: int, epochs: int, lr: float, settings: PretrainSettings, bar, stage: str
+) -> None:
     """AdamW with warm-up (first 5 %) then cosine decay over ``epochs`` passes of shuffled batches."""
     generator = torch.Generator().manual_seed(settings.seed)
     params = [p for module in modules for p in module.parameters()]
     total = epochs * (n // batch_size)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
     warmup = max(1, total // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)
-                                                 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
     for _ in range(epochs):
         for module in modules:
             module.train()
@@ -203,29 +212,41 @@ def _fit(batch_loss, modules, n: int, batch_size: int, epochs: int, lr: float, s
 
 def train_image_tower(config, settings: PretrainSettings, images: np.ndarray, labels: np.ndarray, bar) -> tuple:
     """Supervised multi-head classification; returns (tower state dict, held-out accuracy per head)."""
-    from clipstudy.data.datasets import CLIP_MEAN, CLIP_STD
     from clipstudy.core.models import SmallResNet
+    from clipstudy.data.datasets import CLIP_MEAN, CLIP_STD
 
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
     x = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     y = torch.from_numpy(labels)
     n_val = len(x) // 10
     x_train, y_train, x_val, y_val = x[n_val:], y[n_val:], x[:n_val], y[:n_val]
-    tower = SmallResNet(tuple(config.small_resnet_widths), tuple(config.small_resnet_blocks),
-                        norm=config.small_resnet_norm)
+    tower = SmallResNet(
+        tuple(config.small_resnet_widths), tuple(config.small_resnet_blocks), norm=config.small_resnet_norm
+    )
     sizes = head_sizes()
     head = nn.Linear(tower.out_dim, sum(sizes))
+
     def batch_loss(rows):
         logits = head(tower(x_train[rows])).split(sizes, dim=1)
         return sum(F.cross_entropy(z, y_train[rows, k]) for k, z in enumerate(logits))
 
-    _fit(batch_loss, [tower, head], len(x_train), settings.image_batch_size, settings.image_epochs,
-         settings.image_lr, settings, bar, "image")
+    _fit(
+        batch_loss,
+        [tower, head],
+        len(x_train),
+        settings.image_batch_size,
+        settings.image_epochs,
+        settings.image_lr,
+        settings,
+        bar,
+        "image",
+    )
     tower.eval()
     with torch.no_grad():
         logits = head(tower(x_val)).split(sizes, dim=1)
-    accuracy = {name: float((z.argmax(1) == y_val[:, k]).float().mean()) for k, (name, z) in
-                enumerate(zip(HEADS, logits))}
+    accuracy = {
+        name: float((z.argmax(1) == y_val[:, k]).float().mean()) for k, (name, z) in enumerate(zip(HEADS, logits))
+    }
     return tower.state_dict(), accuracy
 
 
@@ -235,23 +256,35 @@ def train_text_tower(config, settings: PretrainSettings, captions: list[str], to
 
     from clipstudy.core.models import small_distilbert
 
-    body = small_distilbert(len(tokenizer), dim=config.text_dim, n_layers=config.text_layers,
-                            max_position_embeddings=max(64, config.max_length),
-                            pad_token_id=tokenizer.pad_token_id or 0)
+    body = small_distilbert(
+        len(tokenizer),
+        dim=config.text_dim,
+        n_layers=config.text_layers,
+        max_position_embeddings=max(64, config.max_length),
+        pad_token_id=tokenizer.pad_token_id or 0,
+    )
     model = DistilBertForMaskedLM(body.config)
     encoded = tokenizer(captions, truncation=True, max_length=config.max_length)["input_ids"]
     n_val = len(encoded) // 10
     train_ids, val_ids = encoded[n_val:], encoded[:n_val]
-    collate = DataCollatorForLanguageModeling(tokenizer, mlm_probability=settings.mlm_probability,
-                                              seed=settings.seed)
+    collate = DataCollatorForLanguageModeling(tokenizer, mlm_probability=settings.mlm_probability, seed=settings.seed)
 
     def forward(ids):
         batch = collate([{"input_ids": i} for i in ids])
         mask = (batch["input_ids"] != tokenizer.pad_token_id).long()
         return model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"]), batch["labels"]
 
-    _fit(lambda rows: forward([train_ids[i] for i in rows])[0].loss, [model], len(train_ids),
-         settings.text_batch_size, settings.text_epochs, settings.text_lr, settings, bar, "text")
+    _fit(
+        lambda rows: forward([train_ids[i] for i in rows])[0].loss,
+        [model],
+        len(train_ids),
+        settings.text_batch_size,
+        settings.text_epochs,
+        settings.text_lr,
+        settings,
+        bar,
+        "text",
+    )
     model.eval()
     with torch.no_grad():
         out, labels = forward(val_ids)
@@ -264,11 +297,19 @@ def train_text_tower(config, settings: PretrainSettings, captions: list[str], to
 def cache_key(config, settings: PretrainSettings, data_digest: str) -> str:
     from clipstudy.data.demo import GENERATOR_VERSION
 
-    payload = {"pretrain_version": PRETRAIN_VERSION, "generator_version": GENERATOR_VERSION,
-               "settings": dataclasses.asdict(settings), "data_digest": data_digest,
-               "image": [config.image_size, list(config.small_resnet_widths), list(config.small_resnet_blocks),
-                         config.small_resnet_norm],
-               "text": [config.text_dim, config.text_layers, config.max_length, config.max_words]}
+    payload = {
+        "pretrain_version": PRETRAIN_VERSION,
+        "generator_version": GENERATOR_VERSION,
+        "settings": dataclasses.asdict(settings),
+        "data_digest": data_digest,
+        "image": [
+            config.image_size,
+            list(config.small_resnet_widths),
+            list(config.small_resnet_blocks),
+            config.small_resnet_norm,
+        ],
+        "text": [config.text_dim, config.text_layers, config.max_length, config.max_words],
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -278,10 +319,12 @@ def _data_digest(config) -> str:
 
     manifest = demo_manifest(config.data) if config.data else None
     if manifest is None or not manifest.get("digest"):
-        raise ConfigError(f"config field 'pretrained'=True with the demo towers needs a data folder made by "
-                          f"`python -m clipstudy make-demo-data` (no readable manifest.json in "
-                          f"{config.data or 'data'!r}); set `data` to such a folder, or pretrained=false to start "
-                          "from random weights")
+        raise ConfigError(
+            f"config field 'pretrained'=True with the demo towers needs a data folder made by "
+            f"`python -m clipstudy make-demo-data` (no readable manifest.json in "
+            f"{config.data or 'data'!r}); set `data` to such a folder, or pretrained=false to start "
+            "from random weights"
+        )
     return manifest["digest"]
 
 
@@ -349,23 +392,39 @@ def _build_towers(config, settings: PretrainSettings, progress: bool) -> tuple[d
     captions, dropped_captions = pretraining_captions(settings, study_captions(config), config.max_words)
     tokenizer = local_tokenizer(config.resolved_paths()["tokenizer"])
     n_image_train, n_text_train = len(images) - len(images) // 10, len(captions) - len(captions) // 10
-    total = (settings.image_epochs * (n_image_train // settings.image_batch_size)
-             + settings.text_epochs * (n_text_train // settings.text_batch_size))
-    with tqdm(total=total, desc="pretraining demo towers", unit="step", disable=not progress,
-              dynamic_ncols=True, mininterval=1.0) as bar:
+    total = settings.image_epochs * (n_image_train // settings.image_batch_size) + settings.text_epochs * (
+        n_text_train // settings.text_batch_size
+    )
+    with tqdm(
+        total=total,
+        desc="pretraining demo towers",
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    ) as bar:
         image_state, image_accuracy = train_image_tower(config, settings, images, labels, bar)
         text_state, text_accuracy = train_text_tower(config, settings, captions, tokenizer, bar)
-    meta = {"settings": dataclasses.asdict(settings), "images": len(images), "captions": len(captions),
-            "dropped_images": dropped_images, "dropped_captions": dropped_captions,
-            "image_val_accuracy": image_accuracy, "text_val_masked_accuracy": text_accuracy,
-            "seconds": round(time.perf_counter() - started, 1), "torch_threads": torch.get_num_threads()}
+    meta = {
+        "settings": dataclasses.asdict(settings),
+        "images": len(images),
+        "captions": len(captions),
+        "dropped_images": dropped_images,
+        "dropped_captions": dropped_captions,
+        "image_val_accuracy": image_accuracy,
+        "text_val_masked_accuracy": text_accuracy,
+        "seconds": round(time.perf_counter() - started, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
     return {"image_tower": image_state, "text_tower": text_state}, meta
 
 
 def uses_pretrained_towers(config) -> tuple[bool, bool]:
     """(image, text): which of the run's towers take the demo pretrained weights."""
-    return (config.pretrained and config.image_encoder == "small_resnet",
-            config.pretrained and config.text_encoder == "small_distilbert")
+    return (
+        config.pretrained and config.image_encoder == "small_resnet",
+        config.pretrained and config.text_encoder == "small_distilbert",
+    )
 
 
 def load_pretrained_towers(model, config, progress: bool = True) -> dict | None:

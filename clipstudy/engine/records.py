@@ -12,6 +12,7 @@
   :meth:`RunLog.log_epoch`). Anything that should see every row (a TensorBoard
   writer, extra diagnostics) hooks in there.
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,8 +24,8 @@ import subprocess
 from pathlib import Path
 
 from clipstudy import __version__
-from clipstudy.fileio import atomic_write_text, write_json
 from clipstudy.engine.environment import lock_versions
+from clipstudy.fileio import atomic_write_text, write_json
 
 COMPLETED, DIVERGED, FAILED, INTERRUPTED = "completed", "diverged", "failed", "interrupted"
 FINISHED = (COMPLETED, DIVERGED)
@@ -43,8 +44,13 @@ def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         commit = out.stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -66,8 +72,12 @@ def package_versions() -> dict:
 def device_description(device) -> dict:
     import torch
 
-    info = {"device": str(device), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+    info = {
+        "device": str(device),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -77,13 +87,32 @@ def device_description(device) -> dict:
 # ---------------------------------------------------------------- metrics.json
 def cell_fields(config) -> dict:
     """The fields naming a run's cell, first in every metrics.json."""
-    return {"cell": config.cell_name(), "profile": config.profile, "optimizer": config.optimizer_label(),
-            "base_optimizer": config.optimizer, "loss": config.loss, "seed": config.seed}
+    return {
+        "cell": config.cell_name(),
+        "profile": config.profile,
+        "optimizer": config.optimizer_label(),
+        "base_optimizer": config.optimizer,
+        "loss": config.loss,
+        "seed": config.seed,
+    }
 
 
-def run_metrics(config, *, status: str, final_scores: dict, diverged_at_step, global_step: int,
-                steps_total: int, truncated: bool, epochs_completed: int, wall_time_s: float, train_samples_per_s,
-                peak_memory_mb: float, skipped_images: int, fingerprint: str) -> dict:
+def run_metrics(
+    config,
+    *,
+    status: str,
+    final_scores: dict,
+    diverged_at_step,
+    global_step: int,
+    steps_total: int,
+    truncated: bool,
+    epochs_completed: int,
+    wall_time_s: float,
+    train_samples_per_s,
+    peak_memory_mb: float,
+    skipped_images: int,
+    fingerprint: str,
+) -> dict:
     """metrics.json of a training run that ended (completed or diverged).
 
     ``steps_completed`` of ``steps_total`` (the whole run's optimizer steps) ran
@@ -92,22 +121,40 @@ def run_metrics(config, *, status: str, final_scores: dict, diverged_at_step, gl
     schedule is the whole run's; rerun with a later cut or none, it continues).
     ``epochs_completed`` counts whole epochs only.
     """
-    return {"status": status, **cell_fields(config),
-            **{k: v for k, v in final_scores.items() if k not in ("epoch", "step")},
-            "diverged_at_step": diverged_at_step, "global_step": global_step,
-            "steps_completed": global_step, "steps_total": steps_total,
-            "truncated": status == COMPLETED and truncated,
-            "epochs_completed": epochs_completed, "wall_time_s": wall_time_s,
-            "train_samples_per_s": train_samples_per_s, "peak_memory_mb": peak_memory_mb,
-            "skipped_images": skipped_images, "fingerprint": fingerprint, "git_commit": git_commit()}
+    return {
+        "status": status,
+        **cell_fields(config),
+        **{k: v for k, v in final_scores.items() if k not in ("epoch", "step")},
+        "diverged_at_step": diverged_at_step,
+        "global_step": global_step,
+        "steps_completed": global_step,
+        "steps_total": steps_total,
+        "truncated": status == COMPLETED and truncated,
+        "epochs_completed": epochs_completed,
+        "wall_time_s": wall_time_s,
+        "train_samples_per_s": train_samples_per_s,
+        "peak_memory_mb": peak_memory_mb,
+        "skipped_images": skipped_images,
+        "fingerprint": fingerprint,
+        "git_commit": git_commit(),
+    }
 
 
-def failure_metrics(*, cell: str, profile: str, optimizer: str, base_optimizer: str, loss: str, seed: int,
-                    error: str) -> dict:
+def failure_metrics(
+    *, cell: str, profile: str, optimizer: str, base_optimizer: str, loss: str, seed: int, error: str
+) -> dict:
     """metrics.json of a run that failed (raised, or its notebook did), with the error."""
-    return {"status": FAILED, "cell": cell, "profile": profile, "optimizer": optimizer,
-            "base_optimizer": base_optimizer, "loss": loss, "seed": seed, "error": error,
-            "git_commit": git_commit()}
+    return {
+        "status": FAILED,
+        "cell": cell,
+        "profile": profile,
+        "optimizer": optimizer,
+        "base_optimizer": base_optimizer,
+        "loss": loss,
+        "seed": seed,
+        "error": error,
+        "git_commit": git_commit(),
+    }
 
 
 def write_metrics(run_dir: str | Path, metrics: dict) -> None:
@@ -182,8 +229,7 @@ class RunLog:
     continues the same lists) and :meth:`flush` writes both files atomically.
     """
 
-    def __init__(self, run_dir: Path, history: list[dict] | None = None, epochs: list[dict] | None = None,
-                 board=None):
+    def __init__(self, run_dir: Path, history: list[dict] | None = None, epochs: list[dict] | None = None, board=None):
         self.run_dir = Path(run_dir)
         self.history = history if history is not None else []
         self.epochs = epochs if epochs is not None else []
@@ -211,15 +257,23 @@ class RunLog:
 
 
 # ----------------------------------------------------------------- config.json
-def write_run_config(run_dir: Path, config, *, device, world_size: int, command: list[str],
-                     fingerprint: dict) -> None:
+def write_run_config(run_dir: Path, config, *, device, world_size: int, command: list[str], fingerprint: dict) -> None:
     """``config.json`` of a new run: the configuration, its fingerprint (:mod:`clipstudy.engine.fingerprint`),
     and where and with what it started."""
-    write_json(Path(run_dir) / "config.json", {
-        "config": config.to_dict(), "fingerprint": fingerprint, "out": str(run_dir), "git_commit": git_commit(),
-        "versions": package_versions(), "device": device_description(device),
-        "world_size": world_size, "command": command, "resumes": [],
-    })
+    write_json(
+        Path(run_dir) / "config.json",
+        {
+            "config": config.to_dict(),
+            "fingerprint": fingerprint,
+            "out": str(run_dir),
+            "git_commit": git_commit(),
+            "versions": package_versions(),
+            "device": device_description(device),
+            "world_size": world_size,
+            "command": command,
+            "resumes": [],
+        },
+    )
 
 
 def read_run_config(run_dir: str | Path) -> dict | None:
@@ -236,8 +290,9 @@ def recorded_fingerprint(run_dir: str | Path) -> dict | None:
     return record.get("fingerprint") if isinstance(record, dict) else None
 
 
-def record_resume(run_dir: Path, config, *, device, world_size: int, command: list[str], when: str,
-                  fingerprint: dict) -> None:
+def record_resume(
+    run_dir: Path, config, *, device, world_size: int, command: list[str], when: str, fingerprint: dict
+) -> None:
     """Append a resume (time, commit, device, command) to ``config.json``, keeping the original fields.
 
     A run whose config.json is missing or unreadable gets a new one.
@@ -245,9 +300,11 @@ def record_resume(run_dir: Path, config, *, device, world_size: int, command: li
     path = Path(run_dir) / "config.json"
     record = read_run_config(run_dir)
     if record is None:
-        write_run_config(run_dir, config, device=device, world_size=world_size, command=command,
-                         fingerprint=fingerprint)
+        write_run_config(
+            run_dir, config, device=device, world_size=world_size, command=command, fingerprint=fingerprint
+        )
         record = json.loads(path.read_text())
-    record.setdefault("resumes", []).append({"time": when, "git_commit": git_commit(), "device": str(device),
-                                             "world_size": world_size, "command": command})
+    record.setdefault("resumes", []).append(
+        {"time": when, "git_commit": git_commit(), "device": str(device), "world_size": world_size, "command": command}
+    )
     write_json(path, record)

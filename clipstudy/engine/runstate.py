@@ -7,6 +7,7 @@ configuration it was trained with. :func:`resume` loads the newest valid
 checkpoint of a run directory, refuses one of another format or written with
 another configuration (before anything is written), and restores it.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clipstudy.core.distributed import unwrap_model
 from clipstudy.engine import records
 from clipstudy.engine.checkpoint import CKPT_RE, CheckpointError, checkpoint_paths, load_latest, verified_bytes
 from clipstudy.engine.config import ConfigError, RunConfig
-from clipstudy.core.distributed import unwrap_model
 from clipstudy.engine.fingerprint import RESULT_NEUTRAL_FIELDS, describe_change
 
 log = logging.getLogger("clipstudy.engine.train")
@@ -40,8 +41,11 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])]}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -70,8 +74,12 @@ def capture_state(run, epoch: int, batch_in_epoch: int, global_step: int, histor
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
         "rng": rng_state(),
-        "epoch": epoch, "batch_in_epoch": batch_in_epoch, "global_step": global_step,
-        "history": history, "epochs": epochs, "elapsed": elapsed,
+        "epoch": epoch,
+        "batch_in_epoch": batch_in_epoch,
+        "global_step": global_step,
+        "history": history,
+        "epochs": epochs,
+        "elapsed": elapsed,
         "config": json.dumps(run.config.to_dict()),
     }
 
@@ -88,19 +96,26 @@ def restore_state(run, state: dict) -> None:
 
 def check_resume_compatible(config: RunConfig, saved_json: str, path: Path) -> None:
     saved = json.loads(saved_json)
-    changed = {k: (saved.get(k), v) for k, v in config.to_dict().items()
-               # max_steps is result-neutral: a cut run continues, with the same schedule, when rerun with a later stop
-               if k not in RESULT_NEUTRAL_FIELDS and saved.get(k) != v}
+    changed = {
+        k: (saved.get(k), v)
+        for k, v in config.to_dict().items()
+        # max_steps is result-neutral: a cut run continues, with the same schedule, when rerun with a later stop
+        if k not in RESULT_NEUTRAL_FIELDS and saved.get(k) != v
+    }
     if changed:
-        raise ConfigError(f"{path} was written with a different configuration ({changed}); "
-                          "resume with the same settings or use a new output directory")
+        raise ConfigError(
+            f"{path} was written with a different configuration ({changed}); "
+            "resume with the same settings or use a new output directory"
+        )
 
 
 def check_checkpoint_format(state: dict, path: Path) -> None:
     found = state.get("format")
     if found != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{path}: checkpoint format {found!r}, this clipstudy reads format {CHECKPOINT_FORMAT}; "
-                          "resume it with the clipstudy version that wrote it, or use a new output directory")
+        raise ConfigError(
+            f"{path}: checkpoint format {found!r}, this clipstudy reads format {CHECKPOINT_FORMAT}; "
+            "resume it with the clipstudy version that wrote it, or use a new output directory"
+        )
 
 
 def check_recorded_fingerprint(out: Path, fingerprint: dict) -> None:
@@ -113,8 +128,10 @@ def check_recorded_fingerprint(out: Path, fingerprint: dict) -> None:
     recorded = records.recorded_fingerprint(out)
     change = describe_change(recorded, fingerprint) if recorded else None
     if change:
-        raise ConfigError(f"{out} was written with a different configuration ({change}); resume with the same "
-                          "settings, or use a new output directory (--out, or a --label for a variant)")
+        raise ConfigError(
+            f"{out} was written with a different configuration ({change}); resume with the same "
+            "settings, or use a new output directory (--out, or a --label for a variant)"
+        )
 
 
 def already_complete(out: Path, config: RunConfig, fingerprint: dict, *, announce: bool = True) -> dict | None:
@@ -131,8 +148,10 @@ def already_complete(out: Path, config: RunConfig, fingerprint: dict, *, announc
         return None
     check_recorded_fingerprint(out, fingerprint)
     done = records.read_metrics(out)
-    if not (records.is_complete_for(done, config.max_steps)
-            and done.get("global_step") == int(CKPT_RE.match(found[0].name).group(1))):
+    if not (
+        records.is_complete_for(done, config.max_steps)
+        and done.get("global_step") == int(CKPT_RE.match(found[0].name).group(1))
+    ):
         return None
     try:
         verified_bytes(found[0])
@@ -140,14 +159,16 @@ def already_complete(out: Path, config: RunConfig, fingerprint: dict, *, announc
         return None
     if announce:
         note = records.progress_note(done)
-        print(f"{out}: already complete ({done['status']}{', ' + note if note else ''}); nothing to do",
-              file=sys.stderr)
+        print(
+            f"{out}: already complete ({done['status']}{', ' + note if note else ''}); nothing to do", file=sys.stderr
+        )
     return done
 
 
 @dataclass
 class ResumePoint:
     """Where a resumed run continues (see :func:`resume`)."""
+
     path: Path
     epoch: int
     batch_in_epoch: int
@@ -171,11 +192,20 @@ def resume(run, out: Path, *, announce: bool = True) -> ResumePoint | None:
     check_checkpoint_format(state, path)
     check_resume_compatible(run.config, state["config"], path)
     restore_state(run, state)
-    point = ResumePoint(path, state["epoch"], state["batch_in_epoch"], state["global_step"], state["elapsed"],
-                        state["history"], state["epochs"])
+    point = ResumePoint(
+        path,
+        state["epoch"],
+        state["batch_in_epoch"],
+        state["global_step"],
+        state["elapsed"],
+        state["history"],
+        state["epochs"],
+    )
     if announce:
-        print(f"resumed from {path} (epoch {point.epoch + 1}, batch {point.batch_in_epoch}, "
-              f"step {point.global_step})", file=sys.stderr)
+        print(
+            f"resumed from {path} (epoch {point.epoch + 1}, batch {point.batch_in_epoch}, step {point.global_step})",
+            file=sys.stderr,
+        )
     return point
 
 

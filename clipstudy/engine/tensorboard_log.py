@@ -11,6 +11,7 @@ On resume the writer is opened with ``purge_step`` at the resumed step, so
 the curve of an interrupted run is the curve of an uninterrupted one (events
 a killed run wrote after its last checkpoint are discarded by TensorBoard).
 """
+
 from __future__ import annotations
 
 import math

@@ -13,6 +13,7 @@ they hold is defined in :mod:`clipstudy.engine.records`.
 The data order and augmentation are reproducible across resumes
 (:mod:`clipstudy.data.sampling`); the command line is in :mod:`clipstudy.cli.commands`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,19 +32,19 @@ from torch.utils.data import Dataset
 
 from clipstudy import paths
 from clipstudy.core import precision
-from clipstudy.engine import records
-from clipstudy.fileio import CellBusy, cell_lock
-from clipstudy.engine.checkpoint import remove_stale_temporaries, save_checkpoint
-from clipstudy.engine.config import ConfigError, RunConfig
+from clipstudy.core.diagnostics import start_end_summary, step_diagnostics
 from clipstudy.core.distributed import unwrap_model
 from clipstudy.core.precision import autocast
+from clipstudy.data.sampling import SeededSamples, batches_keeping_rng, train_loader
+from clipstudy.engine import records
+from clipstudy.engine.checkpoint import remove_stale_temporaries, save_checkpoint
+from clipstudy.engine.config import ConfigError, RunConfig
 from clipstudy.engine.fingerprint import fingerprint as fingerprint_of
 from clipstudy.engine.preflight import check_inputs
-from clipstudy.engine.runstate import StopRequest, already_complete, capture_state, resume, seed_everything
-from clipstudy.data.sampling import SeededSamples, batches_keeping_rng, train_loader
-from clipstudy.engine.tensorboard_log import TensorBoardLog
-from clipstudy.core.diagnostics import start_end_summary, step_diagnostics
 from clipstudy.engine.pretrain import load_pretrained_towers
+from clipstudy.engine.runstate import StopRequest, already_complete, capture_state, resume, seed_everything
+from clipstudy.engine.tensorboard_log import TensorBoardLog
+from clipstudy.fileio import CellBusy, cell_lock
 
 log = logging.getLogger("clipstudy.engine.train")
 
@@ -52,6 +53,7 @@ log = logging.getLogger("clipstudy.engine.train")
 @dataclass(kw_only=True)
 class Run:
     """Everything a training run holds (built once by :func:`build_run`)."""
+
     config: RunConfig
     out: Path
     device: torch.device
@@ -65,8 +67,8 @@ class Run:
     retrieval_set: Dataset | None
     zeroshot_set: Dataset | None
     steps_per_epoch: int
-    total_steps: int                   # optimizer steps of the whole run (the schedule's length)
-    stop_step: int                     # where this session stops: total_steps, or max_steps if earlier
+    total_steps: int  # optimizer steps of the whole run (the schedule's length)
+    stop_step: int  # where this session stops: total_steps, or max_steps if earlier
     amp_dtype: torch.dtype | None
     rank: int = 0
     world_size: int = 1
@@ -108,19 +110,32 @@ def build_datasets(config: RunConfig):
 
     paths = config.resolved_paths()
     transforms = transforms_for(config)
-    train_set = TrainPairs(paths["train_ann"], paths["train_images"], transforms["train"],
-                           max_words=config.max_words, cache_images=config.cache_images)
+    train_set = TrainPairs(
+        paths["train_ann"],
+        paths["train_images"],
+        transforms["train"],
+        max_words=config.max_words,
+        cache_images=config.cache_images,
+    )
     if config.limit_train:
         train_set = torch.utils.data.Subset(train_set, range(min(config.limit_train, len(train_set))))
     retrieval_set = zeroshot_set = None
     if paths["retrieval_ann"]:
-        retrieval_set = RetrievalSet(paths["retrieval_ann"], paths["retrieval_images"], transforms["retrieval"],
-                                     max_words=config.max_words, cache_images=config.cache_images)
+        retrieval_set = RetrievalSet(
+            paths["retrieval_ann"],
+            paths["retrieval_images"],
+            transforms["retrieval"],
+            max_words=config.max_words,
+            cache_images=config.cache_images,
+        )
     if paths["zeroshot_images"]:
         zeroshot_set = ZeroShotSet(paths["zeroshot_images"], transforms["zeroshot"], cache_images=config.cache_images)
     # fail in seconds, not after the first epoch, when a whole set is unreadable
-    require_readable_image(train_set.dataset if isinstance(train_set, torch.utils.data.Subset) else train_set,
-                           "training", paths["train_ann"])
+    require_readable_image(
+        train_set.dataset if isinstance(train_set, torch.utils.data.Subset) else train_set,
+        "training",
+        paths["train_ann"],
+    )
     if retrieval_set is not None:
         require_readable_image(retrieval_set, "retrieval", paths["retrieval_ann"])
     if zeroshot_set is not None:
@@ -131,14 +146,21 @@ def build_datasets(config: RunConfig):
 def build_model_for(config: RunConfig):
     from clipstudy.core.models import build_model
 
-    return build_model(image_encoder=config.image_encoder, text_encoder=config.text_encoder,
-                       embed_dim=config.embed_dim, tokenizer_path=config.resolved_paths()["tokenizer"] or None,
-                       pretrained=config.pretrained, image_weights=config.image_weights,
-                       small_resnet_widths=config.small_resnet_widths,
-                       small_resnet_blocks=config.small_resnet_blocks,
-                       small_resnet_norm=config.small_resnet_norm, text_dim=config.text_dim,
-                       text_layers=config.text_layers, max_length=config.max_length,
-                       text_pooling=config.text_pooling)
+    return build_model(
+        image_encoder=config.image_encoder,
+        text_encoder=config.text_encoder,
+        embed_dim=config.embed_dim,
+        tokenizer_path=config.resolved_paths()["tokenizer"] or None,
+        pretrained=config.pretrained,
+        image_weights=config.image_weights,
+        small_resnet_widths=config.small_resnet_widths,
+        small_resnet_blocks=config.small_resnet_blocks,
+        small_resnet_norm=config.small_resnet_norm,
+        text_dim=config.text_dim,
+        text_layers=config.text_layers,
+        max_length=config.max_length,
+        text_pooling=config.text_pooling,
+    )
 
 
 @contextlib.contextmanager
@@ -148,8 +170,10 @@ def params_named(field: str, value: dict):
     try:
         yield
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"config field {field!r}={value!r}: {err} (check each key and the type of its "
-                          "value against what the loss or optimizer accepts)") from err
+        raise ConfigError(
+            f"config field {field!r}={value!r}: {err} (check each key and the type of its "
+            "value against what the loss or optimizer accepts)"
+        ) from err
 
 
 def build_run(config: RunConfig, out: Path, rank: int = 0, world_size: int = 1) -> Run:
@@ -162,12 +186,16 @@ def build_run(config: RunConfig, out: Path, rank: int = 0, world_size: int = 1) 
         torch.cuda.set_device(device)
     train_set, retrieval_set, zeroshot_set = build_datasets(config)
     if config.batch_size % world_size:
-        raise ConfigError(f"config field 'batch_size'={config.batch_size}: must be divisible by the "
-                          f"number of processes ({world_size})")
+        raise ConfigError(
+            f"config field 'batch_size'={config.batch_size}: must be divisible by the "
+            f"number of processes ({world_size})"
+        )
     steps_per_epoch = len(train_set) // config.batch_size
     if steps_per_epoch == 0:
-        raise ConfigError(f"config field 'batch_size'={config.batch_size} is larger than the training set "
-                          f"({len(train_set)} pairs in {config.resolved_paths()['train_ann']}); lower batch_size")
+        raise ConfigError(
+            f"config field 'batch_size'={config.batch_size} is larger than the training set "
+            f"({len(train_set)} pairs in {config.resolved_paths()['train_ann']}); lower batch_size"
+        )
     seed_everything(config.seed)  # same initial weights for every cell of a seed
     model, tokenizer = build_model_for(config)
     load_pretrained_towers(model, config)  # the demo towers' pretrained weights, built on first use
@@ -175,22 +203,52 @@ def build_run(config: RunConfig, out: Path, rank: int = 0, world_size: int = 1) 
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     with params_named("loss_params", config.loss_params):
-        loss = make_loss(config.loss, temperature=config.temperature, num_samples=len(train_set),
-                         **config.loss_params).to(device)
+        loss = make_loss(
+            config.loss, temperature=config.temperature, num_samples=len(train_set), **config.loss_params
+        ).to(device)
     with params_named("optimizer_params", config.optimizer_params):
-        optimizer = build_optimizer(config.optimizer, model, loss, lr=config.lr or None,
-                                    weight_decay=config.weight_decay, **config.optimizer_params)
+        optimizer = build_optimizer(
+            config.optimizer,
+            model,
+            loss,
+            lr=config.lr or None,
+            weight_decay=config.weight_decay,
+            **config.optimizer_params,
+        )
     total_steps, stop_step = planned_steps(config, steps_per_epoch)
     warmup = steps_per_epoch if config.warmup_steps < 0 else config.warmup_steps
-    scheduler = make_scheduler(optimizer, total_steps=total_steps, warmup_steps=min(warmup, total_steps),
-                               warmup_lr=config.warmup_lr, min_lr=config.min_lr, kind=config.lr_schedule,
-                               steps_per_epoch=steps_per_epoch, epochs=config.epochs)
+    scheduler = make_scheduler(
+        optimizer,
+        total_steps=total_steps,
+        warmup_steps=min(warmup, total_steps),
+        warmup_lr=config.warmup_lr,
+        min_lr=config.min_lr,
+        kind=config.lr_schedule,
+        steps_per_epoch=steps_per_epoch,
+        epochs=config.epochs,
+    )
     amp_dtype = precision.choose_amp(config.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    return Run(config=config, out=out, device=device, model=model, tokenizer=tokenizer, loss=loss,
-               optimizer=optimizer, scheduler=scheduler, scaler=scaler, train_set=train_set,
-               retrieval_set=retrieval_set, zeroshot_set=zeroshot_set, steps_per_epoch=steps_per_epoch,
-               total_steps=total_steps, stop_step=stop_step, amp_dtype=amp_dtype, rank=rank, world_size=world_size)
+    return Run(
+        config=config,
+        out=out,
+        device=device,
+        model=model,
+        tokenizer=tokenizer,
+        loss=loss,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        train_set=train_set,
+        retrieval_set=retrieval_set,
+        zeroshot_set=zeroshot_set,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        stop_step=stop_step,
+        amp_dtype=amp_dtype,
+        rank=rank,
+        world_size=world_size,
+    )
 
 
 def wrap_distributed(run: Run) -> None:
@@ -200,7 +258,8 @@ def wrap_distributed(run: Run) -> None:
     if run.device.type == "cuda":
         run.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
     run.model = torch.nn.parallel.DistributedDataParallel(
-        run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+        run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None
+    )
 
 
 # ------------------------------------------------------------- bookkeeping
@@ -215,24 +274,33 @@ def evaluate_run(run: Run) -> dict:
 
     # Image reading uses the training loader's worker count: one process would bound every
     # evaluation (MSCOCO 5k + ImageNet 50k images in the paper setting) by one core's decoding.
-    return evaluate_all(unwrap_model(run.model), run.tokenizer, retrieval_set=run.retrieval_set,
-                        zeroshot_set=run.zeroshot_set, batch_size=run.config.eval_batch_size, device=run.device,
-                        max_length=run.config.max_length, amp=run.amp_dtype, progress=False,
-                        num_workers=run.config.num_workers)
+    return evaluate_all(
+        unwrap_model(run.model),
+        run.tokenizer,
+        retrieval_set=run.retrieval_set,
+        zeroshot_set=run.zeroshot_set,
+        batch_size=run.config.eval_batch_size,
+        device=run.device,
+        max_length=run.config.max_length,
+        amp=run.amp_dtype,
+        progress=False,
+        num_workers=run.config.num_workers,
+    )
 
 
 @dataclass
 class LoopState:
     """Where the run stands; checkpointed with the model so a resume continues from it."""
+
     epoch: int = 0
     batch_in_epoch: int = 0
     global_step: int = 0
-    elapsed: float = 0.0            # seconds trained by earlier sessions
+    elapsed: float = 0.0  # seconds trained by earlier sessions
     status: str = records.COMPLETED
     diverged_at: int | None = None
     skipped_images: int = 0
-    samples_seen: int = 0           # this session
-    train_time: float = 0.0         # this session: step + data time
+    samples_seen: int = 0  # this session
+    train_time: float = 0.0  # this session: step + data time
     session_start: float = 0.0
 
 
@@ -253,8 +321,9 @@ def train(config: RunConfig, *, progress: bool = True) -> dict:
         out = run_directory(config)
         if int(os.environ.get("RANK", "0")) == 0 and out.is_dir():
             try:
-                records.write_metrics(out, records.failure_metrics(**records.cell_fields(config),
-                                                                   error=f"{type(err).__name__}: {err}"))
+                records.write_metrics(
+                    out, records.failure_metrics(**records.cell_fields(config), error=f"{type(err).__name__}: {err}")
+                )
             except OSError:  # e.g. the disk that made the run fail is still full
                 pass
         raise
@@ -278,9 +347,11 @@ def _train(config: RunConfig, *, progress: bool = True) -> dict:
             out.mkdir(parents=True, exist_ok=True)
             (out / "checkpoints").mkdir(exist_ok=True)
         except OSError as err:
-            raise ConfigError(f"config field 'out'={str(out)!r}: cannot create the run directory "
-                              f"({err.strerror or err}); choose a folder you can write to") from err
-    with (cell_lock(out) if rank == 0 else contextlib.nullcontext()):
+            raise ConfigError(
+                f"config field 'out'={str(out)!r}: cannot create the run directory "
+                f"({err.strerror or err}); choose a folder you can write to"
+            ) from err
+    with cell_lock(out) if rank == 0 else contextlib.nullcontext():
         return _train_locked(config, out, rank, world_size, progress)
 
 
@@ -305,12 +376,19 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
         for stale in remove_stale_temporaries(out / "checkpoints") + remove_stale_temporaries(out):
             print(f"removed {stale.name}, left by an interrupted write", file=sys.stderr)
         if point is None:
-            records.write_run_config(out, config, device=run.device, world_size=world_size, command=sys.argv,
-                                     fingerprint=fingerprint)
+            records.write_run_config(
+                out, config, device=run.device, world_size=world_size, command=sys.argv, fingerprint=fingerprint
+            )
         else:
-            records.record_resume(out, config, device=run.device, world_size=world_size, command=sys.argv,
-                                  when=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                  fingerprint=fingerprint)
+            records.record_resume(
+                out,
+                config,
+                device=run.device,
+                world_size=world_size,
+                command=sys.argv,
+                when=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                fingerprint=fingerprint,
+            )
     try:
         train_epochs(run, state, log_rows, progress)
     finally:
@@ -318,8 +396,9 @@ def _train_locked(config: RunConfig, out: Path, rank: int, world_size: int, prog
     if state.status == records.INTERRUPTED:
         if world_size > 1:
             torch.distributed.destroy_process_group()
-        raise KeyboardInterrupt(f"interrupted; checkpoint saved in {out / 'checkpoints'}: "
-                                "rerun the same command to resume")
+        raise KeyboardInterrupt(
+            f"interrupted; checkpoint saved in {out / 'checkpoints'}: rerun the same command to resume"
+        )
     return finish(run, state, log_rows, fingerprint["digest"])
 
 
@@ -328,10 +407,14 @@ def save(run: Run, state: LoopState, log_rows: records.RunLog) -> None:
     if run.rank != 0:
         return
     elapsed = state.elapsed + time.perf_counter() - state.session_start
-    save_checkpoint(run.out / "checkpoints", state.global_step,
-                    capture_state(run, state.epoch, state.batch_in_epoch, state.global_step, log_rows.history,
-                                  log_rows.epochs, elapsed),
-                    keep=run.config.keep_checkpoints)
+    save_checkpoint(
+        run.out / "checkpoints",
+        state.global_step,
+        capture_state(
+            run, state.epoch, state.batch_in_epoch, state.global_step, log_rows.history, log_rows.epochs, elapsed
+        ),
+        keep=run.config.keep_checkpoints,
+    )
     log_rows.flush()
 
 
@@ -344,11 +427,17 @@ def train_epochs(run: Run, state: LoopState, log_rows: records.RunLog, progress:
     config = run.config
     items = SeededSamples(run.train_set, config.seed)
     collate = make_collate(run.tokenizer, max_length=config.max_length)
-    bar = tqdm(total=run.stop_step, initial=state.global_step, desc=config.cell_name(), unit="step",
-               disable=not (progress and run.rank == 0), dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(
+        total=run.stop_step,
+        initial=state.global_step,
+        desc=config.cell_name(),
+        unit="step",
+        disable=not (progress and run.rank == 0),
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
     with StopRequest() as stop:
-        while (state.epoch < config.epochs and state.global_step < run.stop_step
-               and state.status == records.COMPLETED):
+        while state.epoch < config.epochs and state.global_step < run.stop_step and state.status == records.COMPLETED:
             loader = train_loader(run, items, collate, state.epoch, start=state.batch_in_epoch)
             steps = train_one_epoch(run, state, log_rows, loader, stop, bar)
             if state.status != records.COMPLETED:
@@ -358,7 +447,8 @@ def train_epochs(run: Run, state: LoopState, log_rows: records.RunLog, progress:
                 raise DataError(
                     f"epoch {state.epoch + 1} had no usable batch: every image read failed (see the warnings "
                     f"above). Run `python -m clipstudy check-data --train-ann {paths_['train_ann']} "
-                    f"--train-images {paths_['train_images']}` to list the unreadable files")
+                    f"--train-images {paths_['train_images']}` to list the unreadable files"
+                )
             if state.batch_in_epoch >= run.steps_per_epoch:  # else max_steps cut the epoch: resume mid-epoch
                 state.epoch += 1
                 state.batch_in_epoch = 0
@@ -394,9 +484,16 @@ def train_one_epoch(run: Run, state: LoopState, log_rows: records.RunLog, loader
         lr = run.optimizer.param_groups[0]["lr"]
         samples_per_s = n / max(step_time + data_time, 1e-9)
         if state.global_step % run.config.log_every == 0 or state.global_step == run.stop_step:
-            row = {"step": state.global_step, "epoch": state.epoch + state.batch_in_epoch / run.steps_per_epoch,
-                   "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s,
-                   "data_time": data_time, "step_time": step_time}
+            row = {
+                "step": state.global_step,
+                "epoch": state.epoch + state.batch_in_epoch / run.steps_per_epoch,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "samples_per_s": samples_per_s,
+                "data_time": data_time,
+                "step_time": step_time,
+            }
             row.update({k: float(v) for k, v in run.loss.extra_metrics().items()})
             row.update(step_diagnostics(run))  # collapse figures of this step (clipstudy.core.diagnostics)
             log_rows.log_step(row)
@@ -425,11 +522,14 @@ def end_of_epoch(run: Run, state: LoopState, log_rows: records.RunLog, progress:
         t_eval = time.perf_counter()
         metrics = evaluate_run(run)
         epoch = state.epoch + state.batch_in_epoch / run.steps_per_epoch if state.batch_in_epoch else state.epoch
-        log_rows.log_epoch({"epoch": epoch, "step": state.global_step, **metrics,
-                            "eval_time": time.perf_counter() - t_eval})
+        log_rows.log_epoch(
+            {"epoch": epoch, "step": state.global_step, **metrics, "eval_time": time.perf_counter() - t_eval}
+        )
         if progress:
-            tqdm.write(f"epoch {epoch:g}: " + ", ".join(
-                f"{k}={metrics[k]:.2f}" for k in records.HEADLINE if k in metrics), file=sys.stderr)
+            tqdm.write(
+                f"epoch {epoch:g}: " + ", ".join(f"{k}={metrics[k]:.2f}" for k in records.HEADLINE if k in metrics),
+                file=sys.stderr,
+            )
     if run.world_size > 1:
         torch.distributed.barrier()
     save(run, state, log_rows)
@@ -439,13 +539,20 @@ def finish(run: Run, state: LoopState, log_rows: records.RunLog, fingerprint: st
     """Write ``metrics.json`` of a run that completed (maybe cut by ``max_steps``) or diverged; return it."""
     epochs = log_rows.epochs
     metrics = records.run_metrics(
-        run.config, status=state.status,
+        run.config,
+        status=state.status,
         final_scores=epochs[-1] if epochs and state.status == records.COMPLETED else {},
-        diverged_at_step=state.diverged_at, global_step=state.global_step, steps_total=run.total_steps,
-        truncated=state.epoch < run.config.epochs, epochs_completed=state.epoch, fingerprint=fingerprint,
+        diverged_at_step=state.diverged_at,
+        global_step=state.global_step,
+        steps_total=run.total_steps,
+        truncated=state.epoch < run.config.epochs,
+        epochs_completed=state.epoch,
+        fingerprint=fingerprint,
         wall_time_s=state.elapsed + time.perf_counter() - state.session_start,
         train_samples_per_s=state.samples_seen / state.train_time if state.train_time else None,
-        peak_memory_mb=peak_memory_mb(run.device), skipped_images=state.skipped_images)
+        peak_memory_mb=peak_memory_mb(run.device),
+        skipped_images=state.skipped_images,
+    )
     metrics.update(start_end_summary(log_rows.history))  # collapse figures at the start and the end
     if run.rank == 0:
         if state.status == records.DIVERGED:

@@ -4,18 +4,20 @@ A cell is one optimizer (or variant) x loss x seed. :func:`run_cell` executes
 ``notebooks/train.ipynb`` with papermill into the cell's run directory under the
 cell's lock; every executor (inline, local, Slurm) runs cells through it.
 """
+
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from clipstudy import paths
 from clipstudy.engine import records
-from clipstudy.fileio import SWEEP_LOCK_NAME, CellBusy, cell_lock, is_locked
 from clipstudy.engine.checkpoint import checkpoint_paths
-from clipstudy.engine.config import ConfigError, RunConfig, cell_name
+from clipstudy.engine.config import ConfigError, RunConfig, cell_name, notebook_parameters
 from clipstudy.engine.fingerprint import describe_change, fingerprint
+from clipstudy.fileio import SWEEP_LOCK_NAME, CellBusy, cell_lock, is_locked
 from clipstudy.study.notebooks import execute_notebook
 
 STALE_FOLDER = "stale"  # <runs>/stale/<cell>-<time>: archived stale runs (the report reads <runs>/*/ only)
@@ -23,12 +25,11 @@ STALE_FOLDER = "stale"  # <runs>/stale/<cell>-<time>: archived stale runs (the r
 
 @dataclass
 class Cell:
-    label: str                 # optimizer label (an optimizer name or a variant name)
+    label: str  # optimizer label (an optimizer name or a variant name)
     loss: str
     seed: int
-    params: dict = field(default_factory=dict)   # papermill parameters
     out: Path = Path()
-    config: RunConfig | None = None              # the validated configuration the cell runs
+    config: RunConfig | None = None  # the validated configuration the cell runs
 
     @property
     def name(self) -> str:
@@ -96,21 +97,18 @@ def parse_mapping(text: str | None, what: str) -> dict[str, str]:
     return out
 
 
-def notebook_parameters(cell: Cell, device: str | None, threads: int | None) -> dict:
-    """Papermill parameters of the training notebook for one cell."""
-    params = dict(cell.params)
-    profile = params.pop("profile")
-    base = {k: params.pop(k) for k in ("optimizer", "loss", "seed", "out", "data", "label") if k in params}
-    overrides = dict(params)
-    if device:
-        overrides["device"] = device
-    if threads:
-        overrides["threads"] = threads
-    return {"profile": profile, **base, "overrides": overrides, "progress": False}
+def run_config(cell: Cell, device: str | None, threads: int | None) -> RunConfig:
+    """The configuration a cell runs: the one the sweep validated, on the executor's device, with the
+    executor's share of the cores unless the cell sets ``threads`` itself."""
+    changes = {"device": device} if device else {}
+    if threads and not cell.config.threads:
+        changes["threads"] = threads
+    return dataclasses.replace(cell.config, **changes)
 
 
-def run_cell(cell: Cell, *, device: str | None = None, threads: int | None = None,
-             notebook: Path | None = None) -> dict:
+def run_cell(
+    cell: Cell, *, device: str | None = None, threads: int | None = None, notebook: Path | None = None
+) -> dict:
     """Execute the training notebook for one cell; return its metrics (or the failure).
 
     The cell's sweep lock is held throughout, so a second sweep on the same
@@ -134,8 +132,8 @@ def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
         # once every cell has run, nothing is left to lose (train() has written its files
         # atomically): ending the kernel at once saves the ~2 s a kernel with torch loaded
         # takes to exit politely
-        execute_notebook(notebook, cell.out / "train.ipynb", notebook_parameters(cell, device, threads),
-                         shutdown_kernel="immediate")
+        parameters = notebook_parameters(run_config(cell, device, threads))
+        execute_notebook(notebook, cell.out / "train.ipynb", parameters, shutdown_kernel="immediate")
     except Exception as err:  # papermill wraps the notebook's exception
         error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
     metrics = records.read_metrics(cell.out) or {}
@@ -145,8 +143,14 @@ def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
         # an earlier attempt's failure; a result train() finished before the kernel went down is
         # kept, never overwritten as failed
         metrics = records.failure_metrics(
-            cell=cell.name, profile=cell.params["profile"], optimizer=cell.label,
-            base_optimizer=cell.params.get("optimizer", cell.label), loss=cell.loss, seed=cell.seed, error=error)
+            cell=cell.name,
+            profile=cell.config.profile,
+            optimizer=cell.label,
+            base_optimizer=cell.config.optimizer,
+            loss=cell.loss,
+            seed=cell.seed,
+            error=error,
+        )
         records.write_metrics(cell.out, metrics)
     metrics["sweep_wall_s"] = time.perf_counter() - started
     return metrics
@@ -158,8 +162,7 @@ def summary_line(cell: Cell, metrics: dict) -> str:
     if metrics.get("skipped"):  # another sweep finished it while this one waited for it
         return f"{cell.name:<28} skipped (done by another sweep)"
     if status == "completed":
-        scores = " ".join(f"{k}={metrics[k]:.2f}" for k in records.HEADLINE
-                          if isinstance(metrics.get(k), (int, float)))
+        scores = " ".join(f"{k}={metrics[k]:.2f}" for k in records.HEADLINE if isinstance(metrics.get(k), (int, float)))
         return f"{cell.name:<28} completed  {scores}  ({wall:.0f}s)"
     if status == "diverged":
         return f"{cell.name:<28} DIVERGED at step {metrics.get('diverged_at_step')}  ({wall:.0f}s)"

@@ -21,6 +21,7 @@ rank 0 runs the notebook (its kernel inherits the environment) and the other
 ranks call ``train`` directly. The inline executor starts the same ranks with
 torchrun.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from clipstudy.engine import records
-from clipstudy.fileio import LOCK_NAME, is_locked, write_json
 from clipstudy.engine.config import ConfigError
-from clipstudy.study.cells import Cell, cell_state, notebook_parameters, parse_mapping, run_cell, summary_line
+from clipstudy.fileio import LOCK_NAME, is_locked, write_json
+from clipstudy.study.cells import Cell, cell_state, parse_mapping, run_cell, run_config, summary_line
 
 EXECUTORS = ("inline", "local", "slurm")
 JOB_RECORD = "job.json"
@@ -45,16 +46,17 @@ ACTIVE_SLURM_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLET
 @dataclass
 class Resources:
     """What one cell asks for; the fields map onto submitit's executor parameters."""
+
     gpus_per_node: int = 0
-    procs_per_node: int = 0        # processes (DDP ranks) per node; 0 = one per GPU, or 1
+    procs_per_node: int = 0  # processes (DDP ranks) per node; 0 = one per GPU, or 1
     nodes: int = 1
-    cpus_per_task: int = 0         # 0 = the executor's default
-    mem_gb: float = 0.0            # 0 = the partition's default
+    cpus_per_task: int = 0  # 0 = the executor's default
+    mem_gb: float = 0.0  # 0 = the partition's default
     time_min: int = 24 * 60
     partition: str = ""
     account: str = ""
-    sbatch: dict = field(default_factory=dict)   # extra #SBATCH parameters, e.g. {"qos": "high"}
-    parallel: int = 0              # cells running at once (local: --jobs; slurm: array parallelism, 0 = all)
+    sbatch: dict = field(default_factory=dict)  # extra #SBATCH parameters, e.g. {"qos": "high"}
+    parallel: int = 0  # cells running at once (local: --jobs; slurm: array parallelism, 0 = all)
 
     @property
     def tasks_per_node(self) -> int:
@@ -85,8 +87,7 @@ class CellTask:
     """One sweep cell as a submitit callable (picklable; a requeued job calls it again)."""
 
     def __init__(self, cell, device: str | None = None, threads: int | None = None):
-        # threads set for the cell (--set threads=N) win over the executor's share of the cores
-        self.cell, self.device, self.threads = cell, device, None if cell.params.get("threads") else threads
+        self.cell, self.device, self.threads = cell, device, threads
 
     def __call__(self) -> dict:
 
@@ -97,9 +98,8 @@ class CellTask:
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on preemption or time-out: checkpoint now, then be requeued as is."""
-        from submitit.helpers import DelayedSubmission
-
         from submitit import JobEnvironment
+        from submitit.helpers import DelayedSubmission
 
         # within the 90 s between Slurm's USR2 and its kill: up to 30 s for the kernel alone, 40 s after SIGTERM
         stop_kernels(self.cell.out, grace_s=30.0 if JobEnvironment().cluster == "slurm" else 0.0, timeout_s=40.0)
@@ -108,12 +108,9 @@ class CellTask:
 
 def train_rank(cell, device, threads) -> dict:
     """A rank other than 0 of a multi-process cell: the same training, without the notebook."""
-    from clipstudy.engine.config import make_config
     from clipstudy.engine.train import train
 
-    params = notebook_parameters(cell, device, threads)
-    fields = {k: v for k, v in params.items() if k not in ("profile", "overrides", "progress") and v != ""}
-    train(make_config(params["profile"], **fields, **params["overrides"]), progress=False)
+    train(run_config(cell, device, threads), progress=False)
     return {"rank": int(os.environ.get("RANK", "0"))}
 
 
@@ -152,8 +149,15 @@ def stop_kernels(out: Path, *, grace_s: float = 0.0, timeout_s: float = 60.0) ->
     deadline = time.time() + timeout_s
     while is_locked(out, LOCK_NAME) and time.time() < deadline:
         time.sleep(0.2)
-    print(f"{out.name}: " + ("training still running after SIGTERM; requeued anyway" if is_locked(out, LOCK_NAME)
-                             else "training checkpointed and stopped; requeuing"), flush=True)
+    print(
+        f"{out.name}: "
+        + (
+            "training still running after SIGTERM; requeued anyway"
+            if is_locked(out, LOCK_NAME)
+            else "training checkpointed and stopped; requeuing"
+        ),
+        flush=True,
+    )
 
 
 # ------------------------------------------------------------ the executors
@@ -162,16 +166,23 @@ def make_executor(kind: str, folder: Path, res: Resources):
     import submitit
 
     executor = submitit.AutoExecutor(folder=str(folder), cluster=kind)
-    params = dict(timeout_min=res.time_min, nodes=res.nodes, tasks_per_node=res.tasks_per_node,
-                  gpus_per_node=res.gpus_per_node or None)
+    params = dict(
+        timeout_min=res.time_min,
+        nodes=res.nodes,
+        tasks_per_node=res.tasks_per_node,
+        gpus_per_node=res.gpus_per_node or None,
+    )
     if res.cpus_per_task:
         params["cpus_per_task"] = res.cpus_per_task
     if res.mem_gb:
         params["mem_gb"] = res.mem_gb
     if kind == "slurm":
-        params.update(name="clipstudy", slurm_array_parallelism=res.parallel or 256,
-                      # requeue: a preempted or timed-out task comes back under the same job id
-                      slurm_additional_parameters={"requeue": True, **res.sbatch})
+        params.update(
+            name="clipstudy",
+            slurm_array_parallelism=res.parallel or 256,
+            # requeue: a preempted or timed-out task comes back under the same job id
+            slurm_additional_parameters={"requeue": True, **res.sbatch},
+        )
         if res.partition:
             params["slurm_partition"] = res.partition
         if res.account:
@@ -183,9 +194,17 @@ def make_executor(kind: str, folder: Path, res: Resources):
 def record_job(cell, kind: str, job) -> None:
     """``job.json`` and links to the job's logs in the cell's run directory."""
     paths = job.paths
-    write_json(cell.out / JOB_RECORD, {"executor": kind, "job_id": job.job_id, "folder": str(paths.folder),
-                                       "stdout": str(paths.stdout), "stderr": str(paths.stderr),
-                                       "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    write_json(
+        cell.out / JOB_RECORD,
+        {
+            "executor": kind,
+            "job_id": job.job_id,
+            "folder": str(paths.folder),
+            "stdout": str(paths.stdout),
+            "stderr": str(paths.stderr),
+            "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    )
     for name, target in (("job.out", paths.stdout), ("job.err", paths.stderr)):
         link = cell.out / name
         if link.is_symlink() or link.exists():
@@ -256,15 +275,31 @@ def run_local(cells: list, res: Resources, folder: Path, *, jobs: int = 1, devic
 
 def run_torchrun(cell, res: Resources, *, device: str | None = None) -> dict:
     """The inline executor's multi-process cell: torchrun starts the ranks of :func:`main` on this machine."""
-    spec = json.dumps({"cell": {**asdict(cell), "out": str(cell.out)}, "device": device,
-                       "threads": None if res.gpus_per_node else cell_threads(res, 1)})
+    spec = json.dumps(
+        {
+            "cell": {**asdict(cell), "out": str(cell.out)},
+            "device": device,
+            "threads": None if res.gpus_per_node else cell_threads(res, 1),
+        }
+    )
     started = time.perf_counter()
     log = cell.out / "torchrun.log"
     cell.out.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:
-        code = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                f"--nproc-per-node={res.tasks_per_node}", "-m", "clipstudy.study.executors", spec],
-                               stdout=fh, stderr=subprocess.STDOUT)
+        code = subprocess.call(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={res.tasks_per_node}",
+                "-m",
+                "clipstudy.study.executors",
+                spec,
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
     metrics = records.read_metrics(cell.out) or {}
     if code and metrics.get("status") not in (*records.FINISHED, records.FAILED):
         metrics = {"status": "failed", "error": f"torchrun exited with {code}; see {log}"}
@@ -277,12 +312,20 @@ def active_elsewhere(cell) -> bool:
     return record.get("executor") == "slurm" and job_state(record).split()[0] in ACTIVE_SLURM_STATES
 
 
-def run_cells(kind: str, cells: list, res: Resources, runs_root: Path, *, jobs: int = 1, wait: bool = False,
-              device: str | None = None) -> dict | None:
+def run_cells(
+    kind: str,
+    cells: list,
+    res: Resources,
+    runs_root: Path,
+    *,
+    jobs: int = 1,
+    wait: bool = False,
+    device: str | None = None,
+) -> dict | None:
     """Run (local, inline multi-process) or submit (slurm) ``cells``; return cell name -> metrics, or None
     when Slurm jobs were submitted without waiting."""
 
-    folder = runs_root / ".submitit"   # submitit names every file by job id; job.out/job.err link into it
+    folder = runs_root / ".submitit"  # submitit names every file by job id; job.out/job.err link into it
     if kind == "local":
         return run_local(cells, res, folder, jobs=jobs, device=device)
     if kind == "inline":  # only multi-process cells come here; one-process cells run in run_sweep
@@ -321,17 +364,26 @@ def print_status(cells: list) -> None:
         state, detail = cell_state(cell.out, cell.config)
         record = read_job(cell.out)
         log = str(cell.out / "job.out") if record else ""
-        print(f"{cell.name:<28} {state:<9} {record.get('job_id', '-'):<14} {job_state(record) or '-':<11} "
-              f"{log or '-':<40} {detail}")
+        print(
+            f"{cell.name:<28} {state:<9} {record.get('job_id', '-'):<14} {job_state(record) or '-':<11} "
+            f"{log or '-':<40} {detail}"
+        )
 
 
 def resources_from_args(args) -> Resources:
 
-    res = Resources(gpus_per_node=args.gpus_per_cell, procs_per_node=args.procs_per_node, nodes=args.nodes,
-                    cpus_per_task=args.cpus_per_cell, mem_gb=args.mem_gb, time_min=args.time,
-                    partition=args.partition, account=args.account,
-                    sbatch=parse_mapping(",".join(args.sbatch), "--sbatch"),
-                    parallel=args.max_running if args.executor == "slurm" else args.jobs)
+    res = Resources(
+        gpus_per_node=args.gpus_per_cell,
+        procs_per_node=args.procs_per_node,
+        nodes=args.nodes,
+        cpus_per_task=args.cpus_per_cell,
+        mem_gb=args.mem_gb,
+        time_min=args.time,
+        partition=args.partition,
+        account=args.account,
+        sbatch=parse_mapping(",".join(args.sbatch), "--sbatch"),
+        parallel=args.max_running if args.executor == "slurm" else args.jobs,
+    )
     for name in ("gpus_per_node", "procs_per_node", "cpus_per_task", "mem_gb"):
         if getattr(res, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0")
@@ -345,30 +397,45 @@ def resources_from_args(args) -> Resources:
 def add_arguments(parser) -> None:
     """The sweep's executor options."""
     group = parser.add_argument_group("where cells run")
-    group.add_argument("--executor", default=os.environ.get("EXECUTOR", "inline"), choices=EXECUTORS,
-                       help="inline: this process (default); local: submitit subprocesses; slurm: one job array")
+    group.add_argument(
+        "--executor",
+        default=os.environ.get("EXECUTOR", "inline"),
+        choices=EXECUTORS,
+        help="inline: this process (default); local: submitit subprocesses; slurm: one job array",
+    )
     group.add_argument("--status", action="store_true", help="each cell's state, job id and log file; run nothing")
     group.add_argument("--wait", action="store_true", help="slurm: wait for the jobs and print their results")
     group.add_argument("--partition", default="", help="slurm partition")
     group.add_argument("--account", default="", help="slurm account")
     group.add_argument("--time", type=int, default=24 * 60, help="time limit per cell in minutes (default 1440)")
     group.add_argument("--gpus-per-cell", type=int, default=0, help="GPUs per node for each cell (>1: DDP)")
-    group.add_argument("--procs-per-node", type=int, default=0,
-                       help="DDP processes per node (default one per GPU, or 1); >1 on a CPU runs gloo")
+    group.add_argument(
+        "--procs-per-node",
+        type=int,
+        default=0,
+        help="DDP processes per node (default one per GPU, or 1); >1 on a CPU runs gloo",
+    )
     group.add_argument("--nodes", type=int, default=1, help="nodes per cell (slurm; >1: multi-node DDP)")
     group.add_argument("--cpus-per-cell", type=int, default=0, help="CPU cores per process")
     group.add_argument("--mem-gb", type=float, default=0.0, help="memory per node in GB")
-    group.add_argument("--max-running", type=int, default=0,
-                       help="slurm: array tasks running at once (default: all)")
-    group.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
-                       help="extra #SBATCH parameter, e.g. qos=high or constraint=a100 (repeatable)")
+    group.add_argument("--max-running", type=int, default=0, help="slurm: array tasks running at once (default: all)")
+    group.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra #SBATCH parameter, e.g. qos=high or constraint=a100 (repeatable)",
+    )
 
 
 def main(argv: list[str]) -> int:
     """One rank of an inline multi-process cell (started by torchrun from :func:`run_torchrun`)."""
 
     spec = json.loads(argv[0])
-    cell = Cell(**{**spec["cell"], "out": Path(spec["cell"]["out"])})
+    from clipstudy.engine.config import config_from_dict
+
+    config = config_from_dict(spec["cell"]["config"])
+    cell = Cell(**{**spec["cell"], "out": Path(spec["cell"]["out"]), "config": config})
     CellTask(cell, spec["device"], spec["threads"])()
     return 0
 

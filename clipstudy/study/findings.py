@@ -5,6 +5,7 @@ rho between its ranking of cells and this study's (overall and within each
 optimizer's row), and the original study's four findings, each tested on the
 runs. :mod:`clipstudy.study.results` builds the per-cell summaries these read.
 """
+
 from __future__ import annotations
 
 import pandas as pd
@@ -16,13 +17,20 @@ PAPER_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
 
 # The original study's published numbers (docs/protocol.md): optimizer, loss, TR@1, IR@1, ACC@1, Average.
 PUBLISHED_ROWS = [
-    ("adamw", "sogclr", 13.18, 10.30, 24.55, 16.68), ("adamw", "clip", 11.62, 9.16, 21.66, 14.81),
-    ("adamw", "cyclip", 14.10, 10.68, 25.91, 16.90), ("adamw", "vicreg", 2.86, 2.16, 5.79, 3.60),
-    ("adamw", "onlineclr", 10.96, 8.64, 20.52, 13.37), ("sgd", "sogclr", 1.56, 1.00, 2.87, 1.81),
-    ("sgd", "clip", 10.30, 7.00, 17.01, 11.44), ("sgd", "cyclip", 10.38, 7.31, 16.86, 11.52),
-    ("sgd", "vicreg", 2.00, 1.60, 2.43, 2.01), ("sgd", "onlineclr", 0.74, 0.56, 1.50, 0.93),
-    ("adam", "sogclr", 0.10, 0.10, 0.23, 0.14), ("adam", "clip", 3.34, 3.03, 4.71, 3.69),
-    ("adam", "cyclip", 3.92, 3.25, 4.04, 3.74), ("adam", "vicreg", 0.66, 0.63, 1.28, 0.86),
+    ("adamw", "sogclr", 13.18, 10.30, 24.55, 16.68),
+    ("adamw", "clip", 11.62, 9.16, 21.66, 14.81),
+    ("adamw", "cyclip", 14.10, 10.68, 25.91, 16.90),
+    ("adamw", "vicreg", 2.86, 2.16, 5.79, 3.60),
+    ("adamw", "onlineclr", 10.96, 8.64, 20.52, 13.37),
+    ("sgd", "sogclr", 1.56, 1.00, 2.87, 1.81),
+    ("sgd", "clip", 10.30, 7.00, 17.01, 11.44),
+    ("sgd", "cyclip", 10.38, 7.31, 16.86, 11.52),
+    ("sgd", "vicreg", 2.00, 1.60, 2.43, 2.01),
+    ("sgd", "onlineclr", 0.74, 0.56, 1.50, 0.93),
+    ("adam", "sogclr", 0.10, 0.10, 0.23, 0.14),
+    ("adam", "clip", 3.34, 3.03, 4.71, 3.69),
+    ("adam", "cyclip", 3.92, 3.25, 4.04, 3.74),
+    ("adam", "vicreg", 0.66, 0.63, 1.28, 0.86),
     ("adam", "onlineclr", 0.02, 0.02, 0.10, 0.05),
 ]
 
@@ -81,12 +89,16 @@ def findings_from_grid(grid: pd.DataFrame) -> list[dict]:
     losses = [loss for loss in PAPER_LOSSES if loss in grid.columns]
     complete = all(o in grid.index for o in PAPER_OPTIMIZERS) and len(losses) == len(PAPER_LOSSES)
     complete = complete and not grid.loc[list(PAPER_OPTIMIZERS), losses].isna().any().any()
-    claims = ["AdamW is the best optimizer for every loss", "CyCLIP and SogCLR are the best losses (with AdamW)",
-              "Adam is poor everywhere (last of the three optimizers for every loss)",
-              "SGD is second (mean Average over losses: AdamW > SGD > Adam)"]
+    claims = [
+        "AdamW is the best optimizer for every loss",
+        "CyCLIP and SogCLR are the best losses (with AdamW)",
+        "Adam is poor everywhere (last of the three optimizers for every loss)",
+        "SGD is second (mean Average over losses: AdamW > SGD > Adam)",
+    ]
     if not complete:
-        return [{"finding": c, "reproduced": None, "evidence": "not every cell of the 3 x 5 grid completed"}
-                for c in claims]
+        return [
+            {"finding": c, "reproduced": None, "evidence": "not every cell of the 3 x 5 grid completed"} for c in claims
+        ]
     grid = grid.loc[list(PAPER_OPTIMIZERS), losses]
     best = grid.idxmax(axis=0)
     worst = grid.idxmin(axis=0)
@@ -95,17 +107,29 @@ def findings_from_grid(grid: pd.DataFrame) -> list[dict]:
     not_adamw = [f"{name(loss)} (best: {name(best[loss])})" for loss in losses if best[loss] != "adamw"]
     not_adam = [f"{name(loss)} (last: {name(worst[loss])})" for loss in losses if worst[loss] != "adam"]
     return [
-        {"finding": claims[0], "reproduced": not not_adamw,
-         "evidence": f"AdamW is best for {len(losses) - len(not_adamw)} of {len(losses)} losses"
-                     + (f"; not for {', '.join(not_adamw)}" if not_adamw else "")},
-        {"finding": claims[1], "reproduced": set(top2) == {"cyclip", "sogclr"},
-         "evidence": f"with AdamW the two best losses are {name(top2[0])} ({grid.loc['adamw', top2[0]]:.2f}) and "
-                     f"{name(top2[1])} ({grid.loc['adamw', top2[1]]:.2f})"},
-        {"finding": claims[2], "reproduced": not not_adam,
-         "evidence": f"Adam is last for {len(losses) - len(not_adam)} of {len(losses)} losses"
-                     + (f"; not for {', '.join(not_adam)}" if not_adam else "")},
-        {"finding": claims[3], "reproduced": list(order.index) == ["adamw", "sgd", "adam"],
-         "evidence": "mean Average over losses: " + ", ".join(f"{name(k)} {v:.2f}" for k, v in order.items())},
+        {
+            "finding": claims[0],
+            "reproduced": not not_adamw,
+            "evidence": f"AdamW is best for {len(losses) - len(not_adamw)} of {len(losses)} losses"
+            + (f"; not for {', '.join(not_adamw)}" if not_adamw else ""),
+        },
+        {
+            "finding": claims[1],
+            "reproduced": set(top2) == {"cyclip", "sogclr"},
+            "evidence": f"with AdamW the two best losses are {name(top2[0])} ({grid.loc['adamw', top2[0]]:.2f}) and "
+            f"{name(top2[1])} ({grid.loc['adamw', top2[1]]:.2f})",
+        },
+        {
+            "finding": claims[2],
+            "reproduced": not not_adam,
+            "evidence": f"Adam is last for {len(losses) - len(not_adam)} of {len(losses)} losses"
+            + (f"; not for {', '.join(not_adam)}" if not_adam else ""),
+        },
+        {
+            "finding": claims[3],
+            "reproduced": list(order.index) == ["adamw", "sgd", "adam"],
+            "evidence": "mean Average over losses: " + ", ".join(f"{name(k)} {v:.2f}" for k, v in order.items()),
+        },
     ]
 
 
@@ -122,14 +146,18 @@ def optimizer_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> 
     out = []
     for rank, (o, mean) in enumerate(means.items(), start=1):
         row = grid.loc[o].dropna()
-        line = (f"{OPTIMIZER_NAMES[o]}: mean Average over {len(row)} losses {mean:.2f} (rank {rank} of {len(means)}); "
-                f"best with {LOSS_NAMES.get(row.idxmax(), row.idxmax())} ({row.max():.2f})")
+        line = (
+            f"{OPTIMIZER_NAMES[o]}: mean Average over {len(row)} losses {mean:.2f} (rank {rank} of {len(means)}); "
+            f"best with {LOSS_NAMES.get(row.idxmax(), row.idxmax())} ({row.max():.2f})"
+        )
         if chance_avg is not None:
             line += f"; learns (above twice chance) with {int((row > 2 * chance_avg).sum())} of {len(row)} losses"
         if o != "adamw" and "adamw" in grid.index:
             line += "; against AdamW: " + ", ".join(
-                f"{LOSS_NAMES.get(loss, loss)} {row[loss] - grid.loc['adamw', loss]:+.2f}" for loss in row.index
-                if grid.loc["adamw", loss] == grid.loc["adamw", loss])
+                f"{LOSS_NAMES.get(loss, loss)} {row[loss] - grid.loc['adamw', loss]:+.2f}"
+                for loss in row.index
+                if grid.loc["adamw", loss] == grid.loc["adamw", loss]
+            )
         out.append(line + ".")
     return out
 
@@ -141,9 +169,15 @@ def initialisation_conclusions(df: pd.DataFrame) -> list[str]:
         return []
     scratch["optimizer"] = scratch["optimizer"].str.removesuffix("-scratch")
     grid, base = average_grid(scratch), average_grid(df[df["optimizer"].isin(PAPER_OPTIMIZERS)])
-    out = ["From scratch (random towers, otherwise identical): mean Average over losses " + ", ".join(
-        f"{OPTIMIZER_NAMES.get(o, o)} {grid.loc[o].mean():.2f} (pretrained {base.loc[o].mean():.2f})"
-        for o in grid.index if o in base.index) + "."]
+    out = [
+        "From scratch (random towers, otherwise identical): mean Average over losses "
+        + ", ".join(
+            f"{OPTIMIZER_NAMES.get(o, o)} {grid.loc[o].mean():.2f} (pretrained {base.loc[o].mean():.2f})"
+            for o in grid.index
+            if o in base.index
+        )
+        + "."
+    ]
     rho = spearman_by_optimizer(scratch).set_index("scope")["rho"]
     out.append(f"From scratch, Spearman's rho against the published ranking: {rho['all']:.2f} overall.")
     for f in findings_from_grid(grid):
@@ -160,7 +194,13 @@ def published_conclusions(df: pd.DataFrame) -> list[str]:
         out.append(f"Paper finding '{f['finding']}': {verdict} ({f['evidence']}).")
     rho = spearman_by_optimizer(df)
     if rho["n_cells"].iloc[0] >= 3:
-        out.append("Spearman's rho against the published ranking: " + ", ".join(
-            f"{'overall' if r.scope == 'all' else OPTIMIZER_NAMES[r.scope] + ' row'} {r.rho:.2f}"
-            for r in rho.itertuples() if r.n_cells >= 3) + ".")
+        out.append(
+            "Spearman's rho against the published ranking: "
+            + ", ".join(
+                f"{'overall' if r.scope == 'all' else OPTIMIZER_NAMES[r.scope] + ' row'} {r.rho:.2f}"
+                for r in rho.itertuples()
+                if r.n_cells >= 3
+            )
+            + "."
+        )
     return out

@@ -9,6 +9,7 @@ a tie goes to the smaller rate. The table and the choice are written to
 ``reports/<profile>/lr_search.csv`` and printed; the profile's ``lr`` is then
 set to the choice by hand (``clipstudy/engine/config.py``), once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from clipstudy.engine.config import ConfigError
 from clipstudy import paths
+from clipstudy.engine.config import ConfigError
 from clipstudy.study.sweep import plan_cells, run_sweep
 
 DEFAULT_RATES = (1e-4, 3e-4, 1e-3, 3e-3)
@@ -30,8 +31,15 @@ def rate_label(optimizer: str, lr: float) -> str:
 
 def plan_search(profile: str, rates, optimizers, loss: str, seed: int, overrides: dict, runs_root: Path):
     variants = {rate_label(o, lr): {"optimizer": o, "lr": float(lr)} for o in optimizers for lr in rates}
-    return plan_cells(profile, optimizers=list(variants), losses=[loss], seeds=[seed], overrides=overrides,
-                      variants=variants, runs_root=runs_root)
+    return plan_cells(
+        profile,
+        optimizers=list(variants),
+        losses=[loss],
+        seeds=[seed],
+        overrides=overrides,
+        variants=variants,
+        runs_root=runs_root,
+    )
 
 
 def search_table(results: dict[str, dict], rates, optimizers, loss: str, seed: int) -> pd.DataFrame:
@@ -67,15 +75,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1)
     args = parser.parse_args(argv)
-    rates = [float(r) for r in args.rates.split(",") if r]
+    try:
+        rates = [float(r) for r in args.rates.split(",") if r]
+    except ValueError:
+        raise ConfigError(f"--rates {args.rates!r}: give a comma list of numbers, e.g. 3e-4,1e-3") from None
     optimizers = [o for o in args.optimizers.split(",") if o]
     runs_root = paths.runs_dir(f"{args.profile}-lr")
-    try:
-        cells = plan_search(args.profile, rates, optimizers, args.loss, args.seed,
-                            {"data": str(Path(args.data).resolve())}, runs_root)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cells = plan_search(
+        args.profile, rates, optimizers, args.loss, args.seed, {"data": str(Path(args.data).resolve())}, runs_root
+    )
     runs_root.mkdir(parents=True, exist_ok=True)
     table = search_table(run_sweep(cells, jobs=args.jobs), rates, optimizers, args.loss, args.seed)
     out = paths.reports_dir(args.profile) / "lr_search.csv"
@@ -83,8 +91,10 @@ def main(argv: list[str]) -> int:
     table.to_csv(out)
     print(table.round(2).to_string())
     try:
-        print(f"chosen lr (highest mean Average over {', '.join(optimizers)} with {args.loss}, seed {args.seed}): "
-              f"{choose_rate(table):g}; written {out}")
+        print(
+            f"chosen lr (highest mean Average over {', '.join(optimizers)} with {args.loss}, seed {args.seed}): "
+            f"{choose_rate(table):g}; written {out}"
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

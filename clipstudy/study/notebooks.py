@@ -1,4 +1,5 @@
 """Executing a notebook with papermill as clipstudy does everywhere (the sweep's cells and the report)."""
+
 from __future__ import annotations
 
 import os
@@ -39,9 +40,16 @@ def execute_notebook(notebook: Path, output: Path, parameters: dict, **kwargs) -
     # a short path: a Unix socket's name is limited to ~100 characters, run folders may be deeper
     sockets = tempfile.mkdtemp(prefix="clipstudy-kernel-")
     try:
-        papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name="python3",
-                                   progress_bar=False, cwd=str(_kernel_directory(output)),
-                                   kernel_manager_class=local_socket_kernel_manager(sockets), **kwargs)
+        papermill.execute_notebook(
+            str(notebook),
+            str(output),
+            parameters=parameters,
+            kernel_name="python3",
+            progress_bar=False,
+            cwd=str(_kernel_directory(output)),
+            kernel_manager_class=local_socket_kernel_manager(sockets),
+            **kwargs,
+        )
     finally:
         shutil.rmtree(sockets, ignore_errors=True)
 

@@ -6,6 +6,7 @@ executes that notebook with papermill and renders it to
 ``reports/<profile>/results.csv``. Nothing in the conclusions is typed in by
 hand: every sentence is computed from the runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,10 @@ import pandas as pd
 
 from clipstudy import paths
 from clipstudy.core.diagnostics import COLLAPSED_COS
-from clipstudy.study.results import (LOSS_NAMES, OPTIMIZER_NAMES, RESULT_COLUMNS, cell_summary, order_key)
+from clipstudy.core.metrics import chance_levels
+from clipstudy.data.layout import resolve_paths
+from clipstudy.study.results import LOSS_NAMES, OPTIMIZER_NAMES, RESULT_COLUMNS, cell_summary, order_key
+
 
 # ------------------------------------------------------------------ gathering
 def collapse_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -25,7 +29,8 @@ def collapse_table(df: pd.DataFrame) -> pd.DataFrame:
     done = df[df["status"] == "completed"].copy()
     done["collapsed"] = (done[["image_cos_mean_end", "text_cos_mean_end"]] >= COLLAPSED_COS).any(axis=1)
     out = done.groupby(["optimizer", "loss"], sort=False).agg(
-        **{c: (c, "mean") for c in cols}, collapsed_seeds=("collapsed", "sum"), seeds=("collapsed", "size"))
+        **{c: (c, "mean") for c in cols}, collapsed_seeds=("collapsed", "sum"), seeds=("collapsed", "size")
+    )
     return out.reset_index().sort_values(["optimizer", "loss"], key=order_key).reset_index(drop=True)
 
 
@@ -37,14 +42,28 @@ def collapse_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> l
     out = []
     for when in ("start", "end"):
         hit = table[(table[[f"image_cos_mean_{when}", f"text_cos_mean_{when}"]] >= COLLAPSED_COS).any(axis=1)]
-        out.append(f"Cells whose embeddings {when} collapsed (mean off-diagonal cosine >= {COLLAPSED_COS} in a "
-                   f"modality, mean over seeds): " + (", ".join(
-                       f"{_cell_name(r)} (image {getattr(r, f'image_cos_mean_{when}'):.2f}, text "
-                       f"{getattr(r, f'text_cos_mean_{when}'):.2f})" for r in hit.itertuples()) or "none") + ".")
+        out.append(
+            f"Cells whose embeddings {when} collapsed (mean off-diagonal cosine >= {COLLAPSED_COS} in a "
+            f"modality, mean over seeds): "
+            + (
+                ", ".join(
+                    f"{_cell_name(r)} (image {getattr(r, f'image_cos_mean_{when}'):.2f}, text "
+                    f"{getattr(r, f'text_cos_mean_{when}'):.2f})"
+                    for r in hit.itertuples()
+                )
+                or "none"
+            )
+            + "."
+        )
     norms = table.groupby("optimizer", sort=False)[["weight_norm_start", "weight_norm_end"]].mean()
-    out.append("Norm of the weight matrices, start -> end, mean over losses: " + ", ".join(
-        f"{OPTIMIZER_NAMES.get(o, o)} {r.weight_norm_start:.1f} -> {r.weight_norm_end:.1f}"
-        for o, r in norms.iterrows()) + ".")
+    out.append(
+        "Norm of the weight matrices, start -> end, mean over losses: "
+        + ", ".join(
+            f"{OPTIMIZER_NAMES.get(o, o)} {r.weight_norm_start:.1f} -> {r.weight_norm_end:.1f}"
+            for o, r in norms.iterrows()
+        )
+        + "."
+    )
     summary = cell_summary(df)
     # the best Average per loss among cells of the same initialisation (pretrained or scratch)
     summary["scratch"] = summary["optimizer"].astype(str).str.endswith("-scratch")
@@ -60,15 +79,22 @@ def collapse_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> l
         if chance_avg is not None and avg <= 2 * chance_avg:
             why = f"did not learn (Average {avg:.2f})"
         elif avg < 0.5 * top:
-            why = (f"reaches less than half the best Average for {LOSS_NAMES.get(r.loss, r.loss)} "
-                   f"({avg:.2f} against {top:.2f})")
+            why = (
+                f"reaches less than half the best Average for {LOSS_NAMES.get(r.loss, r.loss)} "
+                f"({avg:.2f} against {top:.2f})"
+            )
         else:
             continue
-        gradient = (f", gradient norm {r.grad_norm_start:.2f} -> {r.grad_norm_end:.2f}"
-                    if r.grad_norm_start == r.grad_norm_start else "")
-        out.append(f"{_cell_name(r)} {why}: image cosine {r.image_cos_mean_start:.2f} -> {r.image_cos_mean_end:.2f}, "
-                   f"text cosine {r.text_cos_mean_start:.2f} -> {r.text_cos_mean_end:.2f}, weight norm "
-                   f"{r.weight_norm_start:.1f} -> {r.weight_norm_end:.1f}{gradient}.")
+        gradient = (
+            f", gradient norm {r.grad_norm_start:.2f} -> {r.grad_norm_end:.2f}"
+            if r.grad_norm_start == r.grad_norm_start
+            else ""
+        )
+        out.append(
+            f"{_cell_name(r)} {why}: image cosine {r.image_cos_mean_start:.2f} -> {r.image_cos_mean_end:.2f}, "
+            f"text cosine {r.text_cos_mean_start:.2f} -> {r.text_cos_mean_end:.2f}, weight norm "
+            f"{r.weight_norm_start:.1f} -> {r.weight_norm_end:.1f}{gradient}."
+        )
         out += _step_size_conclusion(r, table, summary, settings, bases)
     return out
 
@@ -84,11 +110,13 @@ def _cell_settings(df: pd.DataFrame) -> pd.DataFrame:
     """Per (optimizer, loss): the lr and grad_clip all completed seeds share; NaN if unknown or if they differ."""
     done = df[df["status"] == "completed"]
     return done.groupby(["optimizer", "loss"])[["lr", "grad_clip"]].agg(
-        lambda s: float(s.iloc[0]) if s.nunique(dropna=False) == 1 else float("nan"))
+        lambda s: float(s.iloc[0]) if s.nunique(dropna=False) == 1 else float("nan")
+    )
 
 
-def _step_size_conclusion(r, table: pd.DataFrame, summary: pd.DataFrame, settings: pd.DataFrame,
-                          bases: pd.Series) -> list[str]:
+def _step_size_conclusion(
+    r, table: pd.DataFrame, summary: pd.DataFrame, settings: pd.DataFrame, bases: pd.Series
+) -> list[str]:
     """For a weak cell of a gradient-proportional optimizer: its first gradient against its optimizer's best
     loss's, said only when both ran at one learning rate without gradient clipping."""
     if bases.get(r.optimizer) not in GRADIENT_PROPORTIONAL or not r.grad_norm_start > 0:
@@ -101,26 +129,35 @@ def _step_size_conclusion(r, table: pd.DataFrame, summary: pd.DataFrame, setting
     reference = own.loc[own["average_mean"].idxmax()]
     ref = table[(table["optimizer"] == r.optimizer) & (table["loss"] == reference.loss)].iloc[0]
     lr = setting(r.optimizer, r.loss, "lr")
-    same_setting = (lr == setting(r.optimizer, ref.loss, "lr") and setting(r.optimizer, r.loss, "grad_clip") == 0
-                    and setting(r.optimizer, ref.loss, "grad_clip") == 0)
+    same_setting = (
+        lr == setting(r.optimizer, ref.loss, "lr")
+        and setting(r.optimizer, r.loss, "grad_clip") == 0
+        and setting(r.optimizer, ref.loss, "grad_clip") == 0
+    )
     ratio = ref.grad_norm_start / r.grad_norm_start
     if not (same_setting and ratio >= GRADIENT_RATIO):
         return []
-    line = (f"{_cell_name(r)}: its first gradient norm ({r.grad_norm_start:.2f}) is {ratio:.0f}x smaller than "
-            f"{_cell_name(ref)}'s ({ref.grad_norm_start:.2f}). SGD's step is the learning rate times the gradient, "
-            f"so at the same learning rate ({lr:g}, no gradient clipping) its first steps are about {ratio:.0f}x "
-            "shorter")
+    line = (
+        f"{_cell_name(r)}: its first gradient norm ({r.grad_norm_start:.2f}) is {ratio:.0f}x smaller than "
+        f"{_cell_name(ref)}'s ({ref.grad_norm_start:.2f}). SGD's step is the learning rate times the gradient, "
+        f"so at the same learning rate ({lr:g}, no gradient clipping) its first steps are about {ratio:.0f}x "
+        "shorter"
+    )
     # the loss's best cell among optimizers that divide by a gradient scale, same initialisation, same rate
-    others = summary[(summary["loss"] == r.loss) & summary["average_mean"].notna()
-                     & (summary["scratch"] == str(r.optimizer).endswith("-scratch"))
-                     & ~summary["optimizer"].map(bases).isin(GRADIENT_PROPORTIONAL)]
+    others = summary[
+        (summary["loss"] == r.loss)
+        & summary["average_mean"].notna()
+        & (summary["scratch"] == str(r.optimizer).endswith("-scratch"))
+        & ~summary["optimizer"].map(bases).isin(GRADIENT_PROPORTIONAL)
+    ]
     others = others[[setting(o, r.loss, "lr") == lr for o in others["optimizer"]]]
     if len(others):
         best = others.loc[others["average_mean"].idxmax()]
         first = table[(table["optimizer"] == best.optimizer) & (table["loss"] == r.loss)].iloc[0].grad_norm_start
-        line += (f"; {_cell_name(best)}, whose step is divided by a running gradient scale, reaches "
-                 f"{best.average_mean:.2f} at that rate"
-                 + (f" (first gradient norm {first:.2f})" if first == first else ""))
+        line += (
+            f"; {_cell_name(best)}, whose step is divided by a running gradient scale, reaches "
+            f"{best.average_mean:.2f} at that rate" + (f" (first gradient norm {first:.2f})" if first == first else "")
+        )
     return [line + "."]
 
 
@@ -131,17 +168,16 @@ def cost_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def chance_levels_for(runs_root: str | Path) -> dict:
     """Chance levels of the evaluation sets used by the runs (from the first run's configuration)."""
-    from clipstudy.engine.evaluate import chance_levels
-
     for cfg_file in sorted(Path(runs_root).glob("*/config.json")):
         try:
             cfg = json.loads(cfg_file.read_text())["config"]
-            from clipstudy.engine.config import make_config
-
-            data_paths = make_config(cfg["profile"], **{k: v for k, v in cfg.items() if k != "profile"}).resolved_paths()
+            data_paths = resolve_paths(cfg, needs_tokenizer=False)
             entries = json.loads(Path(data_paths["retrieval_ann"]).read_text())
-            txt2img = [i for i, e in enumerate(entries)
-                       for _ in (e["caption"] if isinstance(e["caption"], list) else [e["caption"]])]
+            txt2img = [
+                i
+                for i, e in enumerate(entries)
+                for _ in (e["caption"] if isinstance(e["caption"], list) else [e["caption"]])
+            ]
             n_classes = sum(1 for p in Path(data_paths["zeroshot_images"]).iterdir() if p.is_dir())
             return chance_levels(txt2img, len(entries), n_classes)
         except Exception:  # a run from another machine may point to data that is not here
@@ -161,8 +197,13 @@ def environment_table(runs_root: str | Path) -> pd.DataFrame:
             versions = json.loads(cfg_file.read_text()).get("versions") or {}
         except (OSError, json.JSONDecodeError, AttributeError):
             versions = {}
-        rows.append({"run": cfg_file.parent.name, **{k: versions.get(k) for k in ENVIRONMENT_KEYS},
-                     "lock_mismatches": versions.get("lock_mismatches") or []})
+        rows.append(
+            {
+                "run": cfg_file.parent.name,
+                **{k: versions.get(k) for k in ENVIRONMENT_KEYS},
+                "lock_mismatches": versions.get("lock_mismatches") or [],
+            }
+        )
     return pd.DataFrame(rows, columns=["run", *ENVIRONMENT_KEYS, "lock_mismatches"])
 
 
@@ -183,20 +224,32 @@ def environment_notes(env: pd.DataFrame) -> list[str]:
     for row in env.itertuples():
         groups.setdefault(_describe_environment(row.python, row.torch, row.lock_sha256), []).append(row.run)
     if len(groups) == 1:
-        (described, runs), = groups.items()
+        ((described, runs),) = groups.items()
         notes = [f"All {len(runs)} runs: {described}." if len(runs) > 1 else f"The run: {described}."]
     else:
         ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))
-        notes = ["Runs made with different environments (compare their numbers with care): " + "; ".join(
-            f"{len(runs)} run{'s' if len(runs) > 1 else ''}: {described} ({', '.join(runs)})"
-            for described, runs in ordered) + "."]
+        notes = [
+            "Runs made with different environments (compare their numbers with care): "
+            + "; ".join(
+                f"{len(runs)} run{'s' if len(runs) > 1 else ''}: {described} ({', '.join(runs)})"
+                for described, runs in ordered
+            )
+            + "."
+        ]
     drifted = env[env["lock_mismatches"].map(len) > 0]
     if len(drifted):
-        notes.append(f"{len(drifted)} run{'s' if len(drifted) > 1 else ''} used packages other than "
-                     "{} lock file's: ".format("their" if len(drifted) > 1 else "its") + "; ".join(
-                         f"{r.run} ({', '.join(r.lock_mismatches[:3])}"
-                         + (f", {len(r.lock_mismatches) - 3} more" if len(r.lock_mismatches) > 3 else "") + ")"
-                         for r in drifted.itertuples()) + ".")
+        notes.append(
+            f"{len(drifted)} run{'s' if len(drifted) > 1 else ''} used packages other than {{}} lock file's: ".format(
+                "their" if len(drifted) > 1 else "its"
+            )
+            + "; ".join(
+                f"{r.run} ({', '.join(r.lock_mismatches[:3])}"
+                + (f", {len(r.lock_mismatches) - 3} more" if len(r.lock_mismatches) > 3 else "")
+                + ")"
+                for r in drifted.itertuples()
+            )
+            + "."
+        )
     return notes
 
 
@@ -220,7 +273,9 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
     chance_avg = _chance_average(chance)
     out += _variant_conclusions(df, by_opt, chance_avg)
     if len(by_opt) > 1:
-        ranking = ", ".join(f"{OPTIMIZER_NAMES.get(k, k)} {v:.2f}" for k, v in by_opt.sort_values(ascending=False).items())
+        ranking = ", ".join(
+            f"{OPTIMIZER_NAMES.get(k, k)} {v:.2f}" for k, v in by_opt.sort_values(ascending=False).items()
+        )
         out.append(f"Mean Average over losses by optimizer: {ranking}.")
     out += findings.optimizer_conclusions(df, chance_avg) + collapse_conclusions(df, chance_avg)
     out += findings.initialisation_conclusions(df)
@@ -229,9 +284,11 @@ def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
 
 def _best_cell_line(done: pd.DataFrame) -> str:
     best = done.loc[done["average_mean"].idxmax()]
-    return (f"Best cell: {OPTIMIZER_NAMES.get(best.optimizer, best.optimizer)} + "
-            f"{LOSS_NAMES.get(best.loss, best.loss)}, Average {best.average_mean:.2f}"
-            + (f" ± {best.average_std:.2f} over {int(best.average_count)} seeds" if best.average_count > 1 else ""))
+    return (
+        f"Best cell: {OPTIMIZER_NAMES.get(best.optimizer, best.optimizer)} + "
+        f"{LOSS_NAMES.get(best.loss, best.loss)}, Average {best.average_mean:.2f}"
+        + (f" ± {best.average_std:.2f} over {int(best.average_count)} seeds" if best.average_count > 1 else "")
+    )
 
 
 def _loss_conclusions(done: pd.DataFrame) -> list[str]:
@@ -241,16 +298,20 @@ def _loss_conclusions(done: pd.DataFrame) -> list[str]:
     for loss, group in done.groupby("loss", sort=False):
         group = group.sort_values("average_mean", ascending=False)
         first = group.iloc[0]
-        line = (f"{LOSS_NAMES.get(loss, loss)}: best optimizer {OPTIMIZER_NAMES.get(first.optimizer, first.optimizer)} "
-                f"({first.average_mean:.2f})")
+        line = (
+            f"{LOSS_NAMES.get(loss, loss)}: best optimizer {OPTIMIZER_NAMES.get(first.optimizer, first.optimizer)} "
+            f"({first.average_mean:.2f})"
+        )
         if len(group) > 1:
             second = group.iloc[1]
             gap = first.average_mean - second.average_mean
             line += f", ahead of {OPTIMIZER_NAMES.get(second.optimizer, second.optimizer)} by {gap:.2f}"
             if multi_seed and first.average_count > 1 and second.average_count > 1:
                 spread = float(np.hypot(first.average_std, second.average_std))
-                line += (f"; the gap {'exceeds' if gap > spread else 'is within'} the seed spread "
-                         f"(combined std {spread:.2f})")
+                line += (
+                    f"; the gap {'exceeds' if gap > spread else 'is within'} the seed spread "
+                    f"(combined std {spread:.2f})"
+                )
             elif not multi_seed:
                 line += " (single seed: no spread to compare against)"
         out.append(line + ".")
@@ -299,12 +360,19 @@ def _status_conclusions(df: pd.DataFrame) -> list[str]:
     failed = df[df["status"] == "failed"]
     out = []
     if len(diverged):
-        out.append(f"{len(diverged)} run(s) diverged: " + ", ".join(
-            f"{r.optimizer}-{r.loss}-s{r.seed} at step {int(r.diverged_at_step) if r.diverged_at_step == r.diverged_at_step else '?'}"
-            for r in diverged.itertuples()) + ".")
+        out.append(
+            f"{len(diverged)} run(s) diverged: "
+            + ", ".join(
+                f"{r.optimizer}-{r.loss}-s{r.seed} at step {_step(r.diverged_at_step)}" for r in diverged.itertuples()
+            )
+            + "."
+        )
     if len(failed):
-        out.append(f"{len(failed)} run(s) failed: " + ", ".join(
-            f"{r.optimizer}-{r.loss}-s{r.seed}" for r in failed.itertuples()) + ".")
+        out.append(
+            f"{len(failed)} run(s) failed: "
+            + ", ".join(f"{r.optimizer}-{r.loss}-s{r.seed}" for r in failed.itertuples())
+            + "."
+        )
     return out
 
 
@@ -322,10 +390,17 @@ def render(profile: str, runs_root: Path, out_dir: Path, *, notebook: Path | Non
 
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / "analysis.ipynb"
-    execute_notebook(notebook or paths.notebook("analysis.ipynb"), executed, {"profile": profile, "runs": str(runs_root.resolve()),
-                                          "out_dir": str(out_dir.resolve())})
+    execute_notebook(
+        notebook or paths.notebook("analysis.ipynb"),
+        executed,
+        {"profile": profile, "runs": str(runs_root.resolve()), "out_dir": str(out_dir.resolve())},
+    )
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
     html = out_dir / "report.html"
     html.write_text(body, encoding="utf-8")
     return html
+
+
+def _step(value) -> str:
+    return str(int(value)) if value == value else "?"  # NaN: not recorded

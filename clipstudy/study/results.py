@@ -6,6 +6,7 @@
 (:mod:`clipstudy.study.report`) and the comparison with the published study
 (:mod:`clipstudy.study.findings`) both read these.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,21 +15,42 @@ from pathlib import Path
 import pandas as pd
 
 from clipstudy.core.diagnostics import SUMMARISED, start_end_summary
+from clipstudy.core.losses import LOSSES, losses_in_order
 from clipstudy.engine import records
+from clipstudy.study.variants import optimizer_display_names
 
 METRICS = list(records.HEADLINE)
 METRIC_NAMES = {"txt_r1": "TR@1", "img_r1": "IR@1", "zeroshot_top1": "ACC@1", "average": "Average"}
-# Display names; a variant not named here shows its label. Which optimizer a variant modifies is read
-# from its runs (metrics.json's base_optimizer), never from its name.
-OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD", "adam": "Adam", "adam-nol2": "Adam (no L2)",
-                   "adamw-scratch": "AdamW (scratch)", "sgd-scratch": "SGD (scratch)", "adam-scratch": "Adam (scratch)"}
-LOSS_NAMES = {"clip": "CLIP", "sogclr": "SogCLR", "cyclip": "CyCLIP", "vicreg": "VICReg",
-              "onlineclr": "OnlineCLR", "isogclr": "iSogCLR", "siglip": "SigLIP"}
-RESULT_COLUMNS = ["optimizer", "base_optimizer", "loss", "seed", "status", "txt_r1", "img_r1", "zeroshot_top1", "average",
-                  "txt_r5", "txt_r10", "img_r5", "img_r10", "zeroshot_top5", "diverged_at_step", "global_step",
-                  "wall_time_s", "train_samples_per_s", "peak_memory_mb", "skipped_images",
-                  *[f"{name}_{when}" for name in SUMMARISED for when in ("start", "end")], "lr", "grad_clip", "error",
-                  "run_dir"]
+# Display names, read from the registries and the named variants; a label not named there shows itself.
+OPTIMIZER_NAMES = optimizer_display_names()
+LOSS_NAMES = {name: LOSSES[name].display_name for name in losses_in_order()}
+RESULT_COLUMNS = [
+    "optimizer",
+    "base_optimizer",
+    "loss",
+    "seed",
+    "status",
+    "txt_r1",
+    "img_r1",
+    "zeroshot_top1",
+    "average",
+    "txt_r5",
+    "txt_r10",
+    "img_r5",
+    "img_r10",
+    "zeroshot_top5",
+    "diverged_at_step",
+    "global_step",
+    "wall_time_s",
+    "train_samples_per_s",
+    "peak_memory_mb",
+    "skipped_images",
+    *[f"{name}_{when}" for name in SUMMARISED for when in ("start", "end")],
+    "lr",
+    "grad_clip",
+    "error",
+    "run_dir",
+]
 TEXT_COLUMNS = ("optimizer", "base_optimizer", "loss", "status", "error", "run_dir")
 
 
@@ -95,8 +117,9 @@ def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
     done = df[df["status"] == "completed"]
     agg = done.groupby(["optimizer", "loss"], sort=False)[METRICS].agg(["mean", "std", "count"])
     agg.columns = [f"{m}_{s}" for m, s in agg.columns]
-    status = df.pivot_table(index=["optimizer", "loss"], columns="status", values="run_dir", aggfunc="count",
-                            fill_value=0)
+    status = df.pivot_table(
+        index=["optimizer", "loss"], columns="status", values="run_dir", aggfunc="count", fill_value=0
+    )
     out = status.join(agg, how="left")
     for s in ("completed", "diverged", "failed"):
         if s not in out:
@@ -120,8 +143,10 @@ def study_table(df: pd.DataFrame) -> pd.DataFrame:
     summary = cell_summary(df)
     rows = []
     for _, r in summary.iterrows():
-        row = {"Optimizer": OPTIMIZER_NAMES.get(r["optimizer"], r["optimizer"]),
-               "Method": LOSS_NAMES.get(r["loss"], r["loss"])}
+        row = {
+            "Optimizer": OPTIMIZER_NAMES.get(r["optimizer"], r["optimizer"]),
+            "Method": LOSS_NAMES.get(r["loss"], r["loss"]),
+        }
         n = r.get("average_count", 0)
         n = 0 if n != n else int(n)
         for m in METRICS:
@@ -137,5 +162,8 @@ def average_grid(df: pd.DataFrame) -> pd.DataFrame:
     """Mean Average per optimizer (rows) and loss (columns), completed runs only."""
     summary = cell_summary(df).dropna(subset=["average_mean"])
     grid = summary.pivot(index="optimizer", columns="loss", values="average_mean")
-    return grid.reindex(columns=sorted(grid.columns, key=lambda loss: (list(LOSS_NAMES).index(loss)
-                                                                       if loss in LOSS_NAMES else 99, loss)))
+    return grid.reindex(
+        columns=sorted(
+            grid.columns, key=lambda loss: (list(LOSS_NAMES).index(loss) if loss in LOSS_NAMES else 99, loss)
+        )
+    )

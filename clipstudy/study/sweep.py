@@ -13,6 +13,7 @@ matches what the sweep asks for. A cell run with other settings or data is
 *stale*: it is listed with what changed, and not run unless ``--rerun-stale``,
 which first moves the old run to ``<runs>/stale/<cell>-<time>``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,31 +26,37 @@ from pathlib import Path
 
 from clipstudy import paths
 from clipstudy.engine import records
+from clipstudy.engine.config import FIELDS, PROFILES, ConfigError, fields_epilog, make_config, profile_named_in
+from clipstudy.engine.fingerprint import listings_cached
+from clipstudy.engine.preflight import check_components
 from clipstudy.study import executors
 from clipstudy.study.cells import Cell, archive_stale, cell_state, parse_mapping, run_cell, summary_line
-from clipstudy.engine.config import (FIELDS, PROFILES, ConfigError, fields_epilog, make_config,
-                              profile_named_in)
-from clipstudy.engine.fingerprint import listings_cached
-
-DEFAULT_OPTIMIZERS = ("adamw", "sgd", "adam")
-DEFAULT_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
-# Named optimizer variants beyond the original grid; more with --variant.
-VARIANTS: dict[str, dict] = {
-    "adam-nol2": {"optimizer": "adam", "weight_decay": 0.0},  # Adam without its L2 penalty
-    # the initialisation ablation: the same cells from random towers instead of pretrained ones
-    **{f"{name}-scratch": {"optimizer": name, "pretrained": False} for name in DEFAULT_OPTIMIZERS},
-}
 
 
-def plan_cells(profile: str, *, optimizers=DEFAULT_OPTIMIZERS, losses=DEFAULT_LOSSES, seeds=(0,),
-               lr: dict[str, float] | float | None = None, overrides: dict | None = None,
-               variants: dict[str, dict] | None = None, runs_root: str | Path | None = None) -> list[Cell]:
+def plan_cells(
+    profile: str,
+    *,
+    optimizers=None,
+    losses=None,
+    seeds=(0,),
+    lr: dict[str, float] | float | None = None,
+    overrides: dict | None = None,
+    variants: dict[str, dict] | None = None,
+    runs_root: str | Path | None = None,
+) -> list[Cell]:
     """The cells of a sweep, each validated now (so a bad parameter fails before hours of training).
 
+    ``optimizers`` and ``losses`` default to the registered entries marked for the default grid.
     ``lr`` is one learning rate for every cell or a mapping optimizer label -> lr.
-    ``variants`` adds named optimizer variants to :data:`VARIANTS`.
+    ``variants`` adds named optimizer variants to :data:`~clipstudy.study.variants.VARIANTS`.
     """
-    known = {**VARIANTS, **(variants or {})}
+    from clipstudy.core.losses import default_grid_losses
+    from clipstudy.core.optim import default_grid_optimizers
+    from clipstudy.study.variants import VARIANTS  # here, not at the top: `sweep --help` imports no torch
+
+    optimizers = optimizers or default_grid_optimizers()
+    losses = losses or default_grid_losses()
+    known = {**{label: v.fields for label, v in VARIANTS.items()}, **(variants or {})}
     root = Path(runs_root).resolve() if runs_root else paths.runs_dir(profile)
     overrides = dict(overrides or {})
     cells = []
@@ -68,8 +75,8 @@ def plan_cells(profile: str, *, optimizers=DEFAULT_OPTIMIZERS, losses=DEFAULT_LO
                 cell = Cell(label, loss, int(seed))
                 cell.out = root / cell.name
                 params["out"] = str(cell.out)
-                cell.config = make_config(profile, **params)  # validate now
-                cell.params = {"profile": profile, **params}
+                cell.config = make_config(profile, **params)  # validated now, handed to the notebook as it is
+                check_components(cell.config)
                 cells.append(cell)
     return cells
 
@@ -90,12 +97,14 @@ def check_sweep_inputs(cells: list[Cell]) -> None:
 def check_names(lr: dict | float | None, variants: dict[str, dict]) -> None:
     """Every ``--lr`` key names an optimizer or a variant, every ``--variant`` a known optimizer and fields."""
     from clipstudy.core.optim import available_optimizers
+    from clipstudy.study.variants import VARIANTS
 
     optimizers = available_optimizers()
     for name, variant in variants.items():
         if variant.get("optimizer") not in optimizers:
-            raise ConfigError(f"--variant {name}: optimizer {variant.get('optimizer')!r} is unknown; "
-                              f"valid optimizers: {optimizers}")
+            raise ConfigError(
+                f"--variant {name}: optimizer {variant.get('optimizer')!r} is unknown; valid optimizers: {optimizers}"
+            )
         unknown = [key for key in variant if key.replace("-", "_") not in FIELDS]
         if unknown:
             raise ConfigError(f"--variant {name}: unknown config field(s) {unknown}; valid fields: {sorted(FIELDS)}")
@@ -132,8 +141,7 @@ def unfinished_cells(cells: list[Cell], rerun_stale: bool = False) -> tuple[dict
     return results, todo
 
 
-def run_sweep(cells: list[Cell], *, jobs: int = 1, progress: bool = True,
-              rerun_stale: bool = False) -> dict[str, dict]:
+def run_sweep(cells: list[Cell], *, jobs: int = 1, progress: bool = True, rerun_stale: bool = False) -> dict[str, dict]:
     """Run every unfinished cell, ``jobs`` at a time; return cell name -> metrics (stale cells:
     see :func:`unfinished_cells`)."""
     import torch
@@ -174,32 +182,57 @@ def _number(text: str, option: str, kind):
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clipstudy sweep",
-                                     description="Run the optimizer x loss grid through papermill.",
-                                     epilog=fields_epilog(profile_named_in(argv, "demo")),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m clipstudy sweep",
+        description="Run the optimizer x loss grid through papermill.",
+        epilog=fields_epilog(profile_named_in(argv, "demo")),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--profile", default="demo", choices=sorted(PROFILES))
-    parser.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
-                        help=f"comma list; optimizer names or variants {sorted(VARIANTS)}")
-    parser.add_argument("--losses", default=",".join(DEFAULT_LOSSES),
-                        help="comma list of losses (default: the original five; isogclr and siglip run only "
-                             "when named)")
+    parser.add_argument(
+        "--optimizers",
+        default="",
+        help="comma list of optimizer or variant names (default: the default grid; `python -m clipstudy list` "
+        "shows every name)",
+    )
+    parser.add_argument(
+        "--losses",
+        default="",
+        help="comma list of losses (default: the default grid, the original five; `python -m clipstudy list`)",
+    )
     parser.add_argument("--seeds", default="0", help="comma list of seeds, e.g. 0,1,2")
-    parser.add_argument("--lr", default=None,
-                        help="one learning rate for all cells, or per optimizer or variant name: "
-                             "adamw=2e-4,sgd=0.05 (an unknown name fails at start)")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIMIZER[:FIELD=VALUE;...]",
-                        help="a named optimizer variant, e.g. sgd-hi=sgd:lr=0.1;weight_decay=0")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a configuration field for every cell (repeatable)")
+    parser.add_argument(
+        "--lr",
+        default=None,
+        help="one learning rate for all cells, or per optimizer or variant name: "
+        "adamw=2e-4,sgd=0.05 (an unknown name fails at start)",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=OPTIMIZER[:FIELD=VALUE;...]",
+        help="a named optimizer variant, e.g. sgd-hi=sgd:lr=0.1;weight_decay=0",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a configuration field for every cell, one per --set (repeatable); "
+        'JSON values may hold commas: --set \'loss_params={"gamma":0.9,"estimator":"exact"}\'',
+    )
     parser.add_argument("--data", default=None, help="demo-layout data folder (sets the `data` field)")
     parser.add_argument("--runs", default=None, help="runs folder (default reports/runs/<profile>)")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "1")))
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
     executors.add_arguments(parser)
-    parser.add_argument("--rerun-stale", action="store_true",
-                        help="rerun cells trained with other settings or data, moving each old run to "
-                             "RUNS/stale/CELL-TIME first (without it they are listed and not run)")
+    parser.add_argument(
+        "--rerun-stale",
+        action="store_true",
+        help="rerun cells trained with other settings or data, moving each old run to "
+        "RUNS/stale/CELL-TIME first (without it they are listed and not run)",
+    )
     args = parser.parse_args(argv)
     cells = plan_from_args(args)
     resources = executors.resources_from_args(args)
@@ -220,39 +253,53 @@ def main(argv: list[str]) -> int:
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise ConfigError(f"--runs {root}: cannot create the runs folder ({err.strerror or err}); "
-                              "choose a folder you can write to") from None
+            raise ConfigError(
+                f"--runs {root}: cannot create the runs folder ({err.strerror or err}); "
+                "choose a folder you can write to"
+            ) from None
     t0 = time.perf_counter()
     if args.executor == "inline" and resources.world_size == 1:
         results = run_sweep(cells, jobs=args.jobs, rerun_stale=args.rerun_stale)
     else:
         results, todo = unfinished_cells(cells, rerun_stale=args.rerun_stale)
-        ran = executors.run_cells(args.executor, todo, resources, cells[0].out.parent if cells else Path(),
-                                  jobs=args.jobs, wait=args.wait)
+        ran = executors.run_cells(
+            args.executor, todo, resources, cells[0].out.parent if cells else Path(), jobs=args.jobs, wait=args.wait
+        )
         if ran is None:  # submitted to Slurm, not waited for
             return 0
         results.update(ran)
     counts: dict[str, int] = {}
     for m in results.values():
         counts[m.get("status", "?")] = counts.get(m.get("status", "?"), 0) + 1
-    print(f"sweep finished in {time.perf_counter() - t0:.0f}s: "
-          + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    print(
+        f"sweep finished in {time.perf_counter() - t0:.0f}s: "
+        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    )
     failed = counts.get(records.FAILED, 0)
     if failed:  # a diverged cell is a result; a failed one is not
-        print(f"{failed} cell(s) failed: see the FAILED lines above and each cell's metrics.json and "
-              "train.ipynb; rerun the same command to retry them", file=sys.stderr)
+        print(
+            f"{failed} cell(s) failed: see the FAILED lines above and each cell's metrics.json and "
+            "train.ipynb; rerun the same command to retry them",
+            file=sys.stderr,
+        )
     if counts.get("stale"):
-        print(f"error: {counts['stale']} stale cell(s) not run: their runs used other settings or data (listed "
-              "above). Rerun with --rerun-stale to archive and retrain them, or keep both results side by side "
-              "with a --variant (see README, \"Several settings side by side\")", file=sys.stderr)
+        print(
+            f"error: {counts['stale']} stale cell(s) not run: their runs used other settings or data (listed "
+            "above). Rerun with --rerun-stale to archive and retrain them, or keep both results side by side "
+            'with a --variant (see README, "Several settings side by side")',
+            file=sys.stderr,
+        )
     return 1 if failed or counts.get("stale") else 0
 
 
 def plan_from_args(args) -> list[Cell]:
     """The sweep's cells from its command line, every name and value checked (ConfigError otherwise)."""
     overrides = {}
-    for item in args.set:
-        overrides.update(parse_mapping(item, "--set"))
+    for item in args.set:  # one FIELD=VALUE each, split at the first "=": a JSON value may hold "=" and ","
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--set: {item!r} is not FIELD=VALUE (e.g. --set epochs=4)")
+        overrides[name.strip()] = value.strip()
     for name in overrides:
         if name.replace("-", "_") not in FIELDS:
             raise ConfigError(f"--set: unknown config field {name!r}; valid fields: {sorted(FIELDS)}")
@@ -265,12 +312,21 @@ def plan_from_args(args) -> list[Cell]:
         variants[name] = {"optimizer": optimizer, **parse_mapping(fields.replace(";", ","), "--variant")}
     lr = None
     if args.lr:
-        lr = ({k: _number(v, "--lr", float) for k, v in parse_mapping(args.lr, "--lr").items()}
-              if "=" in args.lr else _number(args.lr, "--lr", float))
+        lr = (
+            {k: _number(v, "--lr", float) for k, v in parse_mapping(args.lr, "--lr").items()}
+            if "=" in args.lr
+            else _number(args.lr, "--lr", float)
+        )
     check_names(lr, variants)
     if args.jobs < 1:
         raise ConfigError("--jobs must be >= 1")
-    return plan_cells(args.profile, optimizers=[o for o in args.optimizers.split(",") if o],
-                      losses=[x for x in args.losses.split(",") if x],
-                      seeds=[_number(s, "--seeds", int) for s in args.seeds.split(",") if s], lr=lr,
-                      overrides=overrides, variants=variants, runs_root=args.runs)
+    return plan_cells(
+        args.profile,
+        optimizers=[o for o in args.optimizers.split(",") if o],
+        losses=[x for x in args.losses.split(",") if x],
+        seeds=[_number(s, "--seeds", int) for s in args.seeds.split(",") if s],
+        lr=lr,
+        overrides=overrides,
+        variants=variants,
+        runs_root=args.runs,
+    )
