@@ -38,18 +38,29 @@ cv2 centre is half a pixel off), the shear's and translation's direction
 under a given sign (irrelevant, the sign is random), and Pillow's rounding
 in Brightness/Sharpness.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-ALBEF_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
-             "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+ALBEF_OPS = (
+    "Identity",
+    "AutoContrast",
+    "Equalize",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+)
 MAX_LEVEL = 10.0
 GREY = (128, 128, 128)
 _SIGNED = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"}
@@ -77,8 +88,7 @@ def albef_op_argument(name: str, magnitude: float, negate: bool = False) -> floa
     return -value if negate else value
 
 
-def apply_albef_op(image: Image.Image, name: str, argument: float | None,
-                   fill: Sequence[int] = GREY) -> Image.Image:
+def apply_albef_op(image: Image.Image, name: str, argument: float | None, fill: Sequence[int] = GREY) -> Image.Image:
     """Apply one operation with its argument (from :func:`albef_op_argument`) to a PIL image."""
     bilinear, fill = InterpolationMode.BILINEAR, list(fill)
     if name == "Identity":
@@ -95,12 +105,14 @@ def apply_albef_op(image: Image.Image, name: str, argument: float | None,
         # torchvision takes shear angles; a shear factor s is the angle atan(s)
         angle = math.degrees(math.atan(argument))
         shear = [angle, 0.0] if name == "ShearX" else [0.0, angle]
-        return F.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=bilinear,
-                        fill=fill, center=[0, 0])
+        return F.affine(
+            image, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=bilinear, fill=fill, center=[0, 0]
+        )
     if name in ("TranslateX", "TranslateY"):
         translate = [argument, 0.0] if name == "TranslateX" else [0.0, argument]
-        return F.affine(image, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0],
-                        interpolation=bilinear, fill=fill)
+        return F.affine(
+            image, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0], interpolation=bilinear, fill=fill
+        )
     if name == "Rotate":
         return F.rotate(image, argument, interpolation=bilinear, fill=fill)
     raise ValueError(f"unknown augmentation operation {name!r}; choose from {ALBEF_OPS}")
@@ -117,14 +129,21 @@ class AlbefRandomAugment:
         fill: colour of uncovered pixels (default grey 128).
     """
 
-    def __init__(self, num_ops: int = 2, magnitude: float = 7, ops: Sequence[str] = ALBEF_OPS,
-                 prob: float = 0.5, fill: Sequence[int] = GREY):
+    def __init__(
+        self,
+        num_ops: int = 2,
+        magnitude: float = 7,
+        ops: Sequence[str] = ALBEF_OPS,
+        prob: float = 0.5,
+        fill: Sequence[int] = GREY,
+    ):
         unknown = [op for op in ops if op not in ALBEF_OPS]
         if unknown or not ops:
             raise ValueError(f"ops must be a non-empty list from {ALBEF_OPS}, got unknown {unknown}")
         if num_ops < 0 or not 0 <= magnitude <= MAX_LEVEL or not 0 <= prob <= 1:
-            raise ValueError(f"need num_ops >= 0, 0 <= magnitude <= 10, 0 <= prob <= 1; got {num_ops}, "
-                             f"{magnitude}, {prob}")
+            raise ValueError(
+                f"need num_ops >= 0, 0 <= magnitude <= 10, 0 <= prob <= 1; got {num_ops}, {magnitude}, {prob}"
+            )
         self.num_ops, self.magnitude, self.ops, self.prob, self.fill = num_ops, magnitude, tuple(ops), prob, fill
 
     def __call__(self, image: Image.Image) -> Image.Image:
@@ -138,5 +157,7 @@ class AlbefRandomAugment:
         return image
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(num_ops={self.num_ops}, magnitude={self.magnitude}, prob={self.prob}, "
-                f"ops={list(self.ops)})")
+        return (
+            f"{type(self).__name__}(num_ops={self.num_ops}, magnitude={self.magnitude}, prob={self.prob}, "
+            f"ops={list(self.ops)})"
+        )

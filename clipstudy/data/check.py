@@ -15,6 +15,7 @@ summary names the set and the threshold); 2 for a usage error or a malformed
 set (:class:`~clipstudy.data.datasets.DataError`, message on stderr). When most of a
 set's images are missing, the summary names the image root to check.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,9 @@ import os
 import statistics
 import sys
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable
 
 from clipstudy.data.layout import resolve_paths
 from clipstudy.errors import StartupError
@@ -52,8 +53,16 @@ def _open_all(paths: list[str], label: str, progress: bool, workers: int) -> lis
 
     # Pillow releases the GIL while decoding, so threads overlap the work.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reasons = list(tqdm(pool.map(_try_open, paths), total=len(paths), desc=f"{label} images",
-                            unit="img", disable=not progress, file=sys.stderr))
+        reasons = list(
+            tqdm(
+                pool.map(_try_open, paths),
+                total=len(paths),
+                desc=f"{label} images",
+                unit="img",
+                disable=not progress,
+                file=sys.stderr,
+            )
+        )
     return [{"path": path, "reason": reason} for path, reason in zip(paths, reasons) if reason is not None]
 
 
@@ -63,9 +72,14 @@ def _word_summary(captions: Iterable[str], max_words: int) -> dict:
     counts = [len(clean_caption(c, max_words).split()) for c in captions]
     if not counts:
         return {"count": 0}
-    return {"count": len(counts), "min_words": min(counts), "mean_words": round(statistics.fmean(counts), 2),
-            "median_words": statistics.median(counts), "max_words": max(counts),
-            "empty_after_cleaning": sum(1 for n in counts if n == 0)}
+    return {
+        "count": len(counts),
+        "min_words": min(counts),
+        "mean_words": round(statistics.fmean(counts), 2),
+        "median_words": statistics.median(counts),
+        "max_words": max(counts),
+        "empty_after_cleaning": sum(1 for n in counts if n == 0),
+    }
 
 
 def _duplicates(entries: list[dict], examples: int = 5) -> dict:
@@ -83,11 +97,14 @@ def _duplicates(entries: list[dict], examples: int = 5) -> dict:
     repeated = [image_id for image_id, images in images_by_id.items() if len(images) > 1]
     mixed = [image_id for image_id in repeated if len(set(images_by_id[image_id])) > 1]
     pairs = Counter((entry["image"], entry["caption"]) for entry in entries)
-    return {"repeated_image_ids": len(repeated),
-            "entries_with_repeated_ids": sum(len(images_by_id[i]) for i in repeated),
-            "repeated_id_examples": repeated[:examples],
-            "ids_on_different_images": len(mixed), "different_images_examples": mixed[:examples],
-            "repeated_pairs": sum(n - 1 for n in pairs.values() if n > 1)}
+    return {
+        "repeated_image_ids": len(repeated),
+        "entries_with_repeated_ids": sum(len(images_by_id[i]) for i in repeated),
+        "repeated_id_examples": repeated[:examples],
+        "ids_on_different_images": len(mixed),
+        "different_images_examples": mixed[:examples],
+        "repeated_pairs": sum(n - 1 for n in pairs.values() if n > 1),
+    }
 
 
 def _check_pairs(kind: str, ann_file: str, image_root: str, max_words: int, progress: bool, workers: int) -> dict:
@@ -95,28 +112,39 @@ def _check_pairs(kind: str, ann_file: str, image_root: str, max_words: int, prog
 
     entries = load_annotation_list(ann_file, kind)
     if not Path(image_root).is_dir():
-        raise DataError(f"{image_root}: image root folder not found; pass the folder the image paths "
-                        f"in {ann_file} are relative to")
+        raise DataError(
+            f"{image_root}: image root folder not found; pass the folder the image paths in {ann_file} are relative to"
+        )
     paths = [str(Path(image_root) / entry["image"]) for entry in entries]
     unreadable = _open_all(paths, kind, progress, workers)
-    section = {"ann_file": str(ann_file), "image_root": str(image_root), "entries": len(entries),
-               "readable_images": len(paths) - len(unreadable), "unreadable_files": unreadable}
+    section = {
+        "ann_file": str(ann_file),
+        "image_root": str(image_root),
+        "entries": len(entries),
+        "readable_images": len(paths) - len(unreadable),
+        "unreadable_files": unreadable,
+    }
     if kind == "train":
         section["captions"] = _word_summary((e["caption"] for e in entries), max_words)
         section["duplicates"] = _duplicates(entries)
     else:
         per_image = [1 if isinstance(e["caption"], str) else len(e["caption"]) for e in entries]
         section["texts"] = sum(per_image)
-        section["captions_per_image"] = ({"min": min(per_image), "mean": round(statistics.fmean(per_image), 2),
-                                          "max": max(per_image)} if per_image else {})
+        section["captions_per_image"] = (
+            {"min": min(per_image), "mean": round(statistics.fmean(per_image), 2), "max": max(per_image)}
+            if per_image
+            else {}
+        )
         section["captions"] = _word_summary(
-            (c for e in entries for c in ([e["caption"]] if isinstance(e["caption"], str) else e["caption"])),
-            max_words)
+            (c for e in entries for c in ([e["caption"]] if isinstance(e["caption"], str) else e["caption"])), max_words
+        )
     section["usable"] = section["readable_images"] > 0
     missing = sum(1 for item in unreadable if item["reason"] == MISSING_REASON)
     if entries and missing > len(entries) / 2:
-        section["hint"] = (f"{missing} of {len(entries)} images are missing: check the image root {image_root} "
-                           f"(the image paths in {ann_file} are relative to it)")
+        section["hint"] = (
+            f"{missing} of {len(entries)} images are missing: check the image root {image_root} "
+            f"(the image paths in {ann_file} are relative to it)"
+        )
     return section
 
 
@@ -129,19 +157,32 @@ def _check_zeroshot(root: str, progress: bool, workers: int) -> dict:
         per_class[classes[label]] += 1
     unreadable = _open_all([path for path, _ in samples], "zeroshot", progress, workers)
     has_names_file = (Path(root) / "classnames.json").is_file()
-    return {"root": str(root), "classes": len(classes), "images": len(samples),
-            "readable_images": len(samples) - len(unreadable),
-            "images_per_class": {"min": min(per_class.values()), "max": max(per_class.values())},
-            "empty_classes": [name for name, n in per_class.items() if n == 0],
-            "classnames_file": has_names_file, "unreadable_files": unreadable,
-            "usable": len(samples) > len(unreadable)}
+    return {
+        "root": str(root),
+        "classes": len(classes),
+        "images": len(samples),
+        "readable_images": len(samples) - len(unreadable),
+        "images_per_class": {"min": min(per_class.values()), "max": max(per_class.values())},
+        "empty_classes": [name for name, n in per_class.items() if n == 0],
+        "classnames_file": has_names_file,
+        "unreadable_files": unreadable,
+        "usable": len(samples) > len(unreadable),
+    }
 
 
-def check_data(*, train_ann: str | None = None, train_images: str | None = None,
-               retrieval_ann: str | None = None, retrieval_images: str | None = None,
-               zeroshot_images: str | None = None, data: str | None = None,
-               max_words: int = 30, progress: bool = False, workers: int | None = None,
-               max_unreadable: float = DEFAULT_MAX_UNREADABLE) -> dict:
+def check_data(
+    *,
+    train_ann: str | None = None,
+    train_images: str | None = None,
+    retrieval_ann: str | None = None,
+    retrieval_images: str | None = None,
+    zeroshot_images: str | None = None,
+    data: str | None = None,
+    max_words: int = 30,
+    progress: bool = False,
+    workers: int | None = None,
+    max_unreadable: float = DEFAULT_MAX_UNREADABLE,
+) -> dict:
     """Check the given sets; returns ``{"train": {...}, "retrieval": {...}, "zeroshot": {...}, "ok": bool}``.
 
     ``data`` is the demo layout shorthand (``data/train.json``, ``data/images``,
@@ -157,16 +198,23 @@ def check_data(*, train_ann: str | None = None, train_images: str | None = None,
             reverse), or no set at all.
     """
     if data:  # explicit paths win over the folder's layout
-        given = dict(train_ann=train_ann, train_images=train_images, retrieval_ann=retrieval_ann,
-                     retrieval_images=retrieval_images, zeroshot_images=zeroshot_images)
+        given = dict(
+            train_ann=train_ann,
+            train_images=train_images,
+            retrieval_ann=retrieval_ann,
+            retrieval_images=retrieval_images,
+            zeroshot_images=zeroshot_images,
+        )
         found = resolve_paths({"data": data, **given}, needs_tokenizer=False)
         train_ann, train_images, retrieval_ann, retrieval_images, zeroshot_images = (found[key] for key in given)
     for kind, ann, images in (("train", train_ann, train_images), ("retrieval", retrieval_ann, retrieval_images)):
         if bool(ann) != bool(images):
             raise ValueError(f"--{kind}-ann and --{kind}-images go together: give both or neither")
     if not (train_ann or retrieval_ann or zeroshot_images):
-        raise ValueError("nothing to check: give --train-ann/--train-images, --retrieval-ann/--retrieval-images, "
-                         "--zeroshot-images, or --data DIR")
+        raise ValueError(
+            "nothing to check: give --train-ann/--train-images, --retrieval-ann/--retrieval-images, "
+            "--zeroshot-images, or --data DIR"
+        )
     if not 0 <= max_unreadable <= 1:
         raise ValueError(f"--max-unreadable {max_unreadable}: give a fraction between 0 and 1 (e.g. 0.01 for 1%)")
     workers = workers or os.cpu_count() or 1
@@ -184,8 +232,7 @@ def check_data(*, train_ann: str | None = None, train_images: str | None = None,
             section["unreadable_fraction"] = len(section["unreadable_files"]) / total if total else 0.0
             section["over_threshold"] = section["unreadable_fraction"] > max_unreadable
     report["max_unreadable"] = max_unreadable
-    report["ok"] = all(report[name]["usable"] and not report[name]["over_threshold"] for name in SETS
-                       if name in report)
+    report["ok"] = all(report[name]["usable"] and not report[name]["over_threshold"] for name in SETS if name in report)
     return report
 
 
@@ -200,9 +247,11 @@ def format_report(report: dict, max_listed: int = 20) -> str:
         lines.append(f"[{name}] {where}")
         if name == "zeroshot":
             per_class = section["images_per_class"]
-            lines.append(f"  {section['classes']} classes, {section['images']} images "
-                         f"({per_class['min']}-{per_class['max']} per class), "
-                         f"class names from {'classnames.json' if section['classnames_file'] else 'folder ids'}")
+            lines.append(
+                f"  {section['classes']} classes, {section['images']} images "
+                f"({per_class['min']}-{per_class['max']} per class), "
+                f"class names from {'classnames.json' if section['classnames_file'] else 'folder ids'}"
+            )
             if section["empty_classes"]:
                 lines.append(f"  empty class folders: {', '.join(section['empty_classes'])}")
         else:
@@ -212,23 +261,30 @@ def format_report(report: dict, max_listed: int = 20) -> str:
                 lines.append(f"  {section['texts']} captions, {cpi['min']}-{cpi['max']} per image (mean {cpi['mean']})")
             words = section["captions"]
             if words.get("count"):
-                lines.append(f"  caption words after cleaning: min {words['min_words']}, mean {words['mean_words']}, "
-                             f"median {words['median_words']}, max {words['max_words']}; "
-                             f"{words['empty_after_cleaning']} empty")
+                lines.append(
+                    f"  caption words after cleaning: min {words['min_words']}, mean {words['mean_words']}, "
+                    f"median {words['median_words']}, max {words['max_words']}; "
+                    f"{words['empty_after_cleaning']} empty"
+                )
             if words.get("empty_after_cleaning"):
-                lines.append(f"  WARNING: {words['empty_after_cleaning']} caption(s) are empty after cleaning "
-                             "(only punctuation or blank); they train as empty texts")
+                lines.append(
+                    f"  WARNING: {words['empty_after_cleaning']} caption(s) are empty after cleaning "
+                    "(only punctuation or blank); they train as empty texts"
+                )
             dup = section.get("duplicates")
             if dup and dup["repeated_image_ids"]:
-                lines.append(f"  {dup['repeated_image_ids']} image id(s) used by several entries "
-                             f"({dup['entries_with_repeated_ids']} entries; fine when one image has several "
-                             f"captions), e.g. {', '.join(map(str, dup['repeated_id_examples']))}")
+                lines.append(
+                    f"  {dup['repeated_image_ids']} image id(s) used by several entries "
+                    f"({dup['entries_with_repeated_ids']} entries; fine when one image has several "
+                    f"captions), e.g. {', '.join(map(str, dup['repeated_id_examples']))}"
+                )
             if dup and dup["ids_on_different_images"]:
-                lines.append(f"  WARNING: {dup['ids_on_different_images']} image id(s) name different image files, "
-                             f"e.g. {', '.join(map(str, dup['different_images_examples']))}")
+                lines.append(
+                    f"  WARNING: {dup['ids_on_different_images']} image id(s) name different image files, "
+                    f"e.g. {', '.join(map(str, dup['different_images_examples']))}"
+                )
             if dup and dup["repeated_pairs"]:
-                lines.append(f"  WARNING: {dup['repeated_pairs']} entries repeat an earlier image-caption pair "
-                             "exactly")
+                lines.append(f"  WARNING: {dup['repeated_pairs']} entries repeat an earlier image-caption pair exactly")
         bad = section["unreadable_files"]
         lines.append(f"  readable images: {section['readable_images']}, unreadable: {len(bad)}")
         for item in bad[:max_listed]:
@@ -254,37 +310,57 @@ def _failures(report: dict) -> list[str]:
         if not section["usable"]:
             out.append(f"{name} set has no readable image")
         elif section["over_threshold"]:
-            out.append(f"{name} set has {bad} of {bad + section['readable_images']} images unreadable "
-                       f"({100 * section['unreadable_fraction']:.1f}%), above --max-unreadable "
-                       f"{report['max_unreadable']:g} ({100 * report['max_unreadable']:g}%)")
+            out.append(
+                f"{name} set has {bad} of {bad + section['readable_images']} images unreadable "
+                f"({100 * section['unreadable_fraction']:.1f}%), above --max-unreadable "
+                f"{report['max_unreadable']:g} ({100 * report['max_unreadable']:g}%)"
+            )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clipstudy check-data",
-                                     description="Validate data sets (formats in docs/protocol.md) before training.")
+    parser = argparse.ArgumentParser(
+        prog="python -m clipstudy check-data",
+        description="Validate data sets (formats in docs/protocol.md) before training.",
+    )
     parser.add_argument("--train-ann", help="training annotation JSON (list of image/caption/image_id)")
     parser.add_argument("--train-images", help="folder the training image paths are relative to")
     parser.add_argument("--retrieval-ann", help="retrieval annotation JSON (list of image/caption list)")
     parser.add_argument("--retrieval-images", help="folder the retrieval image paths are relative to")
     parser.add_argument("--zeroshot-images", help="ImageFolder root of the zero-shot set")
-    parser.add_argument("--data", help="demo layout shorthand: DIR/train.json, DIR/images, DIR/retrieval.json, "
-                                       "DIR/zeroshot (explicit options win)")
+    parser.add_argument(
+        "--data",
+        help="demo layout shorthand: DIR/train.json, DIR/images, DIR/retrieval.json, "
+        "DIR/zeroshot (explicit options win)",
+    )
     parser.add_argument("--max-words", type=int, default=30, help="caption word cap (default 30)")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU count)")
-    parser.add_argument("--max-unreadable", type=float, default=DEFAULT_MAX_UNREADABLE, metavar="FRACTION",
-                        help="fail (exit 1) when more than this fraction of a set's images is unreadable "
-                             f"(default {DEFAULT_MAX_UNREADABLE}, i.e. 1%%)")
+    parser.add_argument(
+        "--max-unreadable",
+        type=float,
+        default=DEFAULT_MAX_UNREADABLE,
+        metavar="FRACTION",
+        help="fail (exit 1) when more than this fraction of a set's images is unreadable "
+        f"(default {DEFAULT_MAX_UNREADABLE}, i.e. 1%%)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
     try:
-        report = check_data(train_ann=args.train_ann, train_images=args.train_images,
-                            retrieval_ann=args.retrieval_ann, retrieval_images=args.retrieval_images,
-                            zeroshot_images=args.zeroshot_images, data=args.data, max_words=args.max_words,
-                            progress=True, workers=args.workers, max_unreadable=args.max_unreadable)
+        report = check_data(
+            train_ann=args.train_ann,
+            train_images=args.train_images,
+            retrieval_ann=args.retrieval_ann,
+            retrieval_images=args.retrieval_images,
+            zeroshot_images=args.zeroshot_images,
+            data=args.data,
+            max_words=args.max_words,
+            progress=True,
+            workers=args.workers,
+            max_unreadable=args.max_unreadable,
+        )
     except ValueError as error:  # DataError is reported by the dispatcher
         raise StartupError(f"check-data: {error}") from None
     print(json.dumps(report, indent=1) if args.json else format_report(report))

@@ -17,22 +17,37 @@ read lazily: an unreadable image makes ``__getitem__`` return ``None`` with a
 warning, and the collate functions drop it, so one bad file never stops an
 epoch.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
+from clipstudy.data.images import (  # noqa: F401 (API)
+    AUGMENTS,
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ZEROSHOT_TRANSFORMS,
+    Compose,
+    ImageReader,
+    UnreadableImage,
+    eval_transform,
+    load_rgb_image,
+    train_transform,
+    transforms_for,
+    zeroshot_transform,
+)
 from clipstudy.errors import StartupError
-from clipstudy.data.images import (AUGMENTS, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,  # noqa: F401 (API)
-                              ZEROSHOT_TRANSFORMS, Compose, ImageReader, UnreadableImage, eval_transform,
-                              load_rgb_image, train_transform, transforms_for, zeroshot_transform)
 
 log = logging.getLogger("clipstudy.data.datasets")
 
@@ -75,6 +90,7 @@ def clean_caption(text: str, max_words: int = 30) -> str:
 
 # --------------------------------------------------------------------------- annotation files
 
+
 def load_annotation_list(ann_file: str | os.PathLike, kind: str) -> list[dict]:
     """Read and validate an annotation file; ``kind`` is ``"train"`` or ``"retrieval"``.
 
@@ -114,8 +130,10 @@ def _entry_problem(entry: Any, kind: str) -> str | None:
     if not isinstance(entry["image"], str) or not entry["image"]:
         return "has an 'image' that is not a non-empty string"
     if _outside_root(entry["image"]):
-        return (f"has an 'image' path {entry['image']!r} that leads outside the image root (absolute, or "
-                "climbing out with '..'); write it relative to the image root")
+        return (
+            f"has an 'image' path {entry['image']!r} that leads outside the image root (absolute, or "
+            "climbing out with '..'); write it relative to the image root"
+        )
     caption = entry["caption"]
     if kind == "train":
         if not isinstance(caption, str):
@@ -151,27 +169,34 @@ def _warn_empty_captions(ann_file: str | os.PathLike, cleaned: Sequence[str]) ->
     empty = [i for i, caption in enumerate(cleaned) if not caption]
     if empty:
         shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
-        log.warning("%s: %d of %d captions are empty after cleaning (caption numbers %s); they are used as "
-                    "empty texts. `python -m clipstudy check-data` counts them", ann_file, len(empty),
-                    len(cleaned), shown)
+        log.warning(
+            "%s: %d of %d captions are empty after cleaning (caption numbers %s); they are used as "
+            "empty texts. `python -m clipstudy check-data` counts them",
+            ann_file,
+            len(empty),
+            len(cleaned),
+            shown,
+        )
     return len(empty)
 
 
 def _require_dir(folder: str | os.PathLike, what: str) -> Path:
     path = Path(folder)
     if not path.is_dir():
-        raise DataError(f"{path}: {what} folder not found; "
-                        "pass the folder the annotation's image paths are relative to")
+        raise DataError(
+            f"{path}: {what} folder not found; pass the folder the annotation's image paths are relative to"
+        )
     return path
 
 
 # --------------------------------------------------------------------------- data sets
 
+
 class _AnnotatedImages(Dataset):
     """What :class:`TrainPairs` and :class:`RetrievalSet` share: an annotation file of images
     relative to an image root, read through one :class:`ImageReader`."""
 
-    kind = ""          # the annotation format: "train" or "retrieval"
+    kind = ""  # the annotation format: "train" or "retrieval"
     empty_message = ""  # why an empty annotation list cannot be used
 
     def _load(self, ann_file, image_root, transform, cache_images: bool) -> list[dict]:
@@ -219,8 +244,14 @@ class TrainPairs(_AnnotatedImages):
 
     kind, empty_message = "train", "a training set needs at least one pair"
 
-    def __init__(self, ann_file: str | os.PathLike, image_root: str | os.PathLike,
-                 transform: Callable, max_words: int = 30, cache_images: bool = False):
+    def __init__(
+        self,
+        ann_file: str | os.PathLike,
+        image_root: str | os.PathLike,
+        transform: Callable,
+        max_words: int = 30,
+        cache_images: bool = False,
+    ):
         entries = self._load(ann_file, image_root, transform, cache_images)
         self.captions = [clean_caption(entry["caption"], max_words) for entry in entries]
         self.empty_captions = _warn_empty_captions(ann_file, self.captions)
@@ -251,8 +282,14 @@ class RetrievalSet(_AnnotatedImages):
 
     kind, empty_message = "retrieval", "a retrieval set needs at least one image"
 
-    def __init__(self, ann_file: str | os.PathLike, image_root: str | os.PathLike,
-                 transform: Callable, max_words: int = 30, cache_images: bool = False):
+    def __init__(
+        self,
+        ann_file: str | os.PathLike,
+        image_root: str | os.PathLike,
+        transform: Callable,
+        max_words: int = 30,
+        cache_images: bool = False,
+    ):
         entries = self._load(ann_file, image_root, transform, cache_images)
         self.texts: list[str] = []
         self.txt2img: list[int] = []
@@ -291,11 +328,14 @@ def require_readable_image(dataset, what: str, source: str) -> int:
         except UnreadableImage as error:
             first_error = first_error or error
     detail = f" (first: {first_error.path}: {first_error.reason})" if first_error else " (it has no images)"
-    raise DataError(f"{source}: none of the {len(dataset)} {what} images can be read{detail}. "
-                    f"Run `python -m clipstudy check-data` on it to list the missing or broken files")
+    raise DataError(
+        f"{source}: none of the {len(dataset)} {what} images can be read{detail}. "
+        f"Run `python -m clipstudy check-data` on it to list the missing or broken files"
+    )
 
 
 # --------------------------------------------------------------------------- collation
+
 
 def readable(batch: list) -> list:
     """The items of a batch that could be read (data sets return None for an unreadable image)."""
@@ -320,15 +360,24 @@ class CaptionCollate:
         skipped = len(batch) - len(kept)
         if not kept:
             empty_tokens = torch.zeros((0, self.max_length), dtype=torch.long)
-            return {"images": torch.zeros((0, 3, 0, 0)), "input_ids": empty_tokens,
-                    "attention_mask": empty_tokens.clone(), "index": torch.zeros(0, dtype=torch.long),
-                    "skipped": skipped}
+            return {
+                "images": torch.zeros((0, 3, 0, 0)),
+                "input_ids": empty_tokens,
+                "attention_mask": empty_tokens.clone(),
+                "index": torch.zeros(0, dtype=torch.long),
+                "skipped": skipped,
+            }
         images, captions, indices = zip(*kept)
-        tokens = self.tokenizer(list(captions), padding="max_length", truncation=True,
-                                max_length=self.max_length, return_tensors="pt")
-        return {"images": torch.stack(images), "input_ids": tokens["input_ids"].long(),
-                "attention_mask": tokens["attention_mask"].long(),
-                "index": torch.tensor(indices, dtype=torch.long), "skipped": skipped}
+        tokens = self.tokenizer(
+            list(captions), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {
+            "images": torch.stack(images),
+            "input_ids": tokens["input_ids"].long(),
+            "attention_mask": tokens["attention_mask"].long(),
+            "index": torch.tensor(indices, dtype=torch.long),
+            "skipped": skipped,
+        }
 
 
 def make_collate(tokenizer, max_length: int = 30) -> CaptionCollate:

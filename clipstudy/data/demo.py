@@ -25,6 +25,7 @@ This module writes the files, the tokenizer and the manifest and holds the
 command line; the scenes, their rendering and the caption grammar are in
 :mod:`clipstudy.data.demo_scenes`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,11 +43,22 @@ import numpy as np
 from PIL import Image
 
 # the scene vocabulary, sampling, rendering and captions; re-exported, as they were defined here before
-from clipstudy.data.demo_scenes import (COLOURS, PAIR_P, POSITIONS, RELATIONS, SHAPES, SIZES, TONES,  # noqa: F401
-                                   ZEROSHOT_TEMPLATES, captions_for, class_ids, class_scene, random_scene,
-                                   render_scene, shape_extent)
-
-from clipstudy.data.layout import layout
+from clipstudy.data.demo_scenes import (  # noqa: F401
+    COLOURS,
+    PAIR_P,
+    POSITIONS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    TONES,
+    ZEROSHOT_TEMPLATES,
+    captions_for,
+    class_ids,
+    class_scene,
+    random_scene,
+    render_scene,
+    shape_extent,
+)
 from clipstudy.errors import StartupError
 
 GENERATOR_VERSION = 1
@@ -54,11 +66,13 @@ GENERATOR_VERSION = 1
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] = 0
 CAPTIONS_PER_RETRIEVAL_IMAGE = 5
 
-DEFAULTS = dict(seed=0, image_size=32, train_size=4000, retrieval_size=500, zeroshot_per_class=10,
-                zeroshot_classes=None)
+DEFAULTS = dict(
+    seed=0, image_size=32, train_size=4000, retrieval_size=500, zeroshot_per_class=10, zeroshot_classes=None
+)
 
 
 # --------------------------------------------------------------------------- tokenizer
+
 
 def build_tokenizer(texts: list[str]):
     """A BERT-style WordPiece fast tokenizer whose vocabulary covers ``texts``.
@@ -91,15 +105,24 @@ def build_tokenizer(texts: list[str]):
     tokenizer.normalizer = normalizer
     tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
     tokenizer.decoder = decoders.WordPiece()
-    return DistilBertTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                   model_max_length=64)
+    return DistilBertTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=64,
+    )
 
 
 # --------------------------------------------------------------------------- files
+
 
 def _save_png(image: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,8 +140,12 @@ _OUTPUTS = ("train.json", "retrieval.json", "scenes.json", "images", "zeroshot",
 def content_digest(out: str | Path) -> tuple[str, int]:
     """SHA-256 over every generated file (path and bytes) except the manifest, and the file count."""
     out = Path(out)
-    files = sorted(p for name in _OUTPUTS for p in ([out / name] if (out / name).is_file()
-                                                    else (out / name).rglob("*")) if p.is_file())
+    files = sorted(
+        p
+        for name in _OUTPUTS
+        for p in ([out / name] if (out / name).is_file() else (out / name).rglob("*"))
+        if p.is_file()
+    )
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.relative_to(out).as_posix().encode() + b"\0")
@@ -126,19 +153,34 @@ def content_digest(out: str | Path) -> tuple[str, int]:
     return digest.hexdigest(), len(files)
 
 
-def _parameters(seed: int, image_size: int, train_size: int, retrieval_size: int,
-                zeroshot_per_class: int, zeroshot_classes: int | None) -> dict:
+def _parameters(
+    seed: int,
+    image_size: int,
+    train_size: int,
+    retrieval_size: int,
+    zeroshot_per_class: int,
+    zeroshot_classes: int | None,
+) -> dict:
     n_classes = len(class_ids())
-    checks = {"image_size": (image_size, 8), "train_size": (train_size, 1), "retrieval_size": (retrieval_size, 1),
-              "zeroshot_per_class": (zeroshot_per_class, 1)}
+    checks = {
+        "image_size": (image_size, 8),
+        "train_size": (train_size, 1),
+        "retrieval_size": (retrieval_size, 1),
+        "zeroshot_per_class": (zeroshot_per_class, 1),
+    }
     for name, (value, low) in checks.items():
         if not isinstance(value, int) or value < low:
             raise ValueError(f"make_demo_data: {name} must be an integer >= {low}, got {value!r}")
     if zeroshot_classes is not None and not 2 <= zeroshot_classes <= n_classes:
         raise ValueError(f"make_demo_data: zeroshot_classes must be between 2 and {n_classes}, got {zeroshot_classes}")
-    return {"seed": int(seed), "image_size": image_size, "train_size": train_size,
-            "retrieval_size": retrieval_size, "zeroshot_per_class": zeroshot_per_class,
-            "zeroshot_classes": zeroshot_classes or n_classes}
+    return {
+        "seed": int(seed),
+        "image_size": image_size,
+        "train_size": train_size,
+        "retrieval_size": retrieval_size,
+        "zeroshot_per_class": zeroshot_per_class,
+        "zeroshot_classes": zeroshot_classes or n_classes,
+    }
 
 
 def existing_manifest(out: str | Path, parameters: dict) -> dict | None:
@@ -185,8 +227,10 @@ def refuse_to_replace(out: str | Path, parameters: dict) -> None:
         held, asked = _settings(old, keys), _settings(parameters, keys)
     else:
         return
-    raise DifferentDataSet(f"{out} holds another data set ({held}), not the one asked for ({asked}); runs trained "
-                           "on it would lose their data: pass --force to replace it, or choose another --out")
+    raise DifferentDataSet(
+        f"{out} holds another data set ({held}), not the one asked for ({asked}); runs trained "
+        "on it would lose their data: pass --force to replace it, or choose another --out"
+    )
 
 
 def _settings(parameters: dict, keys=None) -> str:
@@ -199,9 +243,17 @@ def _chosen_classes(n: int) -> list[str]:
     return [ids[math.floor(k * len(ids) / n)] for k in range(n)]
 
 
-def make_demo_data(out: str | Path, *, seed: int = 0, image_size: int = 32, train_size: int = 4000,
-                   retrieval_size: int = 500, zeroshot_per_class: int = 10, zeroshot_classes: int | None = None,
-                   force: bool = False) -> dict:
+def make_demo_data(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    image_size: int = 32,
+    train_size: int = 4000,
+    retrieval_size: int = 500,
+    zeroshot_per_class: int = 10,
+    zeroshot_classes: int | None = None,
+    force: bool = False,
+) -> dict:
     """Generate the demo benchmark in ``out`` (layout in the module docstring); returns the manifest.
 
     Args:
@@ -225,15 +277,18 @@ def make_demo_data(out: str | Path, *, seed: int = 0, image_size: int = 32, trai
     out.mkdir(parents=True, exist_ok=True)
 
     # independent streams, so changing one set's size leaves the others unchanged
-    train_rng, retrieval_rng, zeroshot_rng = (np.random.default_rng(s)
-                                              for s in np.random.SeedSequence(seed).spawn(3))
+    train_rng, retrieval_rng, zeroshot_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     train_scenes, train_captions = _captioned_images(train_rng, "train", train_size, 1, out, image_size)
-    train = [{"image": scene["image"], "caption": captions[0], "image_id": i}
-             for i, (scene, captions) in enumerate(zip(train_scenes, train_captions))]
-    retrieval_scenes, retrieval_captions = _captioned_images(retrieval_rng, "retrieval", retrieval_size,
-                                                             CAPTIONS_PER_RETRIEVAL_IMAGE, out, image_size)
-    retrieval = [{"image": scene["image"], "caption": captions}
-                 for scene, captions in zip(retrieval_scenes, retrieval_captions)]
+    train = [
+        {"image": scene["image"], "caption": captions[0], "image_id": i}
+        for i, (scene, captions) in enumerate(zip(train_scenes, train_captions))
+    ]
+    retrieval_scenes, retrieval_captions = _captioned_images(
+        retrieval_rng, "retrieval", retrieval_size, CAPTIONS_PER_RETRIEVAL_IMAGE, out, image_size
+    )
+    retrieval = [
+        {"image": scene["image"], "caption": captions} for scene, captions in zip(retrieval_scenes, retrieval_captions)
+    ]
     classes = _chosen_classes(parameters["zeroshot_classes"])
     zeroshot_scenes = _zeroshot_images(zeroshot_rng, classes, zeroshot_per_class, out, image_size)
     classnames = {class_id: class_id.replace("_", " ") for class_id in classes}
@@ -241,8 +296,9 @@ def make_demo_data(out: str | Path, *, seed: int = 0, image_size: int = 32, trai
 
     _write_json(out / "train.json", train)
     _write_json(out / "retrieval.json", retrieval)
-    _write_json(out / "scenes.json", {"train": train_scenes, "retrieval": retrieval_scenes,
-                                      "zeroshot": zeroshot_scenes})
+    _write_json(
+        out / "scenes.json", {"train": train_scenes, "retrieval": retrieval_scenes, "zeroshot": zeroshot_scenes}
+    )
 
     prompts = [t.format(name) for name in classnames.values() for t in ZEROSHOT_TEMPLATES]
     texts = [e["caption"] for e in train] + [c for e in retrieval for c in e["caption"]] + prompts
@@ -253,11 +309,18 @@ def make_demo_data(out: str | Path, *, seed: int = 0, image_size: int = 32, trai
     n_classes = len(classes)
     digest, n_files = content_digest(out)
     manifest = {
-        "generator": "clipstudy.data.demo", "generator_version": GENERATOR_VERSION,
+        "generator": "clipstudy.data.demo",
+        "generator_version": GENERATOR_VERSION,
         "parameters": parameters,
-        "counts": {"train_pairs": train_size, "retrieval_images": retrieval_size, "retrieval_texts": n_texts,
-                   "zeroshot_classes": n_classes, "zeroshot_images": n_classes * zeroshot_per_class,
-                   "tokenizer_vocab": len(tokenizer), "files": n_files},
+        "counts": {
+            "train_pairs": train_size,
+            "retrieval_images": retrieval_size,
+            "retrieval_texts": n_texts,
+            "zeroshot_classes": n_classes,
+            "zeroshot_images": n_classes * zeroshot_per_class,
+            "tokenizer_vocab": len(tokenizer),
+            "files": n_files,
+        },
         "chance": _chance_levels(retrieval, n_texts, n_classes),
         "digest": digest,
     }
@@ -275,8 +338,9 @@ def _remove_outputs(out: Path) -> None:
             target.unlink()
 
 
-def _captioned_images(rng: np.random.Generator, split: str, count: int, n_captions: int, out: Path,
-                      image_size: int) -> tuple[list[dict], list[list[str]]]:
+def _captioned_images(
+    rng: np.random.Generator, split: str, count: int, n_captions: int, out: Path, image_size: int
+) -> tuple[list[dict], list[list[str]]]:
     """Draw, render and caption ``count`` scenes of one split; returns the scenes and each one's captions."""
     scenes, captions = [], []
     for i in range(count):
@@ -288,8 +352,9 @@ def _captioned_images(rng: np.random.Generator, split: str, count: int, n_captio
     return scenes, captions
 
 
-def _zeroshot_images(rng: np.random.Generator, classes: list[str], per_class: int, out: Path,
-                     image_size: int) -> list[dict]:
+def _zeroshot_images(
+    rng: np.random.Generator, classes: list[str], per_class: int, out: Path, image_size: int
+) -> list[dict]:
     """Draw and render ``per_class`` one-shape scenes of each colour x shape class; returns the scenes."""
     scenes = []
     for class_id in classes:
@@ -318,34 +383,58 @@ def _chance_levels(retrieval: list[dict], n_texts: int, n_classes: int) -> dict[
 
 # --------------------------------------------------------------------------- command line
 
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clipstudy make-demo-data",
-                                     description="Generate the embedded synthetic image-text benchmark.")
+    parser = argparse.ArgumentParser(
+        prog="python -m clipstudy make-demo-data", description="Generate the embedded synthetic image-text benchmark."
+    )
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="random seed (default 0)")
     parser.add_argument("--image-size", type=int, default=DEFAULTS["image_size"], help="image side (default 32)")
     parser.add_argument("--train-size", type=int, default=DEFAULTS["train_size"], help="training pairs (default 4000)")
-    parser.add_argument("--retrieval-size", type=int, default=DEFAULTS["retrieval_size"],
-                        help="retrieval images, 5 captions each (default 500)")
-    parser.add_argument("--zeroshot-per-class", type=int, default=DEFAULTS["zeroshot_per_class"],
-                        help="zero-shot images per class (default 10)")
-    parser.add_argument("--zeroshot-classes", type=int, default=None,
-                        help=f"number of colour x shape classes (default all {len(class_ids())})")
-    parser.add_argument("--force", action="store_true",
-                        help="regenerate even if DIR holds the same set, and replace a different set in DIR")
+    parser.add_argument(
+        "--retrieval-size",
+        type=int,
+        default=DEFAULTS["retrieval_size"],
+        help="retrieval images, 5 captions each (default 500)",
+    )
+    parser.add_argument(
+        "--zeroshot-per-class",
+        type=int,
+        default=DEFAULTS["zeroshot_per_class"],
+        help="zero-shot images per class (default 10)",
+    )
+    parser.add_argument(
+        "--zeroshot-classes",
+        type=int,
+        default=None,
+        help=f"number of colour x shape classes (default all {len(class_ids())})",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="regenerate even if DIR holds the same set, and replace a different set in DIR",
+    )
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    kwargs = dict(seed=args.seed, image_size=args.image_size, train_size=args.train_size,
-                  retrieval_size=args.retrieval_size, zeroshot_per_class=args.zeroshot_per_class,
-                  zeroshot_classes=args.zeroshot_classes)
+    kwargs = dict(
+        seed=args.seed,
+        image_size=args.image_size,
+        train_size=args.train_size,
+        retrieval_size=args.retrieval_size,
+        zeroshot_per_class=args.zeroshot_per_class,
+        zeroshot_classes=args.zeroshot_classes,
+    )
     try:
         parameters = _parameters(**kwargs)
         if not args.force:
             if existing_manifest(args.out, parameters) is not None:
-                print(f"{args.out}: demo data set already complete with these parameters; not regenerating "
-                      "(use --force to rebuild)")
+                print(
+                    f"{args.out}: demo data set already complete with these parameters; not regenerating "
+                    "(use --force to rebuild)"
+                )
                 return 0
             refuse_to_replace(args.out, parameters)
     except ValueError as error:  # a bad parameter, or DifferentDataSet
@@ -353,11 +442,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     manifest = make_demo_data(args.out, force=True, **kwargs)
     counts, chance = manifest["counts"], manifest["chance"]
-    print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s: {counts['train_pairs']} train pairs, "
-          f"{counts['retrieval_images']} retrieval images x 5 captions, {counts['zeroshot_classes']} zero-shot "
-          f"classes x {parameters['zeroshot_per_class']} images, tokenizer vocabulary {counts['tokenizer_vocab']}")
-    print(f"chance: TR@1 {chance['txt_r1']:.2f}%, IR@1 {chance['img_r1']:.2f}%, "
-          f"zero-shot top-1 {chance['zeroshot_top1']:.2f}%")
+    print(
+        f"wrote {args.out} in {time.perf_counter() - start:.1f} s: {counts['train_pairs']} train pairs, "
+        f"{counts['retrieval_images']} retrieval images x 5 captions, {counts['zeroshot_classes']} zero-shot "
+        f"classes x {parameters['zeroshot_per_class']} images, tokenizer vocabulary {counts['tokenizer_vocab']}"
+    )
+    print(
+        f"chance: TR@1 {chance['txt_r1']:.2f}%, IR@1 {chance['img_r1']:.2f}%, "
+        f"zero-shot top-1 {chance['zeroshot_top1']:.2f}%"
+    )
     return 0
 
 

@@ -9,6 +9,7 @@ synonyms. Everything is a function of the random generator passed in, so the
 writer (:mod:`clipstudy.data.demo`) and the pretraining corpus
 (:mod:`clipstudy.engine.pretrain`) get the same scenes from the same seed.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,10 @@ POSITIONS: dict[tuple[int, int], list[str]] = {
     (2, 2): ["bottom right", "lower right", "bottom-right corner"],
 }
 RELATIONS: dict[str, list[str]] = {
-    "above": ["above", "over"], "below": ["below", "under"],
-    "left of": ["to the left of", "left of"], "right of": ["to the right of", "right of"],
+    "above": ["above", "over"],
+    "below": ["below", "under"],
+    "left of": ["to the left of", "left of"],
+    "right of": ["to the right of", "right of"],
 }
 
 # Fields: c colour, s shape, z size, p position, bg background tone.
@@ -81,13 +84,19 @@ PAIR_TEMPLATES = [
     "a {c2} {s2} and a {z1} {c1} {s1} in the {p1}",
 ]
 ZEROSHOT_TEMPLATES = [
-    "a photo of a {}.", "a {} on a plain background.", "a drawing of a {}.", "a picture of a {}.",
-    "a small {}.", "a large {}.", "a {} in the picture.", "an image showing a {}.",
+    "a photo of a {}.",
+    "a {} on a plain background.",
+    "a drawing of a {}.",
+    "a picture of a {}.",
+    "a small {}.",
+    "a large {}.",
+    "a {} in the picture.",
+    "an image showing a {}.",
 ]
 
-CANONICAL_WORD_P = 0.5      # probability a caption uses the canonical word, else a synonym
-PAIR_P = 0.4                # share of two-shape images in train and retrieval
-SUPERSAMPLE = 4             # shapes are drawn this many times larger, then downsampled (anti-aliasing)
+CANONICAL_WORD_P = 0.5  # probability a caption uses the canonical word, else a synonym
+PAIR_P = 0.4  # share of two-shape images in train and retrieval
+SUPERSAMPLE = 4  # shapes are drawn this many times larger, then downsampled (anti-aliasing)
 CELL_CENTRES = (0.22, 0.5, 0.78)  # grid cell centres as fractions of the side
 JITTER = 0.06
 # Every shape has the area of a circle of this radius (fraction of the side),
@@ -103,6 +112,7 @@ def class_ids() -> list[str]:
 
 # --------------------------------------------------------------------------- scenes
 
+
 def _cell_centre(rng: np.random.Generator, cell: tuple[int, int], extent: float) -> tuple[float, float]:
     row, col = cell
     # clamp so the shape stays inside the image
@@ -112,26 +122,40 @@ def _cell_centre(rng: np.random.Generator, cell: tuple[int, int], extent: float)
     return round(cx, 4), round(cy, 4)
 
 
-def _random_shape(rng: np.random.Generator, colour: str, shape: str, cell: tuple[int, int],
-                  size: str | None = None) -> dict:
+def _random_shape(
+    rng: np.random.Generator, colour: str, shape: str, cell: tuple[int, int], size: str | None = None
+) -> dict:
     size = size or str(rng.choice(list(SIZES)))
     radius = round(float(rng.uniform(*RADIUS[size])), 4)
     cx, cy = _cell_centre(rng, cell, radius * shape_extent(shape))
     base = np.array(COLOURS[colour][0])
     rgb = np.clip(base + rng.integers(-18, 19, size=3), 0, 255)
-    return {"colour": colour, "shape": shape, "size": size, "row": cell[0], "col": cell[1],
-            "cx": cx, "cy": cy, "radius": radius, "rgb": [int(v) for v in rgb],
-            "angle": round(float(rng.uniform(-12, 12)), 2)}
+    return {
+        "colour": colour,
+        "shape": shape,
+        "size": size,
+        "row": cell[0],
+        "col": cell[1],
+        "cx": cx,
+        "cy": cy,
+        "radius": radius,
+        "rgb": [int(v) for v in rgb],
+        "angle": round(float(rng.uniform(-12, 12)), 2),
+    }
 
 
 def _random_background(rng: np.random.Generator) -> dict:
     tone = str(rng.choice(list(TONES)))
     level = rng.uniform(25, 85) if tone == "dark" else rng.uniform(160, 220)
     rgb = np.clip(level + rng.integers(-12, 13, size=3), 0, 255)
-    return {"tone": tone, "rgb": [int(v) for v in rgb],
-            "gradient": round(float(rng.uniform(-25, 25)), 2),
-            "gradient_angle": round(float(rng.uniform(0, 2 * math.pi)), 4),
-            "noise": round(float(rng.uniform(3, 8)), 2), "noise_seed": int(rng.integers(2**31))}
+    return {
+        "tone": tone,
+        "rgb": [int(v) for v in rgb],
+        "gradient": round(float(rng.uniform(-25, 25)), 2),
+        "gradient_angle": round(float(rng.uniform(0, 2 * math.pi)), 4),
+        "noise": round(float(rng.uniform(3, 8)), 2),
+        "noise_seed": int(rng.integers(2**31)),
+    }
 
 
 def _cell_pairs(both_small: bool) -> list[tuple[tuple[int, int], tuple[int, int]]]:
@@ -176,6 +200,7 @@ def class_scene(rng: np.random.Generator, colour: str, shape: str) -> dict:
 
 # --------------------------------------------------------------------------- rendering
 
+
 def _unit_polygon(kind: str) -> list[tuple[float, float]] | None:
     """Vertices of a shape of area pi (a unit circle's), centred on its centroid; None for the circle."""
     if kind == "circle":
@@ -188,8 +213,20 @@ def _unit_polygon(kind: str) -> list[tuple[float, float]] | None:
         points = [(0, -1), (0.866, 0.5), (-0.866, 0.5)]
     else:  # cross: a plus sign, arms 0.8 wide
         w = 0.4
-        points = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w),
-                  (-1, -w), (-w, -w)]
+        points = [
+            (-w, -1),
+            (w, -1),
+            (w, -w),
+            (1, -w),
+            (1, w),
+            (w, w),
+            (w, 1),
+            (-w, 1),
+            (-w, w),
+            (-1, w),
+            (-1, -w),
+            (-w, -w),
+        ]
     area = 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1])))
     scale = math.sqrt(math.pi / area)
     return [(x * scale, y * scale) for x, y in points]
@@ -240,6 +277,7 @@ def render_scene(scene: dict, image_size: int) -> Image.Image:
 
 # --------------------------------------------------------------------------- captions
 
+
 def _word(rng: np.random.Generator, words: list[str]) -> str:
     if len(words) == 1 or rng.random() < CANONICAL_WORD_P:
         return words[0]
@@ -267,7 +305,7 @@ def _fields(rng: np.random.Generator, scene: dict) -> dict[str, str]:
 
 
 def _articles(text: str) -> str:
-    """"a" before a vowel becomes "an" (the templates say "a {c} {s}")."""
+    """ "a" before a vowel becomes "an" (the templates say "a {c} {s}")."""
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 

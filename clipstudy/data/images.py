@@ -5,12 +5,13 @@ to 8-bit RGB, or :class:`UnreadableImage`) by way of an :class:`ImageReader`
 (one warning per bad file, optional in-memory cache); the transforms are the
 study's training augmentation and evaluation resize.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import stat
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ class UnreadableImage(Exception):
 
 
 # --------------------------------------------------------------------------- images
+
 
 def _white_composite(image: Image.Image) -> Image.Image:
     rgba = image.convert("RGBA")
@@ -108,9 +110,14 @@ AUGMENTS = ("albef", "torchvision", "none")
 ZEROSHOT_TRANSFORMS = ("original", "clip")
 
 
-def train_transform(image_size: int, *, crop_scale: tuple[float, float] | None = (0.5, 1.0),
-                    hflip: bool = True, randaugment: tuple[int, int] | None = (2, 7),
-                    augment: str = "torchvision") -> Callable:
+def train_transform(
+    image_size: int,
+    *,
+    crop_scale: tuple[float, float] | None = (0.5, 1.0),
+    hflip: bool = True,
+    randaugment: tuple[int, int] | None = (2, 7),
+    augment: str = "torchvision",
+) -> Callable:
     """Training augmentation (PIL RGB image -> normalised tensor).
 
     Args:
@@ -133,8 +140,7 @@ def train_transform(image_size: int, *, crop_scale: tuple[float, float] | None =
         low, high = crop_scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
-        steps.append(T.RandomResizedCrop(image_size, scale=(low, high),
-                                         interpolation=T.InterpolationMode.BICUBIC))
+        steps.append(T.RandomResizedCrop(image_size, scale=(low, high), interpolation=T.InterpolationMode.BICUBIC))
     if hflip:
         steps.append(T.RandomHorizontalFlip())
     if augment not in AUGMENTS:
@@ -153,11 +159,13 @@ def eval_transform(image_size: int) -> Callable:
     """Evaluation transform: resize to ``image_size`` x ``image_size`` (bicubic), CLIP normalisation."""
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
-    return Compose([
-        T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC),
-        T.ToTensor(),
-        T.Normalize(CLIP_MEAN, CLIP_STD),
-    ])
+    return Compose(
+        [
+            T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
 
 
 def zeroshot_transform(image_size: int, mode: str = "clip") -> Callable:
@@ -176,19 +184,22 @@ def zeroshot_transform(image_size: int, mode: str = "clip") -> Callable:
         return eval_transform(image_size)
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
-    return Compose([
-        T.Resize(image_size, interpolation=T.InterpolationMode.BILINEAR),
-        T.CenterCrop(image_size),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return Compose(
+        [
+            T.Resize(image_size, interpolation=T.InterpolationMode.BILINEAR),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def transforms_for(config) -> dict[str, Callable]:
     """The ``train``, ``retrieval`` and ``zeroshot`` transforms of a :class:`~clipstudy.engine.config.RunConfig`."""
     return {
-        "train": train_transform(config.image_size, crop_scale=(config.crop_scale_min, 1.0), hflip=config.hflip,
-                                 augment=config.augment),
+        "train": train_transform(
+            config.image_size, crop_scale=(config.crop_scale_min, 1.0), hflip=config.hflip, augment=config.augment
+        ),
         "retrieval": eval_transform(config.image_size),
         "zeroshot": zeroshot_transform(config.image_size, config.zeroshot_transform),
     }

@@ -5,6 +5,7 @@ each sample's augmentation is seeded by ``(seed, e, index)``, so a run resumed
 mid-epoch sees exactly the batches and crops of an uninterrupted one, whatever
 the number of loader workers.
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,8 +61,9 @@ class EpochBatches(Sampler):
     the gathered batch is exactly the single-process batch.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0, world_size: int = 1
+    ):
         self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
         self.rank, self.world_size = rank, world_size
         self.local = batch_size // world_size
@@ -73,8 +75,8 @@ class EpochBatches(Sampler):
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=gen).tolist()
         for b in range(self.start, self.n // self.batch_size):
-            rows = order[b * self.batch_size:(b + 1) * self.batch_size]
-            rows = rows[self.rank * self.local:(self.rank + 1) * self.local]
+            rows = order[b * self.batch_size : (b + 1) * self.batch_size]
+            rows = rows[self.rank * self.local : (self.rank + 1) * self.local]
             yield [(i, self.epoch) for i in rows]
 
 
@@ -85,9 +87,15 @@ def train_loader(run, items: Dataset, collate, epoch: int, start: int = 0) -> Da
     the training loop and the throughput benchmarks, so both load alike.
     """
     config = run.config
-    sampler = EpochBatches(len(run.train_set), config.batch_size, config.seed, epoch, start=start,
-                           rank=run.rank, world_size=run.world_size)
-    return DataLoader(items, batch_sampler=sampler, collate_fn=collate,
-                      num_workers=config.num_workers, pin_memory=run.device.type == "cuda",
-                      # its own generator, so creating a loader leaves the global RNG untouched
-                      generator=torch.Generator().manual_seed(config.seed + epoch))
+    sampler = EpochBatches(
+        len(run.train_set), config.batch_size, config.seed, epoch, start=start, rank=run.rank, world_size=run.world_size
+    )
+    return DataLoader(
+        items,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=config.num_workers,
+        pin_memory=run.device.type == "cuda",
+        # its own generator, so creating a loader leaves the global RNG untouched
+        generator=torch.Generator().manual_seed(config.seed + epoch),
+    )

@@ -5,14 +5,15 @@ class index) plus class names and prompt templates; :func:`scan_image_folder`
 lists such a folder. The ImageNet-1k WordNet ids, class names and CLIP's 80
 prompt templates come from a data file shipped with the package.
 """
+
 from __future__ import annotations
 
 import functools
 import importlib.resources
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
@@ -52,8 +53,10 @@ def _check_templates(templates: Sequence[str], where: str) -> list[str]:
     templates = list(templates)
     bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
     if not templates or bad:
-        raise DataError(f"{where}: templates must be a non-empty list of strings with exactly one '{{}}' "
-                        f"for the class name, e.g. 'a photo of a {{}}.'; bad: {bad[:3]}")
+        raise DataError(
+            f"{where}: templates must be a non-empty list of strings with exactly one '{{}}' "
+            f"for the class name, e.g. 'a photo of a {{}}.'; bad: {bad[:3]}"
+        )
     return templates
 
 
@@ -82,15 +85,19 @@ class ZeroShotSet(Dataset):
     ``dataset[i]`` is ``(image_tensor, label)``, or ``None`` for an unreadable image.
     """
 
-    def __init__(self, root: str | os.PathLike, transform: Callable,
-                 classnames: Sequence[str] | Mapping[str, str] | None = None,
-                 templates: Sequence[str] | None = None, cache_images: bool = False):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable,
+        classnames: Sequence[str] | Mapping[str, str] | None = None,
+        templates: Sequence[str] | None = None,
+        cache_images: bool = False,
+    ):
         self.root = _require_dir(root, "zero-shot image")
         self.transform = transform
         self.classes, self.class_to_idx, self.samples = scan_image_folder(self.root)
         if not self.samples:
-            raise DataError(f"{self.root}: no image files in any class folder "
-                            f"(extensions {', '.join(IMG_EXTENSIONS)})")
+            raise DataError(f"{self.root}: no image files in any class folder (extensions {', '.join(IMG_EXTENSIONS)})")
         self.targets = [label for _, label in self.samples]
         file_names, file_templates = self._read_classnames_json()
         self.classnames = self._resolve_names(classnames, file_names)
@@ -109,8 +116,10 @@ class ZeroShotSet(Dataset):
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise DataError(f"{path}: not valid JSON ({error}); expected "
-                            '{"classnames": {folder_id: name}, "templates": ["a photo of a {}.", ...]}') from None
+            raise DataError(
+                f"{path}: not valid JSON ({error}); expected "
+                '{"classnames": {folder_id: name}, "templates": ["a photo of a {}.", ...]}'
+            ) from None
         names = meta.get("classnames") if isinstance(meta, dict) else None
         if not isinstance(names, dict):
             raise DataError(f"{path}: needs a 'classnames' object mapping each folder id to a class name")
@@ -122,8 +131,10 @@ class ZeroShotSet(Dataset):
                 return self._names_from_mapping(given, "ZeroShotSet(classnames=...)")
             given = list(given)
             if len(given) != len(self.classes):
-                raise DataError(f"ZeroShotSet(classnames=...): {len(given)} names for {len(self.classes)} "
-                                f"class folders in {self.root}; give one name per folder, in sorted folder order")
+                raise DataError(
+                    f"ZeroShotSet(classnames=...): {len(given)} names for {len(self.classes)} "
+                    f"class folders in {self.root}; give one name per folder, in sorted folder order"
+                )
             return given
         if from_file is not None:
             return self._names_from_mapping(from_file, str(self.root / "classnames.json"))
@@ -136,8 +147,10 @@ class ZeroShotSet(Dataset):
     def _names_from_mapping(self, names: Mapping[str, str], where: str) -> list[str]:
         missing = [folder for folder in self.classes if folder not in names]
         if missing:
-            raise DataError(f"{where}: no class name for folder(s) {missing[:5]} of {self.root}; "
-                            "add an entry folder_id -> name for every class folder")
+            raise DataError(
+                f"{where}: no class name for folder(s) {missing[:5]} of {self.root}; "
+                "add an entry folder_id -> name for every class folder"
+            )
         return [str(names[folder]) for folder in self.classes]
 
     def __len__(self) -> int:

@@ -1,4 +1,4 @@
-"""``prepare-data cc3m``: img2dataset output -> the study's training pairs (see :mod:`clipstudy.data.prepare.converters`).
+"""``prepare-data cc3m``: img2dataset output -> the study's training pairs (see :mod:`clipstudy.data.prepare.command`).
 
 img2dataset writes each sample as ``KEY.jpg`` (the image), ``KEY.txt`` (the
 caption) and ``KEY.json`` (metadata with a ``status``), either as files in
@@ -19,6 +19,7 @@ of each written file, so a rerun skips the decoding of what is unchanged.
 ``sha256(f"{S}:{KEY}")``, which depends only on the keys, so the subset is the
 same for both layouts, any shard order and any number of threads.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from clipstudy.data.prepare.common import (PrepareError, Prepared, ensure_link, progress_bar, require_path,
-                                    write_json_if_changed)
+from clipstudy.data.prepare.common import (
+    Prepared,
+    PrepareError,
+    ensure_link,
+    progress_bar,
+    require_path,
+    write_json_if_changed,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 STATE_FILE = ".cc3m-state.json"
@@ -75,15 +82,17 @@ class Source:
         self.tars = sorted(src.glob("*.tar"))
         self.folders = sorted(p for p in src.iterdir() if p.is_dir())
         if not self.tars and not self.folders:
-            raise PrepareError(f"{src}: no shard folders (00000/) or tar shards (00000.tar); pass the "
-                               "--output_folder of img2dataset (output_format files or webdataset)")
+            raise PrepareError(
+                f"{src}: no shard folders (00000/) or tar shards (00000.tar); pass the "
+                "--output_folder of img2dataset (output_format files or webdataset)"
+            )
         self.layout = "webdataset" if self.tars else "files"
         self._open: dict[str, tarfile.TarFile] = {}
         self.stray: list[str] = []
 
     def samples(self) -> list[Sample]:
         found: dict[tuple[str, str], Sample] = {}
-        for shard, names in (self._tar_names() if self.tars else self._folder_names()):
+        for shard, names in self._tar_names() if self.tars else self._folder_names():
             for name in names:
                 base = name.rsplit("/", 1)[-1]
                 kind = _member_kind(base)
@@ -105,8 +114,9 @@ class Source:
                 tar = self._open[path.stem] = tarfile.open(path)  # reads the headers only
                 yield path.stem, [m.name for m in tar.getmembers() if m.isfile()]
             except (tarfile.TarError, OSError) as error:
-                raise PrepareError(f"{path}: not a readable tar shard ({error}); re-download that shard "
-                                   "or move it out of the folder") from None
+                raise PrepareError(
+                    f"{path}: not a readable tar shard ({error}); re-download that shard or move it out of the folder"
+                ) from None
 
     def read(self, sample: Sample, member: str | None) -> bytes | None:
         if member is None:
@@ -241,8 +251,9 @@ def _image_id(key: str):
     return int(key) if key.isdigit() else key
 
 
-def _process(source: Source, writer: Writer, samples: list[Sample], result: Prepared, workers: int,
-             limit: int, progress: bool) -> list[tuple[Sample, str, str]]:
+def _process(
+    source: Source, writer: Writer, samples: list[Sample], result: Prepared, workers: int, limit: int, progress: bool
+) -> list[tuple[Sample, str, str]]:
     """Read, decode and write samples in order until ``limit`` are usable (0 = all)."""
     kept: list[tuple[Sample, str, str]] = []
     reused = 0
@@ -250,7 +261,7 @@ def _process(source: Source, writer: Writer, samples: list[Sample], result: Prep
     with ThreadPoolExecutor(max_workers=workers) as pool:
         position = 0
         while position < len(samples) and (not limit or len(kept) < limit):
-            chunk = samples[position:position + CHUNK]
+            chunk = samples[position : position + CHUNK]
             position += len(chunk)
             loaded = []
             for order, sample in sorted(enumerate(chunk), key=lambda item: (item[1].shard, item[1].key)):
@@ -285,8 +296,16 @@ def _stats_failures(src: Path) -> int | None:
     return total if found else None
 
 
-def prepare_cc3m(src: str | Path, out: str | Path, *, limit: int = 0, seed: int = 0, max_side: int = 0,
-                 workers: int = 0, progress: bool = True) -> Prepared:
+def prepare_cc3m(
+    src: str | Path,
+    out: str | Path,
+    *,
+    limit: int = 0,
+    seed: int = 0,
+    max_side: int = 0,
+    workers: int = 0,
+    progress: bool = True,
+) -> Prepared:
     """Training pairs from an img2dataset output folder (see the module docstring)."""
     src, out = Path(src), Path(out).absolute()  # absolute: the fields are used from other folders
     require_path(src, "img2dataset output folder", "pass the --output_folder of img2dataset", folder=True)
@@ -313,13 +332,20 @@ def prepare_cc3m(src: str | Path, out: str | Path, *, limit: int = 0, seed: int 
     finally:
         source.close()
     if not kept:
-        raise PrepareError(f"{src}: no usable sample ({dict(result.skipped)}); check that it is an img2dataset "
-                           "output folder with images and captions")
+        raise PrepareError(
+            f"{src}: no usable sample ({dict(result.skipped)}); check that it is an img2dataset "
+            "output folder with images and captions"
+        )
     kept.sort(key=lambda item: (item[0].shard, item[0].key))
     entries = [{"image": name, "caption": caption, "image_id": _image_id(sample.key)} for sample, caption, name in kept]
     write_json_if_changed(out / "train.json", entries)
-    result.counts = {"layout": source.layout, "samples": len(samples), "pairs": len(entries),
-                     **result.counts, "unused_images_removed": writer.finish({e["image"] for e in entries})}
+    result.counts = {
+        "layout": source.layout,
+        "samples": len(samples),
+        "pairs": len(entries),
+        **result.counts,
+        "unused_images_removed": writer.finish({e["image"] for e in entries}),
+    }
     recorded = _stats_failures(src)
     if recorded is not None:
         result.counts["failed_downloads_in_stats_json"] = recorded
