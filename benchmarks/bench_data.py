@@ -8,7 +8,7 @@
      ``RandomResizedCrop(256, (0.5, 1), bicubic)`` + flip + ``RandAugment(2, 7)``
      + ``ToTensor`` + ``Normalize`` on the PIL image;
    * ``clipstudy``: the training set exactly as ``clipstudy.engine.train`` builds it
-     for the paper profile (``build_datasets`` + ``SeededSamples``), i.e.
+     for the paper profile (``build_train_set`` + ``SeededSamples``), i.e.
      clipstudy's image reading and ``train_transform``;
    * candidates: ``torchvision.io.decode_jpeg`` and/or ``transforms.v2`` on
      uint8 tensors; and decoding alone, to split decode from transform.
@@ -45,7 +45,8 @@ from clipstudy import paths  # noqa: E402
 from clipstudy.data.datasets import CLIP_MEAN, CLIP_STD  # noqa: E402
 from clipstudy.data.sampling import SeededSamples, sample_seed  # noqa: E402
 from clipstudy.engine.config import make_config  # noqa: E402
-from clipstudy.engine.train import build_datasets  # noqa: E402
+from clipstudy.engine.splits import TEST, build_eval_sets  # noqa: E402
+from clipstudy.engine.train import build_train_set  # noqa: E402
 
 DEFAULT_OUT = OUT_DIR / "data.json"
 RUNS = paths.runs_dir("demo")
@@ -219,7 +220,7 @@ def bench_pipelines(quick: bool, tmp: Path) -> dict:
         retrieval_images=images,
         pretrained=False,
     )
-    train_set, eval_set, _ = build_datasets(config)
+    train_set, eval_set = build_train_set(config), build_eval_sets(config, TEST).retrieval
     items = SeededSamples(train_set, config.seed)
     clipstudy_train = lambda i: items[(i, 0)][0]  # noqa: E731
     # clipstudy's image reading with its transforms run by torchvision's own Compose (no fused ending)
@@ -280,7 +281,7 @@ def bench_demo_pipeline(quick: bool, tmp: Path) -> dict:
 
     from clipstudy.data.datasets import load_rgb_image
 
-    train_set, _, _ = build_datasets(config)
+    train_set = build_train_set(config)
     items = SeededSamples(train_set, config.seed)
     plain = T.Compose(train_set.transform.transforms)
     out = images_per_s(

@@ -43,6 +43,7 @@ from clipstudy.core.losses import available_losses, make_loss  # noqa: E402
 from clipstudy.core.optim import build_optimizer, make_scheduler  # noqa: E402
 from clipstudy.core.precision import autocast, choose_amp  # noqa: E402
 from clipstudy.engine.config import make_config  # noqa: E402
+from clipstudy.engine.splits import TEST, VALIDATION, EvalSets  # noqa: E402
 from clipstudy.engine.train import Run, build_run, choose_device, planned_steps, train_step  # noqa: E402
 
 DEFAULT_OUT = OUT_DIR / "train_step.json"
@@ -159,8 +160,8 @@ def paper_run(
         scheduler=scheduler,
         scaler=scaler,
         train_set=None,
-        retrieval_set=None,
-        zeroshot_set=None,
+        validation=EvalSets(VALIDATION),
+        test=EvalSets(TEST),
         steps_per_epoch=num_samples // batch_size,
         total_steps=steps,
         stop_step=stop,

@@ -84,9 +84,9 @@ def loader_throughput(config, workers: int, batches: int) -> dict:
 
     from clipstudy.data.datasets import make_collate
     from clipstudy.data.sampling import SeededSamples, train_loader
-    from clipstudy.engine.train import build_datasets
+    from clipstudy.engine.train import build_train_set
 
-    train_set, _, _ = build_datasets(config)
+    train_set = build_train_set(config)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(config.tokenizer)
     config.num_workers = workers
     run = SimpleNamespace(config=config, train_set=train_set, rank=0, world_size=1, device=torch.device("cpu"))

@@ -3,7 +3,7 @@
 What it runs is what ``clipstudy.engine.train`` runs: a ``Run`` from ``build_run``
 (random-init ResNet-50 + DistilBERT-base at 256 px, bf16 autocast,
 channels_last, the profile's loss/optimizer/scheduler, deterministic
-algorithms as in training), the training set built by ``build_datasets`` over
+algorithms as in training), the training set built by ``build_train_set`` over
 synthetic 256-320 px JPEGs (the real decode + RandomResizedCrop + flip +
 RandAugment pipeline in loader workers, with the training loader's settings),
 and ``train_step``. It reports:

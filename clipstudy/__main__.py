@@ -4,14 +4,20 @@ Each command lives in the module that owns the concern; this file only
 dispatches, so importing it stays cheap, and turns the user-facing errors of
 :mod:`clipstudy.errors` into one line and an exit status (2: cannot start as
 given; 1: a write or the run failed; 130: interrupted). ``--debug`` anywhere
-on the command line, or ``CLIPSTUDY_DEBUG=1``, shows the traceback instead.
+on the command line, or ``CLIPSTUDY_DEBUG=1``, shows the traceback as well,
+with the same exit status.
+
+Each command parses its own options with :class:`clipstudy.arguments.CommandParser`
+(no abbreviations; a wrong option is one line suggesting the closest one).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
+import traceback
 
 from clipstudy import errors
 
@@ -32,7 +38,7 @@ COMMANDS = {
     "evaluate": ("clipstudy.cli.commands", "evaluate_main", "evaluate a saved checkpoint"),
     "list": ("clipstudy.cli.commands", "list_main", "the registered losses and optimizers"),
     "sweep": ("clipstudy.study.sweep", "main", "run the optimizer x loss grid through papermill"),
-    "choose-lr": ("clipstudy.study.lrsearch", "main", "pick one learning rate for every optimizer (short search)"),
+    "tune": ("clipstudy.study.tune", "main", "equal-budget learning-rate search per optimizer, on validation"),
     "report": ("clipstudy.cli.commands", "report_main", "render the analysis notebook to HTML"),
 }
 
@@ -44,11 +50,12 @@ def usage() -> str:
     lines += [
         "",
         "`python -m clipstudy <command> --help` lists a command's options; --debug (or "
-        f"{errors.DEBUG_VARIABLE}=1) shows tracebacks instead of one-line errors.",
+        f"{errors.DEBUG_VARIABLE}=1) shows tracebacks as well as the one-line errors.",
     ]
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------- dispatching
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get(errors.DEBUG_VARIABLE, "") not in ("", "0")
@@ -61,31 +68,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"clipstudy: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        print(f"clipstudy: unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
     try:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
     except errors.ClipstudyError as err:
-        if debug:
-            raise
-        print(f"error: {errors.one_line(err)}", file=sys.stderr)
-        return err.exit_code
+        return report(f"error: {errors.one_line(err)}", err.exit_code, debug)
     except OSError as err:  # a file the command reads or writes, outside the records (those raise WriteFailure)
-        if debug:
-            raise
         where = f"{err.filename}: " if err.filename else ""
-        print(
+        return report(
             f"error: {where}{err.strerror or err}; check the paths, their permissions and the free disk space "
             "(--debug shows where it happened)",
-            file=sys.stderr,
+            1,
+            debug,
         )
-        return 1
     except KeyboardInterrupt as err:
-        if debug:
-            raise
-        print(f"stopped: {errors.one_line(err) if str(err) else 'interrupted'}", file=sys.stderr)
-        return 130
+        return report(f"stopped: {errors.one_line(err) if str(err) else 'interrupted'}", 130, debug)
+
+
+def report(line: str, code: int, debug: bool) -> int:
+    """Print the one-line message (after the traceback with ``--debug``); return the exit status."""
+    if debug:
+        traceback.print_exc()
+    print(line, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

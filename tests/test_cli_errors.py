@@ -27,7 +27,7 @@ from clipstudy.__main__ import COMMANDS
 from clipstudy.__main__ import main as clipstudy_main
 from clipstudy.engine import config as config_mod
 from clipstudy.engine import records
-from clipstudy.engine.config import FIELDS, ConfigError
+from clipstudy.engine.config import FIELDS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,13 +201,106 @@ def test_no_command_prints_usage_and_exits_two(capsys):
     assert err.startswith("usage: python -m clipstudy <command>") and "train" in err
 
 
-def test_debug_shows_the_traceback(demo_data_dir, tmp_path, monkeypatch):
+def test_debug_shows_the_traceback_and_keeps_the_exit_status(demo_data_dir, tmp_path, monkeypatch, capsys):
     args = smoke_train(demo_data_dir, tmp_path / "run", "--epochs", "zero")
-    with pytest.raises(ConfigError, match="'epochs'"):
-        clipstudy_main([*args, "--debug"])
-    monkeypatch.setenv("CLIPSTUDY_DEBUG", "1")
-    with pytest.raises(ConfigError, match="'epochs'"):
-        clipstudy_main(args)
+    for argv in ([*args, "--debug"], args):
+        assert clipstudy_main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "ConfigError" in err
+        assert err.strip().splitlines()[-1] == "error: config field 'epochs': 'zero' is not a valid int"
+        monkeypatch.setenv("CLIPSTUDY_DEBUG", "1")  # the second round: the variable instead of the flag
+
+
+# ============================================================ options: typos, abbreviations
+def run_parsed(argv: list[str]) -> int:
+    try:
+        return clipstudy_main(argv)
+    except SystemExit as exit_:  # argparse's own exit
+        return int(exit_.code or 0)
+
+
+@pytest.mark.parametrize(
+    "argv, meant",
+    [
+        (["train", "--optimzer", "sgd"], "--optimizer"),
+        (["train", "--lr", "1e-3", "--weight_decy=0.1"], "--weight_decay"),
+        (["evaluate", "--run", "x", "--chekpoint", "c"], "--checkpoint"),
+        (["report", "--runz", "x"], "--runs"),
+        (["fetch-weights", "--profle", "demo"], "--profile"),
+        (["prepare-data", "coco-karpathy", "--sr", "a", "--images", "b", "--out", "c"], "--src"),
+        (["list", "--verbose"], None),
+    ],
+)
+def test_a_wrong_option_is_one_line_naming_the_closest(argv, meant, capsys):
+    assert run_parsed(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    wrong = next(word.split("=")[0] for word in argv if word.startswith("--") and word.split("=")[0] in line)
+    assert f"unknown option {wrong}" in line and f"{argv[0]} --help` lists the options" in line
+    assert (f"(did you mean {meant}?)" in line) if meant else "did you mean" not in line
+
+
+# An abbreviation of a real option, with a value its command would refuse if it took the abbreviation.
+ABBREVIATED = {
+    "train": ["--epoch", "zero"],
+    "evaluate": ["--run", "/nowhere", "--checkp", "c"],
+    "report": ["--prof", "demo", "--runs", "/nowhere"],
+    "fetch-weights": ["--prof", "nosuch"],
+    "prepare-data": ["coco-karpathy", "--sr", "/nowhere", "--images", "/nowhere", "--out", "/nowhere"],
+    "list": ["--he"],
+    "sweep": ["--prof", "nosuch"],
+    "tune": ["--prof", "nosuch"],
+    "check-data": ["--dat", "/nowhere"],
+    "make-demo-data": ["--ou", "/nowhere", "--train-size", "0"],
+}
+# Commands whose parser is still argparse's own (their modules belong to others): switching their
+# `argparse.ArgumentParser(` to `clipstudy.arguments.CommandParser(` makes these pass (then drop them here).
+PLAIN_ARGPARSE = {"sweep", "check-data", "make-demo-data"}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_no_command_takes_an_abbreviated_option(command, capsys, request):
+    if command in PLAIN_ARGPARSE:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="its parser is not a CommandParser yet"))
+    argv = [command, *ABBREVIATED[command]]
+    assert run_parsed(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "unknown option --" in line and "(did you mean --" in line
+
+
+def test_prepare_data_errors_are_error_lines(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = clipstudy_main(["prepare-data", "cc3m", "--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert one_error_line(capsys.readouterr().err).startswith(f"error: prepare-data cc3m: {tmp_path / 'empty'}: ")
+
+
+def test_fetch_weights_offline_fails_in_seconds_in_one_line(monkeypatch, capsys):
+    import socket
+    import time
+
+    import huggingface_hub
+    import transformers
+
+    for name in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+
+    def offline(address, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def download(*args, **kwargs):
+        pytest.fail("a download was tried while offline (the downloaders retry for half a minute)")
+
+    monkeypatch.setattr(socket, "create_connection", offline)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(transformers.DistilBertModel, "from_pretrained", download)
+    started = time.perf_counter()
+    code = clipstudy_main(["fetch-weights", "--profile", "paper"])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 1 and time.perf_counter() - started < 30
+    assert "cannot reach huggingface.co (Name or service not known)" in line and "CLIPSTUDY_RESNET50_WEIGHTS" in line
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline by choice: no connection tried either
+    assert clipstudy_main(["fetch-weights", "--profile", "paper"]) == 1
+    assert "HF_HUB_OFFLINE is set" in one_error_line(capsys.readouterr().err)
 
 
 # ============================================================ evaluate from elsewhere
@@ -399,6 +492,14 @@ def test_help_shows_the_profile_defaults_and_the_sentinels(capsys):
     sweep = help_text(["sweep", "--profile", "paper", "--help"], capsys)  # the fields of --set
     assert "lr peak learning rate; 0 = the optimizer's default [paper: 0.0]" in sweep
     assert "warmup_steps linear warm-up steps; -1 = one epoch [paper: 500]" in sweep
+
+
+def test_evaluate_help_lists_only_the_fields_evaluation_reads(capsys):
+    from clipstudy.cli.commands import EVALUATION_FIELDS
+
+    listed = set(re.findall(r"--([a-z_]+)", help_text(["evaluate", "--help"], capsys))) & set(FIELDS)
+    assert listed == set(EVALUATION_FIELDS)
+    assert {"data", "eval_batch_size", "device"} <= listed and not {"lr", "epochs", "optimizer"} & listed
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -31,7 +31,7 @@ def bad_values(tmp) -> dict[str, list[str]]:
         "train": ["--profile", "smoke", "--epochs", "many"],
         "evaluate": ["--run", missing],
         "sweep": ["--profile", "smoke", "--set", "no_such_field=1", "--dry-run"],
-        "choose-lr": ["--rates", "fast"],
+        "tune": ["--seeds", "5"],  # a reporting seed: tuning seeds start at 1000
         "report": ["--runs", missing],
         "check-data": ["--data", missing],
         "make-demo-data": ["--out", str(tmp / "demo"), "--train-size", "0"],

@@ -17,7 +17,7 @@ from PIL import Image
 
 from clipstudy.__main__ import main as clipstudy_main
 from clipstudy.data.datasets import RetrievalSet, TrainPairs, clean_caption, eval_transform
-from clipstudy.data.demo import COLOURS, POSITIONS, SIZES, content_digest, main, make_demo_data
+from clipstudy.data.demo import COLOURS, POSITIONS, SHAPES, SIZES, content_digest, main, make_demo_data
 from clipstudy.data.layout import layout
 from clipstudy.data.zeroshot import ZeroShotSet
 
@@ -47,6 +47,12 @@ def test_layout_and_formats(demo_data_dir):
     assert all(t.count("{}") == 1 for t in zeroshot.templates)
     assert Image.open(demo_data_dir / "images" / train.images[0]).size == (32, 32)
     assert train[0][0].shape == (3, 32, 32) and zeroshot[0][0].shape == (3, 32, 32)
+    # the validation split: drawn like the test split, as large, from its own stream
+    val_retrieval = RetrievalSet(paths["val_retrieval_ann"], paths["val_retrieval_images"], eval_transform(32))
+    val_zeroshot = ZeroShotSet(paths["val_zeroshot_images"], eval_transform(32))
+    assert len(val_retrieval) == len(retrieval) and val_retrieval.images[0] == "val_retrieval/000000.png"
+    assert val_zeroshot.classes == zeroshot.classes and len(val_zeroshot) == len(zeroshot)
+    assert val_retrieval.texts != retrieval.texts
 
 
 def test_zeroshot_is_balanced(demo_data_dir):
@@ -159,20 +165,71 @@ def test_two_shape_captions_name_both_colours(demo_data_dir):
 # --------------------------------------------------------------------------- tokenizer
 
 
-def test_tokenizer_covers_every_caption(demo_data_dir):
+def test_tokenizer_knows_the_training_captions_only(demo_data_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(demo_data_dir / "tokenizer"))
     assert tokenizer.pad_token_id == 0 and len(tokenizer) < 400
-    texts = [e["caption"] for e in json.loads((demo_data_dir / "train.json").read_text())]
-    classes = json.loads((demo_data_dir / "zeroshot" / "classnames.json").read_text())
-    texts += [t.format(n) for n in classes["classnames"].values() for t in classes["templates"]]
-    for text in texts:
-        ids = tokenizer(clean_caption(text))["input_ids"]
-        tokens = tokenizer.convert_ids_to_tokens(ids)
+    train_words = set()
+    for entry in json.loads((demo_data_dir / "train.json").read_text()):
+        text = clean_caption(entry["caption"])
+        tokens = tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"])
         assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
-        assert tokens[1:-1] == clean_caption(text).split()  # every word is one known token
-    assert "[UNK]" not in tokenizer.convert_ids_to_tokens(tokenizer("a photo of a red circle.")["input_ids"])
+        assert tokens[1:-1] == text.split()  # every training word is one known token
+        train_words.update(text.split())
+    # the out-of-vocabulary path: a prompt word no training caption has is split into known character
+    # pieces (never [UNK]) that decode back to the word; a character the corpus never had is [UNK]
+    classes = json.loads((demo_data_dir / "zeroshot" / "classnames.json").read_text())
+    prompt_words = {w for t in classes["templates"] for w in clean_caption(t.format("x")).split()} - {"x"}
+    unseen = sorted(prompt_words - train_words)
+    assert "photo" in unseen  # a template word, absent from the training grammar
+    for word in unseen:
+        pieces = tokenizer.tokenize(word)
+        assert len(pieces) > 1 and "[UNK]" not in pieces and tokenizer.convert_tokens_to_string(pieces) == word
+        assert word not in tokenizer.get_vocab()
+    assert tokenizer.tokenize("€") == ["[UNK]"]
+
+
+def test_zeroshot_classes_are_held_out_from_training_and_retrieval(demo_data_dir):
+    """The zero-shot classes are colour x shape combinations that no training or retrieval image or caption
+    shows, while every colour and shape of them does appear in training (with other partners)."""
+    colour_words = {c: words for c, (_, words) in COLOURS.items()}
+    classes = json.loads((demo_data_dir / "zeroshot" / "classnames.json").read_text())["classnames"]
+    held = {tuple(class_id.split("_")) for class_id in classes}
+    val_classes = json.loads((demo_data_dir / "val_zeroshot" / "classnames.json").read_text())["classnames"]
+    assert val_classes == classes and len(held) == TINY_DEMO["zeroshot_classes"]
+    scenes = json.loads((demo_data_dir / "scenes.json").read_text())
+    seen = {
+        (s["colour"], s["shape"])
+        for split in ("train", "retrieval", "val_retrieval")
+        for sc in scenes[split]
+        for s in sc["shapes"]
+    }
+    assert not seen & held
+    assert {c for c, _ in held} <= {c for c, _ in seen} and {s for _, s in held} <= {s for _, s in seen}
+    captions = [e["caption"] for e in json.loads((demo_data_dir / "train.json").read_text())]
+    for name in ("retrieval.json", "val_retrieval.json"):
+        captions += [c for e in json.loads((demo_data_dir / name).read_text()) for c in e["caption"]]
+    for colour, shape in held:  # no caption names a held-out class, with any synonym
+        for cw in colour_words[colour]:
+            for sw in SHAPES[shape]:
+                assert not any(f"{cw} {sw}" in caption for caption in captions), (cw, sw)
+    manifest = json.loads((demo_data_dir / "manifest.json").read_text())
+    zero = {"combination": 0, "configuration": 0}
+    assert manifest["zeroshot_overlap_with_train"] == {"zeroshot": zero, "val_zeroshot": zero}
+
+
+def test_overlap_counts_find_a_planted_overlap():
+    from clipstudy.data.demo_scenes import overlap_counts
+
+    background = {"tone": "dark"}
+    shape = dict(colour="red", shape="circle", size="small", row=0, col=0)
+    evaluation = [{"background": background, "shapes": [shape]}]
+    other_cell = {"background": background, "shapes": [{**shape, "col": 2}]}
+    other_kind = {"background": background, "shapes": [{**shape, "shape": "square"}]}
+    assert overlap_counts(evaluation, [other_kind]) == {"combination": 0, "configuration": 0}
+    assert overlap_counts(evaluation, [other_kind, other_cell]) == {"combination": 1, "configuration": 0}
+    assert overlap_counts(evaluation, [evaluation[0]]) == {"combination": 1, "configuration": 1}
 
 
 # --------------------------------------------------------------------------- determinism and reuse

@@ -93,7 +93,7 @@ def test_tensorboard_events_hold_every_logged_scalar(demo_data_dir, tmp_path):
         np.testing.assert_allclose(
             [v for _, v in events], [float(row[column]) for row in history], rtol=1e-6, err_msg=column
         )  # TensorBoard stores float32
-    for column in ("txt_r1", "img_r1", "zeroshot_top1", "average"):
+    for column in ("val_txt_r1", "val_img_r1", "val_zeroshot_top1", "val_average"):
         events = scalars[f"eval/{column}"]
         assert [s for s, _ in events] == [int(row["step"]) for row in epochs]
         np.testing.assert_allclose([v for _, v in events], [float(row[column]) for row in epochs], rtol=1e-6)

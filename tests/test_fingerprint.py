@@ -55,6 +55,9 @@ def test_fingerprint_holds_what_changes_results_and_nothing_else(demo_data_dir, 
         retrieval_ann=str(demo_data_dir / "retrieval.json"),
         retrieval_images=str(demo_data_dir / "images"),
         zeroshot_images=str(demo_data_dir / "zeroshot"),
+        val_retrieval_ann=str(demo_data_dir / "val_retrieval.json"),
+        val_retrieval_images=str(demo_data_dir / "images"),
+        val_zeroshot_images=str(demo_data_dir / "val_zeroshot"),
         tokenizer=str(demo_data_dir / "tokenizer"),
     )
     assert fingerprint(relative)["config"] == base["config"]

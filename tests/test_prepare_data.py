@@ -18,7 +18,7 @@ from clipstudy.data.datasets import eval_transform
 from clipstudy.data.prepare.cc3m import prepare_cc3m
 from clipstudy.data.prepare.coco import prepare_coco_karpathy
 from clipstudy.data.prepare.common import PrepareError
-from clipstudy.data.prepare.imagenet import prepare_imagenet_val
+from clipstudy.data.prepare.imagenet import prepare_imagenet_train_slice, prepare_imagenet_val
 from clipstudy.data.zeroshot import ZeroShotSet, imagenet_classnames, imagenet_wnids
 
 FAILED, NO_CAPTION, BROKEN = "000000003", "000000005", "000000007"
@@ -213,7 +213,7 @@ def karpathy_file(tmp_path: Path) -> tuple[Path, Path]:
     return path, root
 
 
-def test_coco_karpathy_takes_only_test_with_captions_in_order(tmp_path):
+def test_coco_karpathy_writes_test_and_val_with_captions_in_order(tmp_path):
     split_file, root = karpathy_file(tmp_path)
     result = prepare_coco_karpathy(split_file, root, tmp_path / "out", progress=False)
     entries = json.loads((tmp_path / "out" / "retrieval.json").read_text())
@@ -222,10 +222,13 @@ def test_coco_karpathy_takes_only_test_with_captions_in_order(tmp_path):
         "coco/val2014/COCO_val2014_000000000003.jpg",
     ]
     assert entries[1]["caption"] == [f"Image 3 caption {j}." for j in range(5)]
-    assert result.counts == {"images": 2, "captions": 10}
-    assert result.skipped == {"image file missing or empty under the COCO root": 1, "no caption": 1}
+    val = json.loads((tmp_path / "out" / "val_retrieval.json").read_text())  # Karpathy val: image 2 only
+    assert [e["image"] for e in val] == ["coco/val2014/COCO_val2014_000000000002.jpg"] and val[0]["image_id"] == 102
+    assert result.counts == {"test_images": 2, "test_captions": 10, "val_images": 1, "val_captions": 5}
+    assert result.skipped == {"test: image file missing or empty under the COCO root": 1, "test: no caption": 1}
     report = check_data(**result.fields)
     assert report["ok"] and report["retrieval"]["readable_images"] == 2 and report["retrieval"]["texts"] == 10
+    assert report["val_retrieval"]["readable_images"] == 1 and report["val_retrieval"]["texts"] == 5
 
 
 # --------------------------------------------------------------------------- imagenet-val
@@ -319,6 +322,46 @@ def test_imagenet_val_relabel_moves_links_and_bad_labels_fail(tmp_path, capsys):
 # --------------------------------------------------------------------------- the whole path
 
 
+# ------------------------------------------------------------------ imagenet-train-slice (zero-shot validation)
+
+# Class -> how many train images it has in the test's own folder (class 7 has too few; class 2 none).
+TRAIN_COUNTS = {WNIDS[0]: 5, WNIDS[7]: 1, WNIDS[999]: 4}
+
+
+def train_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "train"
+    for c, (wnid, count) in enumerate(TRAIN_COUNTS.items()):
+        (root / wnid).mkdir(parents=True)
+        for k in range(count):
+            (root / wnid / f"{wnid}_{100 + k}.JPEG").write_bytes(jpeg(18, 18, seed=10 * c + k))
+    (root / WNIDS[0] / "notes.txt").write_text("not an image of the class")
+    return root
+
+
+def test_imagenet_train_slice_is_class_balanced_seeded_and_counted(tmp_path):
+    src = train_folder(tmp_path)
+    before = tree_digest(src)
+    result = prepare_imagenet_train_slice(src, tmp_path / "out", per_class=2, seed=0, progress=False)
+    assert tree_digest(src) == before  # inputs are never written
+    zeroshot = ZeroShotSet(result.fields["val_zeroshot_images"], eval_transform(16))
+    assert zeroshot.classes == WNIDS  # every class folder, so class indices match the test set's
+    per_class = {}
+    for path, label in zeroshot.samples:
+        per_class.setdefault(WNIDS[label], []).append(Path(path).name)
+    assert {wnid: len(names) for wnid, names in per_class.items()} == {WNIDS[0]: 2, WNIDS[7]: 1, WNIDS[999]: 2}
+    assert all(name.startswith(wnid) for wnid, names in per_class.items() for name in names)
+    assert result.counts["classes_short_of_per_class"] == 1  # class 7 (1 image); absent classes are skips
+    assert result.skipped["not a <wnid>_N.JPEG file of its class"] == 1
+    assert result.skipped["class folder missing in the train folder"] == 997
+    again = prepare_imagenet_train_slice(src, tmp_path / "again", per_class=2, seed=0, progress=False)
+    other = prepare_imagenet_train_slice(src, tmp_path / "other", per_class=2, seed=5, progress=False)
+
+    def chosen(prepared):
+        return sorted(Path(p).name for p, _ in ZeroShotSet(prepared.fields["val_zeroshot_images"], None).samples)
+
+    assert chosen(again) == chosen(result) != chosen(other)  # seeded: repeats, and another seed picks others
+
+
 def test_json_output_feeds_check_data_and_train(tmp_path, capsys, demo_data_dir):
     cc3m = write_webdataset_layout(tmp_path / "cc3m", cc3m_samples(n=24))
     split_file, coco_root = karpathy_file(tmp_path)
@@ -329,11 +372,21 @@ def test_json_output_feeds_check_data_and_train(tmp_path, capsys, demo_data_dir)
         ["cc3m", "--src", str(cc3m), "--max-side", "32"],
         ["coco-karpathy", "--src", str(split_file), "--images", str(coco_root)],
         ["imagenet-val", "--src", str(flat), "--labels", str(write_loc_csv(tmp_path / "s.csv"))],
+        ["imagenet-train-slice", "--src", str(train_folder(tmp_path)), "--per-class", "2"],
     ):
         assert clipstudy_main(["prepare-data", *argv, "--out", str(out), "--json"]) == 0
         stdout = capsys.readouterr().out
         fields.update(json.loads(stdout))  # nothing but one JSON object on stdout
-    assert sorted(fields) == ["retrieval_ann", "retrieval_images", "train_ann", "train_images", "zeroshot_images"]
+    assert sorted(fields) == [
+        "retrieval_ann",
+        "retrieval_images",
+        "train_ann",
+        "train_images",
+        "val_retrieval_ann",
+        "val_retrieval_images",
+        "val_zeroshot_images",
+        "zeroshot_images",
+    ]
     check_args = [f"--{key.replace('_', '-')}={value}" for key, value in fields.items()]
     assert clipstudy_main(["check-data", *check_args]) == 0
     capsys.readouterr()

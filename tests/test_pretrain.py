@@ -34,30 +34,53 @@ def pixel_digest(path):
     return hashlib.sha256(repr(array.shape).encode() + array.tobytes()).hexdigest()
 
 
-def test_pretraining_images_are_disjoint_from_every_study_image(data_dir):
+def test_zeroshot_classes_never_reach_pretraining(data_dir):
+    """No pretraining image, label or caption shows a zero-shot class (a held-out colour x shape combination)."""
+    from clipstudy.data.demo_scenes import COLOURS, SHAPES
+
     config = smoke(data_dir)
-    study = {pixel_digest(p) for p in sorted(data_dir.rglob("*.png"))}
-    n_study = sum(
-        1 for folder in ("images/train", "images/retrieval", "zeroshot") for _ in (data_dir / folder).rglob("*.png")
+    classes = json.loads((data_dir / "zeroshot" / "classnames.json").read_text())["classnames"]
+    held = {tuple(class_id.split("_")) for class_id in classes}
+    images, labels, image_scenes = pretrain.pretraining_images(pretrain.PretrainSettings(images=600), 32)
+    assert len(images) == len(labels) == len(image_scenes) == 600
+    # the labels, decoded independently from the heads' order (colour, shape, ...)
+    named = {(list(COLOURS)[row[0]], list(SHAPES)[row[1]]) for row in labels}
+    assert not named & held and len(named) > len(held)  # many seen classes, none held out
+    captions, _, caption_scenes = pretrain.pretraining_captions(pretrain.PretrainSettings(captions=3000), set())
+    for colour, shape in held:
+        for colour_word in COLOURS[colour][1]:
+            for shape_word in SHAPES[shape]:
+                assert not any(f"{colour_word} {shape_word}" in caption for caption in captions)
+    counts = pretrain.check_disjoint(pretrain.zeroshot_scenes(config), image_scenes + caption_scenes)
+    assert counts == {"combination": 0, "configuration": 0}
+
+
+def test_the_disjointness_check_fails_on_a_planted_overlap(data_dir):
+    config = smoke(data_dir)
+    zeroshot = pretrain.zeroshot_scenes(config)
+    scenes = json.loads((data_dir / "scenes.json").read_text())
+    assert len(zeroshot) == len(scenes["zeroshot"]) + len(scenes["val_zeroshot"]) > 0
+    _, _, seen = pretrain.pretraining_images(pretrain.PretrainSettings(images=50), 32)
+    planted = dict(
+        seen[0], shapes=[dict(seen[0]["shapes"][0], **{k: zeroshot[5]["shapes"][0][k] for k in ("colour", "shape")})]
     )
-    assert len(study) == n_study == len(pretrain.study_image_hashes(config))
-    settings = pretrain.settings_from(config)
-    images, labels, dropped = pretrain.pretraining_images(settings, 32, pretrain.study_image_hashes(config))
-    assert len(images) == len(labels) == TINY["images"] and dropped == 0
-    ours = {hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest() for a in images}
-    assert not ours & study
-    # the filter works: excluding the first image's hash drops exactly that image
-    first = next(iter(sorted(ours)))
-    again, _, dropped = pretrain.pretraining_images(settings, 32, {first})
-    assert dropped == 1 and first not in {
-        hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest() for a in again
-    }
+    planted_class = (zeroshot[5]["shapes"][0]["colour"], zeroshot[5]["shapes"][0]["shape"])
+    n = sum((s["shapes"][0]["colour"], s["shapes"][0]["shape"]) == planted_class for s in zeroshot)
+    assert n == 2 * 3  # that class's images in the validation and the test split (3 each in the tiny set)
+    with pytest.raises(ConfigError, match=f"would show {n} zero-shot scene"):
+        pretrain.check_disjoint(zeroshot, seen + [planted])
+    assert pretrain.check_disjoint(None, seen) is None  # a data set without scene records: nothing to count
 
 
 def test_pretraining_captions_are_disjoint_from_the_study_captions(data_dir):
     config = smoke(data_dir)
     train = [e["caption"] for e in json.loads((data_dir / "train.json").read_text())]
-    retrieval = [c for e in json.loads((data_dir / "retrieval.json").read_text()) for c in e["caption"]]
+    retrieval = [
+        c
+        for name in ("retrieval.json", "val_retrieval.json")
+        for e in json.loads((data_dir / name).read_text())
+        for c in e["caption"]
+    ]
     spec = json.loads((data_dir / "zeroshot" / "classnames.json").read_text())
     prompts = [t.format(n) for n in spec["classnames"].values() for t in spec["templates"]]
     study = {clean_caption(t) for t in train + retrieval + prompts}
@@ -65,9 +88,9 @@ def test_pretraining_captions_are_disjoint_from_the_study_captions(data_dir):
     settings = pretrain.settings_from(config)
     # a large corpus, so that some generated captions do coincide with study ones and get dropped
     big = pretrain.PretrainSettings(captions=3000)
-    captions, dropped = pretrain.pretraining_captions(big, study)
+    captions, dropped, _ = pretrain.pretraining_captions(big, study)
     assert len(captions) == 3000 and dropped > 0 and not set(captions) & study
-    unfiltered, none_dropped = pretrain.pretraining_captions(big, set())
+    unfiltered, none_dropped, _ = pretrain.pretraining_captions(big, set())
     assert none_dropped == 0 and set(unfiltered) & study  # without the filter they would overlap
     assert pretrain.pretraining_captions(settings, study)[0] == pretrain.pretraining_captions(settings, study)[0]
 
@@ -190,3 +213,19 @@ def test_loading_the_towers_reads_the_file_once(data_dir, monkeypatch):
     model, _ = build_model_for(config)
     assert pretrain.load_pretrained_towers(model, config, progress=False) is not None
     assert reads.count("towers.pt") == 1
+
+
+def test_ctrl_c_while_pretraining_says_it_starts_again_from_step_0(data_dir, tmp_path, monkeypatch, capsys):
+    """Pretraining keeps no checkpoint: an interruption says what it costs (not just "interrupted")."""
+    from clipstudy.__main__ import main
+
+    def interrupted(*args, **kwargs):  # Ctrl-C once the image tower is trained, during the text tower's
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "train_text_tower", interrupted)
+    argv = ["train", "--profile", "smoke", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--no-progress"]
+    code = main([*argv, "--threads", "1", "--pretrained", "true", "--pretrain", json.dumps(TINY)])
+    stopped = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stopped:")]
+    assert code == 130 and len(stopped) == 1
+    assert "while pretraining the demo towers" in stopped[0] and "again from step 0" in stopped[0]
+    assert not list((data_dir / "pretrained").glob("*/towers.pt"))  # nothing half-made was cached

@@ -127,7 +127,8 @@ def test_training_and_evaluate_command_evaluate_at_the_same_precision(demo_data_
     out = tmp_path / "run"
     train(smoke(demo_data_dir, out, max_steps=2), progress=False)
     assert clipstudy_main(["evaluate", "--run", str(out), "--json"]) == 0
-    assert seen == [torch.bfloat16, torch.bfloat16]
+    # training's one validation pass (the cut at step 2), its test pass at the end, the command's own
+    assert seen == [torch.bfloat16, torch.bfloat16, torch.bfloat16]
 
 
 # --------------------------------------------------------------------------

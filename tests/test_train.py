@@ -45,14 +45,20 @@ def test_run_directory_schema(demo_data_dir, tmp_path):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     assert saved["status"] == "completed"
-    # Average is the plain mean of TR@1, IR@1 and zero-shot top-1
-    assert saved["average"] == pytest.approx((saved["txt_r1"] + saved["img_r1"] + saved["zeroshot_top1"]) / 3)
+    # Average is the plain mean of TR@1, IR@1 and zero-shot top-1, on each split
+    for p in ("", "val_"):
+        mean = (saved[f"{p}txt_r1"] + saved[f"{p}img_r1"] + saved[f"{p}zeroshot_top1"]) / 3
+        assert saved[f"{p}average"] == pytest.approx(mean)
     history = pd.read_csv(out / "history.csv")
     assert {"step", "loss", "lr", "grad_norm", "samples_per_s"} <= set(history.columns)
     assert history["step"].tolist() == list(range(1, saved["global_step"] + 1))
+    # every epoch is evaluated on the validation split only; the test split once, at the end
     epochs = pd.read_csv(out / "epochs.csv")
     assert epochs["epoch"].tolist() == [1, 2]
-    assert epochs.iloc[-1]["average"] == pytest.approx(saved["average"])
+    assert "average" not in epochs and "txt_r1" not in epochs
+    assert epochs.iloc[-1]["val_average"] == pytest.approx(saved["val_average"])
+    assert saved["retrieval_n_images"] == len(json.loads((demo_data_dir / "retrieval.json").read_text()))
+    assert saved["val_retrieval_n_images"] == len(json.loads((demo_data_dir / "val_retrieval.json").read_text()))
     # a finished run is not trained again
     again = train(smoke(demo_data_dir, tmp_path / "run", seed=1), progress=False)
     assert again["wall_time_s"] == saved["wall_time_s"]

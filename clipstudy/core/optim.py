@@ -62,6 +62,7 @@ class OptimizerSpec:
     display_name: str = ""
     order: int = 100
     in_default_grid: bool = False
+    search_lr: tuple[float, float] = (1e-4, 1e-2)  # `tune`'s learning-rate search space (log-spaced, both ends in)
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {}
@@ -75,6 +76,7 @@ def register_optimizer(
     display_name: str = "",
     order: int = 100,
     in_default_grid: bool = False,
+    search_lr: tuple[float, float] = (1e-4, 1e-2),
 ):
     """Decorator: register ``factory(param_groups, lr, **kwargs) -> Optimizer`` as ``name``.
 
@@ -82,7 +84,8 @@ def register_optimizer(
     :func:`build_optimizer` gets ``lr=None`` (default 2e-4, the original study's
     rate); ``torch_class`` (optional) lets unknown options be reported by name;
     ``display_name`` (default ``name``), ``order`` and ``in_default_grid`` are
-    what tables, reports and ``sweep`` read.
+    what tables, reports and ``sweep`` read; ``search_lr`` is the learning-rate range
+    ``tune`` searches (the same number of trials for every optimizer).
     """
 
     def add(factory):
@@ -90,7 +93,15 @@ def register_optimizer(
             raise ValueError(f"an optimizer named {name!r} is already registered")
         description = inspect.getdoc(factory) or ""
         OPTIMIZERS[name] = OptimizerSpec(
-            name, factory, float(default_lr), description, torch_class, display_name or name, order, in_default_grid
+            name,
+            factory,
+            float(default_lr),
+            description,
+            torch_class,
+            display_name or name,
+            order,
+            in_default_grid,
+            (float(search_lr[0]), float(search_lr[1])),
         )
         return factory
 
@@ -139,19 +150,25 @@ def _spec(name: str) -> OptimizerSpec:
     return OPTIMIZERS[name]
 
 
-@register_optimizer("adamw", torch_class=torch.optim.AdamW, display_name="AdamW", order=0, in_default_grid=True)
+@register_optimizer(
+    "adamw", torch_class=torch.optim.AdamW, display_name="AdamW", order=0, in_default_grid=True, search_lr=(1e-4, 1e-2)
+)
 def _adamw(groups, lr, **kwargs):
     """AdamW (Loshchilov & Hutter): Adam with decoupled weight decay (torch defaults betas (0.9, 0.999), eps 1e-8)."""
     return torch.optim.AdamW(groups, lr=lr, **kwargs)
 
 
-@register_optimizer("sgd", torch_class=torch.optim.SGD, display_name="SGD", order=1, in_default_grid=True)
+@register_optimizer(
+    "sgd", torch_class=torch.optim.SGD, display_name="SGD", order=1, in_default_grid=True, search_lr=(1e-3, 1e-1)
+)
 def _sgd(groups, lr, momentum=0.9, nesterov=True, **kwargs):
     """SGD with momentum 0.9 and Nesterov momentum; weight decay is the L2 term of torch's SGD."""
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, **kwargs)
 
 
-@register_optimizer("adam", torch_class=torch.optim.Adam, display_name="Adam", order=2, in_default_grid=True)
+@register_optimizer(
+    "adam", torch_class=torch.optim.Adam, display_name="Adam", order=2, in_default_grid=True, search_lr=(1e-4, 1e-2)
+)
 def _adam(groups, lr, **kwargs):
     """Adam (Kingma & Ba) with weight decay as an L2 term added to the gradient (torch's Adam)."""
     return torch.optim.Adam(groups, lr=lr, **kwargs)

@@ -31,7 +31,8 @@ from pathlib import Path
 from clipstudy.data.layout import resolve_paths
 from clipstudy.errors import StartupError
 
-SETS = ("train", "retrieval", "zeroshot")
+SETS = ("train", "retrieval", "zeroshot", "val_retrieval", "val_zeroshot")
+PAIR_SETS = ("train", "retrieval", "val_retrieval")  # annotation file + image folder; the others are ImageFolders
 DEFAULT_MAX_UNREADABLE = 0.01
 MISSING_REASON = "file not found"  # clipstudy.data.images.UnreadableImage's reason for an absent file
 
@@ -110,7 +111,7 @@ def _duplicates(entries: list[dict], examples: int = 5) -> dict:
 def _check_pairs(kind: str, ann_file: str, image_root: str, max_words: int, progress: bool, workers: int) -> dict:
     from clipstudy.data.datasets import DataError, load_annotation_list
 
-    entries = load_annotation_list(ann_file, kind)
+    entries = load_annotation_list(ann_file, "train" if kind == "train" else "retrieval")  # the format
     if not Path(image_root).is_dir():
         raise DataError(
             f"{image_root}: image root folder not found; pass the folder the image paths in {ann_file} are relative to"
@@ -177,16 +178,21 @@ def check_data(
     retrieval_ann: str | None = None,
     retrieval_images: str | None = None,
     zeroshot_images: str | None = None,
+    val_retrieval_ann: str | None = None,
+    val_retrieval_images: str | None = None,
+    val_zeroshot_images: str | None = None,
     data: str | None = None,
     max_words: int = 30,
     progress: bool = False,
     workers: int | None = None,
     max_unreadable: float = DEFAULT_MAX_UNREADABLE,
 ) -> dict:
-    """Check the given sets; returns ``{"train": {...}, "retrieval": {...}, "zeroshot": {...}, "ok": bool}``.
+    """Check the given sets; returns ``{"train": {...}, "retrieval": {...}, "zeroshot": {...},
+    "val_retrieval": {...}, "val_zeroshot": {...}, "ok": bool}``.
 
-    ``data`` is the demo layout shorthand (``data/train.json``, ``data/images``,
-    ``data/retrieval.json``, ``data/zeroshot``); explicit paths win. Only sets
+    ``data`` is the data-folder layout shorthand (:mod:`clipstudy.data.layout`: ``train.json``,
+    ``images``, ``retrieval.json``, ``zeroshot``, ``val_retrieval.json``, ``val_zeroshot``);
+    explicit paths win. Only sets
     with paths appear in the result. ``ok`` is False when some set has no
     usable entry, or more than ``max_unreadable`` (a fraction) of its images
     unreadable (its ``over_threshold``). ``workers`` threads decode images
@@ -197,34 +203,40 @@ def check_data(
         ValueError: an annotation file without its image folder (or the
             reverse), or no set at all.
     """
+    paths = dict(
+        train_ann=train_ann,
+        train_images=train_images,
+        retrieval_ann=retrieval_ann,
+        retrieval_images=retrieval_images,
+        zeroshot_images=zeroshot_images,
+        val_retrieval_ann=val_retrieval_ann,
+        val_retrieval_images=val_retrieval_images,
+        val_zeroshot_images=val_zeroshot_images,
+    )
     if data:  # explicit paths win over the folder's layout
-        given = dict(
-            train_ann=train_ann,
-            train_images=train_images,
-            retrieval_ann=retrieval_ann,
-            retrieval_images=retrieval_images,
-            zeroshot_images=zeroshot_images,
-        )
-        found = resolve_paths({"data": data, **given}, needs_tokenizer=False)
-        train_ann, train_images, retrieval_ann, retrieval_images, zeroshot_images = (found[key] for key in given)
-    for kind, ann, images in (("train", train_ann, train_images), ("retrieval", retrieval_ann, retrieval_images)):
-        if bool(ann) != bool(images):
-            raise ValueError(f"--{kind}-ann and --{kind}-images go together: give both or neither")
-    if not (train_ann or retrieval_ann or zeroshot_images):
+        found = resolve_paths({"data": data, **paths}, needs_tokenizer=False)
+        paths = {key: found[key] for key in paths}
+    for kind in PAIR_SETS:
+        if bool(paths[f"{kind}_ann"]) != bool(paths[f"{kind}_images"]):
+            flag = kind.replace("_", "-")
+            raise ValueError(f"--{flag}-ann and --{flag}-images go together: give both or neither")
+    if not any(
+        paths[key] for key in [f"{kind}_ann" for kind in PAIR_SETS] + ["zeroshot_images", "val_zeroshot_images"]
+    ):
         raise ValueError(
             "nothing to check: give --train-ann/--train-images, --retrieval-ann/--retrieval-images, "
-            "--zeroshot-images, or --data DIR"
+            "--zeroshot-images, their --val-... counterparts, or --data DIR"
         )
     if not 0 <= max_unreadable <= 1:
         raise ValueError(f"--max-unreadable {max_unreadable}: give a fraction between 0 and 1 (e.g. 0.01 for 1%)")
     workers = workers or os.cpu_count() or 1
     report: dict = {}
-    if train_ann:
-        report["train"] = _check_pairs("train", train_ann, train_images, max_words, progress, workers)
-    if retrieval_ann:
-        report["retrieval"] = _check_pairs("retrieval", retrieval_ann, retrieval_images, max_words, progress, workers)
-    if zeroshot_images:
-        report["zeroshot"] = _check_zeroshot(zeroshot_images, progress, workers)
+    for name in SETS:
+        if name in PAIR_SETS and paths[f"{name}_ann"]:
+            ann, images = paths[f"{name}_ann"], paths[f"{name}_images"]
+            report[name] = _check_pairs(name, ann, images, max_words, progress, workers)
+        elif name not in PAIR_SETS and paths[f"{name}_images"]:
+            report[name] = _check_zeroshot(paths[f"{name}_images"], progress, workers)
     for name in SETS:
         if name in report:
             section = report[name]
@@ -245,7 +257,7 @@ def format_report(report: dict, max_listed: int = 20) -> str:
         section = report[name]
         where = section.get("ann_file") or section.get("root")
         lines.append(f"[{name}] {where}")
-        if name == "zeroshot":
+        if name.endswith("zeroshot"):
             per_class = section["images_per_class"]
             lines.append(
                 f"  {section['classes']} classes, {section['images']} images "
@@ -256,7 +268,7 @@ def format_report(report: dict, max_listed: int = 20) -> str:
                 lines.append(f"  empty class folders: {', '.join(section['empty_classes'])}")
         else:
             lines.append(f"  {section['entries']} entries, images under {section['image_root']}")
-            if name == "retrieval" and section["captions_per_image"]:
+            if name.endswith("retrieval") and section["captions_per_image"]:
                 cpi = section["captions_per_image"]
                 lines.append(f"  {section['texts']} captions, {cpi['min']}-{cpi['max']} per image (mean {cpi['mean']})")
             words = section["captions"]
@@ -328,10 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrieval-ann", help="retrieval annotation JSON (list of image/caption list)")
     parser.add_argument("--retrieval-images", help="folder the retrieval image paths are relative to")
     parser.add_argument("--zeroshot-images", help="ImageFolder root of the zero-shot set")
+    parser.add_argument("--val-retrieval-ann", help="validation retrieval annotation JSON")
+    parser.add_argument("--val-retrieval-images", help="folder the validation retrieval image paths are relative to")
+    parser.add_argument("--val-zeroshot-images", help="ImageFolder root of the validation zero-shot set")
     parser.add_argument(
         "--data",
-        help="demo layout shorthand: DIR/train.json, DIR/images, DIR/retrieval.json, "
-        "DIR/zeroshot (explicit options win)",
+        help="data-folder shorthand: DIR/train.json, DIR/images, DIR/retrieval.json, DIR/zeroshot, "
+        "DIR/val_retrieval.json, DIR/val_zeroshot (explicit options win)",
     )
     parser.add_argument("--max-words", type=int, default=30, help="caption word cap (default 30)")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU count)")
@@ -355,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
             retrieval_ann=args.retrieval_ann,
             retrieval_images=args.retrieval_images,
             zeroshot_images=args.zeroshot_images,
+            val_retrieval_ann=args.val_retrieval_ann,
+            val_retrieval_images=args.val_retrieval_images,
+            val_zeroshot_images=args.val_zeroshot_images,
             data=args.data,
             max_words=args.max_words,
             progress=True,

@@ -4,20 +4,29 @@
 set that exercises the whole pipeline on a CPU in minutes::
 
     DIR/train.json            [{"image": "train/000000.png", "caption": str, "image_id": int}, ...]
-    DIR/images/train/...      (image root of train and retrieval: DIR/images)
-    DIR/retrieval.json        [{"image": "retrieval/000000.png", "caption": [5 different strs]}, ...]
-    DIR/images/retrieval/...
-    DIR/zeroshot/<class_id>/NNN.png and DIR/zeroshot/classnames.json
-    DIR/tokenizer/            a Hugging Face fast WordPiece tokenizer for the captions
+    DIR/images/train/...      (image root of every split: DIR/images)
+    DIR/retrieval.json        test: [{"image": "retrieval/000000.png", "caption": [5 different strs]}, ...]
+    DIR/val_retrieval.json    validation, drawn like the test set from its own random stream
+    DIR/images/retrieval/... and DIR/images/val_retrieval/...
+    DIR/zeroshot/<class_id>/NNN.png and DIR/zeroshot/classnames.json          (test)
+    DIR/val_zeroshot/<class_id>/NNN.png and DIR/val_zeroshot/classnames.json  (validation)
+    DIR/tokenizer/            a Hugging Face fast WordPiece tokenizer of the training captions
     DIR/scenes.json           what each image shows (ground truth, for analysis and tests)
-    DIR/manifest.json         parameters, counts, chance levels, content digest (written last)
+    DIR/manifest.json         parameters, counts, overlap counts, chance levels, content digest (written last)
 
 Each image shows one or two coloured shapes (7 colours x 5 shapes) at one of
 nine grid positions (with jitter), small or large, on a dark or light
 background with a gradient and pixel noise. Captions come from several
 templates and synonyms, and some mention only colour and shape, so retrieval
-needs position and size while no caption set pins every image down. Zero-shot
-classes are the 35 colour x shape pairs ("red circle"), balanced.
+needs position and size while no caption set pins every image down.
+
+The zero-shot test is compositional: its classes are 15 colour x shape
+combinations (``demo_scenes.HELD_OUT``) that no training image or caption, no
+retrieval image and nothing the towers are pretrained on ever shows, while
+every colour and every shape appears with other partners. Naming "a red
+circle" then measures transfer, not memory of the label space. The manifest
+counts the zero-shot scenes that share a combination with a training scene
+(0, checked on every generation).
 
 Generation is deterministic: the same parameters give byte-identical files.
 
@@ -55,19 +64,25 @@ from clipstudy.data.demo_scenes import (  # noqa: F401
     captions_for,
     class_ids,
     class_scene,
+    overlap_counts,
     random_scene,
     render_scene,
     shape_extent,
 )
 from clipstudy.errors import StartupError
 
-GENERATOR_VERSION = 1
+# 2: compositional zero-shot classes (demo_scenes.HELD_OUT), validation sets, larger evaluation sets,
+#    the tokenizer from the training captions only
+GENERATOR_VERSION = 2
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] = 0
 CAPTIONS_PER_RETRIEVAL_IMAGE = 5
 
+# Evaluation sets large enough to separate cells: 1000 retrieval images (5000 captions) and
+# 15 x 140 = 2100 zero-shot images give a binomial standard error of about 1 point for the zero-shot
+# accuracy and under 1 point for the Average; the validation sets are as large as the test sets.
 DEFAULTS = dict(
-    seed=0, image_size=32, train_size=4000, retrieval_size=500, zeroshot_per_class=10, zeroshot_classes=None
+    seed=0, image_size=32, train_size=4000, retrieval_size=1000, zeroshot_per_class=140, zeroshot_classes=None
 )
 
 
@@ -134,7 +149,16 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-_OUTPUTS = ("train.json", "retrieval.json", "scenes.json", "images", "zeroshot", "tokenizer")
+_OUTPUTS = (
+    "train.json",
+    "retrieval.json",
+    "val_retrieval.json",
+    "scenes.json",
+    "images",
+    "zeroshot",
+    "val_zeroshot",
+    "tokenizer",
+)
 
 
 def content_digest(out: str | Path) -> tuple[str, int]:
@@ -276,36 +300,44 @@ def make_demo_data(
     _remove_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    # independent streams, so changing one set's size leaves the others unchanged
-    train_rng, retrieval_rng, zeroshot_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    # independent streams, so changing one set's size leaves the others unchanged; the validation
+    # sets are drawn exactly like the test sets, from their own streams
+    streams = np.random.SeedSequence(seed).spawn(5)
+    train_rng, retrieval_rng, zeroshot_rng, val_retrieval_rng, val_zeroshot_rng = map(np.random.default_rng, streams)
     train_scenes, train_captions = _captioned_images(train_rng, "train", train_size, 1, out, image_size)
     train = [
         {"image": scene["image"], "caption": captions[0], "image_id": i}
         for i, (scene, captions) in enumerate(zip(train_scenes, train_captions))
     ]
-    retrieval_scenes, retrieval_captions = _captioned_images(
-        retrieval_rng, "retrieval", retrieval_size, CAPTIONS_PER_RETRIEVAL_IMAGE, out, image_size
-    )
-    retrieval = [
-        {"image": scene["image"], "caption": captions} for scene, captions in zip(retrieval_scenes, retrieval_captions)
-    ]
     classes = _chosen_classes(parameters["zeroshot_classes"])
-    zeroshot_scenes = _zeroshot_images(zeroshot_rng, classes, zeroshot_per_class, out, image_size)
     classnames = {class_id: class_id.replace("_", " ") for class_id in classes}
-    _write_json(out / "zeroshot" / "classnames.json", {"classnames": classnames, "templates": ZEROSHOT_TEMPLATES})
-
+    scenes = {"train": train_scenes}
+    for split, retrieval_stream, zeroshot_stream in (
+        ("", retrieval_rng, zeroshot_rng),
+        ("val_", val_retrieval_rng, val_zeroshot_rng),
+    ):
+        retrieval_scenes, retrieval_captions = _captioned_images(
+            retrieval_stream, f"{split}retrieval", retrieval_size, CAPTIONS_PER_RETRIEVAL_IMAGE, out, image_size
+        )
+        retrieval = [{"image": s["image"], "caption": c} for s, c in zip(retrieval_scenes, retrieval_captions)]
+        _write_json(out / f"{split}retrieval.json", retrieval)
+        zeroshot_dir = out / f"{split}zeroshot"
+        scenes[f"{split}retrieval"] = retrieval_scenes
+        scenes[f"{split}zeroshot"] = _zeroshot_images(
+            zeroshot_stream, classes, zeroshot_per_class, zeroshot_dir, image_size
+        )
+        _write_json(zeroshot_dir / "classnames.json", {"classnames": classnames, "templates": ZEROSHOT_TEMPLATES})
+        if not split:
+            test_retrieval = retrieval
     _write_json(out / "train.json", train)
-    _write_json(out / "retrieval.json", retrieval)
-    _write_json(
-        out / "scenes.json", {"train": train_scenes, "retrieval": retrieval_scenes, "zeroshot": zeroshot_scenes}
-    )
+    _write_json(out / "scenes.json", scenes)
 
-    prompts = [t.format(name) for name in classnames.values() for t in ZEROSHOT_TEMPLATES]
-    texts = [e["caption"] for e in train] + [c for e in retrieval for c in e["caption"]] + prompts
-    tokenizer = build_tokenizer(texts)
+    # the tokenizer knows the training captions only; evaluation words it never saw (a prompt's
+    # "photo", a retrieval caption's rare synonym) are split into its character pieces
+    tokenizer = build_tokenizer([e["caption"] for e in train])
     tokenizer.save_pretrained(str(out / "tokenizer"))
 
-    n_texts = sum(len(e["caption"]) for e in retrieval)
+    n_texts = sum(len(e["caption"]) for e in test_retrieval)
     n_classes = len(classes)
     digest, n_files = content_digest(out)
     manifest = {
@@ -318,12 +350,23 @@ def make_demo_data(
             "retrieval_texts": n_texts,
             "zeroshot_classes": n_classes,
             "zeroshot_images": n_classes * zeroshot_per_class,
+            "val_retrieval_images": retrieval_size,
+            "val_zeroshot_images": n_classes * zeroshot_per_class,
             "tokenizer_vocab": len(tokenizer),
             "files": n_files,
         },
-        "chance": _chance_levels(retrieval, n_texts, n_classes),
+        "held_out_classes": sorted(classes),
+        # zero-shot scenes sharing a colour x shape combination (or a whole configuration) with a
+        # training scene: 0 by construction, counted here (the towers' pretraining counts its own)
+        "zeroshot_overlap_with_train": {
+            split: overlap_counts(scenes[split], train_scenes) for split in ("zeroshot", "val_zeroshot")
+        },
+        "chance": _chance_levels(test_retrieval, n_texts, n_classes),
         "digest": digest,
     }
+    for split, counts in manifest["zeroshot_overlap_with_train"].items():
+        if any(counts.values()):  # the generator leaked the held-out label space: never ship such a set
+            raise AssertionError(f"{split} scenes overlap the training scenes: {counts}")
     _write_json(out / "manifest.json", manifest)  # last: its presence marks a complete set
     return manifest
 
@@ -353,7 +396,7 @@ def _captioned_images(
 
 
 def _zeroshot_images(
-    rng: np.random.Generator, classes: list[str], per_class: int, out: Path, image_size: int
+    rng: np.random.Generator, classes: list[str], per_class: int, folder: Path, image_size: int
 ) -> list[dict]:
     """Draw and render ``per_class`` one-shape scenes of each colour x shape class; returns the scenes."""
     scenes = []
@@ -363,7 +406,7 @@ def _zeroshot_images(
             scene = class_scene(rng, colour, shape)
             scene["image"] = f"{class_id}/{k:03d}.png"
             scene["label"] = class_id
-            _save_png(render_scene(scene, image_size), out / "zeroshot" / scene["image"])
+            _save_png(render_scene(scene, image_size), folder / scene["image"])
             scenes.append(scene)
     return scenes
 
@@ -396,19 +439,20 @@ def main(argv: list[str] | None = None) -> int:
         "--retrieval-size",
         type=int,
         default=DEFAULTS["retrieval_size"],
-        help="retrieval images, 5 captions each (default 500)",
+        help="retrieval images, 5 captions each, in the test and the validation set "
+        f"(default {DEFAULTS['retrieval_size']})",
     )
     parser.add_argument(
         "--zeroshot-per-class",
         type=int,
         default=DEFAULTS["zeroshot_per_class"],
-        help="zero-shot images per class (default 10)",
+        help=f"zero-shot images per class, in each of the two sets (default {DEFAULTS['zeroshot_per_class']})",
     )
     parser.add_argument(
         "--zeroshot-classes",
         type=int,
         default=None,
-        help=f"number of colour x shape classes (default all {len(class_ids())})",
+        help=f"number of held-out colour x shape classes (default all {len(class_ids())})",
     )
     parser.add_argument(
         "--force",

@@ -105,9 +105,48 @@ JITTER = 0.06
 RADIUS = {"small": (0.085, 0.11), "large": (0.15, 0.18)}
 
 
+# The compositional zero-shot split. These 15 colour x shape combinations never appear before
+# evaluation: not in the training images or captions, not in the retrieval sets, not in the towers'
+# pretraining images, labels or captions. Every colour and every shape still appears (with two to
+# four other partners), so a model can only name "a red circle" by composing what it learnt of
+# "red" and of "circle". The zero-shot classes are exactly these combinations. Chosen as three
+# consecutive colours per shape (colour index + 3 x shape index mod 7 in {0, 1, 2}), so each shape
+# keeps four seen colours and each colour two or three seen shapes.
+HELD_OUT: frozenset[tuple[str, str]] = frozenset(
+    (colour, shape)
+    for i, colour in enumerate(COLOURS)
+    for j, shape in enumerate(SHAPES)
+    if (i + 3 * j) % len(COLOURS) in (0, 1, 2)
+)
+SEEN_KINDS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT)
+
+
 def class_ids() -> list[str]:
-    """All zero-shot class ids (``colour_shape``), sorted = class index order."""
-    return sorted(f"{colour}_{shape}" for colour in COLOURS for shape in SHAPES)
+    """The zero-shot class ids (``colour_shape``): the held-out combinations, sorted = class index order."""
+    return sorted(f"{colour}_{shape}" for colour, shape in HELD_OUT)
+
+
+def configuration(shape: dict, background: dict) -> tuple:
+    """What a shape in a scene is, at the level the generator chooses it: colour, kind, size, grid cell,
+    background tone (position jitter, exact colour and noise left out)."""
+    return (shape["colour"], shape["shape"], shape["size"], shape["row"], shape["col"], background["tone"])
+
+
+def overlap_counts(evaluation: list[dict], seen: list[dict]) -> dict[str, int]:
+    """How many evaluation scenes share a shape's colour x shape combination, or its whole
+    :func:`configuration`, with any shape of the ``seen`` scenes (pretraining or training).
+
+    For the zero-shot sets both counts are 0 by construction (:data:`HELD_OUT`); they are
+    counted, not assumed, so a generator change that leaks the label space shows here.
+    """
+    combos = {(s["colour"], s["shape"]) for scene in seen for s in scene["shapes"]}
+    configs = {configuration(s, scene["background"]) for scene in seen for s in scene["shapes"]}
+    return {
+        "combination": sum(any((s["colour"], s["shape"]) in combos for s in e["shapes"]) for e in evaluation),
+        "configuration": sum(
+            any(configuration(s, e["background"]) in configs for s in e["shapes"]) for e in evaluation
+        ),
+    }
 
 
 # --------------------------------------------------------------------------- scenes
@@ -175,9 +214,10 @@ def _cell_pairs(both_small: bool) -> list[tuple[tuple[int, int], tuple[int, int]
 
 
 def random_scene(rng: np.random.Generator, n_shapes: int) -> dict:
-    """A scene of ``n_shapes`` (1 or 2) random shapes; two shapes differ in colour or kind and never overlap."""
+    """A scene of ``n_shapes`` (1 or 2) random shapes of the seen combinations (never :data:`HELD_OUT`);
+    two shapes differ in colour or kind and never overlap."""
     cells = list(POSITIONS)
-    kinds = [(c, s) for c in COLOURS for s in SHAPES]
+    kinds = list(SEEN_KINDS)
     first = kinds[rng.integers(len(kinds))]
     if n_shapes == 1:
         shapes = [_random_shape(rng, *first, cells[rng.integers(len(cells))])]

@@ -18,12 +18,25 @@ LAYOUT: dict[str, str] = {
     "retrieval_ann": "retrieval.json",
     "retrieval_images": "images",
     "zeroshot_images": "zeroshot",
+    "val_retrieval_ann": "val_retrieval.json",
+    "val_retrieval_images": "images",
+    "val_zeroshot_images": "val_zeroshot",
     "tokenizer": "tokenizer",
     "manifest": "manifest.json",  # the demo generator's record of what it made
     "scenes": "scenes.json",  # the demo generator's scene parameters
 }
 #: the path fields of a run configuration that the layout fills in
-DATA_PATH_FIELDS = ("train_ann", "train_images", "retrieval_ann", "retrieval_images", "zeroshot_images", "tokenizer")
+DATA_PATH_FIELDS = (
+    "train_ann",
+    "train_images",
+    "retrieval_ann",
+    "retrieval_images",
+    "zeroshot_images",
+    "val_retrieval_ann",
+    "val_retrieval_images",
+    "val_zeroshot_images",
+    "tokenizer",
+)
 #: what a folder passed as ``data`` must hold before anything else is checked
 REQUIRED = ("train_ann", "train_images")
 

@@ -56,6 +56,9 @@ class RunConfig:
     retrieval_ann: str = ""
     retrieval_images: str = ""
     zeroshot_images: str = ""
+    val_retrieval_ann: str = ""  # the validation split: per-epoch evaluation and every selection read it
+    val_retrieval_images: str = ""
+    val_zeroshot_images: str = ""
     limit_train: int = 0  # 0 = all pairs; N = the first N (quick experiments)
     max_words: int = 30
     max_length: int = 30  # tokens
@@ -104,7 +107,8 @@ class RunConfig:
     # (same schedule; rerun with a later N, or 0, to continue it)
 
     # --- evaluation and bookkeeping
-    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    eval_every: int = 1  # epochs between validation evaluations (the last epoch is always evaluated)
+    evaluate_test: bool = True  # score the test sets once at the end; tuning trials never read them
     eval_batch_size: int = 256
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads; 0 = leave as is
@@ -147,9 +151,9 @@ PROFILE_LOSS_PARAMS: dict[str, dict[str, dict]] = {
 # on their own disjoint data (clipstudy.engine.pretrain: supervised image classes, masked
 # language modelling), then fine-tuned with ONE learning rate for every optimizer,
 # the paper's weight decay (0.02) and temperature (0.01), warm-up then cosine.
-# lr: chosen once by `python -m clipstudy choose-lr --profile demo` (the rate of
-# {1e-4, 3e-4, 1e-3, 3e-3} with the highest Average averaged over AdamW, SGD and Adam
-# with CLIP, seed 0; table in reports/demo/lr_search.csv).
+# lr: the shared protocol's rate, chosen by `python -m clipstudy tune --profile demo` on the
+# validation sets (the rate every optimizer tried with the best mean validation Average;
+# reports/demo/tuning.csv); the tuned protocol's per-optimizer rates come from the same table.
 # Text pooling: mean, because the first token of the MLM-pretrained tower starts
 # nearly collapsed (README, "Collapse diagnostics"). 32 px, no flip / RandAugment
 # (they would contradict the position and colour words of the captions). Small
@@ -178,11 +182,14 @@ DEMO: dict[str, Any] = dict(
     threads=0,
 )
 
-# Seconds, for tests: tiny encoders on a tiny demo set, random init (a test that
-# needs the pretrained towers sets pretrained=True and a tiny `pretrain`).
+# Seconds (about 10 s on a laptop CPU), for tests and a first try of the notebook: tiny
+# encoders, random init, at most the first 256 training pairs (32 steps on the demo set;
+# the tests' tiny sets are smaller). A test that needs the pretrained towers sets
+# pretrained=True and a tiny `pretrain`.
 SMOKE: dict[str, Any] = dict(
     DEMO,
     profile="smoke",
+    limit_train=256,
     small_resnet_widths=[8, 16, 32],
     text_dim=32,
     text_layers=1,

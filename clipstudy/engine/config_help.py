@@ -9,7 +9,8 @@ from __future__ import annotations
 
 FIELD_HELP: dict[str, str] = {
     # the cell
-    "profile": "built-in setting the other fields start from: paper, demo or smoke",
+    "profile": "built-in setting the other fields start from: paper (GPU hours), demo (minutes on a CPU) or smoke "
+    "(seconds: 256 training pairs)",
     "optimizer": "a registered optimizer name (`python -m clipstudy list` shows them with their default rates)",
     "label": "the optimizer's name in run folders and reports, e.g. adam-nol2; empty = the optimizer name",
     "loss": "a registered loss name (`python -m clipstudy list` shows them and which the default grid runs)",
@@ -20,10 +21,15 @@ FIELD_HELP: dict[str, str] = {
     "explicit paths below win",
     "train_ann": "training annotation JSON (list of image/caption/image_id); empty = DATA/train.json",
     "train_images": "folder the training image paths are relative to; empty = DATA/images",
-    "retrieval_ann": "retrieval annotation JSON (image + list of captions); empty = DATA/retrieval.json, "
+    "retrieval_ann": "test retrieval annotation JSON (image + list of captions); empty = DATA/retrieval.json, "
     "none without DATA",
     "retrieval_images": "folder the retrieval image paths are relative to; empty = DATA/images",
-    "zeroshot_images": "zero-shot ImageFolder root (one folder per class); empty = DATA/zeroshot, none without DATA",
+    "zeroshot_images": "test zero-shot ImageFolder root (one folder per class); empty = DATA/zeroshot, none "
+    "without DATA",
+    "val_retrieval_ann": "validation retrieval annotations (the retrieval format); empty = DATA/val_retrieval.json, "
+    "none without DATA",
+    "val_retrieval_images": "folder the validation retrieval image paths are relative to; empty = DATA/images",
+    "val_zeroshot_images": "validation zero-shot ImageFolder root; empty = DATA/val_zeroshot, none without DATA",
     "limit_train": "use only the first N training pairs; 0 = all",
     "max_words": "captions are cut to this many words",
     "max_length": "tokens per caption (longer ones are truncated)",
@@ -69,7 +75,8 @@ FIELD_HELP: dict[str, str] = {
     "amp": "mixed precision: auto (bf16/fp16 on CUDA, none on CPU), bf16, fp16 or none",
     "max_steps": "stop after this many optimizer steps; 0 = no limit",
     # evaluation and bookkeeping
-    "eval_every": "epochs between evaluations (the last epoch is always evaluated)",
+    "eval_every": "epochs between validation evaluations (the last epoch is always evaluated)",
+    "evaluate_test": "score the test sets once when the run ends; false for tuning trials (test files never read)",
     "eval_batch_size": "images or captions per evaluation batch",
     "device": "auto (CUDA if present), cpu, cuda or cuda:N",
     "threads": "torch CPU threads; 0 = leave torch's default",

@@ -28,6 +28,9 @@ import os
 from pathlib import Path
 
 from clipstudy.engine.config import PATH_FIELDS  # replaced in the fingerprint by the resolved paths
+from clipstudy.engine.splits import FIELDS as SPLIT_FIELDS
+from clipstudy.engine.splits import PREFIX as SPLIT_PREFIX
+from clipstudy.engine.splits import TEST, VALIDATION
 
 # Fields that do not change a run's numbers: where it runs and how fast, how often it logs, how many
 # checkpoints it keeps, TensorBoard logs, and where it stops (max_steps: the schedule is the full run's).
@@ -123,10 +126,14 @@ def data_fingerprint(config) -> dict:
         if manifest is not None:
             data["demo_manifest"] = manifest
     data["train_ann"] = file_digest(paths["train_ann"]) if paths["train_ann"] else ""
-    data["retrieval_ann"] = file_digest(paths["retrieval_ann"]) if paths["retrieval_ann"] else ""
-    if paths["zeroshot_images"]:
-        data["zeroshot_listing"] = folder_digest(paths["zeroshot_images"])
-        data["zeroshot_classnames"] = file_digest(Path(paths["zeroshot_images"]) / "classnames.json")
+    # the test sets only when the run scores them: a tuning trial never opens their files
+    for split in (TEST, VALIDATION) if config.evaluate_test else (VALIDATION,):
+        ann, _, zeroshot = SPLIT_FIELDS[split]
+        prefix = SPLIT_PREFIX[split]
+        data[f"{prefix}retrieval_ann"] = file_digest(paths[ann]) if paths[ann] else ""
+        if paths[zeroshot]:
+            data[f"{prefix}zeroshot_listing"] = folder_digest(paths[zeroshot])
+            data[f"{prefix}zeroshot_classnames"] = file_digest(Path(paths[zeroshot]) / "classnames.json")
     if paths["tokenizer"]:
         data["tokenizer"] = folder_digest(paths["tokenizer"], contents=True)
     return data

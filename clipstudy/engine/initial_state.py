@@ -12,7 +12,7 @@ from clipstudy.core import diagnostics
 from clipstudy.data.datasets import eval_transform, make_collate
 from clipstudy.engine.pretrain import load_pretrained_towers
 from clipstudy.engine.runstate import seed_everything
-from clipstudy.engine.train import build_datasets, build_model_for
+from clipstudy.engine.train import build_model_for, build_train_set
 
 
 @torch.no_grad()
@@ -22,7 +22,7 @@ def init_diagnostics(config, n: int = 64, progress: bool = False) -> dict[str, f
     Builds the model exactly as a run would (seed, towers, pretrained weights)
     and embeds the pairs with the evaluation transform.
     """
-    train_set, _, _ = build_datasets(config)
+    train_set = build_train_set(config)
     seed_everything(config.seed)
     model, tokenizer = build_model_for(config)
     load_pretrained_towers(model, config, progress=progress)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from clipstudy.data.layout import LAYOUT, REQUIRED
 from clipstudy.engine.config import RunConfig
+from clipstudy.engine.splits import FIELDS as SPLIT_FIELDS
+from clipstudy.engine.splits import TEST
 
 
 def demo_data_hint(folder: str | Path) -> str:
@@ -42,8 +44,9 @@ def require_data(config: RunConfig) -> None:
                 f"missing); {demo_data_hint(config.data)}, or pass --data DIR"
             )
     given = config.to_dict()
+    unread = set() if config.evaluate_test else set(SPLIT_FIELDS[TEST])  # a tuning trial never opens them
     for name, path in paths.items():
-        if not path or Path(path).exists():
+        if not path or name in unread or Path(path).exists():
             continue
         field = name if given.get(name) else "data"
         raise DataError(

@@ -12,11 +12,14 @@ corpus-pretrained DistilBERT. The demo does the same at its own scale:
   demo grammar.
 
 Both sets come from their own random streams (seed sequence
-``[seed, NAMESPACE, k]``, which make-demo-data never uses), and anything that
-coincides with the study's data is dropped and counted: an image whose
-pixels hash like any training, retrieval or zero-shot image, a caption equal
-(after the study's caption cleaning) to any training or retrieval caption or
-zero-shot prompt.
+``[seed, NAMESPACE, k]``, which make-demo-data never uses) and show only the
+seen colour x shape combinations: the zero-shot classes (``demo_scenes.HELD_OUT``)
+never appear in a pretraining image, label or caption. :func:`check_disjoint`
+counts the zero-shot scenes (validation and test) that share a combination or
+a whole configuration (colour, shape, size, grid cell, background tone) with a
+pretraining scene, records the counts with the towers, and refuses to pretrain
+if a combination is shared. A caption equal (after the study's cleaning) to any
+training or retrieval caption or zero-shot prompt is dropped and counted.
 
 The towers are cached by content in ``DATA/pretrained/<key>/`` where the key
 digests the generator version, the pretraining settings, the tower
@@ -42,9 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PRETRAIN_VERSION = 1
+PRETRAIN_VERSION = 2  # 2: the disjointness check at the level of scenes (zero-shot classes held out)
 NAMESPACE = 0x70726574  # "pret": separates these random streams from make-demo-data's
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 @dataclass(frozen=True)
@@ -78,39 +80,53 @@ def settings_from(config) -> PretrainSettings:
 
 
 # ------------------------------------------------------------------ the data
-def pixel_hash(image) -> str:
-    """SHA-256 of an image's RGB pixels and size (independent of the file encoding)."""
-    array = np.asarray(image.convert("RGB"))
-    return hashlib.sha256(repr(array.shape).encode() + array.tobytes()).hexdigest()
+def zeroshot_scenes(config) -> list[dict] | None:
+    """The scenes of the data set's zero-shot images, validation and test (``scenes.json`` of a demo set),
+    or None for a data set without scene records."""
+    from clipstudy.data.layout import layout
+
+    if not config.data:
+        return None
+    try:
+        scenes = json.loads(layout(config.data)["scenes"].read_text())
+    except (OSError, ValueError):
+        return None
+    return [scene for split in ("zeroshot", "val_zeroshot") for scene in scenes.get(split, [])]
 
 
-def study_image_hashes(config) -> set[str]:
-    """Pixel hashes of every training, retrieval and zero-shot image of the run's data."""
-    from PIL import Image
+def check_disjoint(evaluation: list[dict] | None, seen: list[dict]) -> dict[str, int] | None:
+    """Count the evaluation scenes that share a colour x shape combination (or a whole configuration)
+    with a pretraining scene; raise when any does: the towers would have seen a zero-shot class."""
+    from clipstudy.data.demo_scenes import overlap_counts
+    from clipstudy.engine.config import ConfigError
 
-    paths = config.resolved_paths()
-    folders = {Path(paths[k]) for k in ("train_images", "retrieval_images", "zeroshot_images") if paths[k]}
-    hashes = set()
-    for folder in folders:
-        for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                with Image.open(path) as image:
-                    hashes.add(pixel_hash(image))
-    return hashes
+    if evaluation is None:
+        return None
+    counts = overlap_counts(evaluation, seen)
+    if counts["combination"]:
+        raise ConfigError(
+            f"pretraining data would show {counts['combination']} zero-shot scene(s)' colour x shape class to the "
+            "towers before evaluation; the demo generator's held-out classes (demo_scenes.HELD_OUT) must not reach "
+            "pretraining: regenerate the data set with this version (make demo-data)"
+        )
+    return counts
 
 
 def study_captions(config) -> set[str]:
-    """Every training and retrieval caption and zero-shot prompt of the run's data, as the study cleans them."""
+    """Every training and retrieval caption and zero-shot prompt of the run's data (validation and test),
+    as the study cleans them."""
     from clipstudy.data.datasets import clean_caption
 
     paths = config.resolved_paths()
     texts = [e["caption"] for e in json.loads(Path(paths["train_ann"]).read_text())]
-    if paths["retrieval_ann"]:
-        texts += [c for e in json.loads(Path(paths["retrieval_ann"]).read_text()) for c in e["caption"]]
-    classnames = Path(paths["zeroshot_images"]) / "classnames.json" if paths["zeroshot_images"] else None
-    if classnames and classnames.is_file():
-        spec = json.loads(classnames.read_text())
-        texts += [t.format(name) for name in spec["classnames"].values() for t in spec["templates"]]
+    for ann in ("retrieval_ann", "val_retrieval_ann"):
+        if paths[ann] and Path(paths[ann]).is_file():
+            texts += [c for e in json.loads(Path(paths[ann]).read_text()) for c in e["caption"]]
+    for folder in ("zeroshot_images", "val_zeroshot_images"):
+        classnames = Path(paths[folder]) / "classnames.json" if paths[folder] else None
+        if classnames and classnames.is_file():
+            spec = json.loads(classnames.read_text())
+            texts += [t.format(name) for name in spec["classnames"].values() for t in spec["templates"]]
     return {clean_caption(t, config.max_words) for t in texts}
 
 
@@ -141,32 +157,26 @@ def scene_labels(scene: dict) -> list[int]:
     ]
 
 
-def pretraining_images(settings: PretrainSettings, image_size: int, exclude: set[str]):
-    """(images uint8 N x H x W x 3, labels N x 6, dropped): labelled single-shape scenes not in ``exclude``."""
+def pretraining_images(settings: PretrainSettings, image_size: int):
+    """(images uint8 N x H x W x 3, labels N x 6, scenes): labelled single-shape scenes of the seen colour x
+    shape combinations only (``random_scene`` never draws a held-out one; :func:`check_disjoint` counts)."""
     from clipstudy.data.demo_scenes import random_scene, render_scene
 
     rng = _stream(settings, 0)
-    images, labels, dropped = [], [], 0
-    while len(images) < settings.images:
-        if dropped > settings.images:
-            raise RuntimeError("pretraining images: too many coincide with the study's images")
-        scene = random_scene(rng, 1)
-        image = render_scene(scene, image_size)
-        if pixel_hash(image) in exclude:
-            dropped += 1
-            continue
-        images.append(np.asarray(image))
-        labels.append(scene_labels(scene))
-    return np.stack(images), np.array(labels, dtype=np.int64), dropped
+    scenes = [random_scene(rng, 1) for _ in range(settings.images)]
+    images = [np.asarray(render_scene(scene, image_size)) for scene in scenes]
+    labels = [scene_labels(scene) for scene in scenes]
+    return np.stack(images), np.array(labels, dtype=np.int64), scenes
 
 
 def pretraining_captions(settings: PretrainSettings, exclude: set[str], max_words: int = 30):
-    """(captions, dropped): captions of the demo grammar, cleaned as the study does, none in ``exclude``."""
+    """(captions, dropped, scenes): captions of the demo grammar (seen combinations only), cleaned as the
+    study does, none in ``exclude``; ``scenes`` are the scenes they describe."""
     from clipstudy.data.datasets import clean_caption
     from clipstudy.data.demo_scenes import PAIR_P, captions_for, random_scene
 
     rng = _stream(settings, 1)
-    captions, dropped = [], 0
+    captions, dropped, scenes = [], 0, []
     while len(captions) < settings.captions:
         if dropped > 10 * settings.captions:
             raise RuntimeError("pretraining captions: too many coincide with the study's captions")
@@ -176,7 +186,8 @@ def pretraining_captions(settings: PretrainSettings, exclude: set[str], max_word
             dropped += 1
             continue
         captions.append(caption)
-    return captions, dropped
+        scenes.append(scene)
+    return captions, dropped, scenes
 
 
 # ------------------------------------------------------------------ training
@@ -359,7 +370,13 @@ def _cached_towers(config, progress: bool) -> tuple[Path, dict, bytes]:
     with cell_lock(folder, wait=True):  # concurrent runs wait here for the one that builds
         entry = _valid(folder)
         if entry is None:
-            state, meta = build_towers(config, settings, progress)
+            try:
+                state, meta = build_towers(config, settings, progress)
+            except KeyboardInterrupt:  # no checkpoint inside pretraining: say what an interruption costs
+                raise KeyboardInterrupt(
+                    "interrupted while pretraining the demo towers, which keeps no checkpoint: the next run "
+                    f"pretrains them again from step 0 (once done, they are cached in {folder})"
+                ) from None
             buffer = io.BytesIO()
             torch.save(state, buffer)
             meta["sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
@@ -388,8 +405,11 @@ def _build_towers(config, settings: PretrainSettings, progress: bool) -> tuple[d
     from clipstudy.core.models import local_tokenizer
 
     started = time.perf_counter()
-    images, labels, dropped_images = pretraining_images(settings, config.image_size, study_image_hashes(config))
-    captions, dropped_captions = pretraining_captions(settings, study_captions(config), config.max_words)
+    images, labels, image_scenes = pretraining_images(settings, config.image_size)
+    captions, dropped_captions, caption_scenes = pretraining_captions(
+        settings, study_captions(config), config.max_words
+    )
+    overlap = check_disjoint(zeroshot_scenes(config), image_scenes + caption_scenes)
     tokenizer = local_tokenizer(config.resolved_paths()["tokenizer"])
     n_image_train, n_text_train = len(images) - len(images) // 10, len(captions) - len(captions) // 10
     total = settings.image_epochs * (n_image_train // settings.image_batch_size) + settings.text_epochs * (
@@ -409,7 +429,7 @@ def _build_towers(config, settings: PretrainSettings, progress: bool) -> tuple[d
         "settings": dataclasses.asdict(settings),
         "images": len(images),
         "captions": len(captions),
-        "dropped_images": dropped_images,
+        "zeroshot_overlap": overlap,  # zero-shot scenes sharing a class / a configuration with pretraining
         "dropped_captions": dropped_captions,
         "image_val_accuracy": image_accuracy,
         "text_val_masked_accuracy": text_accuracy,

@@ -6,7 +6,9 @@
   :func:`failure_metrics` (a run that failed), written by :func:`write_metrics`
   and read by :func:`read_metrics`, the only writer and reader.
 * :data:`HEADLINE`: the study's four headline scores, in report order.
-* Provenance: :func:`git_commit`, :func:`package_versions`, :func:`device_description`.
+* Provenance: :func:`git_commit`, :func:`package_versions`, :func:`device_description`;
+  a run's ``config.json`` and ``metrics.json`` record the same commit (the one it started with).
+* :func:`run_summary`: one line for a person (where the run is, how it ended, how long it took, its scores).
 * :class:`RunLog`: the training loop's ``history.csv`` (one row per logged
   step, :meth:`RunLog.log_step`) and ``epochs.csv`` (one row per evaluation,
   :meth:`RunLog.log_epoch`). Anything that should see every row (a TensorBoard
@@ -23,7 +25,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-from clipstudy import __version__
+from clipstudy import __version__, paths
 from clipstudy.engine.environment import lock_versions
 from clipstudy.fileio import atomic_write_text, write_json
 
@@ -32,7 +34,8 @@ FINISHED = (COMPLETED, DIVERGED)
 STATUSES = (COMPLETED, DIVERGED, FAILED, INTERRUPTED)
 
 # The study's headline scores (percent): text and image retrieval R@1, zero-shot top-1 and their mean.
-HEADLINE = ("txt_r1", "img_r1", "zeroshot_top1", "average")
+HEADLINE = ("txt_r1", "img_r1", "zeroshot_top1", "average")  # on the test sets, scored once at the end
+VALIDATION_HEADLINE = tuple(f"val_{name}" for name in HEADLINE)  # every epoch; what selection reads
 
 METRICS_FILE = "metrics.json"
 
@@ -54,6 +57,18 @@ def git_commit() -> str:
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+# The commit each run of this process recorded in config.json when it started (or resumed), by fingerprint
+# digest: its metrics.json records the same one, even if the working tree changes while it trains (a
+# notebook autosaved into the checkout turned "abc" into "abc-dirty" half-way).
+_STARTED_AT: dict[str, str] = {}
+
+
+def _started_with(fingerprint: dict) -> str:
+    """The commit of the code that runs now, remembered for the run with this fingerprint."""
+    commit = _STARTED_AT[fingerprint["digest"]] = git_commit()
+    return commit
 
 
 def package_versions() -> dict:
@@ -136,7 +151,7 @@ def run_metrics(
         "peak_memory_mb": peak_memory_mb,
         "skipped_images": skipped_images,
         "fingerprint": fingerprint,
-        "git_commit": git_commit(),
+        "git_commit": _STARTED_AT.get(fingerprint) or git_commit(),  # what config.json says
     }
 
 
@@ -155,6 +170,43 @@ def failure_metrics(
         "error": error,
         "git_commit": git_commit(),
     }
+
+
+HEADLINE_LABELS = {"txt_r1": "TR@1", "img_r1": "IR@1", "zeroshot_top1": "ACC@1", "average": "Average"}
+
+
+def run_summary(metrics: dict, run_dir: str | Path) -> str:
+    """``Run `reports/runs/smoke/adamw-clip-s0`: completed in 12 s (32 steps). Scores (%): TR@1 1.20, ...``"""
+    ended = metrics.get("status", "unknown")
+    if ended == DIVERGED:
+        ended += f" at step {metrics.get('diverged_at_step')}"
+    if metrics.get("wall_time_s") is not None:
+        ended += f" in {duration(metrics['wall_time_s'])}"
+    steps = f"{metrics['steps_completed']} of {metrics['steps_total']} steps" if "steps_total" in metrics else ""
+    scores = ", ".join(
+        f"{label} {metrics[key]:.2f}" for key, label in HEADLINE_LABELS.items() if metrics.get(key) is not None
+    )
+    return (
+        f"Run `{shown_path(run_dir)}`: {ended}"
+        + (f" ({steps})" if steps else "")
+        + (f". Scores (%): {scores}." if scores else ".")
+        + (f" Error: {metrics['error']}" if metrics.get("error") else "")
+    )
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``3.5 min``, ``2.1 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` relative to the project folder when it is inside it (shorter to read), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(paths.project_root()))
+    except (ValueError, paths.ProjectRootNotFound):
+        return str(path)
 
 
 def write_metrics(run_dir: str | Path, metrics: dict) -> None:
@@ -205,7 +257,7 @@ def progress_note(metrics: dict) -> str:
 # The columns every history.csv / epochs.csv has, so a log without rows yet (a run stopped
 # before its first evaluation) still has its header; rows may add more (loss extras, scores).
 HISTORY_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "data_time", "step_time")
-EPOCH_COLUMNS = ("epoch", "step", *HEADLINE, "eval_time")
+EPOCH_COLUMNS = ("epoch", "step", *VALIDATION_HEADLINE, "eval_time")
 
 
 def write_csv(path: Path, rows: list[dict], columns: tuple[str, ...] = ()) -> None:
@@ -266,7 +318,7 @@ def write_run_config(run_dir: Path, config, *, device, world_size: int, command:
             "config": config.to_dict(),
             "fingerprint": fingerprint,
             "out": str(run_dir),
-            "git_commit": git_commit(),
+            "git_commit": _started_with(fingerprint),
             "versions": package_versions(),
             "device": device_description(device),
             "world_size": world_size,
@@ -305,6 +357,12 @@ def record_resume(
         )
         record = json.loads(path.read_text())
     record.setdefault("resumes", []).append(
-        {"time": when, "git_commit": git_commit(), "device": str(device), "world_size": world_size, "command": command}
+        {
+            "time": when,
+            "git_commit": _started_with(fingerprint),
+            "device": str(device),
+            "world_size": world_size,
+            "command": command,
+        }
     )
     write_json(path, record)

@@ -43,6 +43,7 @@ from clipstudy.engine.fingerprint import fingerprint as fingerprint_of
 from clipstudy.engine.preflight import check_inputs
 from clipstudy.engine.pretrain import load_pretrained_towers
 from clipstudy.engine.runstate import StopRequest, already_complete, capture_state, resume, seed_everything
+from clipstudy.engine.splits import TEST, VALIDATION, EvalSets, build_eval_sets, score
 from clipstudy.engine.tensorboard_log import TensorBoardLog
 from clipstudy.fileio import CellBusy, cell_lock
 
@@ -64,8 +65,8 @@ class Run:
     scheduler: object
     scaler: object
     train_set: Dataset
-    retrieval_set: Dataset | None
-    zeroshot_set: Dataset | None
+    validation: EvalSets  # every evaluation during training
+    test: EvalSets  # once, at the end (empty when the configuration does not evaluate the test sets)
     steps_per_epoch: int
     total_steps: int  # optimizer steps of the whole run (the schedule's length)
     stop_step: int  # where this session stops: total_steps, or max_steps if earlier
@@ -104,43 +105,22 @@ def planned_steps(config: RunConfig, steps_per_epoch: int) -> tuple[int, int]:
     return total, (min(total, config.max_steps) if config.max_steps else total)
 
 
-def build_datasets(config: RunConfig):
-    from clipstudy.data.datasets import RetrievalSet, TrainPairs, require_readable_image, transforms_for
-    from clipstudy.data.zeroshot import ZeroShotSet
+def build_train_set(config: RunConfig):
+    from clipstudy.data.datasets import TrainPairs, require_readable_image, transforms_for
 
     paths = config.resolved_paths()
-    transforms = transforms_for(config)
     train_set = TrainPairs(
         paths["train_ann"],
         paths["train_images"],
-        transforms["train"],
+        transforms_for(config)["train"],
         max_words=config.max_words,
         cache_images=config.cache_images,
     )
+    # fail in seconds, not after the first epoch, when the whole set is unreadable
+    require_readable_image(train_set, "training", paths["train_ann"])
     if config.limit_train:
         train_set = torch.utils.data.Subset(train_set, range(min(config.limit_train, len(train_set))))
-    retrieval_set = zeroshot_set = None
-    if paths["retrieval_ann"]:
-        retrieval_set = RetrievalSet(
-            paths["retrieval_ann"],
-            paths["retrieval_images"],
-            transforms["retrieval"],
-            max_words=config.max_words,
-            cache_images=config.cache_images,
-        )
-    if paths["zeroshot_images"]:
-        zeroshot_set = ZeroShotSet(paths["zeroshot_images"], transforms["zeroshot"], cache_images=config.cache_images)
-    # fail in seconds, not after the first epoch, when a whole set is unreadable
-    require_readable_image(
-        train_set.dataset if isinstance(train_set, torch.utils.data.Subset) else train_set,
-        "training",
-        paths["train_ann"],
-    )
-    if retrieval_set is not None:
-        require_readable_image(retrieval_set, "retrieval", paths["retrieval_ann"])
-    if zeroshot_set is not None:
-        require_readable_image(zeroshot_set, "zero-shot", paths["zeroshot_images"])
-    return train_set, retrieval_set, zeroshot_set
+    return train_set
 
 
 def build_model_for(config: RunConfig):
@@ -184,7 +164,9 @@ def build_run(config: RunConfig, out: Path, rank: int = 0, world_size: int = 1) 
     if world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    train_set, retrieval_set, zeroshot_set = build_datasets(config)
+    train_set = build_train_set(config)
+    validation = build_eval_sets(config, VALIDATION)
+    test = build_eval_sets(config, TEST) if config.evaluate_test else EvalSets(TEST)
     if config.batch_size % world_size:
         raise ConfigError(
             f"config field 'batch_size'={config.batch_size}: must be divisible by the "
@@ -240,8 +222,8 @@ def build_run(config: RunConfig, out: Path, rank: int = 0, world_size: int = 1) 
         scheduler=scheduler,
         scaler=scaler,
         train_set=train_set,
-        retrieval_set=retrieval_set,
-        zeroshot_set=zeroshot_set,
+        validation=validation,
+        test=test,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         stop_step=stop_step,
@@ -269,23 +251,9 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def evaluate_run(run: Run) -> dict:
-    from clipstudy.engine.evaluate import evaluate_all
-
-    # Image reading uses the training loader's worker count: one process would bound every
-    # evaluation (MSCOCO 5k + ImageNet 50k images in the paper setting) by one core's decoding.
-    return evaluate_all(
-        unwrap_model(run.model),
-        run.tokenizer,
-        retrieval_set=run.retrieval_set,
-        zeroshot_set=run.zeroshot_set,
-        batch_size=run.config.eval_batch_size,
-        device=run.device,
-        max_length=run.config.max_length,
-        amp=run.amp_dtype,
-        progress=False,
-        num_workers=run.config.num_workers,
-    )
+def evaluate_run(run: Run, sets: EvalSets) -> dict:
+    """The scores of ``sets`` (validation or test) for the model as it is now, named with the split's prefix."""
+    return score(unwrap_model(run.model), run.tokenizer, sets, run.config, device=run.device, amp=run.amp_dtype)
 
 
 @dataclass
@@ -518,16 +486,17 @@ def end_of_epoch(run: Run, state: LoopState, log_rows: records.RunLog, progress:
 
     config = run.config
     last = state.epoch == config.epochs or state.global_step >= run.stop_step
-    if run.rank == 0 and (state.epoch % config.eval_every == 0 or last):
+    if run.rank == 0 and run.validation and (state.epoch % config.eval_every == 0 or last):
         t_eval = time.perf_counter()
-        metrics = evaluate_run(run)
+        metrics = evaluate_run(run, run.validation)
         epoch = state.epoch + state.batch_in_epoch / run.steps_per_epoch if state.batch_in_epoch else state.epoch
         log_rows.log_epoch(
             {"epoch": epoch, "step": state.global_step, **metrics, "eval_time": time.perf_counter() - t_eval}
         )
         if progress:
             tqdm.write(
-                f"epoch {epoch:g}: " + ", ".join(f"{k}={metrics[k]:.2f}" for k in records.HEADLINE if k in metrics),
+                f"epoch {epoch:g}: "
+                + ", ".join(f"{k}={metrics[k]:.2f}" for k in records.VALIDATION_HEADLINE if k in metrics),
                 file=sys.stderr,
             )
     if run.world_size > 1:
@@ -538,10 +507,15 @@ def end_of_epoch(run: Run, state: LoopState, log_rows: records.RunLog, progress:
 def finish(run: Run, state: LoopState, log_rows: records.RunLog, fingerprint: str) -> dict:
     """Write ``metrics.json`` of a run that completed (maybe cut by ``max_steps``) or diverged; return it."""
     epochs = log_rows.epochs
+    final_scores = {}
+    if state.status == records.COMPLETED:
+        final_scores = dict(epochs[-1]) if epochs else {}  # the last validation scores
+        if run.rank == 0 and run.test:  # the test sets, scored once, here
+            final_scores.update(evaluate_run(run, run.test))
     metrics = records.run_metrics(
         run.config,
         status=state.status,
-        final_scores=epochs[-1] if epochs and state.status == records.COMPLETED else {},
+        final_scores=final_scores,
         diverged_at_step=state.diverged_at,
         global_step=state.global_step,
         steps_total=run.total_steps,

@@ -2,11 +2,13 @@
 
 One subcommand per source, each writing under ``--out OUT`` (formats in :mod:`clipstudy.data.datasets`)::
 
-    cc3m           img2dataset output (``files`` or ``webdataset`` layout) -> OUT/train.json + OUT/images/cc3m/
-    coco-karpathy  Karpathy's dataset_coco.json, split "test"            -> OUT/retrieval.json + OUT/images/coco (link)
-    imagenet-val   flat ILSVRC2012_val_*.JPEG folder + labels            -> OUT/zeroshot/<wnid>/ (links)
+    cc3m                  img2dataset output (``files`` or ``webdataset`` layout) -> OUT/train.json + OUT/images/cc3m/
+    coco-karpathy         Karpathy's dataset_coco.json -> OUT/retrieval.json (test), OUT/val_retrieval.json (val)
+                          + OUT/images/coco (link)
+    imagenet-val          flat ILSVRC2012_val_*.JPEG folder + labels -> OUT/zeroshot/<wnid>/ (links; test)
+    imagenet-train-slice  ImageNet train folder -> OUT/val_zeroshot/<wnid>/ (links; N a class; validation)
 
-The names follow the demo layout, so one OUT prepared by all three is also a
+The names follow the demo layout (:mod:`clipstudy.data.layout`), so one OUT prepared by all four is also a
 ``--data OUT`` folder. Every subcommand reads each input once (progress bar on
 stderr), never writes into its inputs, counts what it skips with the reason,
 and ends by printing the configuration fields to pass on; with ``--json``
@@ -14,7 +16,7 @@ stdout holds exactly those fields as one JSON object. Rerunning on the same OUT
 redoes only what changed: outputs are compared by content (JSON text, link
 targets, digests of source and written images), not by existence.
 
-Exit status 0, or 2 with a one-line message naming the file and the fix.
+Exit status 0, or 2 with a one-line ``error: prepare-data SOURCE: ...`` naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import json
 import sys
 
+from clipstudy.arguments import CommandParser
 from clipstudy.data.prepare.common import Prepared, PrepareError
 
 
@@ -35,7 +38,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m clipstudy prepare-data", description="Convert downloaded data sets into the study's formats."
     )
     sources = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
@@ -50,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="resize so the longer side is at most this (JPEG); 0 = link/copy as downloaded",
     )
     cc3m.add_argument("--workers", type=int, default=0, help="decoding threads (default: CPU count)")
-    coco = sources.add_parser("coco-karpathy", help="Karpathy's dataset_coco.json -> retrieval set (test split)")
+    coco = sources.add_parser(
+        "coco-karpathy", help="Karpathy's dataset_coco.json -> retrieval sets (test split, val split for validation)"
+    )
     coco.add_argument("--src", required=True, help="dataset_coco.json")
     coco.add_argument("--images", required=True, help="COCO root holding val2014/")
     imagenet = sources.add_parser("imagenet-val", help="flat ILSVRC2012 val folder + labels -> ImageFolder")
@@ -59,7 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels", required=True, help="LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt"
     )
     imagenet.add_argument("--meta", help="devkit meta.mat (default: beside --labels)")
-    for sub in (cc3m, coco, imagenet):
+    train_slice = sources.add_parser(
+        "imagenet-train-slice", help="ImageNet train folder -> class-balanced zero-shot validation set"
+    )
+    train_slice.add_argument("--src", required=True, help="the extracted train/ folder (one n######## folder a class)")
+    train_slice.add_argument("--per-class", type=int, default=10, help="images per class (default 10: 10,000 images)")
+    train_slice.add_argument("--seed", type=int, default=0, help="seed of the choice within each class (default 0)")
+    for sub in (cc3m, coco, imagenet, train_slice):
         _add_common(sub)
     return parser
 
@@ -68,7 +79,7 @@ def run(args: argparse.Namespace) -> Prepared:
     # the converters are imported here, not at the top: `prepare-data --help` stays quick (no torch)
     from clipstudy.data.prepare.cc3m import prepare_cc3m
     from clipstudy.data.prepare.coco import prepare_coco_karpathy
-    from clipstudy.data.prepare.imagenet import prepare_imagenet_val
+    from clipstudy.data.prepare.imagenet import prepare_imagenet_train_slice, prepare_imagenet_val
 
     progress = not args.no_progress
     if args.source == "cc3m":
@@ -83,6 +94,8 @@ def run(args: argparse.Namespace) -> Prepared:
         )
     if args.source == "coco-karpathy":
         return prepare_coco_karpathy(args.src, args.images, args.out, progress=progress)
+    if args.source == "imagenet-train-slice":
+        return prepare_imagenet_train_slice(args.src, args.out, args.per_class, args.seed, progress=progress)
     return prepare_imagenet_val(args.src, args.labels, args.out, meta=args.meta, progress=progress)
 
 
@@ -100,9 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         result = run(args)
-    except PrepareError as error:
-        print(f"prepare-data {args.source}: {error}", file=sys.stderr)
-        return 2
+    except PrepareError as error:  # the dispatcher prints it as one `error:` line, exit 2
+        raise PrepareError(f"prepare-data {args.source}: {error}") from None
     print(format_summary(args.source, result), file=sys.stderr)
     if args.json:
         print(json.dumps(result.fields))

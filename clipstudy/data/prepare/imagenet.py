@@ -1,9 +1,11 @@
-"""ImageNet validation images + labels (LOC_val_solution.csv or the devkit) -> an ImageFolder of links."""
+"""ImageNet -> ImageFolders of links: the val images + labels (LOC_val_solution.csv or the devkit) as the
+zero-shot test set, a class-balanced slice of the train folder as the zero-shot validation set."""
 
 from __future__ import annotations
 
 import csv
 import os
+import random
 import re
 from pathlib import Path
 
@@ -122,6 +124,60 @@ def prepare_imagenet_val(
         "classes": len(known),
         "classes_with_images": len({link.parent.name for link in wanted}),
         "labels_without_image": missing,
+        "links_made": made,
+    }
+    return result
+
+
+TRAIN_NAME = re.compile(r"^(n\d{8})_\d+\.JPEG$", re.IGNORECASE)
+
+
+def prepare_imagenet_train_slice(
+    src: str | Path, out: str | Path, per_class: int = 10, seed: int = 0, progress: bool = True
+) -> Prepared:
+    """The zero-shot *validation* set: ``per_class`` images of every class from the ImageNet train folder
+    (``train/<wnid>/<wnid>_N.JPEG``, extracted), linked as ``OUT/val_zeroshot/<wnid>/``.
+
+    Class-balanced and disjoint from the test set (the val images) by construction; which images of a
+    class is a seeded choice over its sorted file names, so the slice repeats exactly. A folder is made
+    for every one of clipstudy's 1000 WordNet ids, as for the test set (same class order). A class with
+    fewer usable images than ``per_class`` keeps what it has, counted.
+    """
+    src, out = Path(src), Path(out).absolute()
+    require_path(
+        src, "ImageNet train folder", "pass the extracted train/ folder (one n######## folder per class)", folder=True
+    )
+    if per_class < 1:
+        raise PrepareError(f"--per-class {per_class}: give at least 1 image per class")
+    root = out / "val_zeroshot"
+    result = Prepared(fields={"val_zeroshot_images": str(root)})
+    rng = random.Random(seed)
+    wanted: dict[Path, Path] = {}
+    short = 0
+    for wnid in progress_bar(imagenet_wnids(), desc="imagenet-train-slice", unit="class", progress=progress):
+        folder = src / wnid
+        if not folder.is_dir():
+            result.skip("class folder missing in the train folder", wnid)
+            continue
+        names = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.stat().st_size > 0)
+        usable = [n for n in names if TRAIN_NAME.match(n) and n.startswith(wnid)]
+        for name in set(names) - set(usable):
+            result.skip("not a <wnid>_N.JPEG file of its class", f"{wnid}/{name}")
+        chosen = sorted(rng.sample(usable, min(per_class, len(usable))))
+        short += len(chosen) < per_class
+        wanted.update({root / wnid / name: folder.absolute() / name for name in chosen})
+    if not wanted:
+        raise PrepareError(f"{src}: no class folder with images; pass the extracted ImageNet train/ folder")
+    for wnid in imagenet_wnids():
+        (root / wnid).mkdir(parents=True, exist_ok=True)
+    for old in root.glob("*/*"):
+        if old.is_symlink() and old not in wanted:
+            old.unlink()
+    made = sum(ensure_link(link, target) for link, target in wanted.items())
+    result.counts = {
+        "images": len(wanted),
+        "classes_with_images": len({link.parent.name for link in wanted}),
+        "classes_short_of_per_class": short,
         "links_made": made,
     }
     return result

@@ -1,0 +1,166 @@
+"""`tune`: equal budgets, bracketing, choices on validation only, and a tuning run that never opens the test sets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+
+import pandas as pd
+import pytest
+
+from clipstudy.core.optim import OPTIMIZERS
+from clipstudy.engine.config import ConfigError
+from clipstudy.study import tune
+
+
+def test_the_grid_is_the_half_decade_lattice_with_both_ends():
+    assert tune.lr_grid(1e-4, 1e-2) == [1e-4, 3.162e-4, 1e-3, 3.162e-3, 1e-2]
+    assert tune.lr_grid(1e-3, 1e-1) == [1e-3, 3.162e-3, 1e-2, 3.162e-2, 1e-1]
+    assert tune.lr_grid(1e-3, 1e-3) == [1e-3]
+    with pytest.raises(ValueError, match="low <= high"):
+        tune.lr_grid(1e-2, 1e-3)
+
+
+def test_extend_steps_past_the_end_where_the_best_is():
+    grid = [1e-4, 3.162e-4, 1e-3]
+    assert tune.extend(grid, 1e-3) == 3.162e-3  # best at the top: one half-decade higher
+    assert tune.extend(grid, 1e-4) == 3.162e-5  # best at the bottom: one lower
+    assert tune.extend(grid, 3.162e-4) is None  # inside: bracketed
+    assert tune.extend([3.162, 10.0], 10.0) is None  # the upper limit (10) is not passed
+    # two extensions land on the lattice again, where other optimizers' grids are
+    assert tune.extend([3.162e-3, 1e-2], 1e-2) == 3.162e-2 and tune.extend([3.162e-2], 3.162e-2) == 0.1
+
+
+def trials(rows):
+    columns = ["group", "lr", "weight_decay", "status", "val_average"]
+    return pd.DataFrame([dict(zip(columns, row)) for row in rows])
+
+
+def test_scores_average_over_trials_and_a_broken_trial_disqualifies_its_rate():
+    table = trials(
+        [
+            ("adamw", 1e-3, 0.02, "completed", 50.0),
+            ("adamw", 1e-3, 0.02, "completed", 54.0),  # mean 52
+            ("adamw", 3.162e-3, 0.02, "completed", 60.0),
+            ("adamw", 3.162e-3, 0.02, "diverged", None),  # one diverged seed: -inf
+            ("sgd", 1e-3, 0.02, "completed", 40.0),
+            ("sgd", 1e-2, 0.02, "completed", 40.0),  # a tie: the smaller rate wins
+        ]
+    )
+    scores = tune.group_scores(table).set_index(["group", "lr"])["score"]
+    assert scores[("adamw", 1e-3)] == 52.0 and scores[("adamw", 3.162e-3)] == -math.inf
+    best = tune.best_settings(tune.group_scores(table)).set_index("group")["lr"]
+    assert best.to_dict() == {"adamw": 1e-3, "sgd": 1e-3}
+
+
+def test_the_shared_rate_is_the_best_mean_among_rates_every_optimizer_tried():
+    table = trials(
+        [
+            ("adamw", 1e-4, 0.02, "completed", 70.0),  # only adamw tried it: not a candidate
+            ("adamw", 1e-3, 0.02, "completed", 60.0),
+            ("adamw", 1e-2, 0.02, "completed", 40.0),
+            ("sgd", 1e-3, 0.02, "completed", 20.0),  # mean at 1e-3: 40
+            ("sgd", 1e-2, 0.02, "completed", 50.0),  # mean at 1e-2: 45
+        ]
+    )
+    assert tune.shared_rate(tune.group_scores(table), ["adamw", "sgd"]) == 1e-2
+    assert tune.shared_rate(tune.group_scores(table), ["adamw", "sgd", "adam"]) is None
+
+
+def fake_sweep(peaks: dict[str, float], calls: list):
+    """A stand-in for the sweep: a trial's validation Average peaks at its optimizer's rate in ``peaks``."""
+
+    def run_sweep(cells, jobs=1, progress=True):
+        calls.append(len(cells))
+        out = {}
+        for cell in cells:
+            distance = abs(math.log10(cell.config.lr) - math.log10(peaks[cell.config.optimizer]))
+            out[cell.name] = {"status": "completed", "val_average": 80.0 - 20.0 * distance}
+        return out
+
+    return run_sweep
+
+
+def test_tune_extends_each_grid_until_its_best_is_bracketed_with_equal_base_budgets(monkeypatch, tmp_path):
+    from clipstudy.study import sweep
+
+    calls = []
+    # adamw peaks inside its grid; sgd one decade above the top of its grid; adam far below its grid
+    monkeypatch.setattr(sweep, "run_sweep", fake_sweep({"adamw": 1e-3, "sgd": 1.0, "adam": 1e-7}, calls))
+    table, summary = tune.tune(
+        "smoke",
+        ["adamw", "sgd", "adam"],
+        ["clip"],
+        overrides={"data": str(tmp_path)},
+        runs_root=tmp_path / "runs",
+        max_extensions=2,
+        progress=False,
+    )
+    groups = summary["groups"]
+    assert {g: row["base_budget"] for g, row in groups.items()} == {"adamw": 5, "sgd": 5, "adam": 5}
+    assert groups["adamw"] == {**groups["adamw"], "lr": 1e-3, "trials": 5, "bracketed": True}
+    # sgd: 0.1 was the top; two extensions reach 1.0, the peak, still at the top edge: not bracketed, said so
+    assert groups["sgd"]["trials"] == 7 and groups["sgd"]["lr"] == 1.0 and not groups["sgd"]["bracketed"]
+    assert groups["adam"]["trials"] == 7 and groups["adam"]["lr"] == 1e-5 and not groups["adam"]["bracketed"]
+    assert calls == [15, 17, 19]  # every round replans every trial; finished ones cost nothing (cached runs)
+    assert table.loc[table["tuned"], "lr"].tolist() == [1e-3, 1.0, 1e-5]
+    # the shared rate: among 1e-3 ... 1e-2 (tried by all three), the best mean over the optimizers
+    means = {
+        lr: (80 - 20 * abs(math.log10(lr / 1e-3)) + 80 - 20 * abs(math.log10(lr)) + 80 - 20 * (math.log10(lr) + 7)) / 3
+        for lr in (1e-3, 3.162e-3, 1e-2)
+    }
+    assert summary["shared_lr"] == max(means, key=means.get)
+    assert set(table["seed"]) == {tune.TUNING_SEED}
+
+
+def test_tuning_seeds_stay_apart_from_reporting_seeds(tmp_path):
+    with pytest.raises(ConfigError, match="start at 1000"):
+        tune.tune("smoke", ["adamw"], ["clip"], seeds=(0,), runs_root=tmp_path, progress=False)
+
+
+def test_rates_from_reads_the_choices_and_refuses_other_files(tmp_path):
+    table = pd.DataFrame(
+        [
+            {"group": "adamw", "lr": 1e-3, "tuned": True, "shared": True},
+            {"group": "adamw", "lr": 1e-2, "tuned": False, "shared": False},
+            {"group": "sgd", "lr": 1e-3, "tuned": False, "shared": True},
+            {"group": "sgd", "lr": 1e-1, "tuned": True, "shared": False},
+        ]
+    )
+    tune.write_table(table, tmp_path / "tuning.csv")
+    assert tune.rates_from(tmp_path / "tuning.csv", "tuned") == {"adamw": 1e-3, "sgd": 1e-1}
+    assert tune.rates_from(tmp_path / "tuning.csv", "shared") == {"*": 1e-3}
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ConfigError, match="not a tuning table"):
+        tune.rates_from(tmp_path / "other.csv", "tuned")
+    with pytest.raises(ConfigError, match="cannot read"):
+        tune.rates_from(tmp_path / "missing.csv", "tuned")
+
+
+def test_a_real_tuning_run_never_opens_the_test_sets(demo_data_dir, tmp_path, monkeypatch, capsys):
+    """The test files are deleted before tuning: a trial that opened them (to fingerprint, check, build or
+    score them) would fail. The same data then fails a final run, which must score them."""
+    from clipstudy.__main__ import main
+
+    data = shutil.copytree(demo_data_dir, tmp_path / "data")
+    (data / "retrieval.json").unlink()
+    (data / "retrieval.json").mkdir()  # opening it fails (a folder), so does any check that it is a file
+    shutil.rmtree(data / "zeroshot")
+    spec = OPTIMIZERS["adamw"]
+    monkeypatch.setitem(OPTIMIZERS, "adamw", dataclasses.replace(spec, search_lr=(1e-3, 3.162e-3)))
+    argv = ["tune", "--profile", "smoke", "--data", str(data), "--optimizers", "adamw", "--max-extensions", "0"]
+    argv += ["--set", "max_steps=2", "--set", "epochs=1", "--runs", str(tmp_path / "runs")]
+    assert main([*argv, "--out", str(tmp_path / "tuning.csv")]) == 0, capsys.readouterr().err
+    table = pd.read_csv(tmp_path / "tuning.csv")
+    assert table["status"].tolist() == ["completed", "completed"] and table["val_average"].notna().all()
+    for run in table["run_dir"]:
+        metrics = json.loads((tmp_path / "runs" / run.split("/")[-1] / "metrics.json").read_text())
+        assert "val_average" in metrics and "average" not in metrics  # validation scores only
+        recorded = json.loads((tmp_path / "runs" / run.split("/")[-1] / "config.json").read_text())["fingerprint"]
+        assert {"val_retrieval_ann", "val_zeroshot_listing"} <= set(recorded["data"])
+        assert not {"retrieval_ann", "zeroshot_listing", "zeroshot_classnames"} & set(recorded["data"])
+    assert table["tuned"].sum() == 1 and table["shared"].sum() == 1
+    final = ["train", "--profile", "smoke", "--data", str(data), "--max_steps", "2", "--out", str(tmp_path / "f")]
+    assert main(final) == 2 and f"{data / 'zeroshot'} not found" in capsys.readouterr().err
