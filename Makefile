@@ -97,8 +97,20 @@ gpu-check: setup
 tensorboard: setup
 	$(VENV)/bin/tensorboard --logdir reports/runs --port $(TB_PORT)
 
+# JupyterLab on your working copies of the notebooks in LAB_DIR (made from notebooks/ when missing; the folder
+# ignores itself, so editing them leaves the checkout clean and runs record a clean git_commit). LAB_ARGS go
+# to jupyter lab, e.g. on a remote machine: make lab LAB_ARGS="--no-browser --ip 0.0.0.0 --port 8890".
+# As root (containers, GPU boxes) --allow-root is added. docs/jupyterlab.md.
+LAB_DIR ?= notebooks/work
+LAB_ARGS ?=
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	@mkdir -p $(LAB_DIR) && { [ -f $(LAB_DIR)/.gitignore ] || echo '*' > $(LAB_DIR)/.gitignore; }
+	@for tracked in notebooks/*.ipynb; do copy=$(LAB_DIR)/$$(basename $$tracked); \
+	  if [ ! -f $$copy ]; then cp $$tracked $$copy && echo "made $$copy from $$tracked"; \
+	  elif [ $$tracked -nt $$copy ]; then echo "note: $$tracked changed after your $$copy was made (delete yours to get it)"; fi; \
+	done
+	@echo "JupyterLab on $(LAB_DIR)/: your working copies of the notebooks, outside git (docs/jupyterlab.md)"
+	$(VENV)/bin/jupyter lab --notebook-dir=$(LAB_DIR) $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
 # Build and cache files only: runs (possibly GPU-hours) are never removed here.
 clean:

@@ -165,3 +165,13 @@ def test_legacy_randaugment_field_is_migrated(tmp_path):
 def test_new_choices_are_validated(field, value):
     with pytest.raises(ConfigError, match=field):
         make_config("paper", **{field: value})
+
+
+def test_the_smoke_profile_is_a_few_dozen_steps_on_the_demo_set():
+    """Seconds from the notebook as from the tests: on a demo set of the default size (4000 pairs) the smoke
+    profile trains on its first pairs only (timed from the notebook in test_notebooks.py)."""
+    from clipstudy.data.demo import DEFAULTS
+
+    config = make_config("smoke")
+    pairs = min(config.limit_train or DEFAULTS["train_size"], DEFAULTS["train_size"])
+    assert pairs // config.batch_size * config.epochs <= 40

@@ -428,3 +428,14 @@ def fetch_weights(
             tokenizer.save_pretrained(out / "distilbert")
             done.append(str(out / "distilbert"))
     return done
+
+
+# Where fetch_weights downloads from: timm's ResNet-50 and DistilBERT from the Hugging Face hub, the
+# torchvision ResNet-50 from PyTorch's server.
+HUB_HOST, TORCHVISION_HOST = "huggingface.co", "download.pytorch.org"
+
+
+def download_hosts(image_weights: str | None, distilbert: bool) -> list[str]:
+    """The hosts :func:`fetch_weights` contacts for these weights."""
+    hosts = {"timm-a1": [HUB_HOST], "torchvision": [TORCHVISION_HOST]}.get(image_weights or "", [])
+    return list(dict.fromkeys(hosts + ([HUB_HOST] if distilbert else [])))

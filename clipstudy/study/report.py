@@ -19,6 +19,7 @@ from clipstudy import paths
 from clipstudy.core.diagnostics import COLLAPSED_COS
 from clipstudy.core.metrics import chance_levels
 from clipstudy.data.layout import resolve_paths
+from clipstudy.errors import StartupError
 from clipstudy.study.results import LOSS_NAMES, OPTIMIZER_NAMES, RESULT_COLUMNS, cell_summary, order_key
 
 
@@ -378,6 +379,51 @@ def _status_conclusions(df: pd.DataFrame) -> list[str]:
 
 def _cell_name(r) -> str:
     return f"{OPTIMIZER_NAMES.get(r.optimizer, r.optimizer)} + {LOSS_NAMES.get(r.loss, r.loss)}"
+
+
+# ---------------------------------------------------- what the analysis notebook reads and writes
+class NothingToReport(StartupError):
+    """A runs folder without any run record: there is nothing to report, and nothing is written."""
+
+    def _render_traceback_(self) -> list[str]:  # what IPython shows instead of a traceback: one line
+        return [str(self)]
+
+
+def runs_to_report(profile: str, runs: str | Path = "") -> Path:
+    """The runs folder to report (``runs``, else the profile's); :class:`NothingToReport` when it holds no run."""
+    folder = Path(runs) if runs else paths.runs_dir(profile)
+    if not folder.is_dir() or not any(folder.glob("*/metrics.json")):
+        raise NothingToReport(
+            f"nothing to report: {folder} holds no runs (no */metrics.json); train one with notebooks/train.ipynb "
+            f"or run `make sweep PROFILE={profile}`{' (or `make demo`)' if profile == 'demo' else ''}, or set "
+            f"`runs` to a runs folder. Nothing was written: reports/{profile}/ is as it was."
+        )
+    return folder
+
+
+def save(out_dir: str | Path, name: str, content: pd.DataFrame | str) -> Path | None:
+    """Write a table (as CSV) or a text to ``out_dir/name``; nothing when ``out_dir`` is empty: the notebook
+    opened by hand never writes over the committed results, ``report`` (:func:`render`) passes the folder."""
+    if not out_dir:
+        return None
+    path = Path(out_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, pd.DataFrame):
+        content.to_csv(path, index=False)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+def overview(profile: str, df: pd.DataFrame, out_dir: str | Path = "") -> str:
+    """The report's first line: runs, cells, seeds and statuses (and, opened by hand, that it writes nothing)."""
+    statuses = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
+    seeds = sorted(int(s) for s in df["seed"].dropna().unique())
+    where = "" if out_dir else f" Shown only: `python -m clipstudy report --profile {profile}` writes the tables."
+    return (
+        f"**Profile `{profile}`**: {len(df)} runs in {df.groupby(['optimizer', 'loss']).ngroups} optimizer x loss "
+        f"cells, seeds {seeds}; statuses: {statuses}.{where}"
+    )
 
 
 # ------------------------------------------------------------------ rendering
