@@ -11,12 +11,13 @@ JOBS ?= 1
 DEMO_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 DEMO_DATA ?= data/demo
 SWEEP_ARGS ?=
+STUDY_ARGS ?=
 LOCK_ARGS ?=
 # where sweep cells run: inline (this process), local (submitit subprocesses) or slurm (one job array)
 EXECUTOR ?= inline
 TB_PORT ?= 6006
 
-.PHONY: setup lock lint format test test-faults test-mutation-resume mutation coverage demo demo-data sweep report bench gpu-check tensorboard lab clean clean-runs
+.PHONY: setup lock lint format test test-faults test-mutation-resume mutation coverage demo demo-data study sweep report bench gpu-check tensorboard lab clean clean-runs
 
 setup: $(STAMP)
 
@@ -75,10 +76,16 @@ coverage: setup
 demo-data: setup
 	$(PY) -m clipstudy make-demo-data --out $(DEMO_DATA)
 
-# The whole study at small scale on the embedded benchmark: data, 15 cells, report.
+# The demo in minutes on 2 cores: the data, then the 15 cells of the tuned protocol for one seed at the
+# committed tuned rates (reports/demo/tuning.csv, made by `make study`); report in reports/demo-quick/.
 demo: demo-data
-	$(PY) -m clipstudy sweep --profile demo --data $(DEMO_DATA) --jobs $(DEMO_JOBS) $(SWEEP_ARGS)
-	$(PY) -m clipstudy report --profile demo
+	$(PY) -m clipstudy study --profile demo --data $(DEMO_DATA) --seeds 0 --protocols tuned \
+	  --tuning-from reports/demo/tuning.csv --out reports/demo-quick --jobs $(DEMO_JOBS) $(STUDY_ARGS)
+
+# The fair demo study (under an hour on 2 cores): every optimizer tuned on the validation sets with the same
+# budget, the shared and the tuned protocol on 5 fresh seeds, the report in reports/demo/ (committed).
+study: demo-data
+	$(PY) -m clipstudy study --profile demo --data $(DEMO_DATA) --jobs $(DEMO_JOBS) $(STUDY_ARGS)
 
 sweep: setup
 	$(PY) -m clipstudy sweep --profile $(PROFILE) --jobs $(JOBS) --executor $(EXECUTOR) $(SWEEP_ARGS)

@@ -39,6 +39,7 @@ COMMANDS = {
     "list": ("clipstudy.cli.commands", "list_main", "the registered losses and optimizers"),
     "sweep": ("clipstudy.study.sweep", "main", "run the optimizer x loss grid through papermill"),
     "tune": ("clipstudy.study.tune", "main", "equal-budget learning-rate search per optimizer, on validation"),
+    "study": ("clipstudy.study.protocols", "main", "the fair benchmark: tune, shared and tuned protocols, report"),
     "report": ("clipstudy.cli.commands", "report_main", "render the analysis notebook to HTML"),
 }
 

@@ -32,6 +32,7 @@ def bad_values(tmp) -> dict[str, list[str]]:
         "evaluate": ["--run", missing],
         "sweep": ["--profile", "smoke", "--set", "no_such_field=1", "--dry-run"],
         "tune": ["--seeds", "5"],  # a reporting seed: tuning seeds start at 1000
+        "study": ["--seeds", "1000"],  # a tuning seed: reporting seeds stay below 1000
         "report": ["--runs", missing],
         "check-data": ["--data", missing],
         "make-demo-data": ["--out", str(tmp / "demo"), "--train-size", "0"],

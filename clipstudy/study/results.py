@@ -24,7 +24,11 @@ METRIC_NAMES = {"txt_r1": "TR@1", "img_r1": "IR@1", "zeroshot_top1": "ACC@1", "a
 # Display names, read from the registries and the named variants; a label not named there shows itself.
 OPTIMIZER_NAMES = optimizer_display_names()
 LOSS_NAMES = {name: LOSSES[name].display_name for name in losses_in_order()}
+# The protocols of a fair study (clipstudy.study.protocols), each a folder of the runs folder.
+PROTOCOLS = ("shared", "tuned")
+VALIDATION_METRICS = list(records.VALIDATION_HEADLINE)
 RESULT_COLUMNS = [
+    "protocol",
     "optimizer",
     "base_optimizer",
     "loss",
@@ -34,6 +38,7 @@ RESULT_COLUMNS = [
     "img_r1",
     "zeroshot_top1",
     "average",
+    *VALIDATION_METRICS,
     "txt_r5",
     "txt_r10",
     "img_r5",
@@ -51,15 +56,19 @@ RESULT_COLUMNS = [
     "error",
     "run_dir",
 ]
-TEXT_COLUMNS = ("optimizer", "base_optimizer", "loss", "status", "error", "run_dir")
+TEXT_COLUMNS = ("protocol", "optimizer", "base_optimizer", "loss", "status", "error", "run_dir")
 
 
 def collect_runs(runs_root: str | Path) -> pd.DataFrame:
-    """One row per run directory under ``runs_root`` that has a ``metrics.json``."""
+    """One row per run directory under ``runs_root`` that has a ``metrics.json``: the runs directly in it
+    (``protocol`` empty) and those of each protocol folder (``runs_root/shared``, ``runs_root/tuned``)."""
     rows = []
-    for metrics_file in sorted(Path(runs_root).glob(f"*/{records.METRICS_FILE}")):
+    found = [("", path) for path in sorted(Path(runs_root).glob(f"*/{records.METRICS_FILE}"))]
+    found += [(p, path) for p in PROTOCOLS for path in sorted(Path(runs_root).glob(f"{p}/*/{records.METRICS_FILE}"))]
+    for protocol, metrics_file in found:
         m = records.read_metrics(metrics_file.parent) or {}
         row = {col: m.get(col) for col in RESULT_COLUMNS}
+        row["protocol"] = protocol
         row["run_dir"] = str(metrics_file.parent)
         if row["optimizer"] is None or row["loss"] is None:  # fall back to the directory name
             parts = metrics_file.parent.name.rsplit("-", 2)
@@ -76,7 +85,7 @@ def collect_runs(runs_root: str | Path) -> pd.DataFrame:
         if col not in TEXT_COLUMNS:
             df[col] = pd.to_numeric(df[col], errors="coerce")
     df["seed"] = df["seed"].astype("Int64")
-    return df.sort_values(["optimizer", "loss", "seed"], key=order_key).reset_index(drop=True)
+    return df.sort_values(["protocol", "optimizer", "loss", "seed"], key=order_key).reset_index(drop=True)
 
 
 def _history_summary(run_dir: Path) -> dict[str, float]:
