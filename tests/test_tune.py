@@ -164,3 +164,19 @@ def test_a_real_tuning_run_never_opens_the_test_sets(demo_data_dir, tmp_path, mo
     assert table["tuned"].sum() == 1 and table["shared"].sum() == 1
     final = ["train", "--profile", "smoke", "--data", str(data), "--max_steps", "2", "--out", str(tmp_path / "f")]
     assert main(final) == 2 and f"{data / 'zeroshot'} not found" in capsys.readouterr().err
+
+
+def test_with_a_rate_per_loss_the_shared_rate_is_chosen_with_clip():
+    table = trials(
+        [
+            ("adamw:clip", 1e-3, 0.02, "completed", 60.0),
+            ("adamw:clip", 1e-2, 0.02, "completed", 50.0),
+            ("sgd:clip", 1e-3, 0.02, "completed", 40.0),
+            ("sgd:clip", 1e-2, 0.02, "completed", 45.0),  # CLIP: mean 50 at 1e-3, 47.5 at 1e-2
+            ("sgd:sogclr", 1e-3, 0.02, "completed", 5.0),
+            ("sgd:sogclr", 1e-2, 0.02, "completed", 90.0),  # would move the choice if SogCLR counted
+        ]
+    )
+    assert tune.shared_rate(tune.group_scores(table), ["adamw", "sgd"]) == 1e-3
+    best = tune.best_settings(tune.group_scores(table)).set_index("group")["lr"]
+    assert best["sgd:sogclr"] == 1e-2 and best["sgd:clip"] == 1e-2

@@ -32,11 +32,18 @@ its operations). :class:`AlbefRandomAugment` reproduces its rules:
   original's affine matrix has no centre term); rotations are about the centre.
 
 Randomness comes from torch's global generator, which the training loop seeds
-per sample, so runs are repeatable. Differences from the original, all below
-one pixel or one grey level: rotation about the exact centre (the original's
-cv2 centre is half a pixel off), the shear's and translation's direction
-under a given sign (irrelevant, the sign is random), and Pillow's rounding
-in Brightness/Sharpness.
+per sample, so runs are repeatable. Differences from the original:
+
+* below one pixel or one grey level: rotation about the exact centre (the
+  original's cv2 centre is half a pixel off), the shear's and translation's
+  direction under a given sign (irrelevant, the sign is random), and Pillow's
+  rounding in Brightness;
+* a deliberate correction, not below one grey level: the original's Sharpness
+  casts the filtered image to uint8 *without clipping*, so a value above 255
+  wraps around to a dark one (and below 0 to a bright one) at bright or dark
+  edges. Here Sharpness is torchvision's ``adjust_sharpness``, which clips to
+  [0, 255]; the wrap is an overflow bug, not an augmentation, and is not
+  reproduced (docs/protocol.md lists it with the other corrections).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ One command runs what a fair comparison of optimizers needs (docs/protocol.md,
    * ``shared``: one learning rate for every optimizer (the original study's
      protocol), the rate every optimizer tried with the best mean validation
      Average;
-   * ``tuned``: each optimizer at its own best rate, the same budget each.
+   * ``tuned``: each optimizer x loss at its own best rate, the same budget
+     each (``--per-optimizer``: one rate per optimizer).
 
    A ``tuned`` cell whose rate equals the shared one is the same run: it is
    linked, not trained twice.
@@ -147,8 +148,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--profile", default="demo")
     parser.add_argument("--data", default=None, help="data folder (sets the `data` field)")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="reporting seeds (default 0-4; never tuning seeds)")
-    parser.add_argument("--tuning-losses", default="clip", help="losses the rates are tuned on (default clip)")
-    parser.add_argument("--per-loss", action="store_true", help="tune one rate per optimizer x loss")
+    parser.add_argument(
+        "--tuning-losses", default="", help="losses the rates are tuned on (default: every loss of the grid)"
+    )
+    parser.add_argument(
+        "--per-optimizer",
+        action="store_true",
+        help="tune one rate per optimizer over the tuning losses (default: one per optimizer x loss)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="cells at a time (one torch thread each when > 1)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a field for every run")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma list of shared, tuned (default both)")
@@ -160,6 +167,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default=None, help="report folder (default reports/<profile>)")
     parser.add_argument("--no-report", action="store_true", help="run everything, render no report")
     args = parser.parse_args(argv)
+    from clipstudy.core.losses import default_grid_losses
+
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
@@ -179,8 +188,8 @@ def main(argv: list[str]) -> int:
         seeds=seeds,
         data=args.data,
         jobs=args.jobs,
-        tuning_losses=[x for x in args.tuning_losses.split(",") if x],
-        per_loss=args.per_loss,
+        tuning_losses=[x for x in args.tuning_losses.split(",") if x] or default_grid_losses(),
+        per_loss=not args.per_optimizer,
         overrides=overrides,
         protocols=protocols,
         tuning_from=args.tuning_from,

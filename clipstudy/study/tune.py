@@ -16,8 +16,9 @@ tuning, DeepOBS, Dodge et al. 2019):
   ``--max-extensions`` is reached, which the table says;
 * groups are optimizers (``tuned`` protocol, one rate per optimizer over the
   losses tuned on) or optimizer x loss (``--per-loss``); the ``shared`` rate is
-  the one of the rates every optimizer tried with the best mean over optimizers
-  (the original study's protocol: one rate for all).
+  the one of the rates every optimizer tried with the best mean over optimizers,
+  with CLIP when groups are per loss (the original study's protocol: one rate
+  for all).
 
 Trials run in ``reports/runs/<profile>-tune/``; the table of every trial goes to
 ``reports/<profile>/tuning.csv`` (the ``tuned`` and ``shared`` columns mark the
@@ -92,8 +93,15 @@ def best_settings(scores: pd.DataFrame) -> pd.DataFrame:
     return ordered.groupby("group", as_index=False).first()
 
 
-def shared_rate(scores: pd.DataFrame, optimizers: list[str]) -> float | None:
-    """The rate, among those every optimizer tried, with the best mean score over optimizers (ties: smaller)."""
+def shared_rate(scores: pd.DataFrame, optimizers: list[str], loss: str = "clip") -> float | None:
+    """The rate, among those every optimizer tried, with the best mean score over optimizers (ties: smaller).
+
+    With one group per optimizer x loss, the optimizers' ``loss`` groups decide (the original protocol:
+    one rate for all, chosen with CLIP); the best weight decay of each rate counts.
+    """
+    groups = scores["group"]
+    if groups.str.contains(":").any():
+        scores = scores[groups.str.endswith(f":{loss}")]
     per_optimizer = scores.assign(optimizer=scores["group"].str.split(":").str[0])
     by_rate = per_optimizer.groupby(["optimizer", "lr"])["score"].max().unstack("optimizer")
     common = by_rate.dropna()
