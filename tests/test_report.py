@@ -97,6 +97,20 @@ def test_spearman_against_published(tmp_path):
         assert rho["rho"] == pytest.approx(sign * 1.0)
 
 
+def test_runs_without_a_lock_digest_are_explained_not_just_listed(tmp_path):
+    """The committed demo runs predate the lock digest: the report says why they have none, and the fix."""
+    for seed, lock in enumerate((None, None, "a" * 64)):
+        run = tmp_path / f"adamw-clip-s{seed}"
+        run.mkdir()
+        versions = {"python": "3.11.7", "torch": "2.14.1", "lock_sha256": lock}
+        (run / "config.json").write_text(json.dumps({"config": {}, "versions": versions}))
+    notes = report.environment_notes(report.environment_table(tmp_path))
+    assert notes[-1].startswith("2 of the 3 runs recorded no lock file: config.json holds the lock's digest since")
+    assert notes[-1].endswith("a rerun records it.")
+    (tmp_path / "adamw-clip-s2" / "config.json").unlink()  # now every run lacks it
+    assert report.environment_notes(report.environment_table(tmp_path))[-1].startswith("All of the 2 runs")
+
+
 def test_analysis_notebook_renders_report(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "out"
     write_fixture_runs(runs)

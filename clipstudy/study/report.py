@@ -251,6 +251,13 @@ def environment_notes(env: pd.DataFrame) -> list[str]:
             )
             + "."
         )
+    unlocked = int(env["lock_sha256"].map(_known).isna().sum())
+    if unlocked:
+        notes.append(
+            f"{'All' if unlocked == len(env) else unlocked} of the {len(env)} runs recorded no lock file: config.json "
+            "holds the lock's digest since 2026-11-29, so runs made before (or outside a checkout holding "
+            "requirements/lock.txt) cannot state theirs; a rerun records it."
+        )
     return notes
 
 
