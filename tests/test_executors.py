@@ -106,31 +106,35 @@ def test_tensorboard_off_writes_no_event_file(demo_data_dir, tmp_path):
 
 
 # ===================================================================== Slurm, faked
+# sbatch numbers arrays 4242, 4243, ... and records each script (or refuses with the text of $FAKE_SLURM/reject);
+# squeue lists the jobs of $FAKE_SLURM/jobs ("ID|STATE|REASON" lines) that Slurm still holds, as `squeue -h -r -o
+# %i|%T|%r` does; sacct answers from the same file, or as a cluster without accounting does ($FAKE_SLURM/no-acct).
 FAKE_SBATCH = """#!/bin/bash
-# records the job script it is given and answers as sbatch does
-cp "$1" "$FAKE_SLURM/submitted-$(ls "$FAKE_SLURM" | grep -c submitted).sh"
-echo "Submitted batch job 4242"
-"""
-FAKE_SACCT = """#!/bin/bash
-# every task of array 4242 in the state written to $FAKE_SLURM/state
-echo "JobID|State|NodeList"
-for i in 0 1; do echo "4242_$i|$(cat "$FAKE_SLURM/state")|node1"; done
+if [ -f "$FAKE_SLURM/reject" ]; then cat "$FAKE_SLURM/reject" >&2; exit 1; fi
+n=$(ls "$FAKE_SLURM" | grep -c submitted)
+cp "$1" "$FAKE_SLURM/submitted-$n.sh"
+echo "Submitted batch job $((4242 + n))"
 """
 FAKE_SQUEUE = """#!/bin/bash
-echo "JOBID PARTITION NAME USER ST"
+grep -E '[|](PENDING|RUNNING|COMPLETING|REQUEUED|SUSPENDED)[|]' "$FAKE_SLURM/jobs" 2>/dev/null
+exit 0
+"""
+FAKE_SACCT = """#!/bin/bash
+if [ -f "$FAKE_SLURM/no-acct" ]; then echo "Slurm accounting storage is disabled" >&2; exit 1; fi
+cut -d'|' -f1,2 "$FAKE_SLURM/jobs" 2>/dev/null
+exit 0
 """
 
 
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch):
     """sbatch / sacct / squeue / srun / scontrol on PATH that record what they are given (as submitit's own tests
-    do with a mock); returns the folder holding the submitted scripts and the state sacct reports."""
+    do with a mock); returns the folder holding the submitted scripts and the job states the fakes report."""
     import submitit
 
     record, bin_dir = tmp_path / "slurm", tmp_path / "bin"
     record.mkdir()
     bin_dir.mkdir()
-    (record / "state").write_text("RUNNING")
     for name, text in {
         "sbatch": FAKE_SBATCH,
         "sacct": FAKE_SACCT,
@@ -145,6 +149,17 @@ def fake_slurm(tmp_path, monkeypatch):
     submitit.SlurmJob.watcher.clear()
     yield record
     submitit.SlurmJob.watcher.clear()
+
+
+def set_jobs(fake: Path, **jobs: str) -> None:
+    """The scheduler's view: ``set_jobs(fake, **{"4242_0": "PENDING|BeginTime"})``; a job left out is gone."""
+    (fake / "jobs").write_text(
+        "".join(f"{job_id}|{state}{'' if '|' in state else '|None'}\n" for job_id, state in jobs.items())
+    )
+
+
+def submitted(fake: Path) -> list[str]:
+    return [p.read_text() for p in sorted(fake.glob("submitted-*.sh"))]
 
 
 def test_slurm_sweep_submits_one_array_and_status_shows_jobs(demo_data_dir, tmp_path, fake_slurm, capsys):
@@ -176,9 +191,8 @@ def test_slurm_sweep_submits_one_array_and_status_shows_jobs(demo_data_dir, tmp_
     )
     assert sweep_main(args) == 0
     out = capsys.readouterr().out
-    scripts = sorted(fake_slurm.glob("submitted-*.sh"))
-    assert len(scripts) == 1, "the cells must go out as one job array"
-    script = scripts[0].read_text()
+    assert len(submitted(fake_slurm)) == 1, "the cells must go out as one job array"
+    script = submitted(fake_slurm)[0]
     for line in (
         "#SBATCH --array=0-1%2",
         "#SBATCH --gpus-per-node=2",
@@ -202,21 +216,35 @@ def test_slurm_sweep_submits_one_array_and_status_shows_jobs(demo_data_dir, tmp_
         assert os.readlink(cell / "job.out") == job["stdout"] and "4242_" in job["stdout"]
         assert re.search(rf"adamw-{loss}-s0\s+submitted as Slurm job 4242_{k}", out), out
         # the pickled task is the same papermill cell the local sweep runs, in the same run directory
-        task = submitit.SlurmJob(folder=job["folder"], job_id=f"4242_{k}").submission().function
+        submission = submitit.SlurmJob(folder=job["folder"], job_id=f"4242_{k}").submission()
+        task = submission.function
         assert isinstance(task, executors.CellTask) and task.cell.out == cell and task.cell.loss == loss
         assert hasattr(task, "checkpoint")
+        # up to 20 time limits (--max-requeues' default), not submitit's 3
+        assert submission._timeout_countdown == executors.DEFAULT_MAX_REQUEUES == 20
+        assert task.threads is None  # decided on the node, from the allocation
 
-    assert sweep_main(args + ["--status"]) == 0
+    set_jobs(fake_slurm, **{"4242_0": "RUNNING", "4242_1": "PENDING|Priority"})
+    # the runs folder remembers the sweep: --status needs no other option, and calls nothing stale
+    assert sweep_main(["--runs", str(runs), "--status"]) == 0
     status = capsys.readouterr().out
-    assert re.search(r"adamw-clip-s0\s+pending\s+4242_0\s+RUNNING\s+\S+adamw-clip-s0/job.out", status), status
-    # resubmitting while the jobs are queued or running submits nothing
-    assert sweep_main(args) == 0
-    assert "still active" in capsys.readouterr().out and len(list(fake_slurm.glob("submitted-*.sh"))) == 1
-    # once Slurm has given up on them (e.g. cancelled), a resubmission sends the unfinished cells again
-    (fake_slurm / "state").write_text("CANCELLED")
-    submitit.SlurmJob.watcher.clear()
-    assert sweep_main(args) == 0
-    assert len(list(fake_slurm.glob("submitted-*.sh"))) == 2
+    assert re.search(r"adamw-clip-s0\s+running\s+4242_0\s+RUNNING\s+\S+adamw-clip-s0/job.out", status), status
+    assert re.search(r"adamw-sogclr-s0\s+queued\s+4242_1\s+PENDING \(Priority\)\s", status), status
+    assert "stale" not in status
+    # rerunning the folder while the jobs are queued or running submits nothing
+    assert sweep_main(["--runs", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert "adamw-clip-s0                not submitted: its Slurm job 4242_0 is still RUNNING" in out, out
+    assert len(submitted(fake_slurm)) == 1
+    # once Slurm has given up on them (cancelled), the same rerun sends the unfinished cells again, as they were
+    set_jobs(fake_slurm, **{"4242_0": "CANCELLED", "4242_1": "CANCELLED"})
+    assert sweep_main(["--runs", str(runs)]) == 0
+    assert len(submitted(fake_slurm)) == 2
+    again = submitted(fake_slurm)[1].replace("4243", "4242")
+    assert [x for x in again.splitlines() if x.startswith("#SBATCH")] == [
+        x for x in script.splitlines() if x.startswith("#SBATCH")
+    ]
+    assert json.loads((runs / "adamw-clip-s0" / "job.json").read_text())["job_id"] == "4243_0"
 
 
 def test_slurm_options_are_checked_before_submitting(demo_data_dir, tmp_path, fake_slurm, capsys):
@@ -225,7 +253,169 @@ def test_slurm_options_are_checked_before_submitting(demo_data_dir, tmp_path, fa
     assert "--executor slurm" in capsys.readouterr().err
     assert sweep_main(sweep_args(demo_data_dir, runs, "clip", "--executor", "slurm", "--sbatch", "qos")) == 2
     assert "--sbatch" in capsys.readouterr().err
-    assert not list(fake_slurm.glob("submitted-*.sh"))
+    assert sweep_main(sweep_args(demo_data_dir, runs, "clip", "--executor", "slurm", "--max-requeues", "-1")) == 2
+    assert "--max-requeues -1: must be >= 0" in capsys.readouterr().err
+    assert not submitted(fake_slurm)
+
+
+def test_max_requeues_reaches_submitit(demo_data_dir, tmp_path, fake_slurm):
+    import submitit
+
+    runs = tmp_path / "runs"
+    assert sweep_main(sweep_args(demo_data_dir, runs, "clip", "--executor", "slurm", "--max-requeues", "5")) == 0
+    job = json.loads((runs / "adamw-clip-s0" / "job.json").read_text())
+    assert submitit.SlurmJob(folder=job["folder"], job_id=job["job_id"]).submission()._timeout_countdown == 5
+
+
+def test_a_refused_submission_is_one_line(demo_data_dir, tmp_path, fake_slurm, capsys):
+    (fake_slurm / "reject").write_text(
+        "sbatch: error: invalid partition specified: nosuch\n"
+        "sbatch: error: Batch job submission failed: Invalid partition name specified\n"
+    )
+    runs = tmp_path / "runs"
+    assert sweep_main(sweep_args(demo_data_dir, runs, "clip", "--executor", "slurm", "--partition", "nosuch")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: sbatch refused the job array: "), err
+    assert "invalid partition specified: nosuch" in err and "--partition" in err
+    assert not (runs / "adamw-clip-s0" / "job.json").exists()
+
+
+def write_record(cell, status: str, **fields) -> None:
+    """A metrics.json as the cell would write it (fields of the cell, then ``fields``)."""
+    from clipstudy.study.cells import cell_record
+
+    metrics = cell_record(cell, status, **({"note": "stopped by a signal"} if status == "interrupted" else {}))
+    (cell.out / "metrics.json").write_text(json.dumps({**metrics, **fields}))
+
+
+def test_without_accounting_a_requeued_cell_is_requeued_never_failed(demo_data_dir, tmp_path, fake_slurm, capsys):
+    """sacct answers "accounting storage is disabled": squeue tells the state; a cell whose job was requeued after
+    its run recorded an interruption (or an earlier failure) shows requeued and is not submitted again."""
+    (fake_slurm / "no-acct").write_text("")
+    runs = tmp_path / "runs"
+    assert sweep_main(sweep_args(demo_data_dir, runs, "clip", "--executor", "slurm")) == 0
+    (cell,) = plan_cells(
+        "smoke", optimizers=["adamw"], losses=["clip"], overrides={"data": str(demo_data_dir)}, runs_root=runs
+    )
+    capsys.readouterr()
+    for status in ("interrupted", "failed"):
+        write_record(cell, status)
+        set_jobs(fake_slurm, **{"4242": "PENDING|BeginTime"})
+        assert sweep_main(["--runs", str(runs), "--status"]) == 0
+        out = capsys.readouterr().out
+        assert re.search(r"adamw-clip-s0\s+requeued\s+4242\s+PENDING \(BeginTime\)", out), out
+        assert "failed" not in out
+        assert sweep_main(["--runs", str(runs)]) == 0
+        assert "still PENDING (BeginTime)" in capsys.readouterr().out and len(submitted(fake_slurm)) == 1
+    # the job left the queue (no accounting: nothing more is known of it): the run directory tells the state
+    write_record(cell, "interrupted")
+    set_jobs(fake_slurm)
+    assert sweep_main(["--runs", str(runs), "--status"]) == 0
+    assert re.search(r"adamw-clip-s0\s+interrupted\s+4242\s+gone\s", capsys.readouterr().out)
+    assert sweep_main(["--runs", str(runs)]) == 0
+    assert "submitted as Slurm job 4243" in capsys.readouterr().out
+
+
+def test_status_gives_the_pending_reason_and_what_it_means(demo_data_dir, tmp_path, fake_slurm, capsys):
+    runs = tmp_path / "runs"
+    assert sweep_main(sweep_args(demo_data_dir, runs, "clip", "--executor", "slurm", "--partition", "short")) == 0
+    set_jobs(fake_slurm, **{"4242": "PENDING|PartitionTimeLimit"})
+    capsys.readouterr()
+    assert sweep_main(["--runs", str(runs), "--status"]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("adamw-clip-s0")][0]
+    assert re.search(r"queued\s+4242\s+PENDING \(PartitionTimeLimit\)", line), line
+    assert "--time is above the partition's time limit" in line and "lower --time" in line
+
+
+def test_wait_outlasts_a_requeue_and_reports_the_end(demo_data_dir, tmp_path, fake_slurm, capsys):
+    """The job's first run leaves its result (interrupted) and Slurm requeues it: --wait says requeued and goes on
+    waiting, then reports the end of the requeued run, never FAILED (submitit's own wait returns at the first
+    result file)."""
+    import threading
+
+    from submitit.core.utils import JobPaths, cloudpickle_dump
+
+    from clipstudy.study import jobs
+
+    runs = tmp_path / "runs"
+    assert sweep_main(sweep_args(demo_data_dir, runs, "clip", "--executor", "slurm")) == 0
+    (cell,) = plan_cells(
+        "smoke", optimizers=["adamw"], losses=["clip"], overrides={"data": str(demo_data_dir)}, runs_root=runs
+    )
+    record = json.loads((cell.out / "job.json").read_text())
+    assert record["job_id"] == "4242"  # one cell: a plain job, not an array
+    result = JobPaths(record["folder"], job_id="4242", task_id=0).result_pickle
+    set_jobs(fake_slurm, **{"4242": "RUNNING"})
+
+    def scheduler():
+        time.sleep(0.3)  # the first run is interrupted: a result file, then Slurm holds the job again
+        write_record(cell, "interrupted")
+        cloudpickle_dump(("success", json.loads((cell.out / "metrics.json").read_text())), result)
+        set_jobs(fake_slurm, **{"4242": "PENDING|BeginTime"})
+        time.sleep(0.5)
+        set_jobs(fake_slurm, **{"4242": "RUNNING"})
+        time.sleep(0.3)
+        write_record(cell, "completed", average=42.0)
+        cloudpickle_dump(("success", json.loads((cell.out / "metrics.json").read_text())), result)
+        set_jobs(fake_slurm, **{"4242": "COMPLETED"})
+
+    thread = threading.Thread(target=scheduler)
+    capsys.readouterr()
+    thread.start()
+    results = jobs.wait_for_jobs([cell], poll_s=0.05)
+    thread.join()
+    out = capsys.readouterr().out
+    assert results[cell.name]["status"] == "completed" and results[cell.name]["average"] == 42.0
+    assert re.search(r"adamw-clip-s0\s+requeued \(job 4242 PENDING \(BeginTime\)\); waiting", out), out
+    assert re.search(r"adamw-clip-s0\s+completed", out) and "FAILED" not in out, out
+
+
+def test_threads_come_from_the_allocation(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert executors.allocation_threads({}) is None  # not in a Slurm job: the submitter decides
+    job = {"SLURM_JOB_ID": "7"}
+    assert executors.allocation_threads({**job, "SLURM_CPUS_PER_TASK": "3", "SLURM_CPUS_ON_NODE": "64"}) == 3
+    # without --cpus-per-task: the node's CPUs of the job, shared by its tasks there
+    assert executors.allocation_threads({**job, "SLURM_CPUS_ON_NODE": "4", "SLURM_NTASKS_PER_NODE": "2"}) == 2
+    assert executors.allocation_threads({**job, "SLURM_CPUS_ON_NODE": "1"}) == 1
+    # never more than the CPUs this task may run on
+    assert executors.allocation_threads({**job, "SLURM_CPUS_PER_TASK": "16"}) == 4
+
+
+def finished_cell(demo_data_dir, runs):
+    from clipstudy.engine.fingerprint import fingerprint
+
+    (cell,) = plan_cells(
+        "smoke", optimizers=["adamw"], losses=["clip"], overrides={"data": str(demo_data_dir)}, runs_root=runs
+    )
+    cell.out.mkdir(parents=True)
+    (cell.out / "config.json").write_text(json.dumps({"fingerprint": fingerprint(cell.config)}))
+    write_record(cell, "completed", average=1.0)
+    return cell
+
+
+def test_a_signal_after_training_ended_requeues_nothing(demo_data_dir, tmp_path, monkeypatch, capsys):
+    cell = finished_cell(demo_data_dir, tmp_path / "runs")
+    monkeypatch.setattr(executors, "stop_kernels", lambda *a, **k: pytest.fail("a finished cell's kernel signalled"))
+    assert executors.CellTask(cell).checkpoint() is None  # submitit: "not requeued"
+    assert "came after training ended (done); not requeued" in capsys.readouterr().out
+
+
+def test_the_not_requeued_error_of_a_finished_cell_returns_its_result(demo_data_dir, tmp_path, monkeypatch):
+    """submitit raises UncompletedJobError in the task when checkpoint() declines; a finished cell returns its
+    metrics (the job succeeds), an unfinished one lets the error through."""
+    from submitit.core.utils import UncompletedJobError
+
+    cell = finished_cell(demo_data_dir, tmp_path / "runs")
+
+    def declined(*args, **kwargs):
+        raise UncompletedJobError("Job not requeued because: checkpoint function returned None.")
+
+    monkeypatch.setattr(executors, "run_cell", declined)
+    assert executors.CellTask(cell)()["average"] == 1.0
+    write_record(cell, "interrupted")
+    with pytest.raises(UncompletedJobError):
+        executors.CellTask(cell)()
 
 
 # ===================================================================== the local executor

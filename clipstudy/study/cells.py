@@ -37,7 +37,7 @@ class Cell:
 
 
 def cell_state(out: Path, config: RunConfig | None = None) -> tuple[str, str]:
-    """(state, detail) of a run directory: done, diverged, stale, failed, running, partial or pending.
+    """(state, detail) of a run directory: done, diverged, stale, failed, interrupted, running, partial or pending.
 
     With ``config`` (what the sweep asks for) a run that recorded another
     fingerprint is ``stale`` (the detail names what changed), and a run cut
@@ -68,6 +68,8 @@ def record_state(out: Path, config: RunConfig | None = None) -> tuple[str, str]:
             return "diverged", f"at step {m.get('diverged_at_step')}"
         if status == records.FAILED:
             return "failed", m.get("error", "")[:120]
+        if status == records.INTERRUPTED:  # stopped by a signal: resumes (on requeue, or at the next sweep)
+            return "interrupted", f"resumes from {ckpts[0].name}" if ckpts else "no checkpoint yet: starts afresh"
     if ckpts:
         return "partial", f"resumes from {ckpts[0].name}"
     return "pending", ""
@@ -126,7 +128,7 @@ def run_cell(
 
 def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
     started = time.perf_counter()
-    error = None
+    error = stopped = None
     before = records.read_metrics(cell.out)  # an earlier attempt's record, if any
     try:
         # once every cell has run, nothing is left to lose (train() has written its files
@@ -135,24 +137,45 @@ def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
         parameters = notebook_parameters(run_config(cell, device, threads))
         execute_notebook(notebook, cell.out / "train.ipynb", parameters, shutdown_kernel="immediate")
     except Exception as err:  # papermill wraps the notebook's exception
+        stopped = interruption(err)
         error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
     metrics = records.read_metrics(cell.out) or {}
     recorded_now = metrics.get("status") == records.FAILED and metrics != before
     if error and not recorded_now and metrics.get("status") not in records.FINISHED:
         # the notebook failed before train() could record it (a bad parameter, missing data), or left
-        # an earlier attempt's failure; a result train() finished before the kernel went down is
-        # kept, never overwritten as failed
-        metrics = records.failure_metrics(
-            cell=cell.name,
-            profile=cell.config.profile,
-            optimizer=cell.label,
-            base_optimizer=cell.config.optimizer,
-            loss=cell.loss,
-            seed=cell.seed,
-            error=error,
-        )
+        # an earlier attempt's failure, or a signal stopped it (training checkpointed first: an
+        # interruption, not a failure); a result train() finished before the kernel went down is
+        # kept, never overwritten
+        metrics = cell_record(cell, records.INTERRUPTED, note=stopped) if stopped else cell_record(cell, error=error)
         records.write_metrics(cell.out, metrics)
     metrics["sweep_wall_s"] = time.perf_counter() - started
+    return metrics
+
+
+def interruption(err: Exception) -> str:
+    """Why the notebook stopped when a signal stopped it (training checkpoints on SIGTERM / SIGINT / SIGUSR2 and
+    raises KeyboardInterrupt; submitit raises UncompletedJobError when it will not requeue); "" for a failure."""
+    if getattr(err, "ename", "") == "KeyboardInterrupt":  # papermill's error names the kernel's exception
+        return f"stopped by a signal: {str(getattr(err, 'evalue', '')).strip() or 'interrupted'}"
+    if type(err).__name__ == "UncompletedJobError" and "not requeued" in str(err):
+        return f"stopped by the scheduler and not requeued ({str(err).strip()}); the next sweep resumes it"
+    return ""
+
+
+def cell_record(cell: Cell, status: str = records.FAILED, *, error: str = "", note: str = "") -> dict:
+    """metrics.json of a cell that did not finish: failed (with the error) or interrupted (with a note)."""
+    metrics = records.failure_metrics(
+        cell=cell.name,
+        profile=cell.config.profile,
+        optimizer=cell.label,
+        base_optimizer=cell.config.optimizer,
+        loss=cell.loss,
+        seed=cell.seed,
+        error=error,
+    )
+    if status != records.FAILED:
+        del metrics["error"]
+        metrics.update(status=status, note=note)
     return metrics
 
 
@@ -170,4 +193,6 @@ def summary_line(cell: Cell, metrics: dict) -> str:
         return f"{cell.name:<28} skipped (another sweep is running it)"
     if status == "stale":
         return f"{cell.name:<28} NOT RUN: stale ({metrics.get('detail')})"
+    if status == records.INTERRUPTED:
+        return f"{cell.name:<28} interrupted, checkpoint kept ({metrics.get('note', '')})  ({wall:.0f}s)"
     return f"{cell.name:<28} FAILED: {metrics.get('error', '')}  ({wall:.0f}s)"

@@ -12,7 +12,13 @@ Preemption and time limits: :class:`CellTask` has submitit's ``checkpoint``
 method. When Slurm (or the local executor's time limit) signals the job,
 submitit calls it; it asks the training kernel to stop (SIGTERM: training
 writes a checkpoint and releases the cell) and returns the same task, which
-submitit requeues; the requeued task resumes from that checkpoint.
+submitit requeues; the requeued task resumes from that checkpoint, up to
+``--max-requeues`` time limits (preemptions do not count). A signal that comes
+after training has ended requeues nothing. Slurm's own requeue (``scontrol
+requeue``, ``PreemptMode=REQUEUE``) sends SIGTERM instead: training checkpoints,
+the cell records ``interrupted`` and Slurm runs the job again. Job records,
+``--status`` and ``--wait`` are in :mod:`clipstudy.study.jobs`; docs/slurm.md
+tells the whole story.
 
 Multi-process cells (``--gpus-per-cell N``, ``--nodes M`` or
 ``--procs-per-node N``): every task of the job calls :class:`CellTask`; submitit's
@@ -24,6 +30,8 @@ torchrun.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -35,12 +43,12 @@ from pathlib import Path
 
 from clipstudy.engine import records
 from clipstudy.engine.config import ConfigError
-from clipstudy.fileio import LOCK_NAME, is_locked, write_json
-from clipstudy.study.cells import Cell, cell_state, parse_mapping, run_cell, run_config, summary_line
+from clipstudy.fileio import LOCK_NAME, is_locked
+from clipstudy.study.cells import Cell, cell_state, parse_mapping, record_state, run_cell, run_config, summary_line
+from clipstudy.study.jobs import active_slurm_job, read_job, record_job, scheduler_states, wait_for_jobs
 
 EXECUTORS = ("inline", "local", "slurm")
-JOB_RECORD = "job.json"
-ACTIVE_SLURM_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
+DEFAULT_MAX_REQUEUES = 20
 
 
 @dataclass
@@ -57,6 +65,7 @@ class Resources:
     account: str = ""
     sbatch: dict = field(default_factory=dict)  # extra #SBATCH parameters, e.g. {"qos": "high"}
     parallel: int = 0  # cells running at once (local: --jobs; slurm: array parallelism, 0 = all)
+    max_requeues: int = DEFAULT_MAX_REQUEUES  # time limits a cell may run into and still be requeued
 
     @property
     def tasks_per_node(self) -> int:
@@ -90,20 +99,48 @@ class CellTask:
         self.cell, self.device, self.threads = cell, device, threads
 
     def __call__(self) -> dict:
+        from submitit.core.utils import UncompletedJobError
 
+        threads = self.threads or allocation_threads()
         rank = distributed_rank()
-        if rank == 0:
-            return run_cell(self.cell, device=self.device, threads=self.threads)
-        return train_rank(self.cell, self.device, self.threads)
+        try:
+            if rank == 0:
+                return run_cell(self.cell, device=self.device, threads=threads)
+            return train_rank(self.cell, self.device, threads)
+        except UncompletedJobError:  # submitit's "not requeued" from a signal after training had ended
+            metrics = records.read_metrics(self.cell.out)
+            if rank == 0 and records.is_finished(metrics):
+                return metrics
+            raise
 
     def checkpoint(self, *args, **kwargs):
-        """Called by submitit on preemption or time-out: checkpoint now, then be requeued as is."""
+        """Called by submitit on preemption or time-out: checkpoint now, then be requeued as is; nothing to
+        requeue (None) when training has already ended."""
         from submitit import JobEnvironment
         from submitit.helpers import DelayedSubmission
 
+        state = record_state(self.cell.out, self.cell.config)[0]
+        if state in ("done", "diverged"):
+            print(f"{self.cell.name}: the scheduler's signal came after training ended ({state}); not requeued")
+            return None
         # within the 90 s between Slurm's USR2 and its kill: up to 30 s for the kernel alone, 40 s after SIGTERM
         stop_kernels(self.cell.out, grace_s=30.0 if JobEnvironment().cluster == "slurm" else 0.0, timeout_s=40.0)
         return DelayedSubmission(CellTask(self.cell, self.device, self.threads))
+
+
+def allocation_threads(environ=None) -> int | None:
+    """Torch threads of a Slurm task: the CPUs Slurm gave it (``SLURM_CPUS_PER_TASK``, else the node's CPUs
+    shared by its tasks), never more than the CPUs it may run on (``os.sched_getaffinity``); None outside Slurm
+    (the submitter chose)."""
+    env = os.environ if environ is None else environ
+    if "SLURM_JOB_ID" not in env:
+        return None
+    if env.get("SLURM_CPUS_PER_TASK"):
+        cpus = int(env["SLURM_CPUS_PER_TASK"])
+    else:
+        tasks = int(env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_NTASKS") or 1)
+        cpus = int(env.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1) // max(1, tasks)
+    return max(1, min(cpus, len(os.sched_getaffinity(0))))
 
 
 def train_rank(cell, device, threads) -> dict:
@@ -165,7 +202,8 @@ def make_executor(kind: str, folder: Path, res: Resources):
     """A submitit executor for ``kind`` ("local" or "slurm") with the cell's resources."""
     import submitit
 
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=kind)
+    # max_num_timeout: how many time limits a checkpointable task may run into (submitit's default: 3)
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=kind, **{f"{kind}_max_num_timeout": res.max_requeues})
     params = dict(
         timeout_min=res.time_min,
         nodes=res.nodes,
@@ -191,47 +229,9 @@ def make_executor(kind: str, folder: Path, res: Resources):
     return executor
 
 
-def record_job(cell, kind: str, job) -> None:
-    """``job.json`` and links to the job's logs in the cell's run directory."""
-    paths = job.paths
-    write_json(
-        cell.out / JOB_RECORD,
-        {
-            "executor": kind,
-            "job_id": job.job_id,
-            "folder": str(paths.folder),
-            "stdout": str(paths.stdout),
-            "stderr": str(paths.stderr),
-            "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        },
-    )
-    for name, target in (("job.out", paths.stdout), ("job.err", paths.stderr)):
-        link = cell.out / name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(target)
-
-
-def read_job(out: Path) -> dict:
-    try:
-        return json.loads((out / JOB_RECORD).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def job_state(record: dict) -> str:
-    """The scheduler's view of a recorded job: Slurm's state from sacct, or whether a local job lives."""
-    if not record:
-        return ""
-    if record["executor"] == "slurm":
-        import submitit
-
-        return submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"]).state
-    return "RUNNING" if Path(f"/proc/{record['job_id']}").exists() else "EXITED"
-
-
 def cell_threads(res: Resources, jobs: int) -> int | None:
-    """Torch threads per rank on a CPU: the cores asked for, or this machine's shared among the cells."""
+    """Torch threads per rank on a CPU of this machine: the cores asked for, or this machine's shared among the
+    cells (a Slurm task decides on its node instead: :func:`allocation_threads`)."""
     if res.cpus_per_task:
         return res.cpus_per_task
     return max(1, (os.cpu_count() or 1) // max(1, jobs * res.tasks_per_node))
@@ -239,11 +239,24 @@ def cell_threads(res: Resources, jobs: int) -> int | None:
 
 def submit_cells(kind: str, cells: list, res: Resources, folder: Path, *, device: str | None = None) -> list:
     """Submit ``cells`` (slurm: one job array); record each job in its cell's directory; return the jobs."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
     executor = make_executor(kind, folder, res)
-    threads = None if res.gpus_per_node else cell_threads(res, res.parallel or len(cells))
+    # slurm: None, the task takes its allocation's CPUs (allocation_threads) on the node it lands on
+    threads = None if res.gpus_per_node or kind == "slurm" else cell_threads(res, res.parallel or len(cells))
     tasks = [CellTask(cell, device, threads) for cell in cells]
-    with executor.batch():
-        jobs = [executor.submit(task) for task in tasks]
+    said = io.StringIO()  # submitit echoes sbatch's stderr: it goes into the one-line error instead
+    try:
+        with contextlib.redirect_stderr(said), executor.batch():
+            jobs = [executor.submit(task) for task in tasks]
+    except (FailedJobError, FailedSubmissionError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        said = [line.removeprefix("sbatch: error: ") for line in lines if line.startswith("sbatch: error: ")]
+        raise ConfigError(
+            f"sbatch refused the job array: {'; '.join(dict.fromkeys(said)) or lines[-1]}; "
+            "check --partition, --account, --time, --gpus-per-cell, "
+            "--mem-gb and --sbatch against the cluster (`sinfo -s`); nothing was submitted"
+        ) from None
     for cell, job in zip(cells, jobs):
         record_job(cell, kind, job)
     return jobs
@@ -306,12 +319,6 @@ def run_torchrun(cell, res: Resources, *, device: str | None = None) -> dict:
     return {**metrics, "sweep_wall_s": time.perf_counter() - started}
 
 
-def active_elsewhere(cell) -> bool:
-    """Whether the cell's recorded Slurm job is still queued or running (then it is not submitted again)."""
-    record = read_job(cell.out)
-    return record.get("executor") == "slurm" and job_state(record).split()[0] in ACTIVE_SLURM_STATES
-
-
 def run_cells(
     kind: str,
     cells: list,
@@ -334,40 +341,31 @@ def run_cells(
             results[cell.name] = run_torchrun(cell, res, device=device)
             print(summary_line(cell, results[cell.name]), flush=True)
         return results
-    submitted = [cell for cell in cells if not active_elsewhere(cell)]
-    for cell in cells:
-        if cell not in submitted:
-            print(f"{cell.name:<28} skipped (its Slurm job {read_job(cell.out)['job_id']} is still active)")
+    return submit_slurm(cells, res, folder, wait=wait, device=device)
+
+
+def submit_slurm(cells: list, res: Resources, folder: Path, *, wait: bool, device: str | None) -> dict | None:
+    """Submit the cells whose job is not still queued, running or requeued (one array); with ``wait``, wait for
+    those and the submitted ones."""
+    job_records = {cell.name: read_job(cell.out) for cell in cells}
+    states = scheduler_states([r for r in job_records.values() if r.get("executor") == "slurm"])
+    active = [cell for cell in cells if active_slurm_job(job_records[cell.name], states)]
+    busy = [cell for cell in cells if cell not in active and cell_state(cell.out)[0] == "running"]
+    for cell in active:
+        job_id = job_records[cell.name]["job_id"]
+        print(f"{cell.name:<28} not submitted: its Slurm job {job_id} is still {states[job_id].describe()}")
+    for cell in busy:
+        print(f"{cell.name:<28} not submitted: running in another process")
+    submitted = [cell for cell in cells if cell not in active and cell not in busy]
     for cell in submitted:
         cell.out.mkdir(parents=True, exist_ok=True)
     job_list = submit_cells("slurm", submitted, res, folder, device=device) if submitted else []
     for cell, job in zip(submitted, job_list):
         print(f"{cell.name:<28} submitted as Slurm job {job.job_id}; log {cell.out / 'job.out'}", flush=True)
     if not wait:
-        print("watch with: python -m clipstudy sweep --status (same options); logs: RUN_DIR/job.out")
+        print("watch with: python -m clipstudy sweep --status --runs RUNS; logs: RUN_DIR/job.out")
         return None
-    results = {}
-    for cell, job in zip(submitted, job_list):
-        try:
-            results[cell.name] = job.results()[0]
-        except Exception as err:
-            results[cell.name] = {"status": "failed", "error": f"job {job.job_id}: {str(err).strip()[-200:]}"}
-        print(summary_line(cell, results[cell.name]), flush=True)
-    return results
-
-
-def print_status(cells: list) -> None:
-    """One line per cell: its state on disk, its job (id and scheduler state) and its log file."""
-
-    print(f"{'cell':<28} {'state':<9} {'job':<14} {'job state':<11} {'log':<40} detail")
-    for cell in cells:
-        state, detail = cell_state(cell.out, cell.config)
-        record = read_job(cell.out)
-        log = str(cell.out / "job.out") if record else ""
-        print(
-            f"{cell.name:<28} {state:<9} {record.get('job_id', '-'):<14} {job_state(record) or '-':<11} "
-            f"{log or '-':<40} {detail}"
-        )
+    return wait_for_jobs(active + submitted)
 
 
 def resources_from_args(args) -> Resources:
@@ -383,10 +381,13 @@ def resources_from_args(args) -> Resources:
         account=args.account,
         sbatch=parse_mapping(",".join(args.sbatch), "--sbatch"),
         parallel=args.max_running if args.executor == "slurm" else args.jobs,
+        max_requeues=args.max_requeues,
     )
     for name in ("gpus_per_node", "procs_per_node", "cpus_per_task", "mem_gb"):
         if getattr(res, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0")
+    if res.max_requeues < 0:
+        raise ConfigError(f"--max-requeues {res.max_requeues}: must be >= 0")
     if res.nodes < 1 or res.time_min < 1:
         raise ConfigError("--nodes and --time must be >= 1")
     if res.nodes > 1 and args.executor != "slurm":
@@ -404,7 +405,9 @@ def add_arguments(parser) -> None:
         help="inline: this process (default); local: submitit subprocesses; slurm: one job array",
     )
     group.add_argument("--status", action="store_true", help="each cell's state, job id and log file; run nothing")
-    group.add_argument("--wait", action="store_true", help="slurm: wait for the jobs and print their results")
+    group.add_argument(
+        "--wait", action="store_true", help="slurm: wait until the cells' jobs leave the queue and print each result"
+    )
     group.add_argument("--partition", default="", help="slurm partition")
     group.add_argument("--account", default="", help="slurm account")
     group.add_argument("--time", type=int, default=24 * 60, help="time limit per cell in minutes (default 1440)")
@@ -419,6 +422,13 @@ def add_arguments(parser) -> None:
     group.add_argument("--cpus-per-cell", type=int, default=0, help="CPU cores per process")
     group.add_argument("--mem-gb", type=float, default=0.0, help="memory per node in GB")
     group.add_argument("--max-running", type=int, default=0, help="slurm: array tasks running at once (default: all)")
+    group.add_argument(
+        "--max-requeues",
+        type=int,
+        default=DEFAULT_MAX_REQUEUES,
+        help="time limits a cell may run into and still be requeued from its checkpoint (submitit's "
+        f"max_num_timeout; preemptions do not count; default {DEFAULT_MAX_REQUEUES})",
+    )
     group.add_argument(
         "--sbatch",
         action="append",

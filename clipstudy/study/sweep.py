@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import queue
+import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -29,7 +30,7 @@ from clipstudy.engine import records
 from clipstudy.engine.config import FIELDS, PROFILES, ConfigError, fields_epilog, make_config, profile_named_in
 from clipstudy.engine.fingerprint import listings_cached
 from clipstudy.engine.preflight import check_components
-from clipstudy.study import executors
+from clipstudy.study import executors, jobs, sweep_manifest
 from clipstudy.study.cells import Cell, archive_stale, cell_state, parse_mapping, run_cell, summary_line
 
 
@@ -115,12 +116,15 @@ def check_names(lr: dict | float | None, variants: dict[str, dict]) -> None:
                 raise ConfigError(f"--lr: {name!r} is not an optimizer or variant name; valid names: {known}")
 
 
-def unfinished_cells(cells: list[Cell], rerun_stale: bool = False) -> tuple[dict[str, dict], list[Cell]]:
+def unfinished_cells(
+    cells: list[Cell], rerun_stale: bool = False, keep_running: bool = False
+) -> tuple[dict[str, dict], list[Cell]]:
     """(metrics of the finished cells, the cells left to run); says why each skipped cell is skipped.
 
     A stale cell is not run (its result is ``{"status": "stale", "detail": ...}``)
     unless ``rerun_stale``: then its run directory is archived
-    (:func:`archive_stale`) and the cell runs afresh.
+    (:func:`archive_stale`) and the cell runs afresh. A running cell is left out
+    unless ``keep_running`` (Slurm: its job is looked up, and waited for with ``--wait``).
     """
     results, todo = {}, []
     with listings_cached():
@@ -129,7 +133,7 @@ def unfinished_cells(cells: list[Cell], rerun_stale: bool = False) -> tuple[dict
         if state in ("done", "diverged"):
             print(f"{cell.name:<28} skipped ({state}{': ' + detail if detail else ''})", flush=True)
             results[cell.name] = records.read_metrics(cell.out)
-        elif state == "running":
+        elif state == "running" and not keep_running:
             print(f"{cell.name:<28} skipped (running in another process)", flush=True)
         elif state == "stale" and not rerun_stale:
             results[cell.name] = {"status": "stale", "cell": cell.name, "detail": detail}
@@ -181,10 +185,12 @@ def _number(text: str, option: str, kind):
         raise ConfigError(f"{option}: {text!r} is not a{'n integer' if kind is int else ' number'}") from None
 
 
-def main(argv: list[str]) -> int:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m clipstudy sweep",
-        description="Run the optimizer x loss grid through papermill.",
+        description="Run the optimizer x loss grid through papermill. The options a sweep ran with are remembered "
+        "in its runs folder (sweep.json): --status, --dry-run and a rerun of that folder need only --runs "
+        "(or --profile for the default folder).",
         epilog=fields_epilog(profile_named_in(argv, "demo")),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -233,12 +239,45 @@ def main(argv: list[str]) -> int:
         help="rerun cells trained with other settings or data, moving each old run to "
         "RUNS/stale/CELL-TIME first (without it they are listed and not run)",
     )
+    return parser
+
+
+def remembered_settings(parser, args, argv: list[str]) -> tuple[set[str], list[dict]]:
+    """Fill the options ``argv`` does not give from the runs folder's sweep.json (saying so); return the options
+    given and the remembered sweeps."""
+    given = sweep_manifest.given_options(parser, argv)
+    folder = sweep_manifest.runs_folder(args)
+    remembered = sweep_manifest.read(folder)
+    if remembered:
+        defaults = {action.dest: action.default for action in parser._actions}
+        taken = sweep_manifest.fill(args, given, remembered[-1], defaults)
+        if taken:
+            print(f"settings from {folder / sweep_manifest.MANIFEST} (the last sweep there): {shlex.join(taken)}")
+    return given, remembered
+
+
+def described_cells(args, given: set[str], remembered: list[dict]) -> list[Cell]:
+    """The cells --status and --dry-run describe: those of the options given, or (none of the cell options
+    given) those of every sweep remembered in the runs folder, the latest plan of a cell winning."""
+    if len(remembered) < 2 or given & set(sweep_manifest.PLANNING):
+        return plan_from_args(args)
+    cells: dict[str, Cell] = {}
+    for settings in remembered:
+        for cell in plan_from_args(argparse.Namespace(**{**vars(args), **settings})):
+            cells.pop(cell.name, None)
+            cells[cell.name] = cell
+    return list(cells.values())
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
-    cells = plan_from_args(args)
+    given, remembered = remembered_settings(parser, args, argv)
+    cells = described_cells(args, given, remembered) if args.status or args.dry_run else plan_from_args(args)
     resources = executors.resources_from_args(args)
     if args.status:
         with listings_cached():
-            executors.print_status(cells)
+            jobs.print_status(cells)
         return 0
     if args.dry_run:
         with listings_cached():
@@ -257,29 +296,38 @@ def main(argv: list[str]) -> int:
                 f"--runs {root}: cannot create the runs folder ({err.strerror or err}); "
                 "choose a folder you can write to"
             ) from None
+        sweep_manifest.write(root, args)
     t0 = time.perf_counter()
     if args.executor == "inline" and resources.world_size == 1:
         results = run_sweep(cells, jobs=args.jobs, rerun_stale=args.rerun_stale)
     else:
-        results, todo = unfinished_cells(cells, rerun_stale=args.rerun_stale)
+        results, todo = unfinished_cells(cells, args.rerun_stale, keep_running=args.executor == "slurm")
         ran = executors.run_cells(
             args.executor, todo, resources, cells[0].out.parent if cells else Path(), jobs=args.jobs, wait=args.wait
         )
         if ran is None:  # submitted to Slurm, not waited for
             return 0
         results.update(ran)
+    return finish(results, time.perf_counter() - t0)
+
+
+def finish(results: dict[str, dict], seconds: float) -> int:
+    """The sweep's closing lines; exit status 1 when a cell failed, was interrupted or is stale."""
     counts: dict[str, int] = {}
     for m in results.values():
         counts[m.get("status", "?")] = counts.get(m.get("status", "?"), 0) + 1
-    print(
-        f"sweep finished in {time.perf_counter() - t0:.0f}s: "
-        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    )
-    failed = counts.get(records.FAILED, 0)
+    print(f"sweep finished in {seconds:.0f}s: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    failed, interrupted = counts.get(records.FAILED, 0), counts.get(records.INTERRUPTED, 0)
     if failed:  # a diverged cell is a result; a failed one is not
         print(
             f"{failed} cell(s) failed: see the FAILED lines above and each cell's metrics.json and "
             "train.ipynb; rerun the same command to retry them",
+            file=sys.stderr,
+        )
+    if interrupted:
+        print(
+            f"{interrupted} cell(s) interrupted and not requeued, each with its checkpoint: rerun the same "
+            "command to resume them",
             file=sys.stderr,
         )
     if counts.get("stale"):
@@ -289,7 +337,7 @@ def main(argv: list[str]) -> int:
             'with a --variant (see README, "Several settings side by side")',
             file=sys.stderr,
         )
-    return 1 if failed or counts.get("stale") else 0
+    return 1 if failed or interrupted or counts.get("stale") else 0
 
 
 def plan_from_args(args) -> list[Cell]:
