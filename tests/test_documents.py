@@ -11,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clipstudy.study import findings, report
+from clipstudy.study import conclusions as study_conclusions
+from clipstudy.study import findings
 from clipstudy.study.results import LOSS_NAMES, OPTIMIZER_NAMES, average_grid, study_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +62,7 @@ def demo_chance() -> dict:
 
 @pytest.fixture(scope="module")
 def conclusions(results, demo_chance) -> list[str]:
-    return report.conclusions(results, demo_chance)
+    return study_conclusions.conclusions(results, demo_chance)
 
 
 def test_results_table_and_study_table_csv_equal_the_report_of_results_csv(results):

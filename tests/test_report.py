@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clipstudy.study import findings, report, results
+from clipstudy.study import conclusions, findings, report, results
 
 # optimizer, loss, seed, status, TR@1, IR@1, ACC@1
 FIXTURE = [
@@ -61,8 +61,8 @@ def test_tables_and_conclusions(tmp_path):
     )
     assert table.loc[("SGD", "CLIP"), "TR@1"] == "9.00" and table.loc[("SGD", "CLIP"), "Status"] == "1 diverged"
     assert table.loc[("SGD", "SogCLR"), "Average"] == "–" and table.loc[("SGD", "SogCLR"), "Status"] == "2 failed"
-    lines = report.conclusions(df)
-    assert lines[0].startswith("Best cell: AdamW + SogCLR")
+    lines = conclusions.conclusions(df)
+    assert lines[0].startswith("Best cell (highest mean): AdamW + SogCLR")
     assert any("diverged" in line and "sgd-clip-s1 at step 7" in line for line in lines)
     assert any("failed" in line and "sgd-sogclr-s0" in line for line in lines)
     # the paper's findings need the whole 3 x 5 grid (tested in test_paper_findings_*)
@@ -129,7 +129,7 @@ def test_analysis_notebook_renders_report(tmp_path):
     assert study.set_index(["Optimizer", "Method"]).loc[("AdamW", "CLIP"), "IR@1"] == "9.00 ± 1.41"
     text = html.read_text()
     assert "11.00 ± 1.41" in text and "diverged" in text and "failed" in text
-    assert "Best cell: AdamW + SogCLR" in text
+    assert "Best cell (highest mean): AdamW + SogCLR" in text and "## Answer" not in text and "Answer" in text
     assert "def " not in text and "import " not in text  # code hidden
 
 
@@ -138,60 +138,43 @@ def test_conclusions_against_chance(tmp_path):
     df = results.collect_runs(tmp_path)
     # chance Average = (1 + 1 + 10) / 3 = 4; cell means: AdamW+CLIP 13.83, AdamW+SogCLR 16.67, SGD+CLIP 10.33,
     # Adam+CLIP 3.33 -> three cells above 2 x 4 = 8, Adam+CLIP below chance
-    lines = report.conclusions(df, {"txt_r1": 1.0, "img_r1": 1.0, "zeroshot_top1": 10.0})
+    lines = conclusions.conclusions(df, {"txt_r1": 1.0, "img_r1": 1.0, "zeroshot_top1": 10.0})
     assert "3 of 4 cells reach more than twice the chance Average (4.00)." in lines
     below = [line for line in lines if line.startswith("Below chance")]
     assert below == ["Below chance: Adam + CLIP."]
 
 
 def test_conclusions_compare_variants_with_their_base_optimizer(tmp_path):
-    """The optimizer a variant modifies comes from its runs (base_optimizer), not from its name."""
-    write_fixture_runs(tmp_path)
-    extra = [("adam-nol2", "adam", "clip", 6.0, 6.0, 9.0), ("hot", "sgd", "clip", 3.0, 3.0, 3.0)]
-    for opt, base, loss, tr, ir, acc in extra:
-        d = tmp_path / f"{opt}-{loss}-s0"
+    """The optimizer a variant modifies comes from its runs (base_optimizer), not from its name; the comparison
+    is paired over seeds, with its interval and verdict."""
+
+    def run(opt, base, seed, average):
+        d = tmp_path / f"{opt}-clip-s{seed}"
         d.mkdir()
-        (d / "metrics.json").write_text(
-            json.dumps(
-                {
-                    "status": "completed",
-                    "optimizer": opt,
-                    "base_optimizer": base,
-                    "loss": loss,
-                    "seed": 0,
-                    "txt_r1": tr,
-                    "img_r1": ir,
-                    "zeroshot_top1": acc,
-                    "average": (tr + ir + acc) / 3,
-                }
-            )
-        )
-    lines = report.conclusions(results.collect_runs(tmp_path))
-    # by hand: Adam+CLIP (3+3+4)/3 = 3.33, Adam (no L2) 7.00; SGD: only SGD+CLIP s0 completed, 31/3 = 10.33
-    assert "Adam (no L2) averages 7.00 over losses against 3.33 for Adam with its defaults: the variant helps." in lines
-    assert "hot averages 3.00 over losses against 10.33 for SGD with its defaults: the variant does not help." in lines
-    # with a chance Average of 6 both stay within 2 x 6 = 12: neither learns
-    lines = report.conclusions(results.collect_runs(tmp_path), {"txt_r1": 6.0, "img_r1": 6.0, "zeroshot_top1": 6.0})
-    assert (
-        "hot averages 3.00 over losses against 10.33 for SGD with its defaults: "
-        "neither learns (both within twice the chance Average, 6.00)." in lines
-    )
+        fields = {"status": "completed", "optimizer": opt, "loss": "clip", "seed": seed, "average": average}
+        fields.update(dict.fromkeys(("txt_r1", "img_r1", "zeroshot_top1"), average))
+        if base:
+            fields["base_optimizer"] = base
+        (d / "metrics.json").write_text(json.dumps(fields))
+
+    for seed, (adam, nol2, sgd, hot) in enumerate([(10, 20, 10, 10.5), (12, 23, 11, 11.6), (14, 24, 12, 12.4)]):
+        run("adam", "adam", seed, adam)
+        run("adam-nol2", "adam", seed, nol2)
+        run("sgd", "sgd", seed, sgd)
+        run("hot", "sgd", seed, hot)
+    lines = conclusions.conclusions(results.collect_runs(tmp_path))
+    # by hand: differences 10, 11, 10 -> mean 10.333, sd 0.5774, se 0.3333, t(0.975, 2) = 4.3027: +-1.434
+    expected = "Adam (no L2) against Adam (mean over 1 losses, 3 seeds): +10.33 [+8.90, +11.77], better"
+    assert any(line.startswith(expected) for line in lines), lines
+    # differences 0.5, 0.6, 0.4: an interval above 0, but the whole gap is inside the 2.07-point machine spread
+    hot = next(line for line in lines if line.startswith("hot against SGD"))
+    assert "+0.50 [" in hot and "not distinguishable" in hot and "2.07-point machine spread" in hot
     # a variant whose runs do not say what it modifies is not compared with anything
-    (tmp_path / "hot-clip-s0" / "metrics.json").write_text(
-        json.dumps(
-            {
-                "status": "completed",
-                "optimizer": "hot",
-                "loss": "clip",
-                "seed": 0,
-                "txt_r1": 3.0,
-                "img_r1": 3.0,
-                "zeroshot_top1": 3.0,
-                "average": 3.0,
-            }
-        )
-    )
-    assert not any(line.startswith("hot averages") for line in report.conclusions(results.collect_runs(tmp_path)))
+    for seed in range(3):
+        record = json.loads((tmp_path / f"hot-clip-s{seed}" / "metrics.json").read_text())
+        del record["base_optimizer"]
+        (tmp_path / f"hot-clip-s{seed}" / "metrics.json").write_text(json.dumps(record))
+    assert not any(line.startswith("hot against") for line in conclusions.conclusions(results.collect_runs(tmp_path)))
 
 
 def test_logs_are_loaded_and_tagged_per_run(tmp_path):
@@ -233,7 +216,9 @@ def test_collapse_comes_from_the_diagnostics_not_the_scores(tmp_path):
         path.write_text(
             json.dumps({**json.loads(path.read_text()), "image_cos_mean_end": image_cos, "text_cos_mean_end": text_cos})
         )
-    lines = report.conclusions(results.collect_runs(tmp_path), {"txt_r1": 1.0, "img_r1": 1.0, "zeroshot_top1": 10.0})
+    lines = conclusions.conclusions(
+        results.collect_runs(tmp_path), {"txt_r1": 1.0, "img_r1": 1.0, "zeroshot_top1": 10.0}
+    )
     # Adam + CLIP is below chance and collapsed; SGD + CLIP learned (10.33 > 8) yet its text embeddings collapsed
     assert "Below chance: Adam + CLIP." in lines
     collapsed = [line for line in lines if line.startswith("Cells whose embeddings end collapsed")]
@@ -241,7 +226,7 @@ def test_collapse_comes_from_the_diagnostics_not_the_scores(tmp_path):
     assert "Adam + CLIP (image 0.99, text 0.40)" in collapsed[0] and "AdamW" not in collapsed[0]
     # without diagnostics, nothing is called collapsed
     bare = results.collect_runs(tmp_path).assign(image_cos_mean_end=float("nan"), text_cos_mean_end=float("nan"))
-    lines = report.conclusions(bare, {"txt_r1": 1.0, "img_r1": 1.0, "zeroshot_top1": 10.0})
+    lines = conclusions.conclusions(bare, {"txt_r1": 1.0, "img_r1": 1.0, "zeroshot_top1": 10.0})
     assert "Below chance: Adam + CLIP." in lines
     assert not any("collapsed" in line for line in lines if not line.startswith("No collapse diagnostics"))
 

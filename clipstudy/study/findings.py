@@ -184,23 +184,3 @@ def initialisation_conclusions(df: pd.DataFrame) -> list[str]:
         verdict = {True: "reproduced", False: "not reproduced", None: "not testable"}[f["reproduced"]]
         out.append(f"From scratch, '{f['finding']}': {verdict} ({f['evidence']}).")
     return out
-
-
-def published_conclusions(df: pd.DataFrame) -> list[str]:
-    """The original study's findings, and Spearman's rho against its ranking, as sentences of the conclusions."""
-    out = []
-    for f in findings_from_grid(average_grid(df)):
-        verdict = {True: "reproduced", False: "NOT reproduced", None: "not testable"}[f["reproduced"]]
-        out.append(f"Paper finding '{f['finding']}': {verdict} ({f['evidence']}).")
-    rho = spearman_by_optimizer(df)
-    if rho["n_cells"].iloc[0] >= 3:
-        out.append(
-            "Spearman's rho against the published ranking: "
-            + ", ".join(
-                f"{'overall' if r.scope == 'all' else OPTIMIZER_NAMES[r.scope] + ' row'} {r.rho:.2f}"
-                for r in rho.itertuples()
-                if r.n_cells >= 3
-            )
-            + "."
-        )
-    return out

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from clipstudy import paths
@@ -20,7 +19,7 @@ from clipstudy.core.diagnostics import COLLAPSED_COS
 from clipstudy.core.metrics import chance_levels
 from clipstudy.data.layout import resolve_paths
 from clipstudy.errors import StartupError
-from clipstudy.study.results import LOSS_NAMES, OPTIMIZER_NAMES, RESULT_COLUMNS, cell_summary, order_key
+from clipstudy.study.results import LOSS_NAMES, OPTIMIZER_NAMES, PROTOCOLS, RESULT_COLUMNS, cell_summary, order_key
 
 
 # ------------------------------------------------------------------ gathering
@@ -48,7 +47,7 @@ def collapse_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> l
             f"modality, mean over seeds): "
             + (
                 ", ".join(
-                    f"{_cell_name(r)} (image {getattr(r, f'image_cos_mean_{when}'):.2f}, text "
+                    f"{cell_label(r)} (image {getattr(r, f'image_cos_mean_{when}'):.2f}, text "
                     f"{getattr(r, f'text_cos_mean_{when}'):.2f})"
                     for r in hit.itertuples()
                 )
@@ -92,7 +91,7 @@ def collapse_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> l
             else ""
         )
         out.append(
-            f"{_cell_name(r)} {why}: image cosine {r.image_cos_mean_start:.2f} -> {r.image_cos_mean_end:.2f}, "
+            f"{cell_label(r)} {why}: image cosine {r.image_cos_mean_start:.2f} -> {r.image_cos_mean_end:.2f}, "
             f"text cosine {r.text_cos_mean_start:.2f} -> {r.text_cos_mean_end:.2f}, weight norm "
             f"{r.weight_norm_start:.1f} -> {r.weight_norm_end:.1f}{gradient}."
         )
@@ -139,8 +138,8 @@ def _step_size_conclusion(
     if not (same_setting and ratio >= GRADIENT_RATIO):
         return []
     line = (
-        f"{_cell_name(r)}: its first gradient norm ({r.grad_norm_start:.2f}) is {ratio:.0f}x smaller than "
-        f"{_cell_name(ref)}'s ({ref.grad_norm_start:.2f}). SGD's step is the learning rate times the gradient, "
+        f"{cell_label(r)}: its first gradient norm ({r.grad_norm_start:.2f}) is {ratio:.0f}x smaller than "
+        f"{cell_label(ref)}'s ({ref.grad_norm_start:.2f}). SGD's step is the learning rate times the gradient, "
         f"so at the same learning rate ({lr:g}, no gradient clipping) its first steps are about {ratio:.0f}x "
         "shorter"
     )
@@ -156,7 +155,7 @@ def _step_size_conclusion(
         best = others.loc[others["average_mean"].idxmax()]
         first = table[(table["optimizer"] == best.optimizer) & (table["loss"] == r.loss)].iloc[0].grad_norm_start
         line += (
-            f"; {_cell_name(best)}, whose step is divided by a running gradient scale, reaches "
+            f"; {cell_label(best)}, whose step is divided by a running gradient scale, reaches "
             f"{best.average_mean:.2f} at that rate" + (f" (first gradient norm {first:.2f})" if first == first else "")
         )
     return [line + "."]
@@ -262,132 +261,6 @@ def environment_notes(env: pd.DataFrame) -> list[str]:
 
 
 # ---------------------------------------------------------------- conclusions
-def conclusions(df: pd.DataFrame, chance: dict | None = None) -> list[str]:
-    """Plain-language findings computed from the runs (never typed in by hand).
-
-    With ``chance`` (from :func:`chance_levels_for`), cells whose mean Average is
-    not above the chance Average are listed as not having learned.
-    """
-    from clipstudy.study import findings
-
-    summary = cell_summary(df)
-    done = summary.dropna(subset=["average_mean"])
-    if done.empty:
-        return ["No cell completed, so there is nothing to conclude."]
-    out = [_best_cell_line(done)] + _loss_conclusions(done)
-    # The original claims, tested on these runs.
-    out += findings.published_conclusions(df)
-    by_opt = done.groupby("optimizer")["average_mean"].mean()
-    chance_avg = _chance_average(chance)
-    out += _variant_conclusions(df, by_opt, chance_avg)
-    if len(by_opt) > 1:
-        ranking = ", ".join(
-            f"{OPTIMIZER_NAMES.get(k, k)} {v:.2f}" for k, v in by_opt.sort_values(ascending=False).items()
-        )
-        out.append(f"Mean Average over losses by optimizer: {ranking}.")
-    out += findings.optimizer_conclusions(df, chance_avg) + collapse_conclusions(df, chance_avg)
-    out += findings.initialisation_conclusions(df)
-    return out + _chance_conclusions(done, chance_avg) + _status_conclusions(df)
-
-
-def _best_cell_line(done: pd.DataFrame) -> str:
-    best = done.loc[done["average_mean"].idxmax()]
-    return (
-        f"Best cell: {OPTIMIZER_NAMES.get(best.optimizer, best.optimizer)} + "
-        f"{LOSS_NAMES.get(best.loss, best.loss)}, Average {best.average_mean:.2f}"
-        + (f" ± {best.average_std:.2f} over {int(best.average_count)} seeds" if best.average_count > 1 else "")
-    )
-
-
-def _loss_conclusions(done: pd.DataFrame) -> list[str]:
-    """Per loss: its best optimizer and its lead over the second, against the seed spread when there is one."""
-    multi_seed = (done["average_count"] > 1).any()
-    out = []
-    for loss, group in done.groupby("loss", sort=False):
-        group = group.sort_values("average_mean", ascending=False)
-        first = group.iloc[0]
-        line = (
-            f"{LOSS_NAMES.get(loss, loss)}: best optimizer {OPTIMIZER_NAMES.get(first.optimizer, first.optimizer)} "
-            f"({first.average_mean:.2f})"
-        )
-        if len(group) > 1:
-            second = group.iloc[1]
-            gap = first.average_mean - second.average_mean
-            line += f", ahead of {OPTIMIZER_NAMES.get(second.optimizer, second.optimizer)} by {gap:.2f}"
-            if multi_seed and first.average_count > 1 and second.average_count > 1:
-                spread = float(np.hypot(first.average_std, second.average_std))
-                line += (
-                    f"; the gap {'exceeds' if gap > spread else 'is within'} the seed spread "
-                    f"(combined std {spread:.2f})"
-                )
-            elif not multi_seed:
-                line += " (single seed: no spread to compare against)"
-        out.append(line + ".")
-    return out
-
-
-def _chance_average(chance: dict | None) -> float | None:
-    if chance and all(k in chance for k in ("txt_r1", "img_r1", "zeroshot_top1")):
-        return (chance["txt_r1"] + chance["img_r1"] + chance["zeroshot_top1"]) / 3
-    return None
-
-
-def _variant_conclusions(df: pd.DataFrame, by_opt: pd.Series, chance_avg: float | None) -> list[str]:
-    """Each optimizer variant against the optimizer its runs say it modifies (base_optimizer)."""
-    bases = df.dropna(subset=["base_optimizer"]).groupby("optimizer")["base_optimizer"].first()
-    out = []
-    for label, value in by_opt.items():
-        base = bases.get(label, label)
-        # scratch cells (random towers) are compared in initialisation_conclusions
-        if label == base or base not in by_opt or str(label).endswith("-scratch"):
-            continue
-        name, base_name = OPTIMIZER_NAMES.get(label, label), OPTIMIZER_NAMES.get(base, base)
-        line = f"{name} averages {value:.2f} over losses against {by_opt[base]:.2f} for {base_name} with its defaults: "
-        if chance_avg is not None and max(value, by_opt[base]) <= 2 * chance_avg:
-            line += f"neither learns (both within twice the chance Average, {chance_avg:.2f})."
-        else:
-            line += f"the variant {'helps' if value > by_opt[base] else 'does not help'}."
-        out.append(line)
-    return out
-
-
-def _chance_conclusions(done: pd.DataFrame, chance_avg: float | None) -> list[str]:
-    if chance_avg is None:
-        return []
-    learned = done[done["average_mean"] > 2 * chance_avg]
-    out = [f"{len(learned)} of {len(done)} cells reach more than twice the chance Average ({chance_avg:.2f})."]
-    below = done[done["average_mean"] < chance_avg]
-    if len(below):
-        out.append("Below chance: " + ", ".join(_cell_name(r) for r in below.itertuples()) + ".")
-    return out
-
-
-def _status_conclusions(df: pd.DataFrame) -> list[str]:
-    """The runs that diverged (and at which step) or failed."""
-    diverged = df[df["status"] == "diverged"]
-    failed = df[df["status"] == "failed"]
-    out = []
-    if len(diverged):
-        out.append(
-            f"{len(diverged)} run(s) diverged: "
-            + ", ".join(
-                f"{r.optimizer}-{r.loss}-s{r.seed} at step {_step(r.diverged_at_step)}" for r in diverged.itertuples()
-            )
-            + "."
-        )
-    if len(failed):
-        out.append(
-            f"{len(failed)} run(s) failed: "
-            + ", ".join(f"{r.optimizer}-{r.loss}-s{r.seed}" for r in failed.itertuples())
-            + "."
-        )
-    return out
-
-
-def _cell_name(r) -> str:
-    return f"{OPTIMIZER_NAMES.get(r.optimizer, r.optimizer)} + {LOSS_NAMES.get(r.loss, r.loss)}"
-
-
 # ---------------------------------------------------- what the analysis notebook reads and writes
 class NothingToReport(StartupError):
     """A runs folder without any run record: there is nothing to report, and nothing is written."""
@@ -399,7 +272,10 @@ class NothingToReport(StartupError):
 def runs_to_report(profile: str, runs: str | Path = "") -> Path:
     """The runs folder to report (``runs``, else the profile's); :class:`NothingToReport` when it holds no run."""
     folder = Path(runs) if runs else paths.runs_dir(profile)
-    if not folder.is_dir() or not any(folder.glob("*/metrics.json")):
+    found = [
+        path for pattern in ("*", *(f"{p}/*" for p in PROTOCOLS)) for path in folder.glob(f"{pattern}/metrics.json")
+    ]
+    if not folder.is_dir() or not found:
         raise NothingToReport(
             f"nothing to report: {folder} holds no runs (no */metrics.json); train one with notebooks/train.ipynb "
             f"or run `make sweep PROFILE={profile}`{' (or `make demo`)' if profile == 'demo' else ''}, or set "
@@ -426,10 +302,12 @@ def overview(profile: str, df: pd.DataFrame, out_dir: str | Path = "") -> str:
     """The report's first line: runs, cells, seeds and statuses (and, opened by hand, that it writes nothing)."""
     statuses = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
     seeds = sorted(int(s) for s in df["seed"].dropna().unique())
+    named = [p for p in PROTOCOLS if (df["protocol"] == p).any()]
+    protocols = f" under the {' and the '.join(named)} protocol{'s' if len(named) > 1 else ''}" if named else ""
     where = "" if out_dir else f" Shown only: `python -m clipstudy report --profile {profile}` writes the tables."
     return (
         f"**Profile `{profile}`**: {len(df)} runs in {df.groupby(['optimizer', 'loss']).ngroups} optimizer x loss "
-        f"cells, seeds {seeds}; statuses: {statuses}.{where}"
+        f"cells{protocols}, seeds {seeds}; statuses: {statuses}.{where}"
     )
 
 
@@ -455,5 +333,6 @@ def render(profile: str, runs_root: Path, out_dir: Path, *, notebook: Path | Non
     return html
 
 
-def _step(value) -> str:
-    return str(int(value)) if value == value else "?"  # NaN: not recorded
+def cell_label(r) -> str:
+    """ "AdamW + CLIP": a cell (a row with ``optimizer`` and ``loss``) by its display names."""
+    return f"{OPTIMIZER_NAMES.get(r.optimizer, r.optimizer)} + {LOSS_NAMES.get(r.loss, r.loss)}"

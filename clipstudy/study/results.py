@@ -122,18 +122,18 @@ def order_key(col: pd.Series) -> pd.Series:
 
 
 def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std and count over seeds per (optimizer, loss), completed runs only; plus status counts."""
+    """Mean, std and count over seeds per (protocol, optimizer, loss), completed runs only; plus status counts."""
+    keys = (["protocol"] if "protocol" in df else []) + ["optimizer", "loss"]
+    df = df.assign(protocol=df["protocol"].fillna("")) if "protocol" in df else df
     done = df[df["status"] == "completed"]
-    agg = done.groupby(["optimizer", "loss"], sort=False)[METRICS].agg(["mean", "std", "count"])
+    agg = done.groupby(keys, sort=False)[METRICS].agg(["mean", "std", "count"])
     agg.columns = [f"{m}_{s}" for m, s in agg.columns]
-    status = df.pivot_table(
-        index=["optimizer", "loss"], columns="status", values="run_dir", aggfunc="count", fill_value=0
-    )
+    status = df.assign(n=1).pivot_table(index=keys, columns="status", values="n", aggfunc="count", fill_value=0)
     out = status.join(agg, how="left")
     for s in ("completed", "diverged", "failed"):
         if s not in out:
             out[s] = 0
-    return out.reset_index().sort_values(["optimizer", "loss"], key=order_key).reset_index(drop=True)
+    return out.reset_index().sort_values(keys, key=order_key).reset_index(drop=True)
 
 
 def _fmt(mean, std, n) -> str:
@@ -150,9 +150,11 @@ def study_table(df: pd.DataFrame) -> pd.DataFrame:
     A cell with no completed seed shows its status (diverged / failed) instead of numbers.
     """
     summary = cell_summary(df)
+    with_protocol = "protocol" in summary and (summary["protocol"] != "").any()
     rows = []
     for _, r in summary.iterrows():
-        row = {
+        row = {"Protocol": r["protocol"]} if with_protocol else {}
+        row |= {
             "Optimizer": OPTIMIZER_NAMES.get(r["optimizer"], r["optimizer"]),
             "Method": LOSS_NAMES.get(r["loss"], r["loss"]),
         }
