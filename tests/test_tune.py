@@ -180,3 +180,44 @@ def test_with_a_rate_per_loss_the_shared_rate_is_chosen_with_clip():
     assert tune.shared_rate(tune.group_scores(table), ["adamw", "sgd"]) == 1e-3
     best = tune.best_settings(tune.group_scores(table)).set_index("group")["lr"]
     assert best["sgd:sogclr"] == 1e-2 and best["sgd:clip"] == 1e-2
+
+
+def test_sweep_takes_a_tuning_tables_rates_most_specific_first(tmp_path, capsys):
+    from clipstudy.study import sweep
+
+    table = pd.DataFrame(
+        [
+            {"group": "adamw:clip", "lr": 1e-3, "tuned": True, "shared": True},
+            {"group": "adamw:sogclr", "lr": 1e-2, "tuned": True, "shared": False},
+            {"group": "sgd:clip", "lr": 3.162e-2, "tuned": True, "shared": False},
+            {"group": "sgd:clip", "lr": 1e-3, "tuned": False, "shared": True},
+        ]
+    )
+    tune.write_table(table, tmp_path / "tuning.csv")
+    cells = sweep.plan_cells(
+        "smoke",
+        optimizers=["adamw", "sgd"],
+        losses=["clip", "sogclr"],
+        lr={**tune.rates_from(tmp_path / "tuning.csv", "tuned"), "sgd": 0.5},
+        overrides={"data": str(tmp_path)},
+        runs_root=tmp_path / "runs",
+    )
+    rates = {(c.label, c.loss): c.config.lr for c in cells}
+    assert rates == {
+        ("adamw", "clip"): 1e-3,
+        ("adamw", "sogclr"): 1e-2,
+        ("sgd", "clip"): 3.162e-2,
+        ("sgd", "sogclr"): 0.5,
+    }
+    shared = sweep.plan_cells(
+        "smoke",
+        optimizers=["sgd"],
+        losses=["sogclr"],
+        lr={"*": 1e-3},
+        overrides={"data": str(tmp_path)},
+        runs_root=tmp_path / "runs",
+    )
+    assert shared[0].config.lr == 1e-3
+    argv = ["--profile", "smoke", "--data", str(tmp_path), "--lr", "1e-3", "--lr-from", str(tmp_path / "tuning.csv")]
+    with pytest.raises(ConfigError, match="give one of them"):
+        sweep.main([*argv, "--dry-run"])

@@ -38,27 +38,9 @@ from clipstudy.study.results import PROTOCOLS
 
 def protocol_cells(profile: str, protocol: str, rates: dict[str, float], *, seeds, overrides: dict, runs_root: Path):
     """The cells of one protocol: the default grid at the protocol's rates, in ``runs_root/<protocol>/``."""
-    from clipstudy.core.losses import default_grid_losses
-    from clipstudy.core.optim import default_grid_optimizers
     from clipstudy.study.sweep import plan_cells
 
-    root = runs_root / protocol
-    cells = []
-    for optimizer in default_grid_optimizers():
-        for loss in default_grid_losses():
-            lr = rates.get(f"{optimizer}:{loss}", rates.get(optimizer, rates.get("*")))
-            if lr is None:
-                raise ConfigError(f"protocol {protocol}: the tuning table has no rate for {optimizer} ({loss})")
-            cells += plan_cells(
-                profile,
-                optimizers=[optimizer],
-                losses=[loss],
-                seeds=seeds,
-                lr={optimizer: lr},
-                overrides=overrides,
-                runs_root=root,
-            )
-    return cells
+    return plan_cells(profile, seeds=seeds, lr=rates, overrides=overrides, runs_root=runs_root / protocol)
 
 
 def link_shared_runs(tuned: list, shared: list) -> int:

@@ -48,7 +48,8 @@ def plan_cells(
     """The cells of a sweep, each validated now (so a bad parameter fails before hours of training).
 
     ``optimizers`` and ``losses`` default to the registered entries marked for the default grid.
-    ``lr`` is one learning rate for every cell or a mapping optimizer label -> lr.
+    ``lr`` is one learning rate for every cell or a mapping to rates from ``label:loss``, ``label`` or ``*``
+    (the most specific wins; a tuning table's choices, :func:`clipstudy.study.tune.rates_from`).
     ``variants`` adds named optimizer variants to :data:`~clipstudy.study.variants.VARIANTS`.
     """
     from clipstudy.core.losses import default_grid_losses
@@ -68,9 +69,10 @@ def plan_cells(
                 params = {**overrides, **variant, "loss": loss, "seed": int(seed)}
                 if label in known:
                     params["label"] = label
-                if isinstance(lr, dict):
-                    if label in lr:
-                        params["lr"] = float(lr[label])
+                if isinstance(lr, dict):  # the most specific rate: label x loss, label, then every cell
+                    key = next((k for k in (f"{label}:{loss}", label, "*") if k in lr), None)
+                    if key is not None:
+                        params["lr"] = float(lr[key])
                 elif lr:
                     params["lr"] = float(lr)
                 cell = Cell(label, loss, int(seed))
@@ -112,7 +114,7 @@ def check_names(lr: dict | float | None, variants: dict[str, dict]) -> None:
     if isinstance(lr, dict):
         known = sorted({*optimizers, *VARIANTS, *variants})
         for name in lr:
-            if name not in known:
+            if name != "*" and name.split(":")[0] not in known:
                 raise ConfigError(f"--lr: {name!r} is not an optimizer or variant name; valid names: {known}")
 
 
@@ -212,6 +214,18 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         default=None,
         help="one learning rate for all cells, or per optimizer or variant name: "
         "adamw=2e-4,sgd=0.05 (an unknown name fails at start)",
+    )
+    parser.add_argument(
+        "--lr-from",
+        default=None,
+        metavar="TUNING_CSV",
+        help="the rates a tuning table chose (python -m clipstudy tune), e.g. reports/demo/tuning.csv",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=("tuned", "shared"),
+        default="tuned",
+        help="with --lr-from: each optimizer's (x loss's) own rate, or the one shared rate (default tuned)",
     )
     parser.add_argument(
         "--variant",
@@ -359,6 +373,12 @@ def plan_from_args(args) -> list[Cell]:
         optimizer, _, fields = rest.partition(":")
         variants[name] = {"optimizer": optimizer, **parse_mapping(fields.replace(";", ","), "--variant")}
     lr = None
+    if args.lr and args.lr_from:
+        raise ConfigError("--lr and --lr-from both set the learning rates: give one of them")
+    if args.lr_from:
+        from clipstudy.study.tune import rates_from
+
+        lr = rates_from(args.lr_from, args.protocol)
     if args.lr:
         lr = (
             {k: _number(v, "--lr", float) for k, v in parse_mapping(args.lr, "--lr").items()}
