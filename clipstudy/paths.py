@@ -23,6 +23,8 @@ from pathlib import Path
 from clipstudy.errors import StartupError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# The protocols of a fair study, each a folder of a profile's runs folder (clipstudy.study.protocols).
+PROTOCOLS = ("shared", "tuned")
 ROOT_VARIABLE = "CLIPSTUDY_ROOT"
 # Local copies of the pretrained weights, used instead of the torch / Hugging Face caches when set.
 RESNET50_ENV = "CLIPSTUDY_RESNET50_WEIGHTS"

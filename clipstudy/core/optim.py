@@ -123,7 +123,7 @@ def default_grid_optimizers() -> list[str]:
     return [name for name in optimizers_in_order() if OPTIMIZERS[name].in_default_grid]
 
 
-def check_optimizer_options(name: str, *, lr: float | None, weight_decay: float, options: dict) -> None:
+def check_optimizer_options(name: str, *, lr: float | None, weight_decay: float, **options) -> None:
     """Raise ValueError naming the first option that optimizer ``name`` rejects (each option alone first).
 
     Called at start-up, before any data is read, by building the optimizer on a

@@ -126,6 +126,12 @@ class RunConfig:
     def cell_name(self) -> str:
         return cell_name(self.optimizer_label(), self.loss, self.seed)
 
+    def optimizer_settings(self) -> dict:
+        """What the optimizer is built with: the rate (``lr`` 0 means the optimizer's own default, resolved by
+        the optimizer registry: None here), the weight decay and ``optimizer_params``; the one place that
+        turns these fields into optimizer arguments."""
+        return {"lr": self.lr or None, "weight_decay": self.weight_decay, **self.optimizer_params}
+
     def resolved_paths(self) -> dict:
         """Data paths with the `data` shorthand expanded (explicit paths win)."""
         return resolve_paths(self.to_dict(), needs_tokenizer=self.text_encoder == "small_distilbert")

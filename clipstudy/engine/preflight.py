@@ -76,12 +76,7 @@ def check_components(config: RunConfig) -> None:
         ),
         (
             "optimizer_params",
-            lambda: check_optimizer_options(
-                config.optimizer,
-                lr=config.lr or None,
-                weight_decay=config.weight_decay,
-                options=config.optimizer_params,
-            ),
+            lambda: check_optimizer_options(config.optimizer, **config.optimizer_settings()),
         ),
     ):
         try:

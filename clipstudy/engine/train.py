@@ -189,14 +189,7 @@ def build_run(config: RunConfig, out: Path, rank: int = 0, world_size: int = 1) 
             config.loss, temperature=config.temperature, num_samples=len(train_set), **config.loss_params
         ).to(device)
     with params_named("optimizer_params", config.optimizer_params):
-        optimizer = build_optimizer(
-            config.optimizer,
-            model,
-            loss,
-            lr=config.lr or None,
-            weight_decay=config.weight_decay,
-            **config.optimizer_params,
-        )
+        optimizer = build_optimizer(config.optimizer, model, loss, **config.optimizer_settings())
     total_steps, stop_step = planned_steps(config, steps_per_epoch)
     warmup = steps_per_epoch if config.warmup_steps < 0 else config.warmup_steps
     scheduler = make_scheduler(

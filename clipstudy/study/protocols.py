@@ -33,7 +33,7 @@ from pathlib import Path
 from clipstudy import paths
 from clipstudy.arguments import CommandParser
 from clipstudy.engine.config import ConfigError
-from clipstudy.study.results import PROTOCOLS
+from clipstudy.paths import PROTOCOLS
 
 
 def protocol_cells(profile: str, protocol: str, rates: dict[str, float], *, seeds, overrides: dict, runs_root: Path):

@@ -17,6 +17,7 @@ import pandas as pd
 from clipstudy.core.diagnostics import SUMMARISED, start_end_summary
 from clipstudy.core.losses import LOSSES, losses_in_order
 from clipstudy.engine import records
+from clipstudy.paths import PROTOCOLS
 from clipstudy.study.variants import optimizer_display_names
 
 METRICS = list(records.HEADLINE)
@@ -24,8 +25,6 @@ METRIC_NAMES = {"txt_r1": "TR@1", "img_r1": "IR@1", "zeroshot_top1": "ACC@1", "a
 # Display names, read from the registries and the named variants; a label not named there shows itself.
 OPTIMIZER_NAMES = optimizer_display_names()
 LOSS_NAMES = {name: LOSSES[name].display_name for name in losses_in_order()}
-# The protocols of a fair study (clipstudy.study.protocols), each a folder of the runs folder.
-PROTOCOLS = ("shared", "tuned")
 VALIDATION_METRICS = list(records.VALIDATION_HEADLINE)
 RESULT_COLUMNS = [
     "protocol",
