@@ -12,7 +12,7 @@ import pytest
 
 from clipstudy.core.optim import OPTIMIZERS
 from clipstudy.engine.config import ConfigError
-from clipstudy.study import tune
+from clipstudy.study import tune, tuning_table
 
 
 def test_the_grid_is_the_half_decade_lattice_with_both_ends():
@@ -129,14 +129,14 @@ def test_rates_from_reads_the_choices_and_refuses_other_files(tmp_path):
             {"group": "sgd", "lr": 1e-1, "tuned": True, "shared": False},
         ]
     )
-    tune.write_table(table, tmp_path / "tuning.csv")
-    assert tune.rates_from(tmp_path / "tuning.csv", "tuned") == {"adamw": 1e-3, "sgd": 1e-1}
-    assert tune.rates_from(tmp_path / "tuning.csv", "shared") == {"*": 1e-3}
+    tuning_table.write_table(table, tmp_path / "tuning.csv")
+    assert tuning_table.rates_from(tmp_path / "tuning.csv", "tuned") == {"adamw": 1e-3, "sgd": 1e-1}
+    assert tuning_table.rates_from(tmp_path / "tuning.csv", "shared") == {"*": 1e-3}
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ConfigError, match="not a tuning table"):
-        tune.rates_from(tmp_path / "other.csv", "tuned")
+        tuning_table.rates_from(tmp_path / "other.csv", "tuned")
     with pytest.raises(ConfigError, match="cannot read"):
-        tune.rates_from(tmp_path / "missing.csv", "tuned")
+        tuning_table.rates_from(tmp_path / "missing.csv", "tuned")
 
 
 def test_a_real_tuning_run_never_opens_the_test_sets(demo_data_dir, tmp_path, monkeypatch, capsys):
@@ -193,12 +193,12 @@ def test_sweep_takes_a_tuning_tables_rates_most_specific_first(tmp_path, capsys)
             {"group": "sgd:clip", "lr": 1e-3, "tuned": False, "shared": True},
         ]
     )
-    tune.write_table(table, tmp_path / "tuning.csv")
+    tuning_table.write_table(table, tmp_path / "tuning.csv")
     cells = sweep.plan_cells(
         "smoke",
         optimizers=["adamw", "sgd"],
         losses=["clip", "sogclr"],
-        lr={**tune.rates_from(tmp_path / "tuning.csv", "tuned"), "sgd": 0.5},
+        lr={**tuning_table.rates_from(tmp_path / "tuning.csv", "tuned"), "sgd": 0.5},
         overrides={"data": str(tmp_path)},
         runs_root=tmp_path / "runs",
     )

@@ -74,7 +74,7 @@ def run_study(
 ) -> dict:
     """Tune (or read a tuning table), run the protocols, render the report; return what each step did
     and how long it took."""
-    from clipstudy.study import tune
+    from clipstudy.study import tune, tuning_table
     from clipstudy.study.sweep import run_sweep
 
     if any(seed >= tune.TUNING_SEED for seed in seeds):
@@ -97,14 +97,14 @@ def run_study(
             runs_root=paths.runs_dir(f"{profile}-tune"),
             jobs=jobs,
         )
-        tune.write_table(trials, table)
+        tuning_table.write_table(trials, table)
         tune.print_summary(summary, table)
         timings["tune_s"] = time.perf_counter() - started
     results = {}
     cells_by_protocol = {}
     for protocol in protocols:
         t0 = time.perf_counter()
-        rates = tune.rates_from(table, protocol)
+        rates = tuning_table.rates_from(table, protocol)
         cells = protocol_cells(profile, protocol, rates, seeds=seeds, overrides=overrides, runs_root=runs_root)
         cells_by_protocol[protocol] = cells
         if protocol == "tuned" and "shared" in cells_by_protocol:

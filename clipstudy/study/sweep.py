@@ -30,7 +30,7 @@ from clipstudy.engine import records
 from clipstudy.engine.config import FIELDS, PROFILES, ConfigError, fields_epilog, make_config, profile_named_in
 from clipstudy.engine.fingerprint import listings_cached
 from clipstudy.engine.preflight import check_components
-from clipstudy.study import executors, jobs, sweep_manifest
+from clipstudy.study import executors, jobs, resources, sweep_manifest
 from clipstudy.study.cells import Cell, archive_stale, cell_state, parse_mapping, run_cell, summary_line
 
 
@@ -246,7 +246,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser.add_argument("--runs", default=None, help="runs folder (default reports/runs/<profile>)")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "1")))
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
-    executors.add_arguments(parser)
+    resources.add_arguments(parser)
     parser.add_argument(
         "--rerun-stale",
         action="store_true",
@@ -288,7 +288,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     given, remembered = remembered_settings(parser, args, argv)
     cells = described_cells(args, given, remembered) if args.status or args.dry_run else plan_from_args(args)
-    resources = executors.resources_from_args(args)
+    needs = resources.resources_from_args(args)
     if args.status:
         with listings_cached():
             jobs.print_status(cells)
@@ -312,12 +312,12 @@ def main(argv: list[str]) -> int:
             ) from None
         sweep_manifest.write(root, args)
     t0 = time.perf_counter()
-    if args.executor == "inline" and resources.world_size == 1:
+    if args.executor == "inline" and needs.world_size == 1:
         results = run_sweep(cells, jobs=args.jobs, rerun_stale=args.rerun_stale)
     else:
         results, todo = unfinished_cells(cells, args.rerun_stale, keep_running=args.executor == "slurm")
         ran = executors.run_cells(
-            args.executor, todo, resources, cells[0].out.parent if cells else Path(), jobs=args.jobs, wait=args.wait
+            args.executor, todo, needs, cells[0].out.parent if cells else Path(), jobs=args.jobs, wait=args.wait
         )
         if ran is None:  # submitted to Slurm, not waited for
             return 0
@@ -376,7 +376,7 @@ def plan_from_args(args) -> list[Cell]:
     if args.lr and args.lr_from:
         raise ConfigError("--lr and --lr-from both set the learning rates: give one of them")
     if args.lr_from:
-        from clipstudy.study.tune import rates_from
+        from clipstudy.study.tuning_table import rates_from
 
         lr = rates_from(args.lr_from, args.protocol)
     if args.lr:
