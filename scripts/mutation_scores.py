@@ -28,9 +28,9 @@ from mutation_resume import copy_worktree  # noqa: E402  (the same tree copy as 
 
 # module -> (file, mutant-name globs of the promise-carrying functions, tests)
 MODULES = {
-    "checkpoint": (
-        ["clipstudy/engine/checkpoint.py"],
-        ["clipstudy.engine.checkpoint.*"],
+    "checkpoint": (  # checkpoints, and the atomic writes and locks they stand on (moved to fileio)
+        ["clipstudy/engine/checkpoint.py", "clipstudy/fileio.py"],
+        ["clipstudy.engine.checkpoint.*", "clipstudy.fileio.*"],
         [
             "tests/test_checkpoint.py",
             "tests/test_sweep.py::test_dry_run_lists_each_cells_state_and_runs_nothing",
@@ -70,8 +70,8 @@ MODULES = {
         ["tests/test_evaluate.py"],
     ),
     "sweep cell state": (
-        ["clipstudy/study/sweep.py"],
-        ["clipstudy.study.sweep.x_cell_state__mutmut_*", "clipstudy.study.sweep.x_record_state__mutmut_*"],
+        ["clipstudy/study/cells.py"],
+        ["clipstudy.study.cells.x_cell_state__mutmut_*", "clipstudy.study.cells.x_record_state__mutmut_*"],
         [
             "tests/test_sweep.py::test_dry_run_lists_each_cells_state_and_runs_nothing",
             "tests/test_sweep.py::test_record_state_tells_stale_and_cut_runs_apart_and_needs_a_config_for_either",
