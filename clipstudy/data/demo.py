@@ -270,12 +270,12 @@ def _chosen_classes(n: int) -> list[str]:
 def make_demo_data(
     out: str | Path,
     *,
-    seed: int = 0,
-    image_size: int = 32,
-    train_size: int = 4000,
-    retrieval_size: int = 500,
-    zeroshot_per_class: int = 10,
-    zeroshot_classes: int | None = None,
+    seed: int = DEFAULTS["seed"],
+    image_size: int = DEFAULTS["image_size"],
+    train_size: int = DEFAULTS["train_size"],
+    retrieval_size: int = DEFAULTS["retrieval_size"],
+    zeroshot_per_class: int = DEFAULTS["zeroshot_per_class"],
+    zeroshot_classes: int | None = DEFAULTS["zeroshot_classes"],
     force: bool = False,
 ) -> dict:
     """Generate the demo benchmark in ``out`` (layout in the module docstring); returns the manifest.
@@ -284,9 +284,9 @@ def make_demo_data(
         seed: random seed (default 0); the same parameters give byte-identical files.
         image_size: image side in pixels (default 32).
         train_size: training pairs (default 4000).
-        retrieval_size: retrieval images, 5 captions each (default 500).
-        zeroshot_per_class: zero-shot images per class (default 10).
-        zeroshot_classes: number of colour x shape classes (default None = all 35).
+        retrieval_size: retrieval images, 5 captions each, in each of the test and validation sets (default 1000).
+        zeroshot_per_class: zero-shot images per class in each set (default 140).
+        zeroshot_classes: number of held-out colour x shape classes (default None = all 15).
         force: regenerate even when ``out`` already holds this exact set, and replace
             a different set (without it, :class:`DifferentDataSet` is raised).
     """
@@ -302,33 +302,19 @@ def make_demo_data(
 
     # independent streams, so changing one set's size leaves the others unchanged; the validation
     # sets are drawn exactly like the test sets, from their own streams
-    streams = np.random.SeedSequence(seed).spawn(5)
-    train_rng, retrieval_rng, zeroshot_rng, val_retrieval_rng, val_zeroshot_rng = map(np.random.default_rng, streams)
+    train_rng, *evaluation_rngs = map(np.random.default_rng, np.random.SeedSequence(seed).spawn(5))
     train_scenes, train_captions = _captioned_images(train_rng, "train", train_size, 1, out, image_size)
     train = [
         {"image": scene["image"], "caption": captions[0], "image_id": i}
         for i, (scene, captions) in enumerate(zip(train_scenes, train_captions))
     ]
     classes = _chosen_classes(parameters["zeroshot_classes"])
-    classnames = {class_id: class_id.replace("_", " ") for class_id in classes}
     scenes = {"train": train_scenes}
-    for split, retrieval_stream, zeroshot_stream in (
-        ("", retrieval_rng, zeroshot_rng),
-        ("val_", val_retrieval_rng, val_zeroshot_rng),
-    ):
-        retrieval_scenes, retrieval_captions = _captioned_images(
-            retrieval_stream, f"{split}retrieval", retrieval_size, CAPTIONS_PER_RETRIEVAL_IMAGE, out, image_size
+    retrieval = {}
+    for prefix, (retrieval_rng, zeroshot_rng) in (("", evaluation_rngs[:2]), ("val_", evaluation_rngs[2:])):
+        retrieval[prefix], scenes[f"{prefix}retrieval"], scenes[f"{prefix}zeroshot"] = _evaluation_split(
+            out, prefix, retrieval_rng, zeroshot_rng, parameters, classes
         )
-        retrieval = [{"image": s["image"], "caption": c} for s, c in zip(retrieval_scenes, retrieval_captions)]
-        _write_json(out / f"{split}retrieval.json", retrieval)
-        zeroshot_dir = out / f"{split}zeroshot"
-        scenes[f"{split}retrieval"] = retrieval_scenes
-        scenes[f"{split}zeroshot"] = _zeroshot_images(
-            zeroshot_stream, classes, zeroshot_per_class, zeroshot_dir, image_size
-        )
-        _write_json(zeroshot_dir / "classnames.json", {"classnames": classnames, "templates": ZEROSHOT_TEMPLATES})
-        if not split:
-            test_retrieval = retrieval
     _write_json(out / "train.json", train)
     _write_json(out / "scenes.json", scenes)
 
@@ -336,39 +322,65 @@ def make_demo_data(
     # "photo", a retrieval caption's rare synonym) are split into its character pieces
     tokenizer = build_tokenizer([e["caption"] for e in train])
     tokenizer.save_pretrained(str(out / "tokenizer"))
+    manifest = _manifest(out, parameters, classes, retrieval[""], scenes, len(tokenizer))
+    _write_json(out / "manifest.json", manifest)  # last: its presence marks a complete set
+    return manifest
 
+
+def _evaluation_split(out: Path, prefix: str, retrieval_rng, zeroshot_rng, parameters: dict, classes: list[str]):
+    """Write one evaluation split (``prefix`` "" = test, "val_" = validation): its retrieval set and its
+    zero-shot folder; returns (retrieval entries, retrieval scenes, zero-shot scenes)."""
+    image_size = parameters["image_size"]
+    retrieval_scenes, retrieval_captions = _captioned_images(
+        retrieval_rng,
+        f"{prefix}retrieval",
+        parameters["retrieval_size"],
+        CAPTIONS_PER_RETRIEVAL_IMAGE,
+        out,
+        image_size,
+    )
+    retrieval = [{"image": s["image"], "caption": c} for s, c in zip(retrieval_scenes, retrieval_captions)]
+    _write_json(out / f"{prefix}retrieval.json", retrieval)
+    folder = out / f"{prefix}zeroshot"
+    zeroshot_scenes = _zeroshot_images(zeroshot_rng, classes, parameters["zeroshot_per_class"], folder, image_size)
+    classnames = {class_id: class_id.replace("_", " ") for class_id in classes}
+    _write_json(folder / "classnames.json", {"classnames": classnames, "templates": ZEROSHOT_TEMPLATES})
+    return retrieval, retrieval_scenes, zeroshot_scenes
+
+
+def _manifest(out: Path, parameters: dict, classes: list[str], test_retrieval: list, scenes: dict, vocab: int) -> dict:
+    """The manifest: parameters, counts, the counted overlap of the zero-shot scenes with training, chance
+    levels and the content digest (refuses a set whose zero-shot classes leaked into training)."""
     n_texts = sum(len(e["caption"]) for e in test_retrieval)
     n_classes = len(classes)
     digest, n_files = content_digest(out)
-    manifest = {
+    overlap = {split: overlap_counts(scenes[split], scenes["train"]) for split in ("zeroshot", "val_zeroshot")}
+    for split, counts in overlap.items():
+        if any(counts.values()):  # the generator leaked the held-out label space: never ship such a set
+            raise AssertionError(f"{split} scenes overlap the training scenes: {counts}")
+    per_split = parameters["zeroshot_per_class"] * n_classes
+    return {
         "generator": "clipstudy.data.demo",
         "generator_version": GENERATOR_VERSION,
         "parameters": parameters,
         "counts": {
-            "train_pairs": train_size,
-            "retrieval_images": retrieval_size,
+            "train_pairs": parameters["train_size"],
+            "retrieval_images": parameters["retrieval_size"],
             "retrieval_texts": n_texts,
             "zeroshot_classes": n_classes,
-            "zeroshot_images": n_classes * zeroshot_per_class,
-            "val_retrieval_images": retrieval_size,
-            "val_zeroshot_images": n_classes * zeroshot_per_class,
-            "tokenizer_vocab": len(tokenizer),
+            "zeroshot_images": per_split,
+            "val_retrieval_images": parameters["retrieval_size"],
+            "val_zeroshot_images": per_split,
+            "tokenizer_vocab": vocab,
             "files": n_files,
         },
         "held_out_classes": sorted(classes),
         # zero-shot scenes sharing a colour x shape combination (or a whole configuration) with a
         # training scene: 0 by construction, counted here (the towers' pretraining counts its own)
-        "zeroshot_overlap_with_train": {
-            split: overlap_counts(scenes[split], train_scenes) for split in ("zeroshot", "val_zeroshot")
-        },
+        "zeroshot_overlap_with_train": overlap,
         "chance": _chance_levels(test_retrieval, n_texts, n_classes),
         "digest": digest,
     }
-    for split, counts in manifest["zeroshot_overlap_with_train"].items():
-        if any(counts.values()):  # the generator leaked the held-out label space: never ship such a set
-            raise AssertionError(f"{split} scenes overlap the training scenes: {counts}")
-    _write_json(out / "manifest.json", manifest)  # last: its presence marks a complete set
-    return manifest
 
 
 def _remove_outputs(out: Path) -> None:
