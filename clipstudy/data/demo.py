@@ -44,7 +44,6 @@ import math
 import shutil
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +68,13 @@ from clipstudy.data.demo_scenes import (  # noqa: F401
     render_scene,
     shape_extent,
 )
+from clipstudy.data.tokenizer import build_tokenizer
 from clipstudy.errors import StartupError
 
 # 2: compositional zero-shot classes (demo_scenes.HELD_OUT), validation sets, larger evaluation sets,
 #    the tokenizer from the training captions only
 GENERATOR_VERSION = 2
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] = 0
 CAPTIONS_PER_RETRIEVAL_IMAGE = 5
 
 # Evaluation sets large enough to separate cells: 1000 retrieval images (5000 captions) and
@@ -84,56 +83,6 @@ CAPTIONS_PER_RETRIEVAL_IMAGE = 5
 DEFAULTS = dict(
     seed=0, image_size=32, train_size=4000, retrieval_size=1000, zeroshot_per_class=140, zeroshot_classes=None
 )
-
-
-# --------------------------------------------------------------------------- tokenizer
-
-
-def build_tokenizer(texts: list[str]):
-    """A BERT-style WordPiece fast tokenizer whose vocabulary covers ``texts``.
-
-    Pipeline (``tokenizers`` library): BertNormalizer (lower case),
-    BertPreTokenizer, WordPiece, "[CLS] $A [SEP]"; special tokens [PAD]=0,
-    [UNK], [CLS], [SEP], [MASK]. The vocabulary is every character (and its
-    "##" continuation) and every whole word of the corpus, words by
-    descending count then alphabetically.
-
-    Why not ``WordPieceTrainer``: its merge order breaks ties through a hash
-    map, so the vocabulary changes from one process to the next; the demo
-    data set must be byte-identical for a seed. With a vocabulary this small,
-    keeping whole words is also what the trainer would converge to.
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import DistilBertTokenizerFast
-
-    normalizer = normalizers.BertNormalizer(lowercase=True)
-    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    words: Counter[str] = Counter()
-    for text in texts:
-        words.update(piece for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
-    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789").union(*words))
-    vocab_list = SPECIAL_TOKENS + chars + ["##" + c for c in chars]
-    seen = set(vocab_list)
-    vocab_list += [w for w, _ in sorted(words.items(), key=lambda item: (-item[1], item[0])) if w not in seen]
-    vocab = {token: i for i, token in enumerate(vocab_list)}
-    tokenizer = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizer
-    tokenizer.pre_tokenizer = pre_tokenizer
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    tokenizer.decoder = decoders.WordPiece()
-    return DistilBertTokenizerFast(
-        tokenizer_object=tokenizer,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=64,
-    )
 
 
 # --------------------------------------------------------------------------- files
