@@ -2,8 +2,9 @@
 
 Every ``python -m clipstudy <command>`` names a command of the dispatcher, every ``make <target>`` a Makefile
 target, every repository path a file or folder of the checkout, every ``clipstudy.<module>`` name something
-importable, every relative link a page (and heading) that exists; the configuration table of docs/reference.md is
-the code's; and the add-a-loss recipe of docs/architecture.md, copied from the page, registers a loss that trains.
+importable, every relative link a page (and heading) that exists; every module file of clipstudy/ has its own line in
+docs/architecture.md's module table; the configuration table of docs/reference.md is the code's; and the add-a-loss
+recipe of docs/architecture.md, copied from the page, registers a loss that trains.
 
 ``python tests/test_docs.py`` prints the configuration table; ``--write`` puts it into docs/reference.md.
 """
@@ -187,6 +188,31 @@ def test_the_docs_link_checker_sees_links_and_anchors():
     assert "protocol-fidelity-the-options" in anchors(ROOT / "docs" / "protocol.md")
     assert slug("The paper-scale setting (profile `paper`)") == "the-paper-scale-setting-profile-paper"
     assert {"python -m clipstudy list", "make lint"} <= set(code_text("`python -m clipstudy list` and `make lint`"))
+
+
+# ------------------------------------------------------------------ the module table
+def module_table_rows() -> list[list[str]]:
+    """The repository paths in the first cell of each row of docs/architecture.md's module table."""
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    found = re.search(r"^## The modules\n(.*?)(?=^## )", text, re.M | re.S)
+    assert found, "docs/architecture.md: no '## The modules' section"
+    rows = [line for line in found.group(1).splitlines() if line.startswith("| `")]
+    return [re.findall(r"`([^`]+)`", row.split("|")[1]) for row in rows]
+
+
+def test_every_module_file_has_its_own_line_in_the_architecture_table():
+    """Every module file of clipstudy/ is named, alone, at the start of one row; no row names a retired module."""
+    rows = module_table_rows()
+    crowded = [names for names in rows if len(names) != 1]
+    assert not crowded, f"docs/architecture.md's module table: one module per row, not {crowded}"
+    listed = [names[0] for names in rows]
+    modules = {str(path.relative_to(ROOT)) for path in (ROOT / "clipstudy").rglob("*.py")}
+    missing = sorted(modules - set(listed))
+    assert not missing, f"docs/architecture.md's module table lacks a line for {missing}"
+    retired = sorted(name for name in listed if name.startswith("clipstudy/") and name not in modules)
+    assert not retired, f"docs/architecture.md's module table names modules that do not exist: {retired}"
+    repeated = sorted({name for name in listed if listed.count(name) > 1})
+    assert not repeated, f"docs/architecture.md's module table names these twice: {repeated}"
 
 
 # ------------------------------------------------------------------ the configuration table

@@ -138,7 +138,7 @@ class RunConfig:
 
 
 # The original study's setting: the field defaults plus what its code base ran
-# (README, "Protocol fidelity"); each correction is the field's default or a
+# (docs/protocol.md, "Protocol fidelity: the options"); each correction is the field's default or a
 # named option. Per-loss parameters are merged into `loss_params` for the
 # run's loss (see make_config); OnlineCLR got the SogCLR gamma.
 PAPER: dict[str, Any] = dict(
@@ -160,10 +160,11 @@ PROFILE_LOSS_PARAMS: dict[str, dict[str, dict]] = {
 # lr: the shared protocol's rate, chosen by `python -m clipstudy tune --profile demo` on the
 # validation sets (the rate every optimizer tried with the best mean validation Average;
 # reports/demo/tuning.csv); the tuned protocol's per-optimizer rates come from the same table.
-# Text pooling: mean, because the first token of the MLM-pretrained tower starts
-# nearly collapsed (README, "Collapse diagnostics"). 32 px, no flip / RandAugment
-# (they would contradict the position and colour words of the captions). Small
-# batches: on this budget the number of steps matters more than the negatives per step.
+# Text pooling: mean, because the first token of the MLM-pretrained tower starts nearly
+# collapsed (docs/results.md, "Collapse at initialisation and text pooling"). 32 px, no
+# flip / RandAugment (they would contradict the position and colour words of the
+# captions). Small batches: on this budget the number of steps matters more than the
+# negatives per step.
 DEMO: dict[str, Any] = dict(
     profile="demo",
     data="data/demo",

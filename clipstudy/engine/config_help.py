@@ -1,4 +1,4 @@
-"""What each configuration field means, for ``--help`` and the README.
+"""What each configuration field means, for ``--help`` and docs/reference.md ("Configuration fields").
 
 One line per field of :class:`clipstudy.engine.config.RunConfig`, saying what it is
 and what its special values mean; :func:`clipstudy.engine.config.add_config_arguments`

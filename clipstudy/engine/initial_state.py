@@ -1,7 +1,8 @@
 """Diagnostics of a run's model at initialisation, before any training step.
 
-Used to measure how collapsed the towers' embeddings start out (the README's
-initialisation table): the model is built exactly as a run builds it.
+Used to measure how collapsed the towers' embeddings start out (the initialisation
+table of docs/results.md, "Collapse at initialisation and text pooling"): the model is
+built exactly as a run builds it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Read top to bottom: :func:`train` takes the run directory's lock,
 if there is one, then :func:`train_epochs` loops: training steps
 (:func:`train_step`, with a divergence guard), an evaluation at each epoch
 end, a checkpoint at every epoch end and on SIGTERM / SIGINT. The run
-directory's files (see README, "Run directory"): ``config.json``,
+directory's files (see docs/reference.md, "Run directory"): ``config.json``,
 ``metrics.json``, ``history.csv``, ``epochs.csv`` and ``checkpoints/``; what
 they hold is defined in :mod:`clipstudy.engine.records`.
 

@@ -348,7 +348,7 @@ def finish(results: dict[str, dict], seconds: float) -> int:
         print(
             f"error: {counts['stale']} stale cell(s) not run: their runs used other settings or data (listed "
             "above). Rerun with --rerun-stale to archive and retrain them, or keep both results side by side "
-            'with a --variant (see README, "Several settings side by side")',
+            'with a --variant (see docs/user-guide.md, "Several settings side by side")',
             file=sys.stderr,
         )
     return 1 if failed or interrupted or counts.get("stale") else 0
