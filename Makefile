@@ -62,6 +62,13 @@ test: lint
 test-faults: setup
 	$(PY) -m pytest -q -m faults
 
+# The sweep on a real single-node Slurm (scripts/slurm-local.sh; as root it installs Debian's slurm-wlm, munge,
+# slurmdbd and mariadb-server when missing), without and with accounting: the job array, --status, reruns,
+# scontrol requeue, USR2, a time limit (tests/test_slurm.py, docs/slurm.md; about 8 minutes on 2 cores).
+.PHONY: test-slurm
+test-slurm: setup
+	$(PY) -m pytest -q -m slurm
+
 # With the checkpoint loader made to find nothing, the kill -9, SIGTERM/SIGINT and full-disk resume tests must fail.
 test-mutation-resume: setup
 	$(PY) scripts/mutation_resume.py

@@ -21,6 +21,7 @@ from clipstudy.engine.config import make_config
 from clipstudy.engine.tensorboard_log import read_scalars
 from clipstudy.engine.train import train
 from clipstudy.study import executors
+from clipstudy.study.resources import DEFAULT_MAX_REQUEUES
 from clipstudy.study.sweep import plan_cells
 
 
@@ -221,7 +222,7 @@ def test_slurm_sweep_submits_one_array_and_status_shows_jobs(demo_data_dir, tmp_
         assert isinstance(task, executors.CellTask) and task.cell.out == cell and task.cell.loss == loss
         assert hasattr(task, "checkpoint")
         # up to 20 time limits (--max-requeues' default), not submitit's 3
-        assert submission._timeout_countdown == executors.DEFAULT_MAX_REQUEUES == 20
+        assert submission._timeout_countdown == DEFAULT_MAX_REQUEUES == 20
         assert task.threads is None  # decided on the node, from the allocation
 
     set_jobs(fake_slurm, **{"4242_0": "RUNNING", "4242_1": "PENDING|Priority"})

@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "slurm-local.sh"
 EPOCHS = 30  # a cell of the array: long enough to be stopped after its first checkpoint, a few seconds of training
-LONG_EPOCHS = 300  # the time-limit cell: over a minute of training on one CPU, so a 2-minute job is cut
+LONG_EPOCHS = 200  # the time-limit cell: about a minute of training on one CPU, so a 2-minute job is cut once
 
 
 class Cluster:
@@ -108,6 +109,25 @@ def references(demo_data_dir, tmp_path_factory):
     return folder
 
 
+class StatusWatch:
+    """Every status the runs' metrics.json files show while a test runs (read every 50 ms, from a thread)."""
+
+    def __init__(self, runs: Path):
+        self.runs, self.seen, self._stop = runs, set(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self):
+        while not self._stop.wait(0.05):
+            for path in self.runs.glob("*/metrics.json"):
+                self.seen.add((path.parent.name, metrics(path.parent).get("status", "")))
+
+    def stop(self) -> set:
+        self._stop.set()
+        self._thread.join()
+        return self.seen
+
+
 def until(condition, what: str, proc: subprocess.Popen | None = None, log: Path | None = None, timeout=240) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -162,6 +182,8 @@ def test_array_status_rerun_requeue_usr2_and_wait(cluster, references, queue_emp
     runs = tmp_path / "runs"
     clip, sogclr = runs / "adamw-clip-s0", runs / "adamw-sogclr-s0"
     log = tmp_path / "wait.log"
+    runs.mkdir()
+    watch = StatusWatch(runs)
     waiter = cluster.start_sweep(sweep_args(demo_data_dir, runs, "clip,sogclr", EPOCHS, "--wait"), log, tmp_path)
     until(lambda: (clip / "job.json").exists() and (sogclr / "job.json").exists(), "submitted", waiter, log)
     ids = [json.loads((run / "job.json").read_text())["job_id"] for run in (clip, sogclr)]
@@ -187,6 +209,7 @@ def test_array_status_rerun_requeue_usr2_and_wait(cluster, references, queue_emp
     see_requeued(cluster, ids[1], sogclr, waiter, log, tmp_path, records=("", "interrupted"))
 
     assert waiter.wait(timeout=400) == 0, log.read_text()
+    assert not {seen for seen in watch.stop() if seen[1] == "failed"}, "a requeued cell was recorded as failed"
     said = log.read_text()
     assert "FAILED" not in said and "sweep finished in" in said and "2 completed" in said, said
     for run, loss in ((clip, "clip"), (sogclr, "sogclr")):
@@ -204,3 +227,74 @@ def test_array_status_rerun_requeue_usr2_and_wait(cluster, references, queue_emp
         assert re.search(rf"\s+done\s+{job_id}\s+{shown}\s", line_of(status.stdout, run.name)), status.stdout
     rerun = cluster.sweep("--runs", runs, cwd=tmp_path)
     assert rerun.returncode == 0 and rerun.stdout.count("skipped (done") == 2 and not cluster.queue(), rerun
+
+
+@pytest.fixture
+def prompt_requeues(cluster):
+    """Start every requeued job at once (Slurm would hold it about 2 minutes), from a thread, while a test runs."""
+    stop = threading.Event()
+
+    def release():
+        while not stop.wait(0.5):
+            for job_id, (state, reason) in cluster.queue().items():
+                if state == "PENDING" and reason == "BeginTime":
+                    cluster.start_now(job_id)
+
+    thread = threading.Thread(target=release, daemon=True)
+    thread.start()
+    yield
+    stop.set()
+    thread.join()
+
+
+@pytest.mark.parametrize("cluster", [False], indirect=True, ids=["no-accounting"])
+def test_a_time_limit_requeues_from_the_checkpoint_and_the_cell_goes_on(
+    cluster, queue_emptied, prompt_requeues, demo_data_dir, tmp_path
+):
+    """A 2-minute job whose cell trains for longer: USR2 60 s before the limit, submitit checkpoints and requeues
+    (a time-out, counted against --max-requeues), the next run resumes; the cell ends equal to an uninterrupted
+    run trained meanwhile beside it. Its torch threads are the allocation's (one CPU), not this machine's."""
+    runs, ref = tmp_path / "runs", tmp_path / "reference"
+    run = runs / "adamw-clip-s0"
+    uninterrupted = subprocess.Popen(
+        [sys.executable, "-m", "clipstudy", "train", "--profile", "smoke", "--data", demo_data_dir, "--out", ref]
+        + ["--optimizer", "adamw", "--loss", "clip", "--epochs", str(LONG_EPOCHS), "--threads", "1", "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    log = tmp_path / "wait.log"
+    args = sweep_args(demo_data_dir, runs, "clip", LONG_EPOCHS, "--time", "2", "--sbatch", "signal=USR2@60", "--wait")
+    runs.mkdir()
+    watch = StatusWatch(runs)
+    waiter = cluster.start_sweep(args, log, tmp_path)
+    assert waiter.wait(timeout=600) == 0, log.read_text()
+    assert watch.stop() <= {(run.name, "interrupted"), (run.name, "completed")}, watch.seen
+    assert uninterrupted.wait(timeout=600) == 0
+    said, job_log = log.read_text(), (run / "job.out").read_text()
+    assert re.search(r"^adamw-clip-s0\s+completed", said, re.M) and "FAILED" not in said, said
+    assert "this job is timed-out" in job_log and "Requeued job" in job_log, job_log[-3000:]
+    assert resumed_step(run) > 0
+    assert comparable(metrics(run)) == comparable(metrics(ref)) and history_losses(run) == history_losses(ref)
+    device = json.loads((run / "config.json").read_text())["device"]
+    assert device["torch_threads"] == 1, device  # Slurm gave the task one CPU (this machine has cpu_count of them)
+
+
+@pytest.mark.parametrize("cluster", [False], indirect=True, ids=["no-accounting"])
+def test_a_refused_submission_and_a_job_pending_on_its_partitions_limit(
+    cluster, queue_emptied, demo_data_dir, tmp_path
+):
+    runs = tmp_path / "runs"
+    refused = cluster.sweep(*sweep_args(demo_data_dir, runs, "clip", 1, "--partition", "nosuch"), cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith("error: sbatch refused the job array: ") and "nosuch" in refused.stderr
+    assert not (runs / "adamw-clip-s0" / "job.json").exists() and not cluster.queue()
+    # the partition `short` allows 1 minute; the default --time (1440) is accepted by sbatch and pends forever
+    assert (
+        cluster.sweep(*sweep_args(demo_data_dir, runs, "clip", 1, "--partition", "short"), cwd=tmp_path).returncode == 0
+    )
+    job_id = json.loads((runs / "adamw-clip-s0" / "job.json").read_text())["job_id"]
+    until(lambda: cluster.queue().get(job_id) == ("PENDING", "PartitionTimeLimit"), "pending on the limit")
+    status = cluster.sweep("--runs", runs, "--status", cwd=tmp_path)
+    line = line_of(status.stdout, "adamw-clip-s0")
+    assert re.search(rf"queued\s+{job_id}\s+PENDING \(PartitionTimeLimit\)\s", line), line
+    assert "--time is above the partition's time limit" in line

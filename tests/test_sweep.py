@@ -295,3 +295,96 @@ def test_a_dead_kernel_fails_its_cell_while_the_other_job_completes(tmp_path, de
     )
     skip = {"wall_time_s", "train_samples_per_s", "peak_memory_mb", "git_commit", "eval_time"}
     assert {k: v for k, v in done.items() if k not in skip} == {k: v for k, v in reference.items() if k not in skip}
+
+
+SIGNAL_AT_STEP_3 = """import os, signal
+import clipstudy.engine.train as _train_module
+_step, _count = _train_module.train_step, [0]
+def _step_then_sigterm(run, batch):
+    out = _step(run, batch)
+    _count[0] += 1
+    if _count[0] == 3:  # as Slurm's requeue or a preemption would, mid-training
+        os.kill(os.getpid(), signal.SIGTERM)
+    return out
+_train_module.train_step = _step_then_sigterm"""
+
+
+def test_a_cell_stopped_by_a_signal_is_interrupted_not_failed_and_resumes(tmp_path, demo_data_dir, capsys):
+    """SIGTERM reaches the kernel mid-training (scontrol requeue, preemption): training checkpoints, the notebook
+    ends in KeyboardInterrupt, and the cell records ``interrupted``, never ``failed``; the next run resumes."""
+    import nbformat
+
+    notebook = nbformat.read(NOTEBOOKS / "train.ipynb", as_version=4)
+    at = next(i for i, c in enumerate(notebook.cells) if c.cell_type == "code" and "train(" in c.source)
+    notebook.cells.insert(at, nbformat.v4.new_code_cell(SIGNAL_AT_STEP_3))
+    nbformat.write(notebook, tmp_path / "train.ipynb")
+    (cell,) = plan_cells(
+        "smoke",
+        optimizers=["adamw"],
+        losses=["clip"],
+        overrides={"data": str(demo_data_dir), "threads": 1, "epochs": 2},
+        runs_root=tmp_path / "runs",
+    )
+    metrics = run_cell(cell, notebook=tmp_path / "train.ipynb")
+    recorded = json.loads((cell.out / "metrics.json").read_text())
+    assert metrics["status"] == recorded["status"] == "interrupted", recorded
+    assert "error" not in recorded and "checkpoint saved" in recorded["note"], recorded
+    assert record_state(cell.out, cell.config) == ("interrupted", "resumes from ckpt-00000003.pt")
+    assert summary_line(cell, metrics).startswith(f"{cell.name:<28} interrupted, checkpoint kept (")
+    assert run_cell(cell)["status"] == "completed"
+    assert "ckpt-00000003.pt" in (cell.out / "train.ipynb").read_text()  # resumed, not restarted
+
+
+def test_an_error_after_the_scheduler_asked_the_cell_to_stop_is_that_stop(tmp_path, monkeypatch):
+    """submitit's signal handler runs in the thread waiting for the notebook: what it raises there (scontrol
+    requeue killed by the requeue's own SIGTERM, say) surfaces as the notebook's error; once the scheduler asked
+    the cell to stop, that is an interruption."""
+    import subprocess
+
+    from clipstudy.study import cells
+
+    killed = subprocess.CalledProcessError(-15, ["scontrol", "requeue", "7"])
+    assert cells.interruption(killed) == ""  # on its own: a failure
+    monkeypatch.setitem(cells._SCHEDULER_STOP, "note", "")
+    cells.scheduler_stopping("stopped by the scheduler's signal")
+    assert cells.interruption(killed) == "stopped by the scheduler's signal"
+
+
+def fake_cell_run(cell, **kwargs) -> dict:
+    """What run_cell leaves behind for a completed cell (its fingerprint and metrics), without training."""
+    write_cell_record(cell.out, "completed", config=cell.config, average=1.0)
+    return json.loads((cell.out / "metrics.json").read_text())
+
+
+def test_status_and_rerun_of_a_runs_folder_need_no_repeated_option(tmp_path, demo_data_dir, monkeypatch, capsys):
+    """The sweep remembers its options in RUNS/sweep.json: --status, --dry-run and a rerun with only --runs describe
+    the cells as they were run (done, not stale), say which settings they took; options given still win."""
+    import clipstudy.study.sweep as sweep_mod
+
+    monkeypatch.setattr(sweep_mod, "run_cell", fake_cell_run)
+    runs = tmp_path / "runs"
+    first = ["--profile", "smoke", "--data", str(demo_data_dir), "--runs", str(runs), "--optimizers", "adamw"]
+    assert sweep_main([*first, "--losses", "clip", "--set", "epochs=1", "--set", "threads=1"]) == 0
+    capsys.readouterr()
+    assert sweep_main(["--runs", str(runs), "--status"]) == 0
+    out = capsys.readouterr().out
+    said = out.splitlines()[0]
+    assert said.startswith(f"settings from {runs / 'sweep.json'} (the last sweep there): --profile smoke"), said
+    assert "--set epochs=1 --set threads=1" in said and f"--data {demo_data_dir}" in said
+    assert re.search(r"^adamw-clip-s0\s+done\s", out, re.M) and "stale" not in out, out
+    assert sweep_main(["--runs", str(runs), "--dry-run"]) == 0
+    assert re.search(r"^adamw-clip-s0\s+done \(", capsys.readouterr().out, re.M)
+    # an option given is compared: other settings make the cell stale
+    assert sweep_main(["--runs", str(runs), "--status", "--set", "epochs=2"]) == 0
+    assert re.search(r"^adamw-clip-s0\s+stale\s.*epochs 1 -> 2", capsys.readouterr().out, re.M)
+    # a rerun with only --runs is the same sweep: nothing to do
+    assert sweep_main(["--runs", str(runs)]) == 0
+    assert "adamw-clip-s0                skipped (done" in capsys.readouterr().out
+    # a second sweep into the folder (another loss): the status shows both sweeps' cells
+    assert sweep_main([*first, "--losses", "sogclr", "--set", "epochs=1", "--set", "threads=1"]) == 0
+    capsys.readouterr()
+    assert sweep_main(["--runs", str(runs), "--status"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^adamw-clip-s0\s+done\s", out, re.M) and re.search(r"^adamw-sogclr-s0\s+done\s", out, re.M)
+    manifest = json.loads((runs / "sweep.json").read_text())
+    assert [s["settings"]["losses"] for s in manifest["sweeps"]] == ["clip", "sogclr"]

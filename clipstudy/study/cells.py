@@ -152,13 +152,26 @@ def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
     return metrics
 
 
+_SCHEDULER_STOP = {"note": ""}  # set in a job's process once the scheduler has asked its cell to stop
+
+
+def scheduler_stopping(note: str) -> None:
+    """Say that the scheduler is stopping this process's cell (submitit calls the task's ``checkpoint`` from its
+    signal handler, then requeues): whatever the notebook raises from then on is that stop, not a failure. (The
+    handler runs in the thread that waits for the notebook, so its own errors surface there: ``scontrol
+    requeue`` killed by the SIGTERM of the very requeue it asked for, for one.)"""
+    _SCHEDULER_STOP["note"] = note
+
+
 def interruption(err: Exception) -> str:
     """Why the notebook stopped when a signal stopped it (training checkpoints on SIGTERM / SIGINT / SIGUSR2 and
     raises KeyboardInterrupt; submitit raises UncompletedJobError when it will not requeue); "" for a failure."""
-    if getattr(err, "ename", "") == "KeyboardInterrupt":  # papermill's error names the kernel's exception
-        return f"stopped by a signal: {str(getattr(err, 'evalue', '')).strip() or 'interrupted'}"
     if type(err).__name__ == "UncompletedJobError" and "not requeued" in str(err):
         return f"stopped by the scheduler and not requeued ({str(err).strip()}); the next sweep resumes it"
+    if _SCHEDULER_STOP["note"]:
+        return _SCHEDULER_STOP["note"]
+    if getattr(err, "ename", "") == "KeyboardInterrupt":  # papermill's error names the kernel's exception
+        return f"stopped by a signal: {str(getattr(err, 'evalue', '')).strip() or 'interrupted'}"
     return ""
 
 

@@ -27,7 +27,7 @@ from clipstudy.fileio import write_json
 MANIFEST = "sweep.json"
 KEEP = 20  # distinct sweeps remembered per runs folder
 # what the cells are: a status without any of these shows every remembered sweep's cells
-PLANNING = ("profile", "optimizers", "losses", "seeds", "lr", "variant", "set", "data")
+PLANNING = ("profile", "optimizers", "losses", "seeds", "lr", "lr_from", "protocol", "variant", "set", "data")
 # where and how they run
 RUNNING = (
     "executor",
@@ -75,8 +75,9 @@ def read(folder: Path) -> list[dict]:
 
 def settings_of(args) -> dict:
     settings = {name: getattr(args, name) for name in (*PLANNING, *RUNNING) if hasattr(args, name)}
-    if settings.get("data"):
-        settings["data"] = str(Path(settings["data"]).resolve())
+    for name in ("data", "lr_from"):  # paths: the folder's, whichever directory a later command runs in
+        if settings.get(name):
+            settings[name] = str(Path(settings[name]).resolve())
     return settings
 
 
