@@ -221,3 +221,32 @@ def test_sweep_takes_a_tuning_tables_rates_most_specific_first(tmp_path, capsys)
     argv = ["--profile", "smoke", "--data", str(tmp_path), "--lr", "1e-3", "--lr-from", str(tmp_path / "tuning.csv")]
     with pytest.raises(ConfigError, match="give one of them"):
         sweep.main([*argv, "--dry-run"])
+
+
+def test_the_pretrained_towers_are_made_before_any_trial(demo_data_dir, tmp_path, monkeypatch):
+    """Trials only load the demo towers: building them (whose disjointness check reads every split) happens
+    before the first trial starts."""
+    from clipstudy.study import sweep
+
+    data = shutil.copytree(demo_data_dir, tmp_path / "data")
+    seen = []
+
+    def run_sweep(cells, jobs=1, progress=True):
+        seen.append(sorted(p.name for p in (data / "pretrained").glob("*/towers.pt")))
+        return {c.name: {"status": "completed", "val_average": 1.0} for c in cells}
+
+    monkeypatch.setattr(sweep, "run_sweep", run_sweep)
+    monkeypatch.setitem(OPTIMIZERS, "adamw", dataclasses.replace(OPTIMIZERS["adamw"], search_lr=(1e-3, 1e-3)))
+    tiny = {
+        "images": 32,
+        "image_epochs": 1,
+        "image_batch_size": 16,
+        "captions": 64,
+        "text_epochs": 1,
+        "text_batch_size": 16,
+    }
+    overrides = {"data": str(data), "pretrained": True, "pretrain": json.dumps(tiny)}
+    tune.tune(
+        "smoke", ["adamw"], ["clip"], overrides=overrides, runs_root=tmp_path / "runs", max_extensions=0, progress=False
+    )
+    assert seen == [["towers.pt"]]

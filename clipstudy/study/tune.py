@@ -190,6 +190,7 @@ def tune(
     }
     budget = {group: len(rates) for group, rates in grids.items()}  # equal for every optimizer by construction
     extensions = dict.fromkeys(grids, 0)
+    _prepare_towers(profile, grids, losses, seeds, weight_decays, per_loss, overrides or {}, runs_root, progress)
     while True:
         planned = plan_trials(profile, grids, losses, seeds, weight_decays, per_loss, overrides or {}, runs_root)
         trials = trial_table(planned, run_sweep([cell for _, cell in planned], jobs=jobs, progress=progress))
@@ -223,6 +224,20 @@ def tune(
         for group in grids
     }
     return trials, {"groups": summary, "shared_lr": shared}
+
+
+def _prepare_towers(profile, grids, losses, seeds, weight_decays, per_loss, overrides, runs_root, progress) -> None:
+    """Build the demo's pretrained towers before any trial, if the trials use them.
+
+    The towers are part of every model's initialisation, made once per data set; their disjointness
+    check reads every split (test included) only to keep it out of pretraining. Made here, outside the
+    trials, the trials themselves only load them and never open a test file.
+    """
+    from clipstudy.engine.pretrain import ensure_pretrained, uses_pretrained_towers
+
+    _, cell = plan_trials(profile, grids, losses, seeds, weight_decays, per_loss, overrides, runs_root)[0]
+    if any(uses_pretrained_towers(cell.config)):
+        ensure_pretrained(cell.config, progress=progress)
 
 
 def print_summary(summary: dict, path: Path) -> None:
