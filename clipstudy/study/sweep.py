@@ -168,16 +168,40 @@ def run_sweep(cells: list[Cell], *, jobs: int = 1, progress: bool = True, rerun_
             devices.put(device)
 
     bar = tqdm(total=len(todo), desc="sweep", unit="cell", disable=not progress, file=sys.stderr)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(work, cell): cell for cell in todo}
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    futures = {pool.submit(work, cell): cell for cell in todo}
+    try:
         for future in as_completed(futures):
             cell = futures[future]
             metrics = future.result()
             results[cell.name] = metrics
             bar.update(1)
             tqdm.write(summary_line(cell, metrics), file=sys.stdout)
-    bar.close()
+    except KeyboardInterrupt:
+        _stop(pool, futures)
+        raise KeyboardInterrupt(
+            "sweep stopped: queued cells were not started, running ones checkpointed; rerun the same command to "
+            "resume them"
+        ) from None
+    finally:
+        bar.close()
+    pool.shutdown()
     return results
+
+
+def _stop(pool: ThreadPoolExecutor, futures: dict) -> None:
+    """Ctrl-C reaches the sweep only (each notebook kernel runs in a session of its own): queued cells never
+    start, and the running kernels are asked to checkpoint and stop (SIGTERM), as on a scheduler's signal."""
+    import signal
+
+    for future in futures:
+        future.cancel()
+    for pid in executors.child_pids(os.getpid()):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    pool.shutdown(wait=True)
 
 
 def _number(text: str, option: str, kind):
