@@ -172,7 +172,7 @@ def stop_kernels(out: Path, *, grace_s: float = 0.0, timeout_s: float = 60.0) ->
     if not is_locked(out, LOCK_NAME):
         saved = saved_since(out, signalled - 1)
         what = f"checkpointed ({saved}) and stopped" if saved else "was not running (no new checkpoint)"
-        print(f"{out.name}: training {what} on the scheduler's signal; requeuing", flush=True)
+        print(f"{out.name}: training {what} on the scheduler's signal", flush=True)  # submitit says if it requeues
         return
     for pid in child_pids(os.getpid()):
         try:
@@ -185,9 +185,9 @@ def stop_kernels(out: Path, *, grace_s: float = 0.0, timeout_s: float = 60.0) ->
     print(
         f"{out.name}: "
         + (
-            "training still running after SIGTERM; requeued anyway"
+            "training still running 40 s after SIGTERM: its newest checkpoint is used"
             if is_locked(out, LOCK_NAME)
-            else "training checkpointed and stopped; requeuing"
+            else "training checkpointed and stopped"
         ),
         flush=True,
     )

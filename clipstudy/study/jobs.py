@@ -95,14 +95,14 @@ def print_status(cells: list) -> None:
         states = scheduler_states([r for r in job_records.values() if r])
     except ConfigError as err:
         states, note = {}, f"(job states unknown: {err})"
-    print(f"{'cell':<28} {'state':<11} {'job':<12} {'job state':<26} {'log':<40} detail")
+    print(f"{'cell':<28} {'state':<11} {'job':<12} {'job state':<28} {'log':<40} detail")
     for cell in cells:
         record = job_records[cell.name]
         job = states.get(record.get("job_id", ""), JobState())
         state, detail = cell_view(cell, record, job) if record else cell_state(cell.out, cell.config)
         log = str(cell.out / "job.out") if record else "-"
         shown = job.describe() if record and (states or not note) else "-"
-        print(f"{cell.name:<28} {state:<11} {record.get('job_id', '-'):<12} {shown:<26} {log:<40} {detail}")
+        print(f"{cell.name:<28} {state:<11} {record.get('job_id', '-'):<12} {shown:<28} {log:<40} {detail}")
     if note:
         print(note)
 
@@ -122,10 +122,13 @@ def job_outcome(cell, record: dict, job: JobState) -> dict:
     """How a cell whose job left the queue ended: its finished record, the job's own result, the interruption
     it recorded, or a failure naming the job's last state and log (never an older run's record)."""
     metrics = records.read_metrics(cell.out) or {}
-    if records.is_finished(metrics):
-        return metrics
-    fresh = bool(metrics) and (cell.out / records.METRICS_FILE).stat().st_mtime >= record.get("submitted_at", 0)
     result = _result(record)
+    if records.is_finished(metrics):  # the run's own result when it is the same end, else the record
+        if result and result[0] == "success" and isinstance(result[1], dict):
+            if result[1].get("status") == metrics["status"]:
+                return result[1]
+        return {**metrics, "sweep_wall_s": metrics.get("wall_time_s") or 0.0}
+    fresh = bool(metrics) and (cell.out / records.METRICS_FILE).stat().st_mtime >= record.get("submitted_at", 0)
     if result and result[0] == "success" and isinstance(result[1], dict):
         return result[1]
     if fresh and metrics.get("status") in (records.INTERRUPTED, records.FAILED):
