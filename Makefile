@@ -64,7 +64,7 @@ test-faults: setup
 
 # The sweep on a real single-node Slurm (scripts/slurm-local.sh; as root it installs Debian's slurm-wlm, munge,
 # slurmdbd and mariadb-server when missing), without and with accounting: the job array, --status, reruns,
-# scontrol requeue, USR2, a time limit (tests/test_slurm.py, docs/slurm.md; about 8 minutes on 2 cores).
+# scontrol requeue, USR2, a time limit (tests/test_slurm.py, docs/slurm.md; 5 to 7 minutes on 2 cores).
 .PHONY: test-slurm
 test-slurm: setup
 	$(PY) -m pytest -q -m slurm

@@ -17,15 +17,13 @@ set -euo pipefail
 DIR=${SLURM_LOCAL_DIR:-/tmp/clipstudy-slurm}
 NODE=$(hostname -s)
 DB_PORT=${SLURM_LOCAL_DB_PORT:-33061}
-PACKAGES=(slurm-wlm munge)
-ACCOUNTING_PACKAGES=(slurmdbd mariadb-server)
 
 die() { echo "slurm-local: error: $*" >&2; exit 1; }
 say() { echo "slurm-local: $*"; }
 
 install_packages() {
     local missing=()
-    command -v slurmctld >/dev/null && command -v slurmd >/dev/null || missing+=("${PACKAGES[@]}")
+    command -v slurmctld >/dev/null && command -v slurmd >/dev/null || missing+=(slurm-wlm)
     command -v munged >/dev/null || missing+=(munge)
     command -v slurmdbd >/dev/null || missing+=(slurmdbd)
     command -v mariadbd >/dev/null || missing+=(mariadb-server)
