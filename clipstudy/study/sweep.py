@@ -220,6 +220,23 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         epilog=fields_epilog(profile_named_in(argv, "demo")),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_cell_options(parser)
+    parser.add_argument("--data", default=None, help="demo-layout data folder (sets the `data` field)")
+    parser.add_argument("--runs", default=None, help="runs folder (default reports/runs/<profile>)")
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "1")))
+    parser.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+    resources.add_arguments(parser)
+    parser.add_argument(
+        "--rerun-stale",
+        action="store_true",
+        help="rerun cells trained with other settings or data, moving each old run to "
+        "RUNS/stale/CELL-TIME first (without it they are listed and not run)",
+    )
+    return parser
+
+
+def add_cell_options(parser: argparse.ArgumentParser) -> None:
+    """The options that say which cells the sweep runs and with which settings."""
     parser.add_argument("--profile", default="demo", choices=sorted(PROFILES))
     parser.add_argument(
         "--optimizers",
@@ -266,18 +283,6 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         help="override a configuration field for every cell, one per --set (repeatable); "
         'JSON values may hold commas: --set \'loss_params={"gamma":0.9,"estimator":"exact"}\'',
     )
-    parser.add_argument("--data", default=None, help="demo-layout data folder (sets the `data` field)")
-    parser.add_argument("--runs", default=None, help="runs folder (default reports/runs/<profile>)")
-    parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "1")))
-    parser.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
-    resources.add_arguments(parser)
-    parser.add_argument(
-        "--rerun-stale",
-        action="store_true",
-        help="rerun cells trained with other settings or data, moving each old run to "
-        "RUNS/stale/CELL-TIME first (without it they are listed and not run)",
-    )
-    return parser
 
 
 def remembered_settings(parser, args, argv: list[str]) -> tuple[set[str], list[dict]]:
