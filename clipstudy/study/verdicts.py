@@ -142,7 +142,7 @@ def findings(table: pd.DataFrame) -> pd.DataFrame:
             outcome = "not distinguishable"
         counts = {v: verdicts.count(v) for v in (stats.BETTER, stats.WORSE, stats.NOT_DISTINGUISHABLE)}
         evidence = (
-            f"{counts[stats.BETTER]} of {len(names)} claimed comparisons hold, {counts[stats.WORSE]} are reversed, "
+            f"{counts[stats.BETTER]} of {len(names)} claimed comparisons hold, {counts[stats.WORSE]} reversed, "
             f"{counts[stats.NOT_DISTINGUISHABLE]} not distinguishable"
         )
         rows.append({"finding": FINDINGS[key], "outcome": outcome, "evidence": evidence})
