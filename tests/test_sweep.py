@@ -254,9 +254,11 @@ def test_a_dead_kernel_fails_its_cell_while_the_other_job_completes(tmp_path, de
 
     notebook = nbformat.read(NOTEBOOKS / "train.ipynb", as_version=4)
     dying = nbformat.v4.new_code_cell(
-        'import os, signal\nif loss == "vicreg":\n    os.kill(os.getpid(), signal.SIGKILL)'
+        # the sweep hands the notebook its whole configuration (run_config)
+        'import os, signal\nif run_config["loss"] == "vicreg":\n    os.kill(os.getpid(), signal.SIGKILL)'
     )
-    notebook.cells.insert(3, dying)  # after the configuration, before train()
+    at = next(i for i, c in enumerate(notebook.cells) if c.cell_type == "code" and "train(" in c.source)
+    notebook.cells.insert(at, dying)  # after the parameters, before train()
     nbformat.write(notebook, tmp_path / "train.ipynb")
     monkeypatch.setattr(sweep_mod.paths, "notebook", lambda name: tmp_path / "train.ipynb")
     monkeypatch.setattr(sweep_mod.os, "cpu_count", lambda: 2)
