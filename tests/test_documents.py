@@ -1,56 +1,61 @@
-"""The documents' results are the committed data's: docs/results.md's table equals ``reports/demo/study_table.csv``,
-both equal what :mod:`clipstudy.study.results` computes from ``reports/demo/results.csv``, and every conclusion
-sentence, the chance line and Spearman's rho are the report's own output, not typed text; the learning-rate table is
-``reports/demo/lr_search.csv``; the README's headline grid and sentences are the same computations."""
+"""The documents' results are the committed data's, computed, never typed: every block between
+``<!-- name: ... -->`` and ``<!-- /name -->`` in README.md and docs/results.md is what the report's code computes
+from ``reports/demo/results.csv`` (and ``tuning.csv``), and the committed report files say the same.
+
+``python tests/test_documents.py --write`` rewrites the blocks from the committed data (after ``make study``).
+"""
 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from clipstudy.core.metrics import chance_levels
 from clipstudy.study import conclusions as study_conclusions
-from clipstudy.study import findings
-from clipstudy.study.results import LOSS_NAMES, OPTIMIZER_NAMES, average_grid, study_table
+from clipstudy.study import verdicts
+from clipstudy.study.results import LOSS_NAMES, OPTIMIZER_NAMES, average_grid
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 RESULTS = ROOT / "docs" / "results.md"
 DEMO = ROOT / "reports" / "demo"
-# the original study's grid, in table order: the rows and columns of the README's headline grid
 ORIGINAL_OPTIMIZERS = ("adamw", "sgd", "adam")
 ORIGINAL_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
+BLOCK = r"^<!-- {name}:.*?-->\n(.*?)^<!-- /{name} -->$"
+BLOCKS = [
+    (README, "answer"),
+    (README, "average-grid"),
+    (RESULTS, "results-table"),
+    (RESULTS, "conclusions"),
+    (RESULTS, "tuning"),
+]
 
 
 def between_markers(path: Path, name: str) -> list[str]:
     """The lines of ``path`` between ``<!-- name: ... -->`` and ``<!-- /name -->``."""
-    text = path.read_text(encoding="utf-8")
-    found = re.search(rf"^<!-- {name}:.*?-->\n(.*?)^<!-- /{name} -->$", text, re.M | re.S)
+    found = re.search(BLOCK.format(name=name), path.read_text(encoding="utf-8"), re.M | re.S)
     assert found, f"{path.relative_to(ROOT)}: no <!-- {name}: ... --> ... <!-- /{name} --> block"
     return found.group(1).strip("\n").splitlines()
 
 
-def markdown_table(lines: list[str]) -> pd.DataFrame:
-    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
-    assert all(set(cell) <= set("-: ") for cell in rows[1]), "second line of a markdown table is its rule"
-    return pd.DataFrame(rows[2:], columns=rows[0])
+def markdown(table: pd.DataFrame) -> list[str]:
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    return lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
 
 
-@pytest.fixture(scope="module")
-def results() -> pd.DataFrame:
-    df = pd.read_csv(DEMO / "results.csv")
+def read_results() -> pd.DataFrame:
+    df = pd.read_csv(DEMO / "results.csv", keep_default_na=True)
     df["seed"] = df["seed"].astype("Int64")  # as collect_runs types it
+    df["protocol"] = df["protocol"].fillna("")
     return df
 
 
-@pytest.fixture(scope="module")
-def demo_chance() -> dict:
-    """Chance levels of the benchmark the committed runs were trained on, from the set sizes the results page
-    states (the generator may have changed since; chance depends on the retrieval and class counts only)."""
-    from clipstudy.core.metrics import chance_levels
-
+def stated_chance() -> dict:
+    """Chance levels of the benchmark, from the set sizes the results page states."""
     text = RESULTS.read_text(encoding="utf-8")
     found = re.search(r"retrieval on (\d+)\s+images x (\d+) captions,\s+zero-shot on (\d+) classes", text)
     assert found, "docs/results.md: no 'retrieval on N images x K captions, zero-shot on C classes'"
@@ -60,68 +65,84 @@ def demo_chance() -> dict:
     return chance
 
 
-@pytest.fixture(scope="module")
-def conclusions(results, demo_chance) -> list[str]:
-    return study_conclusions.conclusions(results, demo_chance)
+def study_tables(df: pd.DataFrame) -> pd.DataFrame:
+    tables = [study_conclusions.marked_study_table(df, p) for p in study_conclusions.protocols_in(df)]
+    return pd.concat(tables, ignore_index=True).astype(str)
 
 
-def test_results_table_and_study_table_csv_equal_the_report_of_results_csv(results):
-    computed = study_table(results).astype(str)
-    committed = pd.read_csv(DEMO / "study_table.csv", dtype=str, keep_default_na=False)
-    pd.testing.assert_frame_equal(committed, computed)
-    shown = markdown_table(between_markers(RESULTS, "results-table"))  # every column but the last two
-    pd.testing.assert_frame_equal(shown, computed.drop(columns=["Seeds", "Status"]))
-
-
-def test_results_conclusions_are_the_reports_sentences(conclusions):
-    lines = between_markers(RESULTS, "conclusions")
-    assert all(line.startswith("- ") for line in lines), lines
-    assert [line[2:] for line in lines] == conclusions
-    committed = (DEMO / "conclusions.md").read_text(encoding="utf-8")
-    assert all(line in committed for line in conclusions)  # and the committed report says the same
-
-
-def test_results_chance_and_spearman_lines_are_computed(results, demo_chance):
-    text = RESULTS.read_text(encoding="utf-8")
-    chance_line = (
-        f"Chance: TR@1 {demo_chance['txt_r1']:.2f}, IR@1 {demo_chance['img_r1']:.2f}, "
-        f"ACC@1 {demo_chance['zeroshot_top1']:.2f} (Average {demo_chance['average']:.2f})."
-    )
-    assert chance_line in text
-    rho = findings.spearman_vs_published(results)
-    found = re.search(
-        r"published\s+paper-scale ranking \(`clipstudy.study.findings.spearman_vs_published`\): (-?\d+\.\d\d)\.", text
-    )
-    assert found and found.group(1) == f"{rho['rho']:.2f}" and rho["n_cells"] == 15
-
-
-def test_results_lr_search_table_is_lr_search_csv():
-    committed = pd.read_csv(DEMO / "lr_search.csv")
-    shown = markdown_table(between_markers(RESULTS, "lr-search"))
-    best = committed["mean"].idxmax()
-    expected = pd.DataFrame(
+def tuning_choices() -> pd.DataFrame:
+    trials = pd.read_csv(DEMO / "tuning.csv")
+    chosen = trials[trials["tuned"]].groupby("group", sort=False)
+    rows = [
         [
-            [f"{row.lr:.0e}".replace("e-0", "e-"), *(f"{row[c]:.2f}" for c in ("adamw", "sgd", "adam", "mean"))]
-            for _, row in committed.iterrows()
-        ],
-        columns=["lr", "AdamW", "SGD", "Adam", "mean"],
-    )
-    for column in ("lr", "mean"):  # the winning rate and its mean are in bold
-        expected.loc[best, column] = f"**{expected.loc[best, column]}**"
-    pd.testing.assert_frame_equal(shown, expected)
+            group,
+            f"{rows['lr'].iloc[0]:g}",
+            f"{rows['val_average'].mean():.2f}",
+            str(len(trials[trials["group"] == group])),
+        ]
+        for group, rows in chosen
+    ]
+    return pd.DataFrame(rows, columns=["optimizer:loss", "lr", "validation Average", "trials"])
 
 
-def test_readme_headline_grid_is_the_average_grid_of_results_csv(results):
-    grid = average_grid(results).loc[list(ORIGINAL_OPTIMIZERS), list(ORIGINAL_LOSSES)]
-    expected = pd.DataFrame(
+def grid_block(df: pd.DataFrame) -> list[str]:
+    protocol = study_conclusions.protocols_in(df)[-1]
+    grid = average_grid(df[df["protocol"] == protocol]).loc[list(ORIGINAL_OPTIMIZERS), list(ORIGINAL_LOSSES)]
+    table = pd.DataFrame(
         [[OPTIMIZER_NAMES[o], *(f"{v:.2f}" for v in row)] for o, row in grid.iterrows()],
         columns=["Optimizer", *(LOSS_NAMES[loss] for loss in ORIGINAL_LOSSES)],
     )
-    pd.testing.assert_frame_equal(markdown_table(between_markers(README, "average-grid")), expected)
+    return markdown(table)
 
 
-def test_readme_headline_sentences_are_the_reports(conclusions, demo_chance):
-    lines = between_markers(README, "headline")
-    assert lines and all(line.startswith("- ") for line in lines), lines
-    assert [line[2:] for line in lines if line[2:] not in conclusions] == []
-    assert f"(chance {demo_chance['average']:.2f})" in README.read_text(encoding="utf-8")
+def blocks() -> dict[tuple[Path, str], list[str]]:
+    """Every computed block of :data:`BLOCKS`: (document, name) -> its lines."""
+    df = read_results()
+    sentences = study_conclusions.conclusions(df, stated_chance())
+    return {
+        (README, "answer"): [f"- {line}" for line in verdicts.answer(df)],
+        (README, "average-grid"): grid_block(df),
+        (RESULTS, "results-table"): markdown(study_tables(df).drop(columns=["Seeds", "Status"])),
+        (RESULTS, "conclusions"): [f"- {line}" for line in sentences],
+        (RESULTS, "tuning"): markdown(tuning_choices()),
+    }
+
+
+@pytest.mark.parametrize("where", BLOCKS, ids=lambda key: f"{key[0].name}:{key[1]}")
+def test_every_block_is_computed_from_the_committed_data(where):
+    path, name = where
+    assert between_markers(path, name) == blocks()[where], "regenerate: python tests/test_documents.py --write"
+
+
+def test_the_committed_report_files_say_the_same():
+    df = read_results()
+    committed = pd.read_csv(DEMO / "study_table.csv", dtype=str, keep_default_na=False)
+    pd.testing.assert_frame_equal(committed, study_tables(df))
+    report = (DEMO / "conclusions.md").read_text(encoding="utf-8")
+    assert all(line in report for line in study_conclusions.conclusions(df, stated_chance()))
+
+
+def test_the_stated_chance_line_is_computed():
+    chance = stated_chance()
+    line = (
+        f"Chance: TR@1 {chance['txt_r1']:.2f}, IR@1 {chance['img_r1']:.2f}, "
+        f"ACC@1 {chance['zeroshot_top1']:.2f} (Average {chance['average']:.2f})."
+    )
+    assert line in RESULTS.read_text(encoding="utf-8")
+    assert f"(chance {chance['average']:.2f})" in README.read_text(encoding="utf-8")
+
+
+def write() -> None:
+    for (path, name), lines in blocks().items():
+        text = path.read_text(encoding="utf-8")
+        pattern = re.compile(BLOCK.format(name=name), re.M | re.S)
+        found = pattern.search(text)
+        assert found, f"{path}: add a <!-- {name}: ... --> ... <!-- /{name} --> block first"
+        start, end = found.span(1)
+        path.write_text(text[:start] + "\n".join(lines) + "\n" + text[end:], encoding="utf-8")
+        print(f"wrote {path.relative_to(ROOT)}: {name} ({len(lines)} lines)")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write"]:
+        write()

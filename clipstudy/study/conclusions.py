@@ -157,7 +157,8 @@ def _step(value) -> str:
 
 def marked_study_table(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
     """:func:`~clipstudy.study.results.study_table` of one protocol with ``vs best``: for each loss, ``best``
-    on its best optimizer (highest mean) and, on the others, the verdict of the best against it."""
+    on its best optimizer (highest mean) and, on the others, the paired verdict of that cell against the best
+    (``worse``: behind beyond the noise; ``not distinguishable``)."""
     from clipstudy.study.results import study_table
 
     part = df[df["protocol"].fillna("") == protocol]
@@ -178,7 +179,7 @@ def marked_study_table(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
         found = rows.get(f"{leader} > {row['Optimizer']} | {row['Method']}") or rows.get(
             f"{row['Optimizer']} > {leader} | {row['Method']}"
         )
-        return verdicts.from_side(found, leader)["verdict"] if found else "–"
+        return verdicts.from_side(found, row["Optimizer"])["verdict"] if found else "–"
 
     table["vs best"] = table.apply(mark, axis=1)
     if "Protocol" not in table and protocol:

@@ -19,7 +19,15 @@ from clipstudy.core.diagnostics import COLLAPSED_COS
 from clipstudy.core.metrics import chance_levels
 from clipstudy.data.layout import resolve_paths
 from clipstudy.errors import StartupError
-from clipstudy.study.results import LOSS_NAMES, OPTIMIZER_NAMES, PROTOCOLS, RESULT_COLUMNS, cell_summary, order_key
+from clipstudy.study.results import (
+    LOSS_NAMES,
+    OPTIMIZER_NAMES,
+    PROTOCOLS,
+    RESULT_COLUMNS,
+    cell_summary,
+    order_key,
+    run_files,
+)
 
 
 # ------------------------------------------------------------------ gathering
@@ -168,7 +176,7 @@ def cost_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def chance_levels_for(runs_root: str | Path) -> dict:
     """Chance levels of the evaluation sets used by the runs (from the first run's configuration)."""
-    for cfg_file in sorted(Path(runs_root).glob("*/config.json")):
+    for _, cfg_file in run_files(runs_root, "config.json"):
         try:
             cfg = json.loads(cfg_file.read_text())["config"]
             data_paths = resolve_paths(cfg, needs_tokenizer=False)
@@ -192,7 +200,7 @@ ENVIRONMENT_KEYS = ("python", "torch", "lock_sha256")
 def environment_table(runs_root: str | Path) -> pd.DataFrame:
     """One row per run: the Python, torch and lock file digest its config.json recorded (None: not recorded)."""
     rows = []
-    for cfg_file in sorted(Path(runs_root).glob("*/config.json")):
+    for _, cfg_file in run_files(runs_root, "config.json"):
         try:
             versions = json.loads(cfg_file.read_text()).get("versions") or {}
         except (OSError, json.JSONDecodeError, AttributeError):
@@ -272,10 +280,7 @@ class NothingToReport(StartupError):
 def runs_to_report(profile: str, runs: str | Path = "") -> Path:
     """The runs folder to report (``runs``, else the profile's); :class:`NothingToReport` when it holds no run."""
     folder = Path(runs) if runs else paths.runs_dir(profile)
-    found = [
-        path for pattern in ("*", *(f"{p}/*" for p in PROTOCOLS)) for path in folder.glob(f"{pattern}/metrics.json")
-    ]
-    if not folder.is_dir() or not found:
+    if not folder.is_dir() or not run_files(folder, "metrics.json"):
         raise NothingToReport(
             f"nothing to report: {folder} holds no runs (no */metrics.json); train one with notebooks/train.ipynb "
             f"or run `make sweep PROFILE={profile}`{' (or `make demo`)' if profile == 'demo' else ''}, or set "

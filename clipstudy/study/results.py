@@ -58,13 +58,20 @@ RESULT_COLUMNS = [
 TEXT_COLUMNS = ("protocol", "optimizer", "base_optimizer", "loss", "status", "error", "run_dir")
 
 
+def run_files(runs_root: str | Path, name: str) -> list[tuple[str, Path]]:
+    """``(protocol, path)`` of every run's file ``name`` under ``runs_root``: the runs directly in it (protocol
+    "") and those of each protocol folder (``runs_root/shared``, ``runs_root/tuned``), each group sorted."""
+    root = Path(runs_root)
+    return [("", path) for path in sorted(root.glob(f"*/{name}"))] + [
+        (protocol, path) for protocol in PROTOCOLS for path in sorted(root.glob(f"{protocol}/*/{name}"))
+    ]
+
+
 def collect_runs(runs_root: str | Path) -> pd.DataFrame:
     """One row per run directory under ``runs_root`` that has a ``metrics.json``: the runs directly in it
     (``protocol`` empty) and those of each protocol folder (``runs_root/shared``, ``runs_root/tuned``)."""
     rows = []
-    found = [("", path) for path in sorted(Path(runs_root).glob(f"*/{records.METRICS_FILE}"))]
-    found += [(p, path) for p in PROTOCOLS for path in sorted(Path(runs_root).glob(f"{p}/*/{records.METRICS_FILE}"))]
-    for protocol, metrics_file in found:
+    for protocol, metrics_file in run_files(runs_root, records.METRICS_FILE):
         m = records.read_metrics(metrics_file.parent) or {}
         row = {col: m.get(col) for col in RESULT_COLUMNS}
         row["protocol"] = protocol
@@ -172,8 +179,10 @@ def average_grid(df: pd.DataFrame) -> pd.DataFrame:
     """Mean Average per optimizer (rows) and loss (columns), completed runs only."""
     summary = cell_summary(df).dropna(subset=["average_mean"])
     grid = summary.pivot(index="optimizer", columns="loss", values="average_mean")
+
+    def place(names: dict):  # table order: the registries', then anything else by name
+        return lambda key: (list(names).index(key) if key in names else 99, key)
+
     return grid.reindex(
-        columns=sorted(
-            grid.columns, key=lambda loss: (list(LOSS_NAMES).index(loss) if loss in LOSS_NAMES else 99, loss)
-        )
+        index=sorted(grid.index, key=place(OPTIMIZER_NAMES)), columns=sorted(grid.columns, key=place(LOSS_NAMES))
     )

@@ -181,11 +181,18 @@ def interval(row: dict) -> str:
     return f"{row['mean']:+.2f} [{row['low']:+.2f}, {row['high']:+.2f}]"
 
 
-def rates_used(df: pd.DataFrame, protocol: str) -> dict[str, float]:
-    """The learning rate each optimizer ran with under ``protocol`` (as its runs recorded it)."""
+def rates_used(df: pd.DataFrame, protocol: str) -> dict[str, list[float]]:
+    """The learning rates each optimizer ran with under ``protocol`` (as its runs recorded them), sorted."""
     runs = df[(df["protocol"] == protocol) & df["optimizer"].isin(OPTIMIZERS)]
-    first = runs.groupby("optimizer")["lr"].first()
-    return {o: float(first[o]) for o in OPTIMIZERS if o in first.index}
+    rates = runs.groupby("optimizer")["lr"].unique()
+    return {o: sorted(float(r) for r in rates[o]) for o in OPTIMIZERS if o in rates.index}
+
+
+def _rates_text(rates: dict[str, list[float]]) -> str:
+    return ", ".join(
+        f"{name(o)} {lrs[0]:g}" if len(lrs) == 1 else f"{name(o)} {lrs[0]:g} to {lrs[-1]:g} by loss"
+        for o, lrs in rates.items()
+    )
 
 
 def rank_agreement(df: pd.DataFrame, protocol: str, *, seed: int = 0):
@@ -218,7 +225,7 @@ def answer(df: pd.DataFrame) -> list[str]:
     out, outcomes = [], []
     for protocol in protocols:
         table = tested(df, protocol)
-        rates = ", ".join(f"{name(o)} {lr:g}" for o, lr in rates_used(df, protocol).items())
+        rates = _rates_text(rates_used(df, protocol))
         out.append(
             f"Under the {protocol} protocol (learning rates: {rates}), "
             f"{_leader_sentence(table, 'mean over losses', 'optimizer over the five losses')}, and "
