@@ -121,7 +121,7 @@ def test_zeroshot_empty_class_folders(tmp_path):
         ([], "nothing to check: give --train-ann/--train-images"),
         (["--train-ann", "x.json"], "--train-ann and --train-images go together"),
         (["--retrieval-images", "somewhere"], "--retrieval-ann and --retrieval-images go together"),
-        (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+        (["--no-such-option"], "unknown option --no-such-option"),
     ],
 )
 def test_usage_errors_exit_two_naming_the_problem(args, says, capsys):

@@ -253,15 +253,10 @@ ABBREVIATED = {
     "check-data": ["--dat", "/nowhere"],
     "make-demo-data": ["--ou", "/nowhere", "--train-size", "0"],
 }
-# Commands whose parser is still argparse's own (their modules belong to others): switching their
-# `argparse.ArgumentParser(` to `clipstudy.arguments.CommandParser(` makes these pass (then drop them here).
-PLAIN_ARGPARSE = {"sweep", "check-data", "make-demo-data"}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_no_command_takes_an_abbreviated_option(command, capsys, request):
-    if command in PLAIN_ARGPARSE:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="its parser is not a CommandParser yet"))
+def test_no_command_takes_an_abbreviated_option(command, capsys):
     assert command in ABBREVIATED, f"name an abbreviated option of {command!r} in ABBREVIATED"
     argv = [command, *ABBREVIATED[command]]
     assert run_parsed(argv) == 2

@@ -18,7 +18,6 @@ set's images are missing, the summary names the image root to check.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -28,6 +27,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from clipstudy.arguments import CommandParser
 from clipstudy.data.layout import resolve_paths
 from clipstudy.errors import StartupError
 
@@ -331,7 +331,7 @@ def _failures(report: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m clipstudy check-data",
         description="Validate data sets (formats in docs/protocol.md) before training.",
     )

@@ -37,7 +37,6 @@ command line; the scenes, their rendering and the caption grammar are in
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -51,6 +50,7 @@ import numpy as np
 from PIL import Image
 
 # the scene vocabulary, sampling, rendering and captions; re-exported, as they were defined here before
+from clipstudy.arguments import CommandParser
 from clipstudy.data.demo_scenes import (  # noqa: F401
     COLOURS,
     PAIR_P,
@@ -389,7 +389,7 @@ def _chance_levels(retrieval: list[dict], n_texts: int, n_classes: int) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m clipstudy make-demo-data", description="Generate the embedded synthetic image-text benchmark."
     )
     parser.add_argument("--out", required=True, help="output folder (created if missing)")

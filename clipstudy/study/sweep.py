@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from clipstudy import paths
+from clipstudy.arguments import CommandParser
 from clipstudy.engine import records
 from clipstudy.engine.config import FIELDS, PROFILES, ConfigError, fields_epilog, make_config, profile_named_in
 from clipstudy.engine.fingerprint import listings_cached
@@ -212,7 +213,7 @@ def _number(text: str, option: str, kind):
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m clipstudy sweep",
         description="Run the optimizer x loss grid through papermill. The options a sweep ran with are remembered "
         "in its runs folder (sweep.json): --status, --dry-run and a rerun of that folder need only --runs "
