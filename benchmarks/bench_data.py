@@ -44,9 +44,9 @@ from common import OUT_DIR, machine, median, table, torch_threads, write_json  #
 from clipstudy import paths  # noqa: E402
 from clipstudy.data.datasets import CLIP_MEAN, CLIP_STD  # noqa: E402
 from clipstudy.data.sampling import SeededSamples, sample_seed  # noqa: E402
+from clipstudy.engine.build import build_train_set  # noqa: E402
 from clipstudy.engine.config import make_config  # noqa: E402
 from clipstudy.engine.splits import TEST, build_eval_sets  # noqa: E402
-from clipstudy.engine.train import build_train_set  # noqa: E402
 
 DEFAULT_OUT = OUT_DIR / "data.json"
 RUNS = paths.runs_dir("demo")
@@ -380,7 +380,8 @@ def demo_loop(quick: bool, tmp: Path) -> dict:
     from clipstudy.data.datasets import make_collate
     from clipstudy.data.demo import make_demo_data
     from clipstudy.data.sampling import EpochBatches
-    from clipstudy.engine.train import build_run, train_step
+    from clipstudy.engine.build import build_run
+    from clipstudy.engine.train import train_step
 
     make_demo_data(
         tmp / "loop_data",

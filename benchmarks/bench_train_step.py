@@ -42,9 +42,10 @@ from common import OUT_DIR, machine, median, table, timed, torch_threads, write_
 from clipstudy.core.losses import available_losses, make_loss  # noqa: E402
 from clipstudy.core.optim import build_optimizer, make_scheduler  # noqa: E402
 from clipstudy.core.precision import autocast, choose_amp  # noqa: E402
+from clipstudy.engine.build import Run, build_run, choose_device, planned_steps  # noqa: E402
 from clipstudy.engine.config import make_config  # noqa: E402
 from clipstudy.engine.splits import TEST, VALIDATION, EvalSets  # noqa: E402
-from clipstudy.engine.train import Run, build_run, choose_device, planned_steps, train_step  # noqa: E402
+from clipstudy.engine.train import train_step  # noqa: E402
 
 DEFAULT_OUT = OUT_DIR / "train_step.json"
 GOAL_PERCENT = 10.0

@@ -84,7 +84,7 @@ def loader_throughput(config, workers: int, batches: int) -> dict:
 
     from clipstudy.data.datasets import make_collate
     from clipstudy.data.sampling import SeededSamples, train_loader
-    from clipstudy.engine.train import build_train_set
+    from clipstudy.engine.build import build_train_set
 
     train_set = build_train_set(config)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(config.tokenizer)
@@ -189,7 +189,7 @@ def run(
     tiny: bool = False, device: str = "auto", out: str | Path | None = DEFAULT_OUT, ddp_on_cpu: bool = False
 ) -> dict:
     """Run every check; return (and write to ``out``) the results."""
-    from clipstudy.engine.train import choose_device
+    from clipstudy.engine.build import choose_device
 
     started = time.perf_counter()
     dev = choose_device(device)

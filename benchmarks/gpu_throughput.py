@@ -194,14 +194,14 @@ def run(
 
 
 def choose_device_name(device: str) -> str:
-    from clipstudy.engine.train import choose_device
+    from clipstudy.engine.build import choose_device
 
     return choose_device(device).type
 
 
 def _run(tiny, quick, steps, batch_size, workers, device, out, deterministic) -> dict:
+    from clipstudy.engine.build import build_run, choose_device
     from clipstudy.engine.config import make_config
-    from clipstudy.engine.train import build_run, choose_device
 
     dev = choose_device(device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

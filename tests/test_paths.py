@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from clipstudy import paths
+from clipstudy.engine.build import run_directory
 from clipstudy.engine.config import make_config
-from clipstudy.engine.train import run_directory
 from clipstudy.study.sweep import plan_cells
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -150,7 +150,8 @@ def test_concurrent_runs_build_once(data_dir, monkeypatch):
 
 
 def test_runs_load_the_towers_and_scratch_does_not(data_dir):
-    from clipstudy.engine.train import build_model_for, seed_everything
+    from clipstudy.engine.build import build_model_for
+    from clipstudy.engine.runstate import seed_everything
 
     config = smoke(data_dir)
     seed_everything(0)
@@ -193,7 +194,7 @@ def test_loading_the_towers_reads_the_file_once(data_dir, monkeypatch):
     # the digest check and the load use the same bytes: no second read, nothing can change in between
     from pathlib import Path
 
-    from clipstudy.engine.train import build_model_for
+    from clipstudy.engine.build import build_model_for
 
     config = smoke(data_dir)
     pretrain.ensure_pretrained(config, progress=False)

@@ -101,8 +101,8 @@ def evaluate_main(argv: list[str]) -> int:
     check_inputs(config)
     state = run_checkpoint(Path(args.run), args.checkpoint)
     from clipstudy.core import precision
+    from clipstudy.engine.build import build_model_for, choose_device
     from clipstudy.engine.splits import build_eval_sets, score
-    from clipstudy.engine.train import build_model_for, choose_device
 
     device = choose_device(config.device)
     sets = build_eval_sets(config, args.split)

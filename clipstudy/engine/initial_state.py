@@ -11,9 +11,9 @@ import torch
 
 from clipstudy.core import diagnostics
 from clipstudy.data.datasets import eval_transform, make_collate
+from clipstudy.engine.build import build_model_for, build_train_set
 from clipstudy.engine.pretrain import load_pretrained_towers
 from clipstudy.engine.runstate import seed_everything
-from clipstudy.engine.train import build_model_for, build_train_set
 
 
 @torch.no_grad()
