@@ -34,11 +34,12 @@ def smoke(data, out, **kw):
 
 
 def snapshot(folder: Path) -> dict:
-    """Digest of every file under ``folder`` (lock files aside: they hold the last holder's pid)."""
+    """Digest of every run file under ``folder`` (lock files aside: they hold the last holder's pid; the
+    sweep's own record of its last settings, sweep.json, aside: it is not a run)."""
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and not p.name.startswith(".lock")
+        if p.is_file() and not p.name.startswith(".lock") and p.name != "sweep.json"
     }
 
 

@@ -289,6 +289,19 @@ def runs_to_report(profile: str, runs: str | Path = "") -> Path:
     return folder
 
 
+def tuning_table(profile: str, tuning: str | Path = "", out_dir: str | Path = "") -> Path | None:
+    """The tuning table to show: ``tuning``, else the report folder's ``tuning.csv`` (``out_dir``, else the
+    profile's reports folder); None when there is no such folder (an installed clipstudy opened by hand)."""
+    if tuning:
+        return Path(tuning)
+    if out_dir:
+        return Path(out_dir) / "tuning.csv"
+    try:
+        return paths.reports_dir(profile) / "tuning.csv"
+    except paths.ProjectRootNotFound:
+        return None
+
+
 def save(out_dir: str | Path, name: str, content: pd.DataFrame | str) -> Path | None:
     """Write a table (as CSV) or a text to ``out_dir/name``; nothing when ``out_dir`` is empty: the notebook
     opened by hand never writes over the committed results, ``report`` (:func:`render`) passes the folder."""
