@@ -251,7 +251,7 @@ def prompt_requeues(cluster):
 def test_a_time_limit_requeues_from_the_checkpoint_and_the_cell_goes_on(
     cluster, queue_emptied, prompt_requeues, demo_data_dir, tmp_path
 ):
-    """A 2-minute job whose cell trains for longer: USR2 60 s before the limit, submitit checkpoints and requeues
+    """A 2-minute job whose cell trains for longer: USR2 90 s before the limit, submitit checkpoints and requeues
     (a time-out, counted against --max-requeues), the next run resumes; the cell ends equal to an uninterrupted
     run trained meanwhile beside it. Its torch threads are the allocation's (one CPU), not this machine's."""
     runs, ref = tmp_path / "runs", tmp_path / "reference"
@@ -263,7 +263,9 @@ def test_a_time_limit_requeues_from_the_checkpoint_and_the_cell_goes_on(
         stderr=subprocess.DEVNULL,
     )
     log = tmp_path / "wait.log"
-    args = sweep_args(demo_data_dir, runs, "clip", LONG_EPOCHS, "--time", "2", "--sbatch", "signal=USR2@60", "--wait")
+    # USR2 90 s before the 2-minute limit, i.e. 30 s into each job: well inside the cell's minute of training
+    # even on an idle machine (with USR2@60 an idle machine finished the cell before the signal came)
+    args = sweep_args(demo_data_dir, runs, "clip", LONG_EPOCHS, "--time", "2", "--sbatch", "signal=USR2@90", "--wait")
     runs.mkdir()
     watch = StatusWatch(runs)
     waiter = cluster.start_sweep(args, log, tmp_path)
