@@ -88,6 +88,18 @@ def archive_stale(out: Path) -> Path:
     return target
 
 
+def parse_settings(items: list[str]) -> dict[str, str]:
+    """``--set FIELD=VALUE`` items -> {field: value}, each split at its first "=" (a JSON value may hold "="
+    and ","); a field name is checked when the configuration is made."""
+    settings = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--set: {item!r} is not FIELD=VALUE (e.g. --set epochs=4)")
+        settings[name.strip()] = value.strip()
+    return settings
+
+
 def parse_mapping(text: str | None, what: str) -> dict[str, str]:
     """``"a=1,b=2"`` -> {"a": "1", "b": "2"}."""
     out = {}

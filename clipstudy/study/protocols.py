@@ -34,6 +34,7 @@ from clipstudy import paths
 from clipstudy.arguments import CommandParser
 from clipstudy.engine.config import ConfigError
 from clipstudy.paths import PROTOCOLS
+from clipstudy.study.cells import parse_settings
 
 
 def protocol_cells(profile: str, protocol: str, rates: dict[str, float], *, seeds, overrides: dict, runs_root: Path):
@@ -159,12 +160,7 @@ def main(argv: list[str]) -> int:
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown:
         raise ConfigError(f"--protocols: unknown {unknown}; choose from {list(PROTOCOLS)}")
-    overrides = {}
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set: {item!r} is not FIELD=VALUE")
-        overrides[name.strip()] = value.strip()
+    overrides = parse_settings(args.set)
     outcome = run_study(
         args.profile,
         seeds=seeds,

@@ -32,7 +32,7 @@ from clipstudy.engine.config import FIELDS, PROFILES, ConfigError, fields_epilog
 from clipstudy.engine.fingerprint import listings_cached
 from clipstudy.engine.preflight import check_components
 from clipstudy.study import executors, jobs, resources, sweep_manifest
-from clipstudy.study.cells import Cell, archive_stale, cell_state, parse_mapping, run_cell, summary_line
+from clipstudy.study.cells import Cell, archive_stale, cell_state, parse_mapping, parse_settings, run_cell, summary_line
 
 
 def plan_cells(
@@ -386,12 +386,7 @@ def finish(results: dict[str, dict], seconds: float) -> int:
 
 def plan_from_args(args) -> list[Cell]:
     """The sweep's cells from its command line, every name and value checked (ConfigError otherwise)."""
-    overrides = {}
-    for item in args.set:  # one FIELD=VALUE each, split at the first "=": a JSON value may hold "=" and ","
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ConfigError(f"--set: {item!r} is not FIELD=VALUE (e.g. --set epochs=4)")
-        overrides[name.strip()] = value.strip()
+    overrides = parse_settings(args.set)
     for name in overrides:
         if name.replace("-", "_") not in FIELDS:
             raise ConfigError(f"--set: unknown config field {name!r}; valid fields: {sorted(FIELDS)}")

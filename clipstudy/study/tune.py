@@ -36,6 +36,7 @@ import pandas as pd
 from clipstudy import paths
 from clipstudy.arguments import CommandParser
 from clipstudy.engine.config import ConfigError
+from clipstudy.study.cells import parse_settings
 from clipstudy.study.tuning_table import write_table
 
 TUNING_SEED = 1000  # tuning seeds start here; reported runs use 0, 1, 2, ...
@@ -278,12 +279,7 @@ def main(argv: list[str]) -> int:
         except ValueError:
             raise ConfigError(f"{option} {text!r}: give a comma list of numbers") from None
 
-    overrides = {}
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set: {item!r} is not FIELD=VALUE")
-        overrides[name.strip()] = value.strip()
+    overrides = parse_settings(args.set)
     if args.data:
         overrides["data"] = str(Path(args.data).resolve())
     optimizers = [o for o in args.optimizers.split(",") if o] or default_grid_optimizers()
