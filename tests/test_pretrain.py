@@ -230,3 +230,23 @@ def test_ctrl_c_while_pretraining_says_it_starts_again_from_step_0(data_dir, tmp
     assert code == 130 and len(stopped) == 1
     assert "while pretraining the demo towers" in stopped[0] and "again from step 0" in stopped[0]
     assert not list((data_dir / "pretrained").glob("*/towers.pt"))  # nothing half-made was cached
+
+
+def test_the_towers_do_not_depend_on_the_callers_thread_count(data_dir):
+    """Pretraining runs on its own fixed thread count (settings.threads): a sweep's one-thread cell and a
+    notebook on every core build the same towers, and the caller's thread count comes back."""
+    config = smoke(data_dir)
+    settings = pretrain.settings_from(config)
+    built = {}
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            state, meta = pretrain.build_towers(config, settings, progress=False)
+            assert torch.get_num_threads() == threads and meta["torch_threads"] == settings.threads
+            built[threads] = state
+    finally:
+        torch.set_num_threads(before)
+    for part in ("image_tower", "text_tower"):
+        for name, tensor in built[1][part].items():
+            assert torch.equal(tensor, built[2][part][name]), (part, name)
