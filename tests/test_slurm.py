@@ -29,7 +29,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "slurm-local.sh"
-EPOCHS = 30  # a cell of the array: long enough to be stopped after its first checkpoint, a few seconds of training
+EPOCHS = 100  # a cell of the array: about 30 s of training, so both cells are still training when stopped
+# (with 30 epochs an idle CI machine finished one cell while the test was requeuing the other)
 LONG_EPOCHS = 200  # the time-limit cell: about a minute of training on one CPU, so a 2-minute job is cut once
 
 
@@ -202,6 +203,8 @@ def test_array_status_rerun_requeue_usr2_and_wait(cluster, references, queue_emp
 
     # Slurm's own requeue (as PreemptMode=REQUEUE does) sends SIGTERM: the cell records an interruption, not a
     # failure; USR2 (as before a time limit) goes through submitit's checkpoint and requeue
+    # both are stopped as soon as both have a checkpoint, one right after the other
+    until(lambda: has_full_checkpoint(clip) and has_full_checkpoint(sogclr), "both checkpointed", waiter, log)
     interrupt(cluster, ids[0], clip, ["scontrol", "requeue"], waiter, log)
     interrupt(cluster, ids[1], sogclr, ["scancel", "--signal=USR2"], waiter, log)
     see_requeued(cluster, ids[0], clip, waiter, log, tmp_path, records=("interrupted",))
