@@ -393,11 +393,128 @@ def pretrain_digest(setting: Setting, tiny: Path, tmp: Path, tag: str, full: boo
     if not full:
         argv += ["--pretrain", json.dumps(QUICK_PRETRAIN)]
     result = run_child(setting, argv, tmp / f"pre-w-{tag}")
-    (meta,) = (data / "pretrained").glob("*/meta.json")
-    info = json.loads(meta.read_text())
+    metas = sorted((data / "pretrained").glob("*/meta.json"), key=lambda m: m.stat().st_mtime)
+    info = json.loads(metas[-1].read_text())
     shutil.rmtree(data, ignore_errors=True)
     shutil.rmtree(tmp / f"pre-run-{tag}", ignore_errors=True)
     return {"sha256": info["sha256"], "pretrain_wall_s": result["wall_s"], "pretrain_seconds": info.get("seconds")}
+
+
+def towers_thread_check(data: Path, tmp: Path, threads=(1, 2)) -> dict:
+    """Rebuild the full demo towers of ``data`` (a copy without its cache) at each thread count, machine default
+    otherwise, and compare their digests with the cached towers' (whose meta.json says how many threads built them).
+
+    Minutes: one full pretraining per thread count.
+    """
+    metas = sorted((data / "pretrained").glob("*/meta.json"))
+    cached = json.loads(metas[0].read_text()) if metas else {}
+    out = {"cached_sha256": cached.get("sha256"), "cached_torch_threads": cached.get("torch_threads"), "rebuilt": {}}
+    for n in threads:
+        setting = Setting(f"threads {n}", threads=n)
+        copy = tmp / f"towers-{n}"
+        shutil.copytree(data, copy, ignore=shutil.ignore_patterns("pretrained"))
+        argv = train_argv(copy, tmp / f"towers-run-{n}", setting, "clip", "adamw", 1, 0) + ["--evaluate_test", "false"]
+        print(f"  full towers at {n} thread(s)", file=sys.stderr, flush=True)
+        result = run_child(setting, argv, tmp / f"towers-w-{n}")
+        metas = sorted((copy / "pretrained").glob("*/meta.json"), key=lambda m: m.stat().st_mtime)
+        sha = json.loads(metas[-1].read_text())["sha256"]
+        out["rebuilt"][str(n)] = {
+            "sha256": sha,
+            "same_as_cached": sha == cached.get("sha256"),
+            "wall_s": result["wall_s"],
+        }
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.rmtree(tmp / f"towers-run-{n}", ignore_errors=True)
+    return out
+
+
+# demo cells (optimizer, loss) at full length: the two that moved most between machines, and the default one
+FULL_CELLS = (("adam", "vicreg"), ("adam", "sogclr"), ("adamw", "clip"))
+FULL_SETTINGS = (
+    "machine default",
+    "aten avx2",
+    "mkl COMPATIBLE",
+    "mkldnn off",
+    "avx2 machine",
+    "pinned avx2",
+    "pinned avx2 + avx2 machine",
+    "conservative",
+    "conservative + avx2 machine",
+)
+CACHED = "cached towers"  # the data set's own cached towers, machine default (what a rerun here gives)
+
+
+def tuned_rates(table: Path) -> dict[str, float]:
+    """The tuned protocol's rate per ``optimizer:loss`` from a tuning table (what ``make demo`` runs), or {}."""
+    try:
+        from clipstudy.study.tuning_table import rates_from
+
+        return rates_from(table, "tuned")
+    except Exception:  # noqa: BLE001 (no table: the profile's default rates)
+        return {}
+
+
+def full_cells(
+    rows_settings: list[Setting], data: Path, tmp: Path, cells=FULL_CELLS, seed: int = 0, jobs: int = 2
+) -> list[dict]:
+    """``make demo``'s cells at full length under each setting, as a fresh clone runs them: a copy of the data
+    without its towers, the first cell building them under the setting, every cell at its tuned rate.
+
+    Also the same cells from the data set's own cached towers (machine default). Settings run ``jobs`` at a
+    time (each subprocess one thread, as make demo's cells); these runs are not timed.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    rates = tuned_rates(REPO / "reports" / "demo" / "tuning.csv")
+
+    def one(setting: Setting, source: Path | None) -> dict:
+        tag = str(abs(hash(setting.name)))
+        copy = data
+        if source is None:
+            copy = tmp / f"full-{tag}"
+            shutil.copytree(data, copy, ignore=shutil.ignore_patterns("pretrained"))
+        result = {"setting": CACHED if source is not None else setting.name, "cells": {}}
+        for optimizer, loss in cells:
+            out = tmp / f"full-run-{tag}-{optimizer}-{loss}"
+            argv = train_argv(copy, out, setting, loss, optimizer, 0, seed)
+            if f"{optimizer}:{loss}" in rates:
+                argv += ["--lr", repr(rates[f"{optimizer}:{loss}"])]
+            child_result = run_child(setting, argv, tmp / f"full-w-{tag}-{optimizer}-{loss}")
+            metrics = json.loads((out / "metrics.json").read_text())
+            history = read_history(out / "history.csv")
+            result["cells"][f"{optimizer}+{loss}"] = {
+                "scores": {k: metrics.get(k) for k in SCORES},
+                "final_loss": history[-1]["loss"],
+                "steps": metrics["steps_completed"],
+                "wall_s": child_result["wall_s"],
+            }
+            shutil.rmtree(out, ignore_errors=True)
+        metas = sorted((copy / "pretrained").glob("*/meta.json"), key=lambda m: m.stat().st_mtime)
+        result["towers_sha256"] = json.loads(metas[-1].read_text())["sha256"]  # the entry these cells used
+        result["wall_s"] = sum(c["wall_s"] for c in result["cells"].values())
+        if source is None:
+            shutil.rmtree(copy, ignore_errors=True)
+        return result
+
+    todo = [(s, None) for s in rows_settings if s.name in FULL_SETTINGS] + [(rows_settings[0], data)]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(lambda job: one(*job), todo))
+    base = results[0]
+    for r in results:
+        diffs = {
+            cell: {
+                "final_loss": max_abs(v["final_loss"], base["cells"][cell]["final_loss"]),
+                **{k: max_abs(v["scores"][k], base["cells"][cell]["scores"][k]) for k in SCORES},
+            }
+            for cell, v in r["cells"].items()
+        }
+        r["diffs"] = diffs
+        r["max_average_diff"] = max(d["average"] for d in diffs.values())
+        r["max_val_average_diff"] = max(d["val_average"] for d in diffs.values())
+        r["max_final_loss_diff"] = max(d["final_loss"] for d in diffs.values())
+        r["towers_same"] = r["towers_sha256"] == base["towers_sha256"]
+        r["wall_ratio"] = r["wall_s"] / base["wall_s"]
+    return results
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -452,6 +569,8 @@ def run(
     pretrain: bool = True,
     full_pretrain: bool = False,
     only: list[str] | None = None,
+    full: bool = False,
+    towers_check: bool = False,
 ) -> dict:
     """Run every setting side by side; returns (and writes to ``out``) the results."""
     started = time.perf_counter()
@@ -491,6 +610,11 @@ def run(
             for s in rows_settings:
                 print(f"  pretraining: {s.name}", file=sys.stderr, flush=True)
                 towers[s.name] = pretrain_digest(s, tiny, tmp, str(rows_settings.index(s)), full_pretrain)
+        towers_threads = towers_thread_check(data, tmp) if towers_check else None
+        full_results = None
+        if full:
+            print("  full-length demo cells (fresh towers per setting)", file=sys.stderr, flush=True)
+            full_results = full_cells(rows_settings, data, tmp, seed=seed)
 
     base_name = rows_settings[0].name
     base = results[base_name][0]
@@ -543,16 +667,19 @@ def run(
         "repeats": repeats,
         "pretrain_check": "off" if not pretrain else ("full demo settings" if full_pretrain else QUICK_PRETRAIN),
         "data_check": data_check,
+        "towers_thread_check": towers_threads,
+        "full_cells": full_results,
         "rows": rows,
-        "verdict": verdict(rows),
+        "verdict": verdict(rows, full_results),
         "seconds": time.perf_counter() - started,
     }
     write_json(results_out, out)
     return results_out
 
 
-def verdict(rows: list[dict]) -> dict:
-    """The unpinned spread, and for each candidate pin whether it holds on the simulated machines and its cost."""
+def verdict(rows: list[dict], full: list[dict] | None = None) -> dict:
+    """The unpinned spread, and for each candidate pin whether it holds on the simulated machines and its cost
+    (with ``full``: also over the full-length cells, towers built under each setting)."""
     by_name = {r["setting"]: r for r in rows}
     unpinned = [r for r in rows if not r["setting"].startswith(("conservative", "pinned"))]
     spread = {
@@ -575,7 +702,26 @@ def verdict(rows: list[dict]) -> dict:
             "train_ratio": by_name[pin]["train_ratio"],
             "within_cost_goal": by_name[pin]["train_ratio"] <= COST_GOAL,
         }
-    return {"unpinned_spread": spread, "pins": pins, "cost_goal": COST_GOAL}
+        full_family = [r for r in full or [] if r["setting"].startswith(pin)]
+        if full_family:
+            keys = {
+                json.dumps(
+                    [r["towers_sha256"], {c: [v["scores"], v["final_loss"]] for c, v in r["cells"].items()}],
+                    sort_keys=True,
+                )
+                for r in full_family
+            }
+            pins[pin]["full_cells_identical"] = len(keys) == 1 and len(full_family) > 1
+            pins[pin]["full_cells_wall_ratio"] = next(r["wall_ratio"] for r in full_family if r["setting"] == pin)
+    out = {"unpinned_spread": spread, "pins": pins, "cost_goal": COST_GOAL}
+    if full:
+        free = [r for r in full if not r["setting"].startswith(("conservative", "pinned"))]
+        out["full_cells_unpinned_spread"] = {
+            "max_final_loss_diff": max(r["max_final_loss_diff"] for r in free),
+            "max_val_average_diff": max(r["max_val_average_diff"] for r in free),
+            "max_average_diff": max(r["max_average_diff"] for r in free),
+        }
+    return out
 
 
 def print_results(results: dict) -> None:
@@ -634,6 +780,17 @@ def print_results(results: dict) -> None:
     if check:
         same = "identical" if check["same"] else "DIFFERENT"
         print(f"\ndata: the tiny demo set generated with numpy and libm below AVX2 is {same}")
+    check = results.get("towers_thread_check")
+    if check:
+        rebuilt = ", ".join(
+            f"{n} thread(s) {'same' if r['same_as_cached'] else 'DIFFERENT'}" for n, r in check["rebuilt"].items()
+        )
+        print(
+            f"the data set's cached towers (built with {check['cached_torch_threads']} thread(s)), rebuilt here: "
+            + rebuilt
+        )
+    if results.get("full_cells"):
+        print_full_cells(results["full_cells"])
     v = results["verdict"]
     s = v["unpinned_spread"]
     print(
@@ -648,7 +805,43 @@ def print_results(results: dict) -> None:
             f"{', '.join(p['variants'])}; training loop x{p['train_ratio']:.2f}, whole run x{p['wall_ratio']:.2f} "
             f"({'within' if p['within_cost_goal'] else 'over'} the {v['cost_goal']}x goal)"
         )
+        if "full_cells_identical" in p:
+            print(
+                f"    full-length cells: {'identical' if p['full_cells_identical'] else 'NOT identical'} across its "
+                f"variants; cells' wall time x{p['full_cells_wall_ratio']:.2f} (2 at a time, not interleaved)"
+            )
+    if "full_cells_unpinned_spread" in v:
+        f = v["full_cells_unpinned_spread"]
+        print(
+            f"full-length cells, unpinned code paths: final loss up to {f['max_final_loss_diff']:.2e}, val_average up "
+            f"to {f['max_val_average_diff']:.2f}, average up to {f['max_average_diff']:.2f} points"
+        )
     print(f"benchmark wall time {results['seconds']:.0f} s")
+
+
+def print_full_cells(full: list[dict]) -> None:
+    cells = list(full[0]["cells"])
+    print(f"\nfull-length demo cells, fresh towers built under each setting; |diff| against {full[0]['setting']!r}:")
+    rows = []
+    for r in full:
+        row = {
+            "setting": r["setting"],
+            "towers_same": r["towers_same"],
+            "max_final_loss_diff": r["max_final_loss_diff"],
+            "max_val_average_diff": r["max_val_average_diff"],
+            "max_average_diff": r["max_average_diff"],
+        }
+        for cell in cells:
+            row[cell] = r["cells"][cell]["scores"]["average"]
+        rows.append(row)
+    columns = [
+        ("setting", "setting", "{}"),
+        ("towers_same", "towers same", "{}"),
+        ("max_final_loss_diff", "|d loss|", "{:.2e}"),
+        ("max_val_average_diff", "|d val_avg|", "{:.2f}"),
+        ("max_average_diff", "|d average|", "{:.2f}"),
+    ] + [(cell, f"{cell} Average", "{:.2f}") for cell in cells]
+    print(table(rows, columns))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -666,6 +859,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=None, help="only these settings (and the machine default)")
     parser.add_argument("--no-pretrain", action="store_true", help="skip the data and pretrained-towers checks")
     parser.add_argument("--full-pretrain", action="store_true", help="build the towers with the demo's own settings")
+    parser.add_argument(
+        "--full", action="store_true", help="also make demo's cells at full length, fresh towers per setting (~20 min)"
+    )
+    parser.add_argument(
+        "--towers-check",
+        action="store_true",
+        help="also rebuild the data set's full towers at 1 and 2 threads against its cached file (~4 min)",
+    )
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     results = run(
@@ -680,6 +881,8 @@ def main(argv: list[str] | None = None) -> int:
         not args.no_pretrain,
         args.full_pretrain,
         args.only,
+        args.full,
+        args.towers_check,
     )
     print_results(results)
     print(f"wrote {args.out}")
