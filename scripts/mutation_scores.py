@@ -78,6 +78,111 @@ MODULES = {
             "tests/test_sweep.py::test_a_cell_locked_by_another_sweep_is_skipped_not_trained",
         ],
     ),
+    # --- each entry below: its owner edits only its own test list
+    "config validation": (
+        ["clipstudy/engine/config.py"],
+        [
+            f"clipstudy.engine.config.x_{name}__mutmut_*"
+            for name in ("validate", "_coerce", "_coerce_bool", "make_config", "_absolute_path", "config_from_dict")
+        ],
+        ["tests/test_config.py"],
+    ),
+    "fingerprint": (
+        ["clipstudy/engine/fingerprint.py"],
+        ["clipstudy.engine.fingerprint.*"],
+        ["tests/test_fingerprint.py"],
+    ),
+    "pretrain": (
+        ["clipstudy/engine/pretrain.py"],
+        [
+            f"clipstudy.engine.pretrain.x_{name}__mutmut_*"
+            for name in (
+                "settings_from",
+                "zeroshot_scenes",
+                "check_disjoint",
+                "study_captions",
+                "scene_labels",
+                "cache_key",
+                "_data_digest",
+                "_valid",
+                "uses_pretrained_towers",
+            )
+        ],
+        ["tests/test_pretrain.py"],
+    ),
+    "statistics": (
+        ["clipstudy/study/stats.py"],
+        ["clipstudy.study.stats.*"],
+        ["tests/test_stats.py"],
+    ),
+    "verdicts": (
+        ["clipstudy/study/verdicts.py", "clipstudy/study/conclusions.py"],
+        ["clipstudy.study.verdicts.*", "clipstudy.study.conclusions.*"],
+        ["tests/test_verdicts.py", "tests/test_report.py"],
+    ),
+    "findings": (
+        ["clipstudy/study/findings.py"],
+        ["clipstudy.study.findings.*"],
+        ["tests/test_report.py", "tests/test_verdicts.py"],
+    ),
+    "diagnostics": (
+        ["clipstudy/core/diagnostics.py"],
+        ["clipstudy.core.diagnostics.*"],
+        ["tests/test_diagnostics.py"],
+    ),
+    "executors": (
+        ["clipstudy/study/executors.py"],
+        [
+            f"clipstudy.study.executors.{name}__mutmut_*"
+            for name in (
+                "x_distributed_rank",
+                "xǁCellTaskǁ__call__",
+                "xǁCellTaskǁcheckpoint",
+                "x_allocation_threads",
+                "x_cell_threads",
+                "x_saved_since",
+                "x_make_executor",
+            )
+        ],
+        ["tests/test_executors.py"],
+    ),
+    "prepare converters": (
+        [
+            "clipstudy/data/prepare/cc3m.py",
+            "clipstudy/data/prepare/coco.py",
+            "clipstudy/data/prepare/imagenet.py",
+            "clipstudy/data/prepare/common.py",
+        ],
+        [
+            "clipstudy.data.prepare.cc3m.*",
+            "clipstudy.data.prepare.coco.*",
+            "clipstudy.data.prepare.imagenet.*",
+            "clipstudy.data.prepare.common.*",
+        ],
+        ["tests/test_prepare_data.py"],
+    ),
+    "tuning": (
+        ["clipstudy/study/tune.py", "clipstudy/study/tuning_table.py"],
+        [
+            *(
+                f"clipstudy.study.tune.x_{name}__mutmut_*"
+                for name in (
+                    "lattice",
+                    "lattice_index",
+                    "lr_grid",
+                    "extend",
+                    "group_of",
+                    "group_scores",
+                    "best_settings",
+                    "shared_rate",
+                    "plan_trials",
+                    "trial_table",
+                )
+            ),
+            "clipstudy.study.tuning_table.*",
+        ],
+        ["tests/test_tune.py"],
+    ),
 }
 STATUS = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
 
