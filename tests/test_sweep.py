@@ -390,3 +390,34 @@ def test_status_and_rerun_of_a_runs_folder_need_no_repeated_option(tmp_path, dem
     assert re.search(r"^adamw-clip-s0\s+done\s", out, re.M) and re.search(r"^adamw-sogclr-s0\s+done\s", out, re.M)
     manifest = json.loads((runs / "sweep.json").read_text())
     assert [s["settings"]["losses"] for s in manifest["sweeps"]] == ["clip", "sogclr"]
+
+
+def test_cells_without_notebooks_train_the_same_run_as_the_notebook(demo_data_dir, tmp_path):
+    """Tuning trials run in worker processes instead of the notebook: the same configuration, the same numbers,
+    the same records; only the executed notebook is missing. A failing cell is recorded as failed."""
+    from test_executors import comparable, history_losses
+
+    settings = {"data": str(demo_data_dir), "epochs": 2, "threads": 1}
+    by_notebook = plan_cells(
+        "smoke", optimizers=["adamw"], losses=["clip"], overrides=settings, runs_root=tmp_path / "a"
+    )
+    by_worker = plan_cells("smoke", optimizers=["adamw"], losses=["clip"], overrides=settings, runs_root=tmp_path / "b")
+    run_sweep(by_notebook, progress=False)
+    results = run_sweep(by_worker, progress=False, notebooks=False)
+    a, b = by_notebook[0].out, by_worker[0].out
+    assert results[by_worker[0].name]["status"] == "completed"
+    assert (a / "train.ipynb").is_file() and not (b / "train.ipynb").exists()
+    ma, mb = (json.loads((run / "metrics.json").read_text()) for run in (a, b))
+    assert comparable(ma) == comparable(mb) and mb["average"] == ma["average"]
+    assert history_losses(a) == history_losses(b)
+    assert cell_state(b, by_worker[0].config)[0] == "done"  # and a rerun trains nothing
+    # a cell whose training raises is recorded as failed, with the error
+    broken = plan_cells(
+        "smoke",
+        optimizers=["adamw"],
+        losses=["clip"],
+        runs_root=tmp_path / "c",
+        overrides={**settings, "data": str(tmp_path / "none")},
+    )
+    failed = run_sweep(broken, progress=False, notebooks=False)[broken[0].name]
+    assert failed["status"] == "failed" and failed.get("error"), failed

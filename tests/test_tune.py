@@ -72,7 +72,8 @@ def test_the_shared_rate_is_the_best_mean_among_rates_every_optimizer_tried():
 def fake_sweep(peaks: dict[str, float], calls: list):
     """A stand-in for the sweep: a trial's validation Average peaks at its optimizer's rate in ``peaks``."""
 
-    def run_sweep(cells, jobs=1, progress=True):
+    def run_sweep(cells, jobs=1, progress=True, notebooks=True):
+        assert not notebooks  # trials train in worker processes, without the notebook
         calls.append(len(cells))
         out = {}
         for cell in cells:
@@ -231,7 +232,7 @@ def test_the_pretrained_towers_are_made_before_any_trial(demo_data_dir, tmp_path
     data = shutil.copytree(demo_data_dir, tmp_path / "data")
     seen = []
 
-    def run_sweep(cells, jobs=1, progress=True):
+    def run_sweep(cells, jobs=1, progress=True, notebooks=True):
         seen.append(sorted(p.name for p in (data / "pretrained").glob("*/towers.pt")))
         return {c.name: {"status": "completed", "val_average": 1.0} for c in cells}
 
@@ -250,3 +251,195 @@ def test_the_pretrained_towers_are_made_before_any_trial(demo_data_dir, tmp_path
         "smoke", ["adamw"], ["clip"], overrides=overrides, runs_root=tmp_path / "runs", max_extensions=0, progress=False
     )
     assert seen == [["towers.pt"]]
+
+
+# ---------------------------------------------------------------- the pieces, on constructed tables (fast)
+def test_lattice_rates_and_indices_worked_by_hand():
+    assert [tune.lattice(k) for k in (-6, -5, -1, 0, 1, 2)] == [0.001, 0.003162, 0.3162, 1.0, 3.162, 10.0]
+    assert [tune.lattice_index(r) for r in (0.001, 3.162e-4, 0.3162, 1.0, 10.0, 0.5)] == [-6, -7, -1, 0, 2, -1]
+    for bad in ((0.0, 1e-3), (-1e-3, 1e-3), (1e-2, 1e-3)):
+        with pytest.raises(ValueError) as error:
+            tune.lr_grid(*bad)
+        assert str(error.value) == f"search space ({bad[0]}, {bad[1]}): needs 0 < low <= high"
+    assert tune.lr_grid(0.5, 2.0) == [0.3162, 1.0, 3.162]  # ends rounded onto the lattice
+
+
+def test_extend_reaches_the_limits_but_never_passes_them():
+    assert tune.extend([1e-3, 1e-4, 3.162e-4], 1e-3) == 3.162e-3  # any order of the grid
+    assert tune.extend([1e-3, 1e-4, 3.162e-4], 1e-4) == 3.162e-5
+    assert tune.extend([1e-3, 1e-4, 3.162e-4], 3.162e-4) is None
+    assert tune.extend([1.0, 3.162], 3.162) == 10.0  # the upper limit itself is allowed
+    assert tune.extend([3.162e-7, 1e-6], 3.162e-7) == 1e-7  # and the lower one
+    assert tune.extend([1e-7, 3.162e-7], 1e-7) is None  # past it: no
+    assert tune.extend([1e-3], 1e-3) == 3.162e-3  # one rate: its top, extended upwards first
+    assert tune.extend([1e-3, 1e-2], 1e-3, limit=(1e-4, 1e-2)) == 3.162e-4
+    assert tune.extend([1e-3, 1e-2], 1e-2, limit=(1e-4, 1e-2)) is None
+
+
+def test_groups_are_optimizers_or_optimizer_and_loss():
+    assert tune.group_of("adamw", "clip", per_loss=True) == "adamw:clip"
+    assert tune.group_of("adamw", "clip", per_loss=False) == "adamw"
+
+
+def test_group_scores_are_means_with_a_completed_trial_without_score_disqualifying():
+    table = pd.DataFrame(
+        [
+            {"group": "a", "lr": 1e-3, "weight_decay": 0.0, "status": "completed", "val_average": 10.0},
+            {"group": "a", "lr": 1e-3, "weight_decay": 0.0, "status": "completed", "val_average": 20.0},
+            {"group": "a", "lr": 1e-3, "weight_decay": 0.1, "status": "completed", "val_average": 40.0},
+            {"group": "a", "lr": 1e-2, "weight_decay": 0.0, "status": "completed", "val_average": None},
+            {"group": "a", "lr": 1e-1, "weight_decay": 0.0, "status": "failed", "val_average": 99.0},
+            {"group": "b", "lr": 1e-3, "weight_decay": 0.0, "status": "missing", "val_average": None},
+        ]
+    )
+    scores = tune.group_scores(table)
+    assert list(scores.columns) == ["group", "lr", "weight_decay", "score"]
+    assert scores.to_dict("records") == [
+        {"group": "a", "lr": 1e-3, "weight_decay": 0.0, "score": 15.0},
+        {"group": "a", "lr": 1e-3, "weight_decay": 0.1, "score": 40.0},
+        {"group": "a", "lr": 1e-2, "weight_decay": 0.0, "score": -math.inf},
+        {"group": "a", "lr": 1e-1, "weight_decay": 0.0, "score": -math.inf},
+        {"group": "b", "lr": 1e-3, "weight_decay": 0.0, "score": -math.inf},
+    ]
+
+
+def test_best_settings_break_ties_by_the_smaller_rate_then_the_smaller_decay():
+    scores = pd.DataFrame(
+        [
+            {"group": "b", "lr": 1e-2, "weight_decay": 0.1, "score": 50.0},
+            {"group": "b", "lr": 1e-2, "weight_decay": 0.0, "score": 50.0},  # same rate and score: smaller decay
+            {"group": "b", "lr": 1e-3, "weight_decay": 0.0, "score": 30.0},
+            {"group": "a", "lr": 1e-2, "weight_decay": 0.0, "score": 70.0},
+            {"group": "a", "lr": 1e-3, "weight_decay": 0.1, "score": 70.0},  # same score: smaller rate
+            {"group": "a", "lr": 1e-4, "weight_decay": 0.0, "score": -math.inf},
+        ]
+    )
+    best = tune.best_settings(scores)
+    assert list(best.columns) == ["group", "lr", "weight_decay", "score"]
+    assert best.to_dict("records") == [
+        {"group": "a", "lr": 1e-3, "weight_decay": 0.1, "score": 70.0},
+        {"group": "b", "lr": 1e-2, "weight_decay": 0.0, "score": 50.0},
+    ]
+
+
+def test_shared_rate_uses_each_optimizers_best_decay_breaks_ties_low_and_ignores_others():
+    scores = pd.DataFrame(
+        [
+            {"group": "adamw", "lr": 1e-3, "weight_decay": 0.0, "score": 10.0},
+            {"group": "adamw", "lr": 1e-3, "weight_decay": 0.1, "score": 50.0},  # adamw at 1e-3: 50
+            {"group": "adamw", "lr": 1e-2, "weight_decay": 0.0, "score": 40.0},
+            {"group": "sgd", "lr": 1e-3, "weight_decay": 0.0, "score": 30.0},  # mean at 1e-3: 40
+            {"group": "sgd", "lr": 1e-2, "weight_decay": 0.0, "score": 40.0},  # mean at 1e-2: 40, a tie
+            {"group": "lion", "lr": 1e-1, "weight_decay": 0.0, "score": 99.0},  # not asked for
+        ]
+    )
+    assert tune.shared_rate(scores, ["adamw", "sgd"]) == 1e-3
+    assert tune.shared_rate(scores, ["adamw"]) == 1e-3  # adamw alone: its best, 50 at 1e-3
+    assert tune.shared_rate(scores, ["sgd"]) == 1e-2
+    assert tune.shared_rate(scores, ["adamw", "lion"]) is None  # no rate both tried
+    per_loss = scores.assign(group=scores["group"] + ":siglip")
+    assert tune.shared_rate(per_loss, ["adamw", "sgd"], loss="siglip") == 1e-3
+    assert tune.shared_rate(per_loss, ["adamw", "sgd"]) is None  # chosen with clip, which none tried
+
+
+def test_plan_trials_makes_one_cell_per_rate_decay_loss_and_seed(tmp_path):
+    runs = tmp_path / "runs"
+    planned = tune.plan_trials(
+        "smoke",
+        {"adamw": [1e-3, 1e-2]},
+        ["clip", "sogclr"],
+        (1000, 1001),
+        (None,),
+        False,
+        {"data": str(tmp_path), "epochs": 2},
+        runs,
+    )
+    assert len(planned) == 8 and {group for group, _ in planned} == {"adamw"}
+    seen = set()
+    for _, cell in planned:
+        config = cell.config
+        seen.add((cell.label, cell.loss, cell.seed))
+        assert config.optimizer == "adamw" and config.loss == cell.loss and config.seed == cell.seed
+        assert config.profile == "smoke" and config.epochs == 2 and config.data == str(tmp_path)
+        assert config.evaluate_test is False  # tuning never opens the test sets
+        assert config.weight_decay == 0.02  # no decay given: the profile's
+        assert config.lr == {"adamw-lr0.001": 1e-3, "adamw-lr0.01": 1e-2}[cell.label]
+        assert cell.out == runs / cell.name
+    assert seen == {
+        (label, loss, seed)
+        for label in ("adamw-lr0.001", "adamw-lr0.01")
+        for loss in ("clip", "sogclr")
+        for seed in (1000, 1001)
+    }
+    per_loss = tune.plan_trials(
+        "smoke", {"adamw:sogclr": [1e-3], "sgd:clip": [1e-2]}, ["clip", "sogclr"], (1000,), (0.0, 0.1), True, {}, runs
+    )
+    rows = [(g, c.label, c.loss, c.config.optimizer, c.config.lr, c.config.weight_decay) for g, c in per_loss]
+    assert rows == [
+        ("adamw:sogclr", "adamw-lr0.001-wd0", "sogclr", "adamw", 1e-3, 0.0),
+        ("adamw:sogclr", "adamw-lr0.001-wd0.1", "sogclr", "adamw", 1e-3, 0.1),
+        ("sgd:clip", "sgd-lr0.01-wd0", "clip", "sgd", 1e-2, 0.0),
+        ("sgd:clip", "sgd-lr0.01-wd0.1", "clip", "sgd", 1e-2, 0.1),
+    ]
+
+
+class FakeTrialCell:
+    def __init__(self, name, optimizer, loss, lr, weight_decay, seed, out):
+        self.name, self.loss, self.seed, self.out = name, loss, seed, out
+        self.config = type("Config", (), {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay})()
+
+
+def test_trial_table_has_a_row_per_planned_trial_missing_ones_marked(tmp_path):
+    a = FakeTrialCell("a-clip-s1000", "adamw", "clip", 1e-3, 0.02, 1000, tmp_path / "a")
+    b = FakeTrialCell("b-clip-s1000", "sgd", "clip", 1e-2, 0.0, 1000, tmp_path / "b")
+    c = FakeTrialCell("c-clip-s1001", "sgd", "clip", 1e-2, 0.0, 1001, tmp_path / "c")
+    results = {"a-clip-s1000": {"status": "completed", "val_average": 42.5}, "c-clip-s1001": {"val_average": 1.0}}
+    table = tune.trial_table([("adamw", a), ("sgd", b), ("sgd", c)], results)
+    assert list(table.columns) == tune.COLUMNS
+    rows = table.to_dict("records")
+    assert rows[0] == {
+        "group": "adamw",
+        "optimizer": "adamw",
+        "loss": "clip",
+        "lr": 1e-3,
+        "weight_decay": 0.02,
+        "seed": 1000,
+        "status": "completed",
+        "val_average": 42.5,
+        "run_dir": str(tmp_path / "a"),
+    }
+    assert rows[1]["status"] == "missing" and math.isnan(rows[1]["val_average"])  # never ran: no score
+    assert rows[2]["status"] == "missing" and rows[2]["val_average"] == 1.0  # no status recorded
+    assert (rows[1]["optimizer"], rows[1]["lr"], rows[1]["seed"]) == ("sgd", 1e-2, 1000)
+    assert rows[1]["run_dir"] == str(tmp_path / "b")
+    empty = tune.trial_table([], {})
+    assert list(empty.columns) == tune.COLUMNS and len(empty) == 0
+
+
+def test_write_table_writes_six_significant_digits_and_no_index(tmp_path):
+    table = pd.DataFrame([{"group": "adamw", "lr": 1 / 3, "val_average": 1.5e-5, "tuned": True}])
+    tuning_table.write_table(table, tmp_path / "t.csv")
+    assert (tmp_path / "t.csv").read_text() == "group,lr,val_average,tuned\nadamw,0.333333,1.5e-05,True\n"
+
+
+def test_rates_from_refuses_with_the_reason(tmp_path):
+    path = tmp_path / "tuning.csv"
+    for text in ("", "group,lr\nadamw,0.001\n"):
+        path.write_text(text)
+        with pytest.raises(ConfigError) as error:
+            tuning_table.rates_from(path, "tuned")
+        if text:
+            assert str(error.value) == (
+                f"--lr-from {path}: not a tuning table (no column ['shared', 'tuned']); see `clipstudy tune`"
+            )
+        else:
+            message = str(error.value)
+            assert message.startswith(f"--lr-from {path}: cannot read a tuning table (")
+            assert message.endswith("); run `python -m clipstudy tune`")
+    for shared in ([True, True], [False, False]):
+        table = pd.DataFrame({"group": ["adamw", "sgd"], "lr": [1e-3, 1e-2], "tuned": [True, True], "shared": shared})
+        tuning_table.write_table(table, path)
+        with pytest.raises(ConfigError) as error:
+            tuning_table.rates_from(path, "shared")
+        assert str(error.value) == f"--lr-from {path}: no shared rate (every optimizer must have tried it)"
+        assert tuning_table.rates_from(path, "tuned") == {"adamw": 1e-3, "sgd": 1e-2}

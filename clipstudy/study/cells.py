@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,9 +122,15 @@ def run_config(cell: Cell, device: str | None, threads: int | None) -> RunConfig
 
 
 def run_cell(
-    cell: Cell, *, device: str | None = None, threads: int | None = None, notebook: Path | None = None
+    cell: Cell,
+    *,
+    device: str | None = None,
+    threads: int | None = None,
+    notebook: Path | None = None,
+    trainer: Callable[[RunConfig], None] | None = None,
 ) -> dict:
-    """Execute the training notebook for one cell; return its metrics (or the failure).
+    """Execute the training notebook for one cell (or, with ``trainer``, hand the cell's configuration to it:
+    tuning trials, which need no notebook); return its metrics (or the failure).
 
     The cell's sweep lock is held throughout, so a second sweep on the same
     folder skips the cell (status ``busy``) instead of training it twice.
@@ -133,21 +140,35 @@ def run_cell(
         with cell_lock(cell.out, SWEEP_LOCK_NAME):
             if record_state(cell.out, cell.config)[0] in ("done", "diverged"):  # finished while we waited
                 return {**records.read_metrics(cell.out), "sweep_wall_s": 0.0, "skipped": True}
-            return _run_cell_locked(cell, device, threads, notebook or paths.notebook("train.ipynb"))
+            return _run_cell_locked(cell, device, threads, notebook or paths.notebook("train.ipynb"), trainer)
     except CellBusy:
         return {"status": "busy", "cell": cell.name, "sweep_wall_s": 0.0}
 
 
-def _run_cell_locked(cell: Cell, device, threads, notebook) -> dict:
+class TrainerInterrupted(Exception):
+    """A trainer's run stopped by a signal (it checkpointed first); named like papermill's error for it."""
+
+    ename = "KeyboardInterrupt"
+
+    def __init__(self, evalue: str):
+        super().__init__(evalue)
+        self.evalue = evalue
+
+
+def _run_cell_locked(cell: Cell, device, threads, notebook, trainer=None) -> dict:
     started = time.perf_counter()
     error = stopped = None
     before = records.read_metrics(cell.out)  # an earlier attempt's record, if any
     try:
-        # once every cell has run, nothing is left to lose (train() has written its files
-        # atomically): ending the kernel at once saves the ~2 s a kernel with torch loaded
-        # takes to exit politely
-        parameters = notebook_parameters(run_config(cell, device, threads))
-        execute_notebook(notebook, cell.out / "train.ipynb", parameters, shutdown_kernel="immediate")
+        config = run_config(cell, device, threads)
+        if trainer is not None:
+            trainer(config)
+        else:
+            # once every cell has run, nothing is left to lose (train() has written its files
+            # atomically): ending the kernel at once saves the ~2 s a kernel with torch loaded
+            # takes to exit politely
+            parameters = notebook_parameters(config)
+            execute_notebook(notebook, cell.out / "train.ipynb", parameters, shutdown_kernel="immediate")
     except Exception as err:  # papermill wraps the notebook's exception
         stopped = interruption(err)
         error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"

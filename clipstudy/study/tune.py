@@ -105,8 +105,8 @@ def shared_rate(scores: pd.DataFrame, optimizers: list[str], loss: str = "clip")
         scores = scores[groups.str.endswith(f":{loss}")]
     per_optimizer = scores.assign(optimizer=scores["group"].str.split(":").str[0])
     by_rate = per_optimizer.groupby(["optimizer", "lr"])["score"].max().unstack("optimizer")
-    common = by_rate.dropna()
-    common = common[[o for o in optimizers if o in common.columns]]
+    # the asked optimizers first, then their common rates: another optimizer's rates must not drop any
+    common = by_rate[[o for o in optimizers if o in by_rate.columns]].dropna()
     if common.empty or common.shape[1] < len(optimizers):
         return None
     means = common.mean(axis=1)
@@ -194,7 +194,9 @@ def tune(
     _prepare_towers(profile, grids, losses, seeds, weight_decays, per_loss, overrides or {}, runs_root, progress)
     while True:
         planned = plan_trials(profile, grids, losses, seeds, weight_decays, per_loss, overrides or {}, runs_root)
-        trials = trial_table(planned, run_sweep([cell for _, cell in planned], jobs=jobs, progress=progress))
+        trials = trial_table(
+            planned, run_sweep([cell for _, cell in planned], jobs=jobs, progress=progress, notebooks=False)
+        )
         best = best_settings(group_scores(trials)).set_index("group")
         grew = False
         for group, rates in grids.items():
