@@ -72,6 +72,7 @@ def run_study(
     tuning_from: str | None = None,
     out: str | None = None,
     report: bool = True,
+    notebooks: bool = False,
 ) -> dict:
     """Tune (or read a tuning table), run the protocols, render the report; return what each step did
     and how long it took."""
@@ -113,7 +114,7 @@ def run_study(
         cells_by_protocol[protocol] = cells
         if protocol == "tuned" and "shared" in cells_by_protocol:
             print(f"tuned: {link_shared_runs(cells, cells_by_protocol['shared'])} cells are the shared protocol's runs")
-        results[protocol] = run_sweep(cells, jobs=jobs)
+        results[protocol] = run_sweep(cells, jobs=jobs, notebooks=notebooks)
         timings[f"{protocol}_s"] = time.perf_counter() - t0
     if report:
         from clipstudy.study.report import render
@@ -152,6 +153,12 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--out", default=None, help="report folder (default reports/<profile>)")
     parser.add_argument("--no-report", action="store_true", help="run everything, render no report")
+    parser.add_argument(
+        "--notebooks",
+        action="store_true",
+        help="run each final run through the training notebook, kept executed in its run folder (about 10 s "
+        "more per demo run); default: train them in worker processes, as the tuning trials",
+    )
     args = parser.parse_args(argv)
     from clipstudy.core.losses import default_grid_losses
 
@@ -176,6 +183,7 @@ def main(argv: list[str]) -> int:
         tuning_from=args.tuning_from,
         out=args.out,
         report=not args.no_report,
+        notebooks=args.notebooks,
     )
     timings = outcome["timings"]
     print("study finished: " + ", ".join(f"{k.removesuffix('_s')} {v / 60:.1f} min" for k, v in timings.items()))
