@@ -1,6 +1,7 @@
 """Configuration: profiles, overrides by name, validation naming the field."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +176,335 @@ def test_the_smoke_profile_is_a_few_dozen_steps_on_the_demo_set():
     config = make_config("smoke")
     pairs = min(config.limit_train or DEFAULTS["train_size"], DEFAULTS["train_size"])
     assert pairs // config.batch_size * config.epochs <= 40
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validate: every check, its bad value (the message names the field and the accepted values) and its good boundary.
+# The base is RunConfig() (the paper's towers: no tokenizer folder needed); each case changes one field.
+def _checked(**changes):
+    import dataclasses
+
+    from clipstudy.engine.config import validate
+
+    config = dataclasses.replace(RunConfig(), **changes)
+    assert validate(config) is config
+    return config
+
+
+def _refused(**changes) -> str:
+    with pytest.raises(ConfigError) as err:
+        _checked(**changes)
+    return str(err.value)
+
+
+AT_LEAST_ONE = (
+    "epochs",
+    "batch_size",
+    "image_size",
+    "embed_dim",
+    "max_length",
+    "max_words",
+    "eval_batch_size",
+    "text_dim",
+    "text_layers",
+    "keep_checkpoints",
+    "log_every",
+    "eval_every",
+)
+AT_LEAST_ZERO = ("num_workers", "limit_train", "max_steps", "threads", "seed")
+RATES = ("lr", "weight_decay", "warmup_lr", "min_lr", "grad_clip")
+
+
+def test_the_defaults_and_the_boundary_values_pass_validation():
+    _checked()
+    _checked(**{name: 1 for name in AT_LEAST_ONE})  # ">= 1": 1 itself is allowed
+    _checked(**{name: 0 for name in AT_LEAST_ZERO})  # ">= 0": 0 itself is allowed
+    _checked(**{name: 0.0 for name in RATES})
+    _checked(warmup_steps=-1)  # one epoch of warm-up
+    _checked(warmup_steps=0)
+    for value in (1e-12, 0.5, 1.5, 100.0):  # any positive temperature
+        _checked(temperature=value)
+    for value in (1e-6, 0.5, 1.0):  # the crop scale is in (0, 1]: 1 included
+        _checked(crop_scale_min=value)
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:3"):
+        _checked(device=device)
+    _checked(small_resnet_widths=[8], small_resnet_blocks=[2])
+    _checked(small_resnet_widths=[8, 16, 32, 64], small_resnet_blocks=[1, 2, 2, 1])
+    for label in ("", "adam-nol2", "a.b_c+d=e"):
+        _checked(label=label)
+    for profile in ("paper", "demo", "smoke"):
+        _checked(profile=profile)
+    # small_distilbert needs a tokenizer folder: explicit, or the data folder's
+    _checked(text_encoder="small_distilbert", tokenizer="/somewhere/tokenizer")
+    _checked(text_encoder="small_distilbert", data="/somewhere/data")
+
+
+@pytest.mark.parametrize("name", AT_LEAST_ONE)
+def test_a_count_below_one_is_refused_naming_the_field(name):
+    assert _refused(**{name: 0}) == f"config field '{name}'=0: must be >= 1"
+    assert _refused(**{name: -3}) == f"config field '{name}'=-3: must be >= 1"
+
+
+@pytest.mark.parametrize("name", AT_LEAST_ZERO)
+def test_a_negative_count_is_refused_naming_the_field(name):
+    assert _refused(**{name: -1}) == f"config field '{name}'=-1: must be >= 0"
+
+
+@pytest.mark.parametrize("name", RATES)
+def test_a_negative_rate_or_decay_is_refused_naming_the_field(name):
+    expected = f"config field '{name}'=-1e-09: must be >= 0 (a learning rate or decay cannot be negative)"
+    assert _refused(**{name: -1e-9}) == expected
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("temperature", 0.0, "config field 'temperature'=0.0: must be > 0"),
+        ("temperature", -0.5, "config field 'temperature'=-0.5: must be > 0"),
+        ("crop_scale_min", 0.0, "config field 'crop_scale_min'=0.0: must be in (0, 1]"),
+        ("crop_scale_min", -0.5, "config field 'crop_scale_min'=-0.5: must be in (0, 1]"),
+        ("crop_scale_min", 1.0001, "config field 'crop_scale_min'=1.0001: must be in (0, 1]"),
+        ("crop_scale_min", 1.5, "config field 'crop_scale_min'=1.5: must be in (0, 1]"),
+        ("warmup_steps", -2, "config field 'warmup_steps'=-2: must be -1 (one epoch) or >= 0"),
+        ("device", "gpu", "config field 'device'='gpu': choose auto, cpu, cuda or cuda:N"),
+        ("device", "CPU", "config field 'device'='CPU': choose auto, cpu, cuda or cuda:N"),
+        ("device", "cuda1", "config field 'device'='cuda1': choose auto, cpu, cuda or cuda:N"),
+        ("device", "", "config field 'device'='': choose auto, cpu, cuda or cuda:N"),
+        ("label", "a/b", "config field 'label'='a/b': use letters, digits and . _ + = - only"),
+        ("label", ".hidden", "config field 'label'='.hidden': use letters, digits and . _ + = - only"),
+        ("profile", "huge", "config field 'profile'='huge': choose one of ['demo', 'paper', 'smoke']"),
+    ],
+)
+def test_each_bounded_field_refuses_a_value_out_of_its_range(name, value, message):
+    assert _refused(**{name: value}) == message
+
+
+def test_the_small_resnet_needs_one_block_count_per_width():
+    expected = "config field 'small_resnet_blocks'={}: needs one entry per entry of small_resnet_widths"
+    assert _refused(small_resnet_widths=[8, 16], small_resnet_blocks=[1, 1, 1]) == expected.format("[1, 1, 1]")
+    assert _refused(small_resnet_widths=[8, 16, 32], small_resnet_blocks=[1]) == expected.format("[1]")
+    assert _refused(small_resnet_widths=[], small_resnet_blocks=[]) == expected.format("[]")  # no stage at all
+
+
+def test_the_small_text_tower_needs_a_tokenizer_folder():
+    assert _refused(text_encoder="small_distilbert") == (
+        "config field 'tokenizer'='': small_distilbert needs the data set's tokenizer folder (set `data` or "
+        "`tokenizer`)"
+    )
+    _checked(text_encoder="distilbert")  # the Hugging Face tower brings its own
+
+
+@pytest.mark.parametrize(
+    "name, choices",
+    [
+        ("image_encoder", ["resnet50", "small_resnet"]),
+        ("text_encoder", ["distilbert", "small_distilbert"]),
+        ("amp", ["auto", "bf16", "fp16", "none"]),
+        ("small_resnet_norm", ["batch", "group"]),
+        ("augment", ["albef", "torchvision", "none"]),
+        ("zeroshot_transform", ["original", "clip"]),
+        ("image_weights", ["timm-a1", "torchvision"]),
+        ("lr_schedule", ["smooth", "original"]),
+        ("text_pooling", ["first", "mean"]),
+    ],
+)
+def test_each_choice_field_takes_its_choices_and_nothing_else(name, choices):
+    for choice in choices:
+        _checked(**{name: choice, "tokenizer": "/somewhere/tokenizer"})
+    assert _refused(**{name: "other"}) == f"config field '{name}'='other': choose one of {choices}"
+    assert _refused(**{name: choices[0].upper()}).startswith(f"config field '{name}'=")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# _coerce and _coerce_bool: command-line strings to the field's type, or a message naming the field.
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (True, True),
+        (False, False),
+        (1, True),
+        (0, False),
+        ("1", True),
+        ("true", True),
+        ("True", True),
+        ("TRUE", True),
+        ("yes", True),
+        ("Yes", True),
+        ("on", True),
+        ("ON", True),
+        ("0", False),
+        ("false", False),
+        ("False", False),
+        ("no", False),
+        ("NO", False),
+        ("off", False),
+        ("Off", False),
+    ],
+)
+def test_bool_fields_accept_the_usual_spellings(value, expected):
+    from clipstudy.engine.config import _coerce_bool
+
+    assert _coerce_bool("hflip", value) is expected
+    assert make_config("demo", hflip=value).hflip is expected
+
+
+@pytest.mark.parametrize("value", [2, -1, "2", "maybe", "", "y", None, 1.0, [1]])
+def test_bool_fields_refuse_anything_else_naming_the_field(value):
+    from clipstudy.engine.config import _coerce_bool
+
+    with pytest.raises(ConfigError) as err:
+        _coerce_bool("hflip", value)
+    assert str(err.value) == f"config field 'hflip': {value!r} is not a valid bool"
+    with pytest.raises(ConfigError) as err:
+        make_config("demo", cache_images=value)
+    assert str(err.value) == f"config field 'cache_images': {value!r} is not a valid bool"
+
+
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("epochs", "3", 3),
+        ("epochs", 2.0, 2),
+        ("epochs", 7, 7),
+        ("seed", "-1", -1),  # coerced here, refused by validate
+        ("lr", "1e-3", 0.001),
+        ("lr", 2, 2.0),
+        ("lr", "0", 0.0),
+        ("label", None, ""),
+        ("label", "x", "x"),
+        ("out", Path("a") / "b", "a/b"),
+        ("small_resnet_widths", "[8, 16]", [8, 16]),
+        ("small_resnet_widths", [4, 8], [4, 8]),
+        ("loss_params", '{"gamma": 0.5}', {"gamma": 0.5}),
+        ("loss_params", {"gamma": 0.25}, {"gamma": 0.25}),
+        ("pretrain", "{}", {}),
+        ("hflip", "off", False),
+    ],
+)
+def test_values_are_coerced_to_the_fields_type(name, value, expected):
+    from clipstudy.engine.config import _coerce
+
+    out = _coerce(name, value)
+    assert out == expected and type(out) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "name, value, kind",
+    [
+        ("epochs", 2.5, "int"),
+        ("epochs", True, "int"),
+        ("epochs", "many", "int"),
+        ("epochs", None, "int"),
+        ("lr", True, "float"),
+        ("lr", "fast", "float"),
+        ("lr", float("inf"), "float"),
+        ("lr", float("-inf"), "float"),
+        ("lr", float("nan"), "float"),
+        ("lr", "nan", "float"),
+        ("label", 3, "str"),
+        ("label", ["a"], "str"),
+        ("small_resnet_widths", '{"a": 1}', "list"),
+        ("small_resnet_widths", "[8, 16", "list"),
+        ("small_resnet_widths", 8, "list"),
+        ("loss_params", "[1]", "dict"),
+        ("loss_params", "gamma=0.5", "dict"),
+        ("loss_params", None, "dict"),
+        ("hflip", "maybe", "bool"),
+    ],
+)
+def test_ill_typed_values_are_refused_naming_the_field_and_its_type(name, value, kind):
+    from clipstudy.engine.config import _coerce
+
+    with pytest.raises(ConfigError) as err:
+        _coerce(name, value)
+    assert str(err.value) == f"config field {name!r}: {value!r} is not a valid {kind}"
+
+
+def test_int_fields_keep_whole_floats_as_ints():
+    config = make_config("demo", epochs=4.0, batch_size="8")
+    assert (config.epochs, config.batch_size) == (4, 8) and type(config.epochs) is int
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# make_config, _absolute_path, config_from_dict
+def test_make_config_defaults_to_the_demo_profile():
+    assert make_config() == make_config("demo") and make_config().profile == "demo"
+
+
+def test_an_unknown_profile_is_refused_with_the_choices():
+    with pytest.raises(ConfigError) as err:
+        make_config("huge", epochs=2)
+    assert str(err.value) == "config field 'profile'='huge': choose one of ['demo', 'paper', 'smoke']"
+
+
+def test_an_unknown_field_is_refused_with_the_close_names():
+    from clipstudy.engine.config import FIELDS
+
+    valid = f"valid fields: {sorted(FIELDS)}"
+    with pytest.raises(ConfigError) as err:
+        make_config("demo", epoch=3)  # a part of 'epochs'
+    assert str(err.value) == f"unknown config field 'epoch' (did you mean ['epochs']?); {valid}"
+    with pytest.raises(ConfigError) as err:
+        make_config("demo", seeds=3)  # holds 'seed'
+    assert str(err.value) == f"unknown config field 'seeds' (did you mean ['seed']?); {valid}"
+    with pytest.raises(ConfigError) as err:
+        make_config("demo", zzz=3)  # close to nothing: no hint
+    assert str(err.value) == f"unknown config field 'zzz'; {valid}"
+
+
+def test_a_legacy_field_is_migrated_and_the_fields_after_it_still_apply():
+    config = make_config("demo", randaugment="yes", epochs=5, lr="0.5")
+    assert (config.augment, config.epochs, config.lr) == ("torchvision", 5, 0.5)
+    assert make_config("demo", **{"batch-size": 3, "eval-every": 2}).eval_every == 2
+
+
+def test_relative_paths_from_a_profile_are_under_the_project_and_given_ones_under_the_current_folder(
+    tmp_path, monkeypatch
+):
+    root, cwd = tmp_path / "project", tmp_path / "shell"
+    root.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("CLIPSTUDY_ROOT", str(root))
+    monkeypatch.chdir(cwd)
+    assert make_config("demo").data == str(root / "data" / "demo")  # the profile's "data/demo"
+    given = make_config("demo", data="mine", out="runs/../runs/a", train_ann="ann/train.json")
+    assert (given.data, given.out, given.train_ann) == (
+        str(cwd / "mine"),
+        str(cwd / "runs" / "a"),
+        str(cwd / "ann" / "train.json"),
+    )
+    absolute = make_config("demo", data="/x/y/../z", retrieval_ann="/a//b.json")
+    assert (absolute.data, absolute.retrieval_ann) == ("/x/z", "/a/b.json")
+    assert make_config("paper").data == "" and make_config("paper").out == ""  # empty stays empty
+
+
+def test_a_profile_path_without_a_project_folder_fails_naming_the_field(tmp_path, monkeypatch):
+    from clipstudy import paths
+    from clipstudy.engine.config import _absolute_path
+
+    def no_root():
+        raise paths.ProjectRootNotFound("no project folder here")
+
+    monkeypatch.setattr(paths, "project_root", no_root)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        make_config("demo")
+    assert str(err.value) == (
+        "config field 'data'='data/demo' (profile default) is relative to the project folder: no project folder here"
+    )
+    # an absolute path, or one given by the caller, needs no project folder
+    assert make_config("demo", data="/d").data == "/d"
+    assert make_config("demo", data="d").data == str(tmp_path / "d")
+    assert _absolute_path("data", "/abs/../x", from_profile=True) == "/x"
+    assert _absolute_path("data", "", from_profile=True) == ""
+    assert _absolute_path("out", "rel", from_profile=False) == str(tmp_path / "rel")
+
+
+def test_config_from_dict_takes_the_known_fields_and_defaults_to_demo():
+    from clipstudy.engine.config import config_from_dict
+
+    assert config_from_dict({"epochs": 2}) == make_config("demo", epochs=2)
+    recorded = {"profile": "smoke", "epochs": 5, "retired_field": 1, "fingerprint": {"digest": "x"}}
+    assert config_from_dict(recorded) == make_config("smoke", epochs=5)  # fields of no version are ignored
+    assert config_from_dict({"profile": "paper", "randaugment": False}).augment == "none"
+    assert config_from_dict(make_config("smoke", seed=4).to_dict()) == make_config("smoke", seed=4)

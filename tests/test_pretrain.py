@@ -250,3 +250,296 @@ def test_the_towers_do_not_depend_on_the_callers_thread_count(data_dir):
     for part in ("image_tower", "text_tower"):
         for name, tensor in built[1][part].items():
             assert torch.equal(tensor, built[2][part][name]), (part, name)
+
+
+# ------------------------------------------------------------------- the pure parts, against values worked out here
+def namespace(**fields):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**fields)
+
+
+SETTING_NAMES = [
+    "captions",
+    "image_batch_size",
+    "image_epochs",
+    "image_lr",
+    "images",
+    "mlm_probability",
+    "seed",
+    "text_batch_size",
+    "text_epochs",
+    "text_lr",
+    "threads",
+    "weight_decay",
+]
+
+
+def test_settings_come_from_the_pretrain_field_coerced_to_each_settings_type():
+    assert pretrain.settings_from(namespace(pretrain={})) == pretrain.PretrainSettings()
+    settings = pretrain.settings_from(namespace(pretrain={"images": "48", "image_lr": "0.01", "seed": 3.0}))
+    assert (settings.images, settings.image_lr, settings.seed) == (48, 0.01, 3)
+    assert (type(settings.images), type(settings.image_lr), type(settings.seed)) == (int, float, int)
+    assert settings.captions == 12000 and settings.threads == 2  # the others keep their defaults
+    with pytest.raises(ConfigError) as err:
+        pretrain.settings_from(namespace(pretrain={"images": 3, "zz": 1, "imgs": 2}))
+    assert str(err.value) == f"config field 'pretrain': unknown key(s) ['imgs', 'zz']; valid keys: {SETTING_NAMES}"
+    with pytest.raises(ConfigError) as err:
+        pretrain.settings_from(namespace(pretrain={"images": "many"}))
+    assert str(err.value).startswith("config field 'pretrain'={'images': 'many'}: invalid literal for int()")
+
+
+def test_zeroshot_scenes_are_the_test_then_the_validation_scenes(tmp_path, monkeypatch):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scenes.json").write_text(json.dumps({"zeroshot": [{"in": "cwd"}]}))
+    assert pretrain.zeroshot_scenes(namespace(data="")) is None  # no data folder: no scene records (not the cwd's)
+    assert pretrain.zeroshot_scenes(namespace(data=str(folder))) is None  # no scenes.json
+    (folder / "scenes.json").write_text("{broken")
+    assert pretrain.zeroshot_scenes(namespace(data=str(folder))) is None
+    scenes = {"train": [{"t": 1}], "zeroshot": [{"z": 1}, {"z": 2}], "val_zeroshot": [{"v": 1}], "retrieval": [{}]}
+    (folder / "scenes.json").write_text(json.dumps(scenes))
+    assert pretrain.zeroshot_scenes(namespace(data=str(folder))) == [{"z": 1}, {"z": 2}, {"v": 1}]
+    (folder / "scenes.json").write_text(json.dumps({"val_zeroshot": [{"v": 1}]}))  # a split may be absent
+    assert pretrain.zeroshot_scenes(namespace(data=str(folder))) == [{"v": 1}]
+    (folder / "scenes.json").write_text(json.dumps({"zeroshot": [{"z": 1}]}))
+    assert pretrain.zeroshot_scenes(namespace(data=str(folder))) == [{"z": 1}]
+
+
+def scene(colour, shape, size="small", row=0, col=0, tone="dark"):
+    return {
+        "shapes": [{"colour": colour, "shape": shape, "size": size, "row": row, "col": col}],
+        "background": {"tone": tone},
+    }
+
+
+def test_the_disjointness_check_counts_shared_classes_and_refuses_any():
+    evaluation = [scene("red", "circle"), scene("red", "circle", "large", 2, 2, "light"), scene("blue", "cross")]
+    assert pretrain.check_disjoint(None, [scene("red", "circle")]) is None
+    assert pretrain.check_disjoint([], [scene("red", "circle")]) == {"combination": 0, "configuration": 0}
+    seen = [scene("red", "square"), scene("green", "circle"), scene("blue", "diamond")]  # colours, shapes: not pairs
+    assert pretrain.check_disjoint(evaluation, seen) == {"combination": 0, "configuration": 0}
+    message = (
+        "pretraining data would show {} zero-shot scene(s)' colour x shape class to the towers before evaluation; "
+        "the demo generator's held-out classes (demo_scenes.HELD_OUT) must not reach pretraining: regenerate the "
+        "data set with this version (make demo-data)"
+    )
+    with pytest.raises(ConfigError) as err:  # another size, cell and tone: still the red circle class
+        pretrain.check_disjoint(evaluation, [*seen, scene("red", "circle", "large", 1, 1, "light")])
+    assert str(err.value) == message.format(2)
+    with pytest.raises(ConfigError) as err:
+        pretrain.check_disjoint(evaluation, [scene("blue", "cross", "large")])
+    assert str(err.value) == message.format(1)
+
+
+def test_study_captions_are_every_caption_and_prompt_as_the_study_cleans_them(tmp_path, monkeypatch):
+    files = {
+        "train.json": [{"image": "a.png", "caption": "A Red, Circle!"}, {"image": "b.png", "caption": "don't stop"}],
+        "retrieval.json": [{"image": "c.png", "caption": ["Blue square", "a b c d e f"]}],
+        "val_retrieval.json": [{"image": "d.png", "caption": ["Green cross"]}],
+        "zeroshot/classnames.json": {
+            "classnames": {"red_circle": "red circle", "purple_diamond": "Purple Diamond"},
+            "templates": ["a photo of a {}.", "{}"],
+        },
+        "val_zeroshot/classnames.json": {"classnames": {"blue_cross": "blue cross"}, "templates": ["itap of a {}"]},
+    }
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(json.dumps(content))
+    config = make_config(
+        "paper",
+        train_ann=str(tmp_path / "train.json"),
+        retrieval_ann=str(tmp_path / "retrieval.json"),
+        val_retrieval_ann=str(tmp_path / "val_retrieval.json"),
+        zeroshot_images=str(tmp_path / "zeroshot"),
+        val_zeroshot_images=str(tmp_path / "val_zeroshot"),
+        max_words=4,
+    )
+    assert pretrain.study_captions(config) == {
+        "a red circle",
+        "dont stop",
+        "blue square",
+        "a b c d",  # at most max_words words
+        "green cross",
+        "a photo of a",
+        "red circle",
+        "purple diamond",
+        "itap of a blue",
+    }
+    # only the training captions; an annotation file or class-name file that is named but absent is skipped
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "classnames.json").write_text(json.dumps(files["zeroshot/classnames.json"]))
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a classnames.json in the current folder is not the data set's
+    alone = make_config("paper", train_ann=str(tmp_path / "train.json"), retrieval_ann=str(tmp_path / "absent.json"))
+    assert pretrain.study_captions(alone) == {"a red circle", "dont stop"}
+    empty_folder = make_config("paper", train_ann=str(tmp_path / "train.json"), zeroshot_images=str(tmp_path))
+    assert pretrain.study_captions(empty_folder) == {"a red circle", "dont stop"}
+
+
+def test_scene_labels_are_the_index_of_each_attribute():
+    # COLOURS: red orange yellow green cyan blue purple; SHAPES: circle square triangle cross diamond;
+    # SIZES: small large; TONES: dark light; row and column of the 3 x 3 grid
+    assert pretrain.scene_labels(scene("red", "circle", "small", 0, 2, "dark")) == [0, 0, 0, 0, 2, 0]
+    assert pretrain.scene_labels(scene("orange", "triangle", "large", 2, 1, "light")) == [1, 2, 1, 2, 1, 1]
+    assert pretrain.scene_labels(scene("purple", "diamond", "large", 1, 0, "light")) == [6, 4, 1, 1, 0, 1]
+    pair = scene("cyan", "cross", "small", 1, 1, "dark")
+    pair["shapes"].append(scene("yellow", "square", "large", 2, 2)["shapes"][0])
+    assert pretrain.scene_labels(pair) == [4, 3, 0, 1, 1, 0]  # the first shape's
+
+
+def tower_config(**changes):
+    fields = dict(
+        image_size=32,
+        small_resnet_widths=[8, 16, 32],
+        small_resnet_blocks=[1, 1, 1],
+        small_resnet_norm="batch",
+        text_dim=32,
+        text_layers=1,
+        max_length=16,
+        max_words=30,
+    )
+    return namespace(**{**fields, **changes})
+
+
+def test_the_cache_key_is_the_digest_of_its_documented_inputs():
+    """The generator and pretraining versions, the settings, the data set's digest and the towers' shapes, as
+    canonical JSON (the payload written out here by hand)."""
+    settings = pretrain.PretrainSettings(images=48, seed=1)
+    payload = {
+        "data_digest": "d" * 64,
+        "generator_version": 2,
+        "image": [32, [8, 16, 32], [1, 1, 1], "batch"],
+        "pretrain_version": 2,
+        "settings": {
+            "captions": 12000,
+            "image_batch_size": 64,
+            "image_epochs": 10,
+            "image_lr": 2e-3,
+            "images": 48,
+            "mlm_probability": 0.15,
+            "seed": 1,
+            "text_batch_size": 64,
+            "text_epochs": 4,
+            "text_lr": 1e-3,
+            "threads": 2,
+            "weight_decay": 0.01,
+        },
+        "text": [32, 1, 16, 30],
+    }
+    expected = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+    assert pretrain.cache_key(tower_config(), settings, "d" * 64) == expected
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"image_size": 24},  # towers pretrained on 32 px images are not those of 24 px
+        {"small_resnet_widths": [8, 16, 64]},
+        {"small_resnet_widths": (8, 16, 32, 64)},
+        {"small_resnet_blocks": [1, 2, 1]},
+        {"small_resnet_norm": "group"},
+        {"text_dim": 64},
+        {"text_layers": 2},
+        {"max_length": 20},
+        {"max_words": 12},  # the captions are cut at max_words
+    ],
+)
+def test_each_tower_shape_is_part_of_the_cache_key(change):
+    settings, digest = pretrain.PretrainSettings(), "d" * 64
+    key = pretrain.cache_key(tower_config(), settings, digest)
+    assert pretrain.cache_key(tower_config(**change), settings, digest) != key
+    assert len(key) == 20 and int(key, 16) >= 0  # a folder name: 20 hex digits
+
+
+@pytest.mark.parametrize("name", SETTING_NAMES)
+def test_each_pretraining_setting_is_part_of_the_cache_key(name):
+    import dataclasses
+
+    settings = pretrain.PretrainSettings()
+    changed = dataclasses.replace(settings, **{name: getattr(settings, name) + 1})
+    assert pretrain.cache_key(tower_config(), changed, "d") != pretrain.cache_key(tower_config(), settings, "d")
+
+
+def test_the_data_digest_and_both_versions_are_part_of_the_cache_key(monkeypatch):
+    from clipstudy.data import demo
+
+    settings = pretrain.PretrainSettings()
+    key = pretrain.cache_key(tower_config(), settings, "a" * 64)
+    assert pretrain.cache_key(tower_config(), settings, "a" * 64) == key
+    assert pretrain.cache_key(tower_config(), settings, "b" * 64) != key
+    # what the run itself does with the towers is not: one cache entry serves every cell
+    assert pretrain.cache_key(tower_config(embed_dim=64, lr=0.5, seed=3), settings, "a" * 64) == key
+    monkeypatch.setattr(pretrain, "PRETRAIN_VERSION", pretrain.PRETRAIN_VERSION + 1)
+    bumped = pretrain.cache_key(tower_config(), settings, "a" * 64)
+    assert bumped != key
+    monkeypatch.setattr(demo, "GENERATOR_VERSION", demo.GENERATOR_VERSION + 1)
+    assert pretrain.cache_key(tower_config(), settings, "a" * 64) not in (key, bumped)
+
+
+def test_the_data_digest_is_the_manifests_or_a_clear_refusal(tmp_path, monkeypatch):
+    expected = (
+        "config field 'pretrained'=True with the demo towers needs a data folder made by `python -m clipstudy "
+        "make-demo-data` (no readable manifest.json in {}); set `data` to such a folder, or pretrained=false to "
+        "start from random weights"
+    )
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"generator_version": 2, "digest": "abc123"}))
+    assert pretrain._data_digest(namespace(data=str(data))) == "abc123"
+    for manifest in ({"generator_version": 2}, {"digest": ""}, {"digest": None}):
+        (data / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ConfigError) as err:
+            pretrain._data_digest(namespace(data=str(data)))
+        assert str(err.value) == expected.format(repr(str(data)))
+    (data / "manifest.json").unlink()
+    with pytest.raises(ConfigError) as err:
+        pretrain._data_digest(namespace(data=str(data)))
+    assert str(err.value) == expected.format(repr(str(data)))
+    # no data folder: not the current folder's manifest either
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"digest": "cwd"}))
+    with pytest.raises(ConfigError) as err:
+        pretrain._data_digest(namespace(data=""))
+    assert str(err.value) == expected.format("'data'")
+
+
+def test_a_cache_entry_is_valid_only_when_the_towers_match_the_recorded_digest(tmp_path):
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    towers = b"the towers' bytes"
+    meta = {"sha256": hashlib.sha256(towers).hexdigest(), "key": "k"}
+    assert pretrain._valid(entry) is None  # empty
+    (entry / "towers.pt").write_bytes(towers)
+    assert pretrain._valid(entry) is None  # no metadata yet (it is written last)
+    (entry / "meta.json").write_text(json.dumps(meta))
+    assert pretrain._valid(entry) == (meta, towers)
+    (entry / "towers.pt").write_bytes(towers + b"!")  # damaged or replaced
+    assert pretrain._valid(entry) is None
+    (entry / "towers.pt").write_bytes(towers)
+    (entry / "meta.json").write_text(json.dumps({"key": "k"}))  # no digest recorded
+    assert pretrain._valid(entry) is None
+    (entry / "meta.json").write_text("{half written")
+    assert pretrain._valid(entry) is None
+    (entry / "meta.json").write_text(json.dumps(meta))
+    (entry / "towers.pt").unlink()
+    assert pretrain._valid(entry) is None
+    assert pretrain._valid(tmp_path / "absent") is None
+
+
+@pytest.mark.parametrize(
+    "pretrained, image_encoder, text_encoder, expected",
+    [
+        (True, "small_resnet", "small_distilbert", (True, True)),
+        (True, "resnet50", "small_distilbert", (False, True)),
+        (True, "small_resnet", "distilbert", (True, False)),
+        (True, "resnet50", "distilbert", (False, False)),
+        (False, "small_resnet", "small_distilbert", (False, False)),
+        (False, "resnet50", "distilbert", (False, False)),
+    ],
+)
+def test_only_the_demo_towers_of_a_pretrained_run_take_the_demo_weights(
+    pretrained, image_encoder, text_encoder, expected
+):
+    config = namespace(pretrained=pretrained, image_encoder=image_encoder, text_encoder=text_encoder)
+    assert tuple(bool(x) for x in pretrain.uses_pretrained_towers(config)) == expected

@@ -270,11 +270,10 @@ def _coerce(name: str, value: Any) -> Any:
                 raise ValueError
             return str(value)
         if kind in (list, dict):
-            if isinstance(value, str):
-                value = json.loads(value)
-            if not isinstance(value, kind):
+            parsed = json.loads(value) if isinstance(value, str) else value  # `value` stays for the message
+            if not isinstance(parsed, kind):
                 raise ValueError
-            return value
+            return parsed
     except (TypeError, ValueError, json.JSONDecodeError):
         pass
     raise ConfigError(f"config field {name!r}: {value!r} is not a valid {kind.__name__}")
