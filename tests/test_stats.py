@@ -294,3 +294,210 @@ def test_expected_best_band_contains_curve():
     # identical trials: no uncertainty, the band collapses onto the curve
     flat = expected_best_band([4.0, 4.0, 4.0], n_boot=50)
     assert (flat["low"] == 4.0).all() and (flat["high"] == 4.0).all()
+
+
+# ---------------------------------------------------------------- inputs, edge cases and defaults
+
+
+def test_scores_are_read_as_floats_and_misshapen_or_missing_ones_are_named():
+    # an object column (as pandas leaves one that once held None) is read as numbers
+    a = pd.Series([12, 14, 11, 15, 13], dtype=object)
+    b = pd.Series([10, 11, 10, 12, 11], dtype=object)
+    assert paired_difference(a, b).mean == pytest.approx(2.2)
+    with pytest.raises(ValueError, match=r"^a must be 1-D, got shape \(1, 2\)$"):
+        paired_difference([[1.0, 2.0]], [1.0, 2.0])
+    with pytest.raises(ValueError, match=r"^b must be 1-D"):
+        paired_difference([1.0, 2.0], [[1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"^a contains NaN"):
+        paired_difference([1, np.nan, 3], [1, 2, 3])
+    with pytest.raises(ValueError, match=r"^b contains NaN"):
+        paired_difference([1, 2, 3], [1, 2, np.nan])
+    with pytest.raises(ValueError, match=r"^a and b must be aligned by seed: lengths 3 and 2 differ$"):
+        paired_difference([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match=r"^x and y must be aligned by seed: lengths 3 and 2 differ$"):
+        spearman_with_interval([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match=r"^x contains NaN"):
+        spearman_with_interval([1, np.nan, 3], [1, 2, 3])
+    with pytest.raises(ValueError, match=r"^y contains NaN"):
+        spearman_with_interval([1, 2, 3], [1, np.nan, 3])
+    with pytest.raises(ValueError, match=r"^scores contains NaN"):
+        expected_best([1.0, np.nan])
+
+
+def test_paired_difference_of_no_seeds_is_all_nan():
+    c = paired_difference([], [])
+    assert c.n == 0
+    assert all(math.isnan(v) for v in (c.mean, c.low, c.high, c.p_value))
+
+
+def test_paired_difference_two_seeds_get_an_interval():
+    # d = [1, 3]: mean 2, sd sqrt(2), se 1, t.ppf(0.975, 1) = 12.7062047; t = 2, p = 2 * t.sf(2, 1) = 0.2951672
+    c = paired_difference([11.0, 13.0], [10.0, 10.0])
+    assert c.n == 2 and c.mean == 2.0
+    assert (c.low, c.high) == pytest.approx((2 - 12.7062047, 2 + 12.7062047), abs=1e-6)
+    assert c.p_value == pytest.approx(0.2951672, abs=1e-6)
+
+
+def test_a_rounding_level_spread_is_judged_against_the_larger_side():
+    # 99999.63 - 0.61 = 99999.34 - 0.32 = 99999.15 - 0.13 = 99999.02 in decimal; in binary the three differences
+    # differ by 1.5e-11, far below the rounding of scores near 1e5 (1e-12 x 99999.63 = 1e-7): no spread at all
+    large, small = [99999.63, 99999.34, 99999.15], [0.61, 0.32, 0.13]
+    assert np.ptp(np.subtract(large, small)) > 1e-12  # the spread is real in binary ...
+    for a, b, sign in ((large, small, 1), (small, large, -1)):  # ... whichever side holds the large scores
+        c = paired_difference(a, b)
+        assert c.mean == pytest.approx(sign * 99999.02)
+        assert c.low == c.high == c.mean and c.p_value == 0.0
+    # a spread of 1.4e-14 on scores near 300 is rounding as well (1e-12 x 300.7 = 3e-10)
+    c = paired_difference([100.1, 200.2, 300.7], [0.3, 100.4, 200.9])
+    assert c.low == c.high == c.mean == pytest.approx(99.8) and c.p_value == 0.0
+
+
+def test_holm_refuses_what_is_not_a_list_of_p_values_and_takes_0_and_1():
+    with pytest.raises(ValueError, match=r"^p_values must be 1-D, got shape \(1, 2\)$"):
+        holm([[0.1, 0.2]])
+    # 0 and 1 are p-values; the message names only the ones out of range
+    with pytest.raises(ValueError, match=r"^p-values must lie in \[0, 1\], got \[ 1.5 -0.1\]$"):
+        holm([0.0, 1.0, 1.5, 0.5, -0.1])
+    # 0 (x3) = 0, 0.02 (x2) = 0.04, 1 (x1) = 1
+    assert holm([1.0, 0.0, 0.02]) == pytest.approx([1.0, 0.0, 0.04])
+
+
+def test_verdict_boundaries_and_defaults():
+    # defaults: alpha 0.05 and no noise floor, so a 0.5-point gap with a tight interval is a finding
+    small = PairedComparison(0.5, 0.3, 0.7, 0.001, 5)
+    assert verdict(small, 0.004) == BETTER
+    assert verdict_reason(small, 0.004) == (BETTER, "+0.50 [0.30, 0.70], adjusted p = 0.004")
+    assert verdict(PairedComparison(-0.5, -0.7, -0.3, 0.001, 5), 0.004) == WORSE
+    # adjusted p exactly at alpha is not below it
+    assert verdict(small, 0.05) == NOT_DISTINGUISHABLE
+    assert verdict_reason(small, 0.05).reason == "adjusted p = 0.05 is not below 0.05"
+    assert verdict(small, 0.09) == NOT_DISTINGUISHABLE
+    assert verdict(small, 0.09, alpha=0.1) == BETTER
+    # an interval that ends at 0 covers it
+    v = verdict_reason(PairedComparison(1.0, 0.0, 2.0, 0.01, 5), 0.01)
+    assert v == (NOT_DISTINGUISHABLE, "interval [0.00, 2.00] covers 0")
+    assert verdict(PairedComparison(-1.0, -2.0, 0.0, 0.01, 5), 0.01) == NOT_DISTINGUISHABLE
+    # a difference exactly at the noise floor reaches it
+    assert verdict(PairedComparison(2.0, 1.5, 2.5, 0.001, 5), 0.004, noise_floor=2.0) == BETTER
+    # two seeds are enough to be judged
+    assert verdict(PairedComparison(2.0, 1.5, 2.5, 0.001, 2), 0.004) == BETTER
+    v = verdict_reason(PairedComparison(2.0, math.nan, math.nan, math.nan, 1), math.nan)
+    assert v == (NOT_DISTINGUISHABLE, "1 paired seed(s): at least 2 are needed")
+    # every failed condition is named, in order
+    v = verdict_reason(PairedComparison(1.0, -0.5, 2.5, 0.2, 5), 0.4, noise_floor=2.07)
+    assert v.reason == (
+        "adjusted p = 0.4 is not below 0.05; interval [-0.50, 2.50] covers 0; "
+        "|difference| 1.00 is within the 2.07-point machine spread"
+    )
+    assert verdict_reason(PairedComparison(2.0, 1.0, 3.0, 0.01, 3), math.nan).reason.startswith("adjusted p = nan")
+
+
+def test_compare_family_passes_its_settings_to_every_comparison():
+    pairs = {"large": (BASE + LARGE, BASE), "small": (BASE + SMALL, BASE), "null": (BASE + NULL, BASE)}
+    # alpha 0.1: the small gap's Holm-adjusted p, 0.0768, passes
+    df = compare_family(pairs, alpha=0.1).set_index("name")
+    assert df["verdict"].tolist() == [BETTER, BETTER, NOT_DISTINGUISHABLE]
+    # the intervals are each comparison's own, at the confidence asked for
+    for confidence in (0.95, 0.8):
+        df = compare_family(pairs, confidence=confidence).set_index("name")
+        for name, (a, b) in pairs.items():
+            ci = sps.ttest_rel(a, b).confidence_interval(confidence)
+            assert (df.loc[name, "low"], df.loc[name, "high"]) == pytest.approx((ci.low, ci.high))
+    # no noise floor by default: a 0.5-point gap seen on every seed is better
+    df = compare_family({"half": (BASE + [0.45, 0.55, 0.5, 0.52, 0.48], BASE)})
+    assert df["verdict"].tolist() == [BETTER]
+    assert df["reason"].iloc[0].startswith("+0.50 [")
+
+
+def reference_spearman(x, y, *, n_boot, n_perm, seed, confidence):
+    """spearman_with_interval's procedure redone with scipy.stats.spearmanr on each resample and permutation,
+    drawing the same resamples and permutations from the same generator (pairs, then permutations)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    boot = [sps.spearmanr(x[i], y[i]).statistic for i in idx if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0]
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(boot, [tail, 100 - tail])
+    perms = rng.permuted(np.tile(np.arange(n), (n_perm, 1)), axis=1)
+    rho = sps.spearmanr(x, y).statistic
+    count = sum(abs(sps.spearmanr(x, y[p]).statistic) >= abs(rho) - 1e-12 for p in perms)
+    return rho, low, high, (count + 1) / (n_perm + 1)
+
+
+@pytest.mark.parametrize("confidence", [0.95, 0.8])
+def test_spearman_interval_and_p_are_the_resamples_and_permutations_scipy_gives(confidence):
+    # tied scores on both sides, so ranks with ties and constant resamples (skipped) both occur
+    x = np.array([1.0, 2.0, 2.0, 3.0, 5.0, 5.0, 7.0, 8.0])
+    y = np.array([2.0, 1.0, 3.0, 3.0, 4.0, 6.0, 6.0, 9.0])
+    r = spearman_with_interval(x, y, n_boot=300, n_perm=300, seed=3, confidence=confidence)
+    rho, low, high, p = reference_spearman(x, y, n_boot=300, n_perm=300, seed=3, confidence=confidence)
+    assert r.rho == pytest.approx(rho)
+    assert (r.low, r.high) == pytest.approx((low, high), abs=1e-12)
+    assert r.p_value == pytest.approx(p, abs=1e-12)
+    assert r.n == 8
+
+
+def test_spearman_permutation_p_against_the_exact_permutation_distribution():
+    # x = 1..4 and y with one adjacent swap: rho = 1 - 6 * 2 / (4 * 15) = 0.8. Of the 24 orders of y, |rho| >= 0.8
+    # for the identity and the 3 adjacent swaps (rho 1, 0.8) and their reverses (-1, -0.8): exact p = 8 / 24
+    x, y = [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 4.0, 3.0]
+    exact = sum(abs(sps.spearmanr(x, p).statistic) >= 0.8 - 1e-12 for p in itertools.permutations(y)) / math.factorial(
+        4
+    )
+    assert exact == pytest.approx(1 / 3)
+    r = spearman_with_interval(x, y, n_boot=100, n_perm=6000, seed=0)
+    assert r.rho == pytest.approx(0.8)
+    assert r.p_value == pytest.approx(exact, abs=0.025)  # Monte Carlo: sd sqrt(1/3 * 2/3 / 6000) = 0.006
+
+
+def test_spearman_defaults_and_smallest_inputs():
+    rng = np.random.default_rng(11)
+    x, y = rng.normal(size=12), rng.normal(size=12)
+    assert spearman_with_interval(x, y) == spearman_with_interval(
+        x, y, n_boot=2000, n_perm=2000, seed=0, confidence=0.95
+    )
+    # three pairs are enough; a side whose range is 1 is not constant
+    r = spearman_with_interval([1.0, 2.0, 3.0], [0.0, 0.5, 1.0], n_boot=200, n_perm=200)
+    assert r.rho == pytest.approx(1.0) and r.n == 3 and np.isfinite([r.low, r.high, r.p_value]).all()
+    # ranks 1, 4, 3, 2 against 1, 2, 3, 4: rho = 1 - 6 * (0 + 4 + 0 + 4) / (4 * 15) = 0.2
+    r = spearman_with_interval([0.0, 1.0, 0.5, 0.2], [1.0, 2.0, 3.0, 4.0], n_boot=200, n_perm=200)
+    assert r.rho == pytest.approx(0.2) and np.isfinite([r.low, r.high, r.p_value]).all()
+    # a constant side has no ranking: everything NaN, n kept
+    for a, b in (([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]), ([1.0, 2.0, 3.0], [4.0, 4.0, 4.0]), ([1.0, 2.0], [1.0, 2.0])):
+        r = spearman_with_interval(a, b, n_boot=50, n_perm=50)
+        assert r.n == len(a)
+        assert all(math.isnan(v) for v in (r.rho, r.low, r.high, r.p_value))
+
+
+def brute_force_curve(scores, n_max):
+    return [brute_force_expected_max(scores, n) for n in range(1, n_max + 1)]
+
+
+@pytest.mark.parametrize("confidence", [0.95, 0.6])
+def test_expected_best_band_is_the_bootstrap_of_brute_force_curves(confidence):
+    # each bootstrap resample of the 5 trials gets its curve by enumerating all 5^n draws; the band is their
+    # percentiles (the same resamples, drawn from the trials in ascending order by the same generator)
+    scores = np.array([3.0, 1.0, 4.0, 1.5, 9.0])
+    band = expected_best_band(scores, n_max=3, n_boot=60, seed=2, confidence=confidence)
+    rng = np.random.default_rng(2)
+    resamples = rng.choice(np.sort(scores), size=(60, 5), replace=True)
+    curves = np.array([brute_force_curve(list(r), 3) for r in resamples])
+    tail = (1 - confidence) / 2 * 100
+    assert band["low"].to_numpy() == pytest.approx(np.percentile(curves, tail, axis=0), abs=1e-12)
+    assert band["high"].to_numpy() == pytest.approx(np.percentile(curves, 100 - tail, axis=0), abs=1e-12)
+    assert band["expected_best"].to_numpy() == pytest.approx(brute_force_curve(list(scores), 3))
+    assert band["n"].tolist() == [1, 2, 3]
+
+
+def test_expected_best_single_trial_defaults_and_messages():
+    assert expected_best([5.0]).tolist() == [5.0]  # one trial: every draw is it
+    assert expected_best([5.0, 1.0], n_max=1).tolist() == [3.0]
+    band = expected_best_band([5.0, 1.0, 2.0])
+    assert band["n"].tolist() == [1, 2, 3]
+    pd.testing.assert_frame_equal(band, expected_best_band([5.0, 1.0, 2.0], n_max=3, n_boot=1000, seed=0))
+    pd.testing.assert_frame_equal(band, expected_best_band([5.0, 1.0, 2.0], confidence=0.95))
+    with pytest.raises(ValueError, match=r"^scores is empty: no trials to draw from$"):
+        expected_best([])
+    with pytest.raises(ValueError, match=r"^n_max must be at least 1, got 0$"):
+        expected_best_band([1.0], n_max=0)

@@ -55,18 +55,6 @@ def _unit_figures(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return total / (n * (n - 1)), unit.std(dim=0).mean()
 
 
-def mean_offdiagonal_cosine(embeddings: torch.Tensor) -> float:
-    """Mean cosine similarity over all ordered pairs i != j of the rows of ``embeddings`` (B x D, B >= 2)."""
-    figures = _unit_figures(embeddings)
-    return float(figures[0]) if figures is not None else float("nan")
-
-
-def mean_dimension_std(embeddings: torch.Tensor) -> float:
-    """Per-dimension standard deviation over the batch of the L2-normalised rows, averaged over dimensions."""
-    figures = _unit_figures(embeddings)
-    return float(figures[1]) if figures is not None else float("nan")
-
-
 @torch.no_grad()
 def _weight_squares(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().float().square().sum() for p in model.parameters() if p.ndim >= 2]
@@ -89,6 +77,7 @@ def _embedding_figures(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict:
 
 
 def embedding_diagnostics(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, float]:
+    """EMBEDDING_FIGURES of a batch's image and text embeddings (B x D each) as floats; NaN below two rows."""
     return {name: float(value) for name, value in _embedding_figures(image_emb, text_emb).items()}
 
 

@@ -161,7 +161,8 @@ def marked_study_table(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
     (``worse``: behind beyond the noise; ``not distinguishable``)."""
     from clipstudy.study.results import study_table
 
-    part = df[df["protocol"].fillna("") == protocol]
+    df = df.assign(protocol=df["protocol"].fillna(""))  # runs outside protocol folders: "" (NaN read back)
+    part = df[df["protocol"] == protocol]
     table = study_table(part)
     if table.empty:
         return table
@@ -181,7 +182,5 @@ def marked_study_table(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
         )
         return verdicts.from_side(found, row["Optimizer"])["verdict"] if found else "–"
 
-    table["vs best"] = table.apply(mark, axis=1)
-    if "Protocol" not in table and protocol:
-        table.insert(0, "Protocol", protocol)
+    table["vs best"] = table.apply(mark, axis=1)  # study_table has a Protocol column for a named protocol
     return table
