@@ -549,3 +549,301 @@ def test_two_process_ddp_cell(demo_data_dir, tmp_path, capsys, executor):
     assert history_losses(cell) == pytest.approx(history_losses(tmp_path / "one"), rel=1e-4, abs=1e-5)
     for key in ("txt_r1", "img_r1", "zeroshot_top1"):
         assert two[key] == pytest.approx(one[key], abs=1e-6)
+
+
+# ===================================================================== the task, in process (fast; mutation tests)
+class FakeJobEnvironment:
+    """submitit.JobEnvironment as a job of ``cluster`` with ``num_tasks`` tasks sees it."""
+
+    cluster = "local"
+    num_tasks = 1
+
+    def __init__(self):
+        pass
+
+
+class NotInAJob:
+    """submitit.JobEnvironment outside any submitit job: it raises, as submitit's own does."""
+
+    def __init__(self):
+        raise RuntimeError("Could not figure out which environment the job is runnning in.")
+
+
+def fake_job(monkeypatch, cluster: str = "local", num_tasks: int = 1) -> None:
+    import submitit
+
+    job = type("Job", (FakeJobEnvironment,), {"cluster": cluster, "num_tasks": num_tasks})
+    monkeypatch.setattr(submitit, "JobEnvironment", job)
+
+
+def test_distributed_rank_outside_a_job_reads_rank_or_zero(monkeypatch):
+    import submitit
+
+    monkeypatch.setattr(submitit, "JobEnvironment", NotInAJob)
+    monkeypatch.delenv("RANK", raising=False)
+    assert executors.distributed_rank() == 0  # a plain process
+    monkeypatch.setenv("RANK", "3")  # torchrun's rank 3
+    assert executors.distributed_rank() == 3
+
+
+def test_distributed_rank_exports_torch_distributed_only_for_several_tasks(monkeypatch):
+    """One task: nothing exported, rank 0 (or what RANK says); several: submitit's TorchDistributedEnvironment
+    exports RANK (every GPU kept visible, an inherited RANK overwritten) and that rank is returned."""
+    from submitit import helpers
+
+    exported = []
+
+    class Torch:
+        def export(self, **kwargs):
+            exported.append(kwargs)
+            monkeypatch.setenv("RANK", "5")  # what submitit writes for task 5
+
+    monkeypatch.setattr(helpers, "TorchDistributedEnvironment", Torch)
+    monkeypatch.delenv("RANK", raising=False)
+    fake_job(monkeypatch, num_tasks=1)
+    assert executors.distributed_rank() == 0 and exported == []
+    monkeypatch.setenv("RANK", "2")
+    assert executors.distributed_rank() == 2 and exported == []
+    monkeypatch.delenv("RANK")
+    fake_job(monkeypatch, num_tasks=2)
+    assert executors.distributed_rank() == 5
+    assert exported == [{"set_cuda_visible_devices": False, "overwrite": True}]
+    monkeypatch.delenv("RANK")
+
+
+class FakeCell:
+    """What CellTask uses of a cell: its name, run directory and config."""
+
+    def __init__(self, out: Path, name: str = "adamw-clip-s0"):
+        self.out, self.name, self.config = out, name, object()
+
+
+def test_cell_task_runs_the_notebook_on_rank_0_and_trains_directly_elsewhere(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(executors, "run_cell", lambda cell, **kw: calls.append(("notebook", cell, kw)) or {"r": 0})
+    monkeypatch.setattr(executors, "train_rank", lambda *args: calls.append(("train", *args)) or {"r": 1})
+    monkeypatch.setattr(executors, "allocation_threads", lambda: 7)  # what Slurm gave the task
+    cell = FakeCell(tmp_path)
+    monkeypatch.setattr(executors, "distributed_rank", lambda: 0)
+    assert executors.CellTask(cell, "cuda", 3)() == {"r": 0}  # the submitter's thread count wins
+    assert executors.CellTask(cell, "cpu")() == {"r": 0}  # none given: the allocation's
+    assert calls == [
+        ("notebook", cell, {"device": "cuda", "threads": 3}),
+        ("notebook", cell, {"device": "cpu", "threads": 7}),
+    ]
+    calls.clear()
+    monkeypatch.setattr(executors, "distributed_rank", lambda: 1)
+    assert executors.CellTask(cell, "cuda", 3)() == {"r": 1}
+    assert executors.CellTask(cell, "cpu")() == {"r": 1}
+    assert calls == [("train", cell, "cuda", 3), ("train", cell, "cpu", 7)]
+
+
+def test_not_requeued_error_on_another_rank_is_raised_even_when_the_cell_finished(tmp_path, monkeypatch):
+    """Only rank 0 answers for the cell: a finished cell's metrics stand in for submitit's "not requeued" there,
+    any other rank lets the error through."""
+    from submitit.core.utils import UncompletedJobError
+
+    cell = FakeCell(tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "diverged", "diverged_at_step": 4}))
+
+    def declined(*args, **kwargs):
+        raise UncompletedJobError("Job not requeued because: checkpoint function returned None.")
+
+    monkeypatch.setattr(executors, "run_cell", declined)
+    monkeypatch.setattr(executors, "train_rank", declined)
+    monkeypatch.setattr(executors, "distributed_rank", lambda: 0)
+    assert executors.CellTask(cell, threads=1)() == {"status": "diverged", "diverged_at_step": 4}
+    monkeypatch.setattr(executors, "distributed_rank", lambda: 1)
+    with pytest.raises(UncompletedJobError):
+        executors.CellTask(cell, threads=1)()
+
+
+@pytest.mark.parametrize("cluster, grace", [("slurm", 30.0), ("local", 0.0)])
+def test_checkpoint_stops_training_and_requeues_the_same_task(tmp_path, monkeypatch, cluster, grace):
+    """submitit's checkpoint hook on an unfinished cell: it says the scheduler is stopping the cell, stops the
+    kernel (Slurm: 30 s for the kernel's own USR2 first; local: SIGTERM at once; then up to 40 s) and returns a
+    DelayedSubmission of a task for the same cell, device and threads, called with no arguments."""
+    from submitit.helpers import DelayedSubmission
+
+    cell = FakeCell(tmp_path)
+    asked, notes, stops = [], [], []
+
+    def record_state(out, config):
+        asked.append((out, config))
+        return "interrupted", "resumes from ckpt-00000008.pt"
+
+    monkeypatch.setattr(executors, "record_state", record_state)
+    monkeypatch.setattr(executors, "scheduler_stopping", notes.append)
+    monkeypatch.setattr(executors, "stop_kernels", lambda *args, **kwargs: stops.append((args, kwargs)))
+    fake_job(monkeypatch, cluster=cluster)
+    task = executors.CellTask(cell, "cuda", 6)
+    again = task.checkpoint()
+    assert asked == [(cell.out, cell.config)]
+    assert notes == ["stopped by the scheduler's signal (preemption or time limit) to be requeued"]
+    assert stops == [((cell.out,), {"grace_s": grace, "timeout_s": 40.0})]
+    assert isinstance(again, DelayedSubmission)
+    assert isinstance(again.function, executors.CellTask) and again.function is not task
+    assert (again.function.cell, again.function.device, again.function.threads) == (cell, "cuda", 6)
+    assert again.args == () and again.kwargs == {}
+
+
+@pytest.mark.parametrize("state", ["done", "diverged"])
+def test_checkpoint_after_training_ended_requeues_nothing_and_signals_nothing(tmp_path, monkeypatch, capsys, state):
+    cell = FakeCell(tmp_path, name="sgd-siglip-s1")
+    monkeypatch.setattr(executors, "record_state", lambda out, config: (state, "no matter"))
+    monkeypatch.setattr(executors, "scheduler_stopping", lambda note: pytest.fail("not a stop"))
+    monkeypatch.setattr(executors, "stop_kernels", lambda *a, **k: pytest.fail("a finished cell's kernel signalled"))
+    fake_job(monkeypatch, cluster="slurm")
+    assert executors.CellTask(cell, "cpu", 1).checkpoint() is None
+    assert capsys.readouterr().out == (
+        f"sgd-siglip-s1: the scheduler's signal came after training ended ({state}); not requeued\n"
+    )
+
+
+def test_allocation_threads_from_constructed_slurm_environments(monkeypatch):
+    """Worked by hand: CPUs per task if Slurm says so; else the node's CPUs (SLURM_CPUS_ON_NODE, else the
+    machine's) over the tasks on the node (SLURM_NTASKS_PER_NODE, else SLURM_NTASKS, else 1), floored;
+    never more than the affinity mask (here 16 CPUs), never below 1."""
+
+    def affinity(pid):
+        assert pid == 0, "the affinity of this process (pid 0) is asked"
+        return set(range(16))
+
+    monkeypatch.setattr(os, "sched_getaffinity", affinity)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    job = {"SLURM_JOB_ID": "7"}
+    at = executors.allocation_threads
+    assert at({"SLURM_CPUS_PER_TASK": "3"}) is None  # no job id: not a Slurm job
+    assert at({**job, "SLURM_CPUS_PER_TASK": "3", "SLURM_CPUS_ON_NODE": "8", "SLURM_NTASKS_PER_NODE": "1"}) == 3
+    assert at({**job, "SLURM_CPUS_PER_TASK": "1", "SLURM_CPUS_ON_NODE": "8"}) == 1
+    assert at({**job, "SLURM_CPUS_PER_TASK": "", "SLURM_CPUS_ON_NODE": "8"}) == 8  # empty: not given
+    assert at({**job, "SLURM_CPUS_ON_NODE": "8", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NTASKS": "4"}) == 4
+    assert at({**job, "SLURM_CPUS_ON_NODE": "8", "SLURM_NTASKS": "4"}) == 2
+    assert at({**job, "SLURM_CPUS_ON_NODE": "8", "SLURM_NTASKS_PER_NODE": "3"}) == 2  # 8 // 3
+    assert at({**job, "SLURM_CPUS_ON_NODE": "8"}) == 8  # one task
+    assert at({**job, "SLURM_CPUS_ON_NODE": "8", "SLURM_NTASKS_PER_NODE": "0"}) == 8  # no task count: 1
+    assert at({**job, "SLURM_CPUS_ON_NODE": "1", "SLURM_NTASKS_PER_NODE": "4"}) == 1  # 1 // 4 = 0 -> 1
+    assert at({**job}) == 6  # the machine's CPUs
+    assert at({**job, "SLURM_NTASKS_PER_NODE": "2"}) == 3
+    assert at({**job, "SLURM_CPUS_ON_NODE": "40"}) == 16  # capped by the affinity mask
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert at({**job}) == 1  # nothing known: one thread
+
+
+def test_allocation_threads_reads_the_process_environment_by_default(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    assert executors.allocation_threads() is None
+    assert executors.allocation_threads({"SLURM_JOB_ID": "1", "SLURM_CPUS_PER_TASK": "2"}) == 2  # given: only it
+    monkeypatch.setenv("SLURM_JOB_ID", "9")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "5")
+    assert executors.allocation_threads() == 5
+    assert executors.allocation_threads({}) is None  # an explicit environment, not the process's
+
+
+def test_cell_threads_share_this_machine_among_the_cells(monkeypatch):
+    from clipstudy.study.resources import Resources
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    ct = executors.cell_threads
+    assert ct(Resources(cpus_per_task=5), jobs=4) == 5  # asked for: taken as is
+    assert ct(Resources(), jobs=1) == 8
+    assert ct(Resources(), jobs=2) == 4
+    assert ct(Resources(), jobs=3) == 2  # 8 // 3
+    assert ct(Resources(procs_per_node=2), jobs=2) == 2  # 2 cells x 2 ranks
+    assert ct(Resources(procs_per_node=2), jobs=1) == 4
+    assert ct(Resources(), jobs=0) == 8  # no job count: as one
+    assert ct(Resources(), jobs=16) == 1  # 8 // 16 = 0 -> 1
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert ct(Resources(), jobs=1) == 1
+
+
+def test_saved_since_names_the_newest_checkpoint_only_if_written_since(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert executors.saved_since(out, 0.0) == ""  # no checkpoints folder
+    folder = out / "checkpoints"
+    folder.mkdir(parents=True)
+    assert executors.saved_since(out, 0.0) == ""  # none in it
+    for step, when in ((4, 1_000_000.0), (12, 2_000_000.0)):
+        (folder / f"ckpt-{step:08d}.pt").write_bytes(b"x")
+        os.utime(folder / f"ckpt-{step:08d}.pt", (when, when))
+    (folder / "notes.txt").write_bytes(b"not a checkpoint")
+    assert executors.saved_since(out, 1_500_000.0) == "ckpt-00000012.pt"
+    assert executors.saved_since(out, 2_000_000.0) == "ckpt-00000012.pt"  # written at that very time
+    assert executors.saved_since(out, 2_000_001.0) == ""  # the newest is older: nothing new
+    # the newest one rotated away between listing and reading: nothing to name
+    monkeypatch.setattr(executors, "checkpoint_paths", lambda where: [where / "ckpt-00000099.pt"])
+    assert executors.saved_since(out, 0.0) == ""
+
+
+class FakeAutoExecutor:
+    """submitit.AutoExecutor, recording what it is made with and given."""
+
+    made: list = []
+
+    def __init__(self, **kwargs):
+        self.made.append(kwargs)
+        self.parameters = None
+
+    def update_parameters(self, **kwargs):
+        assert self.parameters is None, "parameters are given once"
+        self.parameters = kwargs
+
+
+def test_make_executor_passes_the_resources_to_submitit(tmp_path, monkeypatch):
+    import submitit
+
+    from clipstudy.study.resources import Resources
+
+    monkeypatch.setattr(FakeAutoExecutor, "made", [])
+    monkeypatch.setattr(submitit, "AutoExecutor", FakeAutoExecutor)
+    local = executors.make_executor("local", tmp_path / "sub", Resources(time_min=30, max_requeues=4))
+    assert FakeAutoExecutor.made == [{"folder": str(tmp_path / "sub"), "cluster": "local", "local_max_num_timeout": 4}]
+    # no GPU, no CPU or memory request: left out (the executor's defaults)
+    assert local.parameters == {"timeout_min": 30, "nodes": 1, "tasks_per_node": 1}
+    res = Resources(
+        gpus_per_node=2,
+        nodes=3,
+        cpus_per_task=8,
+        mem_gb=64.0,
+        time_min=90,
+        partition="gpu",
+        account="study",
+        sbatch={"qos": "high"},
+        parallel=5,
+        max_requeues=7,
+    )
+    slurm = executors.make_executor("slurm", tmp_path / "s", res)
+    assert FakeAutoExecutor.made[-1] == {"folder": str(tmp_path / "s"), "cluster": "slurm", "slurm_max_num_timeout": 7}
+    assert slurm.parameters == {
+        "timeout_min": 90,
+        "nodes": 3,
+        "tasks_per_node": 2,
+        "gpus_per_node": 2,
+        "cpus_per_task": 8,
+        "mem_gb": 64.0,
+        "name": "clipstudy",
+        "slurm_array_parallelism": 5,
+        "slurm_additional_parameters": {"requeue": True, "qos": "high"},
+        "slurm_partition": "gpu",
+        "slurm_account": "study",
+    }
+    bare = executors.make_executor("slurm", tmp_path / "b", Resources(time_min=10, procs_per_node=4))
+    assert bare.parameters == {
+        "timeout_min": 10,
+        "nodes": 1,
+        "tasks_per_node": 4,
+        "name": "clipstudy",
+        "slurm_array_parallelism": 256,  # every cell of the array at once
+        "slurm_additional_parameters": {"requeue": True},
+    }
+    # a local executor gets none of the Slurm parameters, even when they are set
+    assert executors.make_executor("local", tmp_path / "l", res).parameters == {
+        "timeout_min": 90,
+        "nodes": 3,
+        "tasks_per_node": 2,
+        "gpus_per_node": 2,
+        "cpus_per_task": 8,
+        "mem_gb": 64.0,
+    }
