@@ -161,7 +161,7 @@ def prepare_imagenet_train_slice(
             continue
         names = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.stat().st_size > 0)
         usable = [n for n in names if TRAIN_NAME.match(n) and n.startswith(wnid)]
-        for name in set(names) - set(usable):
+        for name in sorted(set(names) - set(usable)):  # sorted: the examples shown are the same every run
             result.skip("not a <wnid>_N.JPEG file of its class", f"{wnid}/{name}")
         chosen = sorted(rng.sample(usable, min(per_class, len(usable))))
         short += len(chosen) < per_class
