@@ -23,8 +23,9 @@ import pandas as pd
 from clipstudy.study import stats
 from clipstudy.study.results import LOSS_NAMES, OPTIMIZER_NAMES
 
-# The largest change of a seed-0 cell's Average between two machines with the same CPU model running
-# the same `make demo` (2.07 points, measured on the previous demo version): a gap below it is no finding.
+# The largest change between two CPU types (AMD EPYC families 26 and 25) running the same `make study`, of the
+# difference between two cells' 5-seed mean Averages, over all 105 pairs of the shared protocol's cells
+# (docs/results.md, "Reproducibility"; a single cell on an earlier demo moved as much): a gap below it is no finding.
 MACHINE_SPREAD = 2.07
 OPTIMIZERS = ("adamw", "sgd", "adam")
 LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
