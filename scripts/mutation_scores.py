@@ -90,7 +90,30 @@ MODULES = {
     "fingerprint": (
         ["clipstudy/engine/fingerprint.py"],
         ["clipstudy.engine.fingerprint.*"],
-        ["tests/test_fingerprint.py"],
+        [  # the in-process tests of the fingerprint (not the training runs and sweeps of the same file)
+            f"tests/test_fingerprint.py::{name}"
+            for name in (
+                "test_fingerprint_holds_what_changes_results_and_nothing_else",
+                "test_a_sweep_pass_lists_the_zero_shot_folder_once_and_later_passes_see_changes",
+                "test_fingerprint_sees_regenerated_data_under_the_same_path",
+                "test_a_run_on_other_data_is_refused_naming_it",
+                "test_file_digest_is_the_sha256_of_the_files_bytes",
+                "test_folder_digest_lists_relative_paths_and_with_contents_the_bytes_too",
+                "test_listings_are_cached_for_one_pass_and_a_nested_pass_shares_it",
+                "test_demo_manifest_is_the_generators_identity_or_none",
+                "test_the_data_part_digests_each_file_the_run_reads",
+                "test_each_data_input_changes_the_fingerprint_and_is_named",
+                "test_a_regenerated_data_set_is_named_by_its_manifest",
+                "test_every_configuration_field_is_either_an_input_or_neutral",
+                "test_each_configuration_field_changes_the_fingerprint_and_is_named",
+                "test_where_and_how_fast_a_run_executes_leaves_the_fingerprint_alone",
+                "test_the_fingerprint_is_the_digest_of_the_resolved_configuration_and_the_data",
+                "test_digest_of_hashes_canonical_json",
+                "test_flatten_names_nested_entries_by_their_path",
+                "test_differences_show_values_briefly",
+                "test_describe_change_says_what_changed_in_a_few_words",
+            )
+        ],
     ),
     "pretrain": (
         ["clipstudy/engine/pretrain.py"],
@@ -108,7 +131,31 @@ MODULES = {
                 "uses_pretrained_towers",
             )
         ],
-        ["tests/test_pretrain.py"],
+        [  # all of test_pretrain.py but the four tests of tower training itself (about 35 s of its 55 s)
+            f"tests/test_pretrain.py::{name}"
+            for name in (
+                "test_zeroshot_classes_never_reach_pretraining",
+                "test_the_disjointness_check_fails_on_a_planted_overlap",
+                "test_pretraining_captions_are_disjoint_from_the_study_captions",
+                "test_cache_is_reused_keyed_by_content_and_leaves_the_run_rng_alone",
+                "test_concurrent_runs_build_once",
+                "test_runs_load_the_towers_and_scratch_does_not",
+                "test_bad_settings_and_foreign_data_fail_clearly",
+                "test_ctrl_c_while_pretraining_says_it_starts_again_from_step_0",
+                "test_settings_come_from_the_pretrain_field_coerced_to_each_settings_type",
+                "test_zeroshot_scenes_are_the_test_then_the_validation_scenes",
+                "test_the_disjointness_check_counts_shared_classes_and_refuses_any",
+                "test_study_captions_are_every_caption_and_prompt_as_the_study_cleans_them",
+                "test_scene_labels_are_the_index_of_each_attribute",
+                "test_the_cache_key_is_the_digest_of_its_documented_inputs",
+                "test_each_tower_shape_is_part_of_the_cache_key",
+                "test_each_pretraining_setting_is_part_of_the_cache_key",
+                "test_the_data_digest_and_both_versions_are_part_of_the_cache_key",
+                "test_the_data_digest_is_the_manifests_or_a_clear_refusal",
+                "test_a_cache_entry_is_valid_only_when_the_towers_match_the_recorded_digest",
+                "test_only_the_demo_towers_of_a_pretrained_run_take_the_demo_weights",
+            )
+        ],
     ),
     "statistics": (
         ["clipstudy/study/stats.py"],
@@ -118,12 +165,22 @@ MODULES = {
     "verdicts": (
         ["clipstudy/study/verdicts.py", "clipstudy/study/conclusions.py"],
         ["clipstudy.study.verdicts.*", "clipstudy.study.conclusions.*"],
-        ["tests/test_verdicts.py", "tests/test_report.py"],
+        [  # constructed results tables (no files, no notebook); the report's own conclusion tests on run folders
+            "tests/test_verdicts.py",
+            "tests/test_report.py::test_tables_and_conclusions",
+            "tests/test_report.py::test_conclusions_against_chance",
+            "tests/test_report.py::test_conclusions_compare_variants_with_their_base_optimizer",
+        ],
     ),
     "findings": (
         ["clipstudy/study/findings.py"],
         ["clipstudy.study.findings.*"],
-        ["tests/test_report.py", "tests/test_verdicts.py"],
+        [
+            "tests/test_findings.py",
+            "tests/test_report.py::test_spearman_against_published",
+            "tests/test_report.py::test_spearman_per_optimizer_row_against_a_hand_computation",
+            "tests/test_report.py::test_paper_findings_hold_on_the_published_numbers_and_fail_when_broken",
+        ],
     ),
     "diagnostics": (
         ["clipstudy/core/diagnostics.py"],
@@ -144,7 +201,22 @@ MODULES = {
                 "x_make_executor",
             )
         ],
-        ["tests/test_executors.py"],
+        [
+            "tests/test_executors.py::test_threads_come_from_the_allocation",
+            "tests/test_executors.py::test_a_signal_after_training_ended_requeues_nothing",
+            "tests/test_executors.py::test_the_not_requeued_error_of_a_finished_cell_returns_its_result",
+            "tests/test_executors.py::test_distributed_rank_outside_a_job_reads_rank_or_zero",
+            "tests/test_executors.py::test_distributed_rank_exports_torch_distributed_only_for_several_tasks",
+            "tests/test_executors.py::test_cell_task_runs_the_notebook_on_rank_0_and_trains_directly_elsewhere",
+            "tests/test_executors.py::test_not_requeued_error_on_another_rank_is_raised_even_when_the_cell_finished",
+            "tests/test_executors.py::test_checkpoint_stops_training_and_requeues_the_same_task",
+            "tests/test_executors.py::test_checkpoint_after_training_ended_requeues_nothing_and_signals_nothing",
+            "tests/test_executors.py::test_allocation_threads_from_constructed_slurm_environments",
+            "tests/test_executors.py::test_allocation_threads_reads_the_process_environment_by_default",
+            "tests/test_executors.py::test_cell_threads_share_this_machine_among_the_cells",
+            "tests/test_executors.py::test_saved_since_names_the_newest_checkpoint_only_if_written_since",
+            "tests/test_executors.py::test_make_executor_passes_the_resources_to_submitit",
+        ],
     ),
     "prepare converters": (
         [
@@ -159,7 +231,40 @@ MODULES = {
             "clipstudy.data.prepare.imagenet.*",
             "clipstudy.data.prepare.common.*",
         ],
-        ["tests/test_prepare_data.py"],
+        [
+            "tests/test_prepare_data.py::test_cc3m_counts_skips_and_check_data",
+            "tests/test_prepare_data.py::test_cc3m_limit_is_deterministic_and_layout_independent",
+            "tests/test_prepare_data.py::test_cc3m_max_side_resizes_keeping_aspect",
+            "tests/test_prepare_data.py::test_cc3m_rerun_skips_unchanged_and_repairs_by_content",
+            "tests/test_prepare_data.py::test_cc3m_errors_name_the_folder",
+            "tests/test_prepare_data.py::test_coco_karpathy_writes_test_and_val_with_captions_in_order",
+            "tests/test_prepare_data.py::test_imagenet_val_class_folders_follow_clipstudy_order",
+            "tests/test_prepare_data.py::test_imagenet_val_relabel_moves_links_and_bad_labels_fail",
+            "tests/test_prepare_data.py::test_imagenet_train_slice_is_class_balanced_seeded_and_counted",
+            "tests/test_prepare_data.py::test_prepared_counts_every_skip_and_keeps_the_first_three_names",
+            "tests/test_prepare_data.py::test_progress_bar_goes_to_stderr_unless_progress_is_false",
+            "tests/test_prepare_data.py::test_write_text_if_changed_writes_only_a_difference",
+            "tests/test_prepare_data.py::test_write_json_if_changed_writes_indented_unescaped_json_with_a_final_newline",
+            "tests/test_prepare_data.py::test_ensure_link_makes_repairs_and_refuses",
+            "tests/test_prepare_data.py::test_require_path_and_read_json_name_the_file_and_the_fix",
+            "tests/test_prepare_data.py::test_coco_karpathy_counts_each_skip_per_split",
+            "tests/test_prepare_data.py::test_coco_karpathy_refuses_what_it_cannot_use",
+            "tests/test_prepare_data.py::test_loc_val_solution_reads_the_first_wnid_and_checks_its_columns",
+            "tests/test_prepare_data.py::test_devkit_labels_name_the_bad_line_and_the_missing_meta",
+            "tests/test_prepare_data.py::test_imagenet_val_counts_each_skip",
+            "tests/test_prepare_data.py::test_imagenet_val_takes_meta_from_anywhere_and_refuses_unusable_folders",
+            "tests/test_prepare_data.py::test_imagenet_train_slice_counts_each_skip_with_its_defaults",
+            "tests/test_prepare_data.py::test_imagenet_train_slice_refuses_what_it_cannot_use",
+            "tests/test_prepare_data.py::test_cc3m_counts_every_skip_and_records_its_state",
+            "tests/test_prepare_data.py::test_stats_failures_sum_every_readable_stats_file",
+            "tests/test_prepare_data.py::test_cc3m_without_stats_files_reports_no_failed_downloads",
+            "tests/test_prepare_data.py::test_cc3m_reads_in_chunks_in_shard_order_and_stops_at_the_limit",
+            "tests/test_prepare_data.py::test_cc3m_keeps_shard_order_without_a_limit_whatever_the_rank",
+            "tests/test_prepare_data.py::test_cc3m_max_side_reencodes_what_it_must_and_keeps_what_it_may",
+            "tests/test_prepare_data.py::test_cc3m_state_without_outputs_and_a_smaller_limit",
+            "tests/test_prepare_data.py::test_cc3m_defaults_take_every_sample_in_full_size",
+            "tests/test_prepare_data.py::test_cc3m_refuses_what_it_cannot_use",
+        ],
     ),
     "tuning": (
         ["clipstudy/study/tune.py", "clipstudy/study/tuning_table.py"],
@@ -181,7 +286,27 @@ MODULES = {
             ),
             "clipstudy.study.tuning_table.*",
         ],
-        ["tests/test_tune.py"],
+        [
+            "tests/test_tune.py::test_the_grid_is_the_half_decade_lattice_with_both_ends",
+            "tests/test_tune.py::test_extend_steps_past_the_end_where_the_best_is",
+            "tests/test_tune.py::test_scores_average_over_trials_and_a_broken_trial_disqualifies_its_rate",
+            "tests/test_tune.py::test_the_shared_rate_is_the_best_mean_among_rates_every_optimizer_tried",
+            "tests/test_tune.py::test_tune_extends_each_grid_until_its_best_is_bracketed_with_equal_base_budgets",
+            "tests/test_tune.py::test_tuning_seeds_stay_apart_from_reporting_seeds",
+            "tests/test_tune.py::test_rates_from_reads_the_choices_and_refuses_other_files",
+            "tests/test_tune.py::test_with_a_rate_per_loss_the_shared_rate_is_chosen_with_clip",
+            "tests/test_tune.py::test_sweep_takes_a_tuning_tables_rates_most_specific_first",
+            "tests/test_tune.py::test_lattice_rates_and_indices_worked_by_hand",
+            "tests/test_tune.py::test_extend_reaches_the_limits_but_never_passes_them",
+            "tests/test_tune.py::test_groups_are_optimizers_or_optimizer_and_loss",
+            "tests/test_tune.py::test_group_scores_are_means_with_a_completed_trial_without_score_disqualifying",
+            "tests/test_tune.py::test_best_settings_break_ties_by_the_smaller_rate_then_the_smaller_decay",
+            "tests/test_tune.py::test_shared_rate_uses_each_optimizers_best_decay_breaks_ties_low_and_ignores_others",
+            "tests/test_tune.py::test_plan_trials_makes_one_cell_per_rate_decay_loss_and_seed",
+            "tests/test_tune.py::test_trial_table_has_a_row_per_planned_trial_missing_ones_marked",
+            "tests/test_tune.py::test_write_table_writes_six_significant_digits_and_no_index",
+            "tests/test_tune.py::test_rates_from_refuses_with_the_reason",
+        ],
     ),
 }
 STATUS = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
@@ -190,9 +315,15 @@ STATUS = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
 def scratch_copy(dest: Path, source_files: list[str], tests: list[str]) -> None:
     copy_worktree(dest, skip=("reports/",))
     selection = ", ".join(f'"{t}"' for t in tests)
-    with open(dest / "pyproject.toml", "a") as fh:
-        mutate = ", ".join(f'"{f}"' for f in source_files)
-        fh.write(f"only_mutate = [{mutate}]\npytest_add_cli_args_test_selection = [{selection}]\n")
+    mutate = ", ".join(f'"{f}"' for f in source_files)
+    keys = f"only_mutate = [{mutate}]\npytest_add_cli_args_test_selection = [{selection}]\n"
+    # into the [tool.mutmut] table itself: appended at the end of the file they would belong to whatever
+    # table comes last (an import-linter contract), and mutmut would mutate everything and run every test
+    pyproject = dest / "pyproject.toml"
+    text = pyproject.read_text()
+    if "[tool.mutmut]\n" not in text:
+        sys.exit(f"{pyproject}: no [tool.mutmut] table to add the module's selection to")
+    pyproject.write_text(text.replace("[tool.mutmut]\n", "[tool.mutmut]\n" + keys, 1))
 
 
 def score(folder: Path, globs: list[str]) -> dict:
