@@ -23,7 +23,16 @@ def test_ctrl_c_stops_the_queue_and_checkpoints_the_running_cell(demo_data_dir, 
     argv += ["--optimizers", "adamw", "--losses", "clip,sogclr,cyclip", "--runs", str(runs), "--set", "epochs=30"]
     log = tmp_path / "sweep.log"
     with open(log, "w") as out:
-        sweep = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        # as in a terminal: SIGINT at its default, also when this test runs from a background job (a shell
+        # without job control starts those with SIGINT ignored, and Python then never raises KeyboardInterrupt)
+        sweep = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     first = runs / "adamw-clip-s0"
     deadline = time.time() + 240
     while not list((first / "checkpoints").glob("ckpt-*.pt")) and time.time() < deadline:  # training has begun
