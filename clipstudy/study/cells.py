@@ -146,13 +146,7 @@ def run_cell(
 
 
 class TrainerInterrupted(Exception):
-    """A trainer's run stopped by a signal (it checkpointed first); named like papermill's error for it."""
-
-    ename = "KeyboardInterrupt"
-
-    def __init__(self, evalue: str):
-        super().__init__(evalue)
-        self.evalue = evalue
+    """A trainer's run stopped by a signal (it checkpointed first): a KeyboardInterrupt from a worker process."""
 
 
 def _run_cell_locked(cell: Cell, device, threads, notebook, trainer=None) -> dict:
@@ -203,6 +197,8 @@ def interruption(err: Exception) -> str:
         return f"stopped by the scheduler and not requeued ({str(err).strip()}); the next sweep resumes it"
     if _SCHEDULER_STOP["note"]:
         return _SCHEDULER_STOP["note"]
+    if isinstance(err, TrainerInterrupted):
+        return f"stopped by a signal: {str(err).strip() or 'interrupted'}"
     if getattr(err, "ename", "") == "KeyboardInterrupt":  # papermill's error names the kernel's exception
         return f"stopped by a signal: {str(getattr(err, 'evalue', '')).strip() or 'interrupted'}"
     return ""

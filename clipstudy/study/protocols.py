@@ -36,6 +36,9 @@ from clipstudy.engine.config import ConfigError
 from clipstudy.paths import PROTOCOLS
 from clipstudy.study.cells import parse_settings
 
+# one validation pass, after the last epoch (which is always evaluated), for trials and final runs alike
+VALIDATE_AT_THE_END = {"eval_every": 1000}
+
 
 def protocol_cells(profile: str, protocol: str, rates: dict[str, float], *, seeds, overrides: dict, runs_root: Path):
     """The cells of one protocol: the default grid at the protocol's rates, in ``runs_root/<protocol>/``."""
@@ -95,7 +98,7 @@ def run_study(
             default_grid_optimizers(),
             tuning_losses,
             per_loss=per_loss,
-            overrides={**overrides, "eval_every": 1000},  # a trial is judged at its end: one validation pass
+            overrides={**overrides, **VALIDATE_AT_THE_END},  # a trial is judged at its end
             runs_root=paths.runs_dir(f"{profile}-tune"),
             jobs=jobs,
         )
@@ -109,7 +112,7 @@ def run_study(
         rates = tuning_table.rates_from(table, protocol)
         # selection is over (tuning chose on validation): a final run scores validation once at its end, beside
         # the test sets, instead of after every epoch (two of its four evaluation passes in the demo)
-        final = {"eval_every": 1000, **overrides}
+        final = {**VALIDATE_AT_THE_END, **overrides}
         cells = protocol_cells(profile, protocol, rates, seeds=seeds, overrides=final, runs_root=runs_root)
         cells_by_protocol[protocol] = cells
         if protocol == "tuned" and "shared" in cells_by_protocol:
