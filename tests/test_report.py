@@ -483,3 +483,43 @@ def test_chance_levels_come_from_the_data_of_real_runs(demo_data_dir, tmp_path):
     assert chance["img_r1"] == pytest.approx(100 / TINY_DEMO["retrieval_size"])
     assert chance["zeroshot_top1"] == pytest.approx(100 / TINY_DEMO["zeroshot_classes"])
     assert report.chance_levels_for(tmp_path / "no-runs") == {}
+
+
+def test_the_weight_norm_trajectory_sits_beside_the_validation_scores(tmp_path):
+    """Per cell and evaluation: mean over seeds of val_average and of the weight norm logged at or before that
+    step; step 0 is the initial norm; a failed run counts nowhere."""
+    runs = {  # run: (status, weight_norm_start, history (step, weight_norm), epochs (epoch, step, val_average))
+        "adam-clip-s0": ("completed", 30.0, [(1, 29.0), (2, 28.0), (3, 20.0), (4, 18.0)], [(1, 2, 40.0), (2, 4, 30.0)]),
+        "adam-clip-s1": ("completed", 32.0, [(1, 31.0), (2, 26.0), (3, 22.0), (4, 14.0)], [(1, 2, 44.0), (2, 4, 20.0)]),
+        "adamw-clip-s0": ("completed", 30.0, [(2, 30.5), (4, 31.0)], [(1, 3, 50.0), (2, 5, 55.0)]),
+        "adam-clip-s2": ("failed", 99.0, [(1, 99.0)], [(1, 2, 99.0)]),
+    }
+    for name, (status, start, history, epochs) in runs.items():
+        opt, loss, seed = name.split("-")
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.json").write_text(
+            json.dumps(
+                {"status": status, "optimizer": opt, "loss": loss, "seed": int(seed[1:]), "weight_norm_start": start}
+            )
+        )
+        (d / "history.csv").write_text("step,loss,weight_norm\n" + "".join(f"{s},1.0,{w}\n" for s, w in history))
+        (d / "epochs.csv").write_text("epoch,step,val_average\n" + "".join(f"{e},{s},{v}\n" for e, s, v in epochs))
+    table = report.trajectory_table(results.collect_runs(tmp_path))
+    rows = [
+        tuple(r) for r in table[["optimizer", "loss", "epoch", "step", "weight_norm", "seeds"]].itertuples(index=False)
+    ]
+    assert rows == [
+        ("adamw", "clip", 0, 0, 30.0, 1),
+        ("adamw", "clip", 1, 3, 30.5, 1),  # no row at step 3: the last logged at or before it (step 2)
+        ("adamw", "clip", 2, 5, 31.0, 1),
+        ("adam", "clip", 0, 0, 31.0, 2),  # (30 + 32) / 2
+        ("adam", "clip", 1, 2, 27.0, 2),  # (28 + 26) / 2
+        ("adam", "clip", 2, 4, 16.0, 2),  # (18 + 14) / 2
+    ]
+    assert table["val_average"].isna().tolist() == [True, False, False, True, False, False]
+    assert table["val_average"].dropna().tolist() == [50.0, 55.0, 42.0, 25.0]
+    # runs without evaluations give an empty table with the columns
+    for d in tmp_path.iterdir():
+        (d / "epochs.csv").write_text("epoch,step,val_average\n")
+    assert report.trajectory_table(results.collect_runs(tmp_path)).empty

@@ -717,3 +717,42 @@ def test_a_study_of_three_cells_says_what_it_cannot_compare():
     assert conclusions.conclusions(one)[0] == (
         f"[shared] Best cell (highest mean): AdamW + CyCLIP, Average {averages(df, 'adamw', 'cyclip')[1]:.2f}."
     )
+
+
+def test_the_length_effect_pairs_each_cell_by_seed_and_judges_it():
+    """Long against short, cell by cell: seeds paired, names from the runs' steps, Holm over the cells."""
+
+    def runs(cells: dict, steps: int) -> pd.DataFrame:
+        return pd.DataFrame(
+            [
+                {"optimizer": o, "loss": x, "seed": s, "status": "completed", "average": v, "global_step": steps}
+                for (o, x), values in cells.items()
+                for s, v in enumerate(values)
+            ]
+        )
+
+    short = runs({("adam", "clip"): [40.0, 42.0, 44.0], ("adamw", "clip"): [40.0, 41.0, 42.0]}, 375)
+    long = runs(
+        {
+            ("adam", "clip"): [30.0, 33.0, 34.0],  # -10, -9, -10: far below, every seed
+            ("adamw", "clip"): [41.0, 41.0, 43.5],  # +1, 0, +1.5: inside the 2.07-point floor
+            ("sgd", "clip"): [50.0, 50.0, 50.0],  # no short cell: not compared
+        },
+        1500,
+    )
+    long.loc[(long["optimizer"] == "adamw") & (long["seed"] == 2), "status"] = "diverged"  # leaves seeds 0, 1
+    table = verdicts.length_effect(long, short).set_index("name")
+    assert table.index.tolist() == ["1500 > 375 steps | AdamW + CLIP", "1500 > 375 steps | Adam + CLIP"]
+    adam = table.loc["1500 > 375 steps | Adam + CLIP"]
+    d = np.array([-10.0, -9.0, -10.0])
+    half = sps.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    assert adam["mean"] == pytest.approx(-29 / 3)
+    assert (adam["low"], adam["high"]) == pytest.approx((d.mean() - half, d.mean() + half))
+    assert adam["n"] == 3 and adam["verdict"] == stats.WORSE
+    adamw = table.loc["1500 > 375 steps | AdamW + CLIP"]
+    assert adamw["n"] == 2 and adamw["mean"] == pytest.approx(0.5)
+    assert adamw["verdict"] == stats.NOT_DISTINGUISHABLE
+    # Holm over the two cells: the smaller p doubled
+    p = sorted(table["p"])
+    assert table["p_holm"].min() == pytest.approx(min(1.0, 2 * p[0]))
+    assert verdicts.length_effect(long[long["loss"] == "sogclr"], short).empty

@@ -25,6 +25,7 @@ from clipstudy.study.results import (
     PROTOCOLS,
     RESULT_COLUMNS,
     cell_summary,
+    load_logs,
     order_key,
     run_files,
 )
@@ -40,6 +41,30 @@ def collapse_table(df: pd.DataFrame) -> pd.DataFrame:
         **{c: (c, "mean") for c in cols}, collapsed_seeds=("collapsed", "sum"), seeds=("collapsed", "size")
     )
     return out.reset_index().sort_values(["optimizer", "loss"], key=order_key).reset_index(drop=True)
+
+
+def trajectory_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per cell and evaluation: the mean over seeds of the validation Average and of the weight norm at that
+    step (from the last ``history.csv`` row at or before it), so that a shrinking norm shows beside the scores.
+    Step 0 is the initial weights (``weight_norm_start``), without a score. Completed runs only."""
+    done = df[df["status"] == "completed"]
+    evals, steps = load_logs(done, "epochs.csv"), load_logs(done, "history.csv")
+    keys = ["optimizer", "loss_name", "seed"]
+    if evals.empty or steps.empty or "weight_norm" not in steps or "val_average" not in evals:
+        return pd.DataFrame(columns=["optimizer", "loss", "epoch", "step", "val_average", "weight_norm", "seeds"])
+    logged = steps.dropna(subset=["weight_norm"])[[*keys, "step", "weight_norm"]].sort_values("step")
+    rows = pd.merge_asof(evals[[*keys, "epoch", "step", "val_average"]].sort_values("step"), logged, on="step", by=keys)
+    start = done[["optimizer", "loss", "seed", "weight_norm_start"]].rename(
+        columns={"loss": "loss_name", "weight_norm_start": "weight_norm"}
+    )
+    rows = pd.concat([start.assign(epoch=0, step=0, val_average=float("nan")), rows], ignore_index=True)
+    out = (
+        rows.rename(columns={"loss_name": "loss"})
+        .groupby(["optimizer", "loss", "epoch", "step"], sort=False)
+        .agg(val_average=("val_average", "mean"), weight_norm=("weight_norm", "mean"), seeds=("seed", "nunique"))
+        .reset_index()
+    )
+    return out.sort_values(["optimizer", "loss", "step"], key=order_key).reset_index(drop=True)
 
 
 def collapse_conclusions(df: pd.DataFrame, chance_avg: float | None = None) -> list[str]:

@@ -113,6 +113,31 @@ def protocol_effect(df: pd.DataFrame, *, noise_floor: float = MACHINE_SPREAD) ->
     return stats.compare_family(pairs, noise_floor=noise_floor) if pairs else pd.DataFrame()
 
 
+def length_effect(long: pd.DataFrame, short: pd.DataFrame, *, noise_floor: float = MACHINE_SPREAD) -> pd.DataFrame:
+    """Each cell of a longer run against the same cell of a shorter one, paired by seed, Holm over the cells.
+
+    ``long`` and ``short`` are two sets of runs (each one protocol's rows: the same learning rates, only the
+    length differs). Names read ``1500 > 375 steps | AdamW + CLIP`` from the runs' ``global_step``."""
+
+    def scores(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
+        done = df[df["status"] == "completed"]
+        steps = done.groupby(["optimizer", "loss"])["global_step"].max()
+        return done.pivot_table(index="seed", columns=["optimizer", "loss"], values=METRIC, aggfunc="first"), steps
+
+    (a, a_steps), (b, b_steps) = scores(long), scores(short)
+    pairs = {}
+
+    def order(cell: tuple[str, str]) -> tuple:
+        (o, x), known = cell, OPTIMIZERS + LOSSES
+        return (known.index(o) if o in known else 99, o, known.index(x) if x in known else 99, x)
+
+    for optimizer, loss in sorted(a.columns.intersection(b.columns), key=order):
+        label = f"{a_steps[(optimizer, loss)]:.0f} > {b_steps[(optimizer, loss)]:.0f} steps"
+        pairs[f"{label} | {name(optimizer)} + {name(loss)}"] = _pair(a[(optimizer, loss)], b[(optimizer, loss)])
+    pairs = {key: pair for key, pair in pairs.items() if len(pair[0])}
+    return stats.compare_family(pairs, noise_floor=noise_floor) if pairs else pd.DataFrame(columns=stats.FAMILY_COLUMNS)
+
+
 def _verdicts(table: pd.DataFrame, names: list[str]) -> list[str]:
     rows = table.set_index("name")
     return [rows.loc[n, "verdict"] if n in rows.index else "missing" for n in names]
