@@ -50,3 +50,24 @@ def test_sweep_breakdown_without_runs_says_so(tmp_path, capsys):
     bench_sweep.print_results(results)
     assert results["cells"] == [] and not (tmp_path / "sweep.json").exists()
     assert "nothing to report" in capsys.readouterr().out
+
+
+def test_the_seen_class_set_holds_only_trained_combinations_like_the_held_out_set(tmp_path):
+    """15 classes, 3 per shape, every colour 2 or 3 times, none held out; the folder is what evaluation reads."""
+    from collections import Counter
+
+    from clipstudy.data.demo_scenes import HELD_OUT, SEEN_KINDS, class_ids
+    from clipstudy.data.zeroshot import ZeroShotSet
+
+    bench = _module("bench_seen_classes")
+    classes = bench.write_seen_zeroshot(tmp_path / "seen", per_class=2, image_size=16)
+    kinds = [tuple(c.split("_")) for c in classes]
+    assert len(classes) == len(class_ids()) == 15
+    assert not set(kinds) & HELD_OUT and set(kinds) <= set(SEEN_KINDS)
+    assert set(Counter(s for _, s in kinds).values()) == {3}
+    assert set(Counter(c for c, _ in kinds).values()) <= {2, 3} and len({c for c, _ in kinds}) == 7
+    assert sorted(p.parent.name for p in (tmp_path / "seen").glob("*/*.png")) == sorted(classes * 2)
+    names = json.loads((tmp_path / "seen" / "classnames.json").read_text())["classnames"]
+    assert names == {c: c.replace("_", " ") for c in classes}
+    dataset = ZeroShotSet(tmp_path / "seen", transform=lambda image: image)
+    assert len(dataset) == 30 and dataset.classnames == [c.replace("_", " ") for c in classes]

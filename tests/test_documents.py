@@ -17,12 +17,13 @@ import pytest
 from clipstudy.core.metrics import chance_levels
 from clipstudy.study import conclusions as study_conclusions
 from clipstudy.study import verdicts
-from clipstudy.study.results import LOSS_NAMES, OPTIMIZER_NAMES, average_grid
+from clipstudy.study.results import LOSS_NAMES, OPTIMIZER_NAMES, average_grid, order_key
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 RESULTS = ROOT / "docs" / "results.md"
 DEMO = ROOT / "reports" / "demo"
+LONG = ROOT / "reports" / "demo-long"
 ORIGINAL_OPTIMIZERS = ("adamw", "sgd", "adam")
 ORIGINAL_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
 BLOCK = r"^<!-- {name}:.*?-->\n(.*?)^<!-- /{name} -->$"
@@ -32,6 +33,7 @@ BLOCKS = [
     (RESULTS, "results-table"),
     (RESULTS, "conclusions"),
     (RESULTS, "tuning"),
+    (RESULTS, "long-run"),
 ]
 
 
@@ -47,10 +49,10 @@ def markdown(table: pd.DataFrame) -> list[str]:
     return lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
 
 
-def read_results() -> pd.DataFrame:
-    df = pd.read_csv(DEMO / "results.csv", keep_default_na=True)
+def read_results(folder: Path = DEMO) -> pd.DataFrame:
+    df = pd.read_csv(folder / "results.csv", keep_default_na=True)
     df["seed"] = df["seed"].astype("Int64")  # as collect_runs types it
-    df["protocol"] = df["protocol"].fillna("")
+    df["protocol"] = df["protocol"].astype(object).fillna("")  # all empty (runs outside protocol folders): float
     return df
 
 
@@ -95,6 +97,37 @@ def grid_block(df: pd.DataFrame) -> list[str]:
     return markdown(table)
 
 
+def long_run_block() -> list[str]:
+    """``make demo-long`` (4x the steps at the shared rate) against the study's shared cells on the same seeds:
+    test Averages, the paired difference and its verdict, and the long runs' weight norm at each evaluation."""
+    long, short = read_results(LONG), read_results()
+    short = short[(short["protocol"] == "shared") & short["seed"].isin(long["seed"])]
+    effect = verdicts.length_effect(long, short)
+    norms = pd.read_csv(LONG / "trajectory.csv").sort_values(["optimizer", "loss", "step"], key=order_key)
+    means = {
+        which: df[df["status"] == "completed"].groupby(["optimizer", "loss"])["average"].mean()
+        for which, df in (("short", short), ("long", long))
+    }
+    rows = []
+    for (optimizer, loss), trajectory in norms.groupby(["optimizer", "loss"], sort=False):
+        name = f"{verdicts.name(optimizer)} + {verdicts.name(loss)}"
+        row = effect[effect["name"].str.endswith(f"| {name}")].iloc[0]
+        rows.append(
+            [
+                OPTIMIZER_NAMES[optimizer],
+                LOSS_NAMES[loss],
+                f"{means['short'][(optimizer, loss)]:.2f}",
+                f"{means['long'][(optimizer, loss)]:.2f}",
+                f"{row['mean']:+.2f} [{row['low']:+.2f}, {row['high']:+.2f}]",
+                row["verdict"],
+                " / ".join(f"{v:.1f}" for v in trajectory["weight_norm"]),
+            ]
+        )
+    steps = " / ".join(str(s) for s in sorted(set(norms["step"])))
+    columns = ["Optimizer", "Method", "Average, short", "Average, long", "long - short [95% CI]", "verdict"]
+    return markdown(pd.DataFrame(rows, columns=[*columns, f"weight norm at steps {steps}"]))
+
+
 def blocks() -> dict[tuple[Path, str], list[str]]:
     """Every computed block of :data:`BLOCKS`: (document, name) -> its lines."""
     df = read_results()
@@ -105,6 +138,7 @@ def blocks() -> dict[tuple[Path, str], list[str]]:
         (RESULTS, "results-table"): markdown(study_tables(df).drop(columns=["Seeds", "Status"])),
         (RESULTS, "conclusions"): [f"- {line}" for line in sentences],
         (RESULTS, "tuning"): markdown(tuning_choices()),
+        (RESULTS, "long-run"): long_run_block(),
     }
 
 
