@@ -35,6 +35,7 @@ def test_profiles_and_overrides():
         ("lr", float("nan"), ["lr"]),
         ("label", "../evil", ["label"]),
         ("no_such_field", 1, ["no_such_field"]),
+        ("hflip", "maybe", ["'hflip'", "'maybe'", "bool"]),  # a bool field names itself too
     ],
 )
 def test_invalid_values_name_the_field(field, value, words):

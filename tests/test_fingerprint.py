@@ -774,3 +774,9 @@ def test_describe_change_says_what_changed_in_a_few_words():
     assert describe_change(five, new) == "a 0 -> 1, b 0 -> 2, c 0 -> 3, d 0 -> 4, and 1 more"
     six = recorded("old", a=0, b=0, c=0, d=0, e=0, f=0)
     assert describe_change(six, new) == "a 0 -> 1, b 0 -> 2, c 0 -> 3, d 0 -> 4, and 2 more"
+    # a record without its data part (or config part) names each field the other side has, one by one
+    partial = {"digest": "old", "config": {"a": 1}}
+    data = {"digest": "new", "config": {"a": 1}, "data": {"train": "x", "tokenizer": "y"}}
+    assert describe_change(partial, data) == "data.train none -> x, data.tokenizer none -> y"
+    assert describe_change(data, partial) == "data.train x -> none, data.tokenizer y -> none"
+    assert describe_change({"digest": "old", "data": {}}, recorded("new", a=1)) == "a none -> 1"
