@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -340,7 +341,19 @@ def score(folder: Path, globs: list[str]) -> dict:
     counts: dict[str, int] = {}
     for status in statuses.values():
         counts[status] = counts.get(status, 0) + 1
-    return {"counts": counts, "survivors": sorted(n for n, s in statuses.items() if s not in ("killed", "not checked"))}
+    return {
+        "counts": counts,
+        "survivors": sorted(n for n, s in statuses.items() if s not in ("killed", "not checked")),
+        "names": sorted(statuses),
+    }
+
+
+def sample_of(folder: Path, globs: list[str], size: int, seed: int) -> list[str]:
+    """``size`` of the module's mutant names drawn at random (``seed``): mutmut first makes every mutant (a run
+    of a name that matches none checks nothing), then the sample is drawn from their names."""
+    mutmut_run(folder, 1, ["clipstudy.no_such_function__mutmut_1"])
+    names = score(folder, globs)["names"]
+    return sorted(random.Random(seed).sample(names, min(size, len(names))))
 
 
 def summary(module: str, counts: dict) -> str:
@@ -395,6 +408,13 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the scratch copies (paths printed)")
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument("--recheck", type=Path, metavar="FOLDER", help="a kept copy of --module to recheck")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        metavar="N",
+        help="check N mutants drawn at random per module (an estimate; the rest are reported as not checked)",
+    )
+    parser.add_argument("--sample-seed", type=int, default=0, help="the draw of --sample (default 0)")
     args = parser.parse_args(argv)
     if args.recheck:
         if not args.module or len(args.module) != 1:
@@ -410,7 +430,8 @@ def main(argv=None) -> int:
         folder = Path(tempfile.mkdtemp(prefix=f"clipstudy-mutation-{module.replace(' ', '-')}-"))
         scratch_copy(folder, source_files, tests)
         started = time.time()
-        run = mutmut_run(folder, args.max_children, globs)
+        names = sample_of(folder, globs, args.sample, args.sample_seed) if args.sample else globs
+        run = mutmut_run(folder, args.max_children, names)
         result = score(folder, globs)
         line = f"{summary(module, result['counts'])}  {time.time() - started:.0f}s"
         print(line, flush=True)

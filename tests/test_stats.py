@@ -111,6 +111,9 @@ def test_holm_nan_stays_and_does_not_count():
     assert adj[[0, 2]] == pytest.approx([0.02, 0.04])
     assert np.isnan(holm([np.nan, np.nan])).all()
     assert holm([]).shape == (0,)
+    # None (a comparison that could not be tested) counts as NaN
+    adj = holm([0.01, None, 0.04])
+    assert math.isnan(adj[1]) and adj[[0, 2]] == pytest.approx([0.02, 0.04])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         holm([0.2, 1.5])
 
@@ -497,6 +500,12 @@ def test_expected_best_single_trial_defaults_and_messages():
     assert band["n"].tolist() == [1, 2, 3]
     pd.testing.assert_frame_equal(band, expected_best_band([5.0, 1.0, 2.0], n_max=3, n_boot=1000, seed=0))
     pd.testing.assert_frame_equal(band, expected_best_band([5.0, 1.0, 2.0], confidence=0.95))
+    # the documented defaults (1000 resamples, seed 0), on trials varied enough that either one shows
+    trials = [5.0, 1.0, 2.0, 7.0, 3.5, 9.0, 0.5, 6.0]
+    default = expected_best_band(trials)
+    pd.testing.assert_frame_equal(default, expected_best_band(trials, n_boot=1000, seed=0))
+    for other in ({"n_boot": 1001}, {"seed": 1}):
+        assert not default.equals(expected_best_band(trials, **other)), other
     with pytest.raises(ValueError, match=r"^scores is empty: no trials to draw from$"):
         expected_best([])
     with pytest.raises(ValueError, match=r"^n_max must be at least 1, got 0$"):

@@ -684,6 +684,23 @@ def test_marked_study_table_marks_each_cell_against_its_losss_best():
     assert conclusions.marked_study_table(df, "nothing").empty
 
 
+def test_marked_study_table_with_one_seed_unknown_names_and_a_loss_without_runs():
+    """What `make demo` gives (one seed: no spread), cells of an optimizer and a loss the registries no longer
+    know (shown by their keys), and a loss whose every run failed (no best: no mark)."""
+    df = study().query("seed == 0").copy()
+    df.loc[df["loss"] == "cyclip", "status"] = "failed"
+    extra = df[(df["optimizer"] == "adamw") & (df["loss"] == "clip")].iloc[[0]]
+    lion = extra.assign(optimizer="lion", base_optimizer="lion", average=99.0)  # ahead of every CLIP cell
+    old = extra.assign(loss="oldloss", average=30.0)  # the one cell of its loss
+    table = conclusions.marked_study_table(pd.concat([df, lion, old], ignore_index=True), "shared")
+    marks = table.set_index(["Optimizer", "Method"])["vs best"].to_dict()
+    assert marks[("lion", "CLIP")] == "best"
+    assert marks[("AdamW", "CLIP")] == "–"  # the verdicts test the study's three optimizers only
+    assert marks[("AdamW", "oldloss")] == "best"
+    assert marks[("SGD", "SogCLR")] == "best" and marks[("AdamW", "SogCLR")] == ND  # one seed: nothing certain
+    assert [marks[(o, "CyCLIP")] for o in ("AdamW", "SGD", "Adam")] == ["–"] * 3
+
+
 def test_a_study_of_three_cells_says_what_it_cannot_compare():
     df = study()
     clip = df[df["loss"] == "clip"]
@@ -720,7 +737,8 @@ def test_a_study_of_three_cells_says_what_it_cannot_compare():
 
 
 def test_the_length_effect_pairs_each_cell_by_seed_and_judges_it():
-    """Long against short, cell by cell: seeds paired, names from the runs' steps, Holm over the cells."""
+    """Long against short, cell by cell: seeds paired, names from the runs' steps, the study's order first,
+    Holm over the cells, the machine-spread floor."""
 
     def runs(cells: dict, steps: int) -> pd.DataFrame:
         return pd.DataFrame(
@@ -731,18 +749,29 @@ def test_the_length_effect_pairs_each_cell_by_seed_and_judges_it():
             ]
         )
 
-    short = runs({("adam", "clip"): [40.0, 42.0, 44.0], ("adamw", "clip"): [40.0, 41.0, 42.0]}, 375)
+    short = runs(
+        {
+            ("adam-nol2", "clip"): [30.0, 30.0, 31.0],  # an optimizer outside the study's three
+            ("adam", "align"): [20.0, 20.0, 20.0],  # a loss outside the study's five, sorting before "clip"
+            ("adam", "clip"): [40.0, 42.0, 44.0],
+            ("adamw", "clip"): [40.0, 41.0, 42.0],
+        },
+        375,
+    )
     long = runs(
         {
-            ("adam", "clip"): [30.0, 33.0, 34.0],  # -10, -9, -10: far below, every seed
-            ("adamw", "clip"): [41.0, 41.0, 43.5],  # +1, 0, +1.5: inside the 2.07-point floor
+            ("adam-nol2", "clip"): [30.0, 30.5, 31.0],
+            ("adam", "align"): [25.0, 25.0, 26.0],
+            ("adam", "clip"): [30.0, 33.0, 34.0, 99.0],  # -10, -9, -10: far below, every seed
+            ("adamw", "clip"): [41.0, 42.1, 42.9, 50.0],  # +1.0, +1.1, +0.9: certain, but inside the 2.07 floor
             ("sgd", "clip"): [50.0, 50.0, 50.0],  # no short cell: not compared
         },
         1500,
     )
-    long.loc[(long["optimizer"] == "adamw") & (long["seed"] == 2), "status"] = "diverged"  # leaves seeds 0, 1
+    long.loc[(long["optimizer"] == "adam") & (long["seed"] == 3), "status"] = "diverged"  # counts nowhere
     table = verdicts.length_effect(long, short).set_index("name")
-    assert table.index.tolist() == ["1500 > 375 steps | AdamW + CLIP", "1500 > 375 steps | Adam + CLIP"]
+    cells = [("adamw", "clip"), ("adam", "clip"), ("adam", "align"), ("adam-nol2", "clip")]
+    assert table.index.tolist() == [f"1500 > 375 steps | {verdicts.name(o)} + {verdicts.name(x)}" for o, x in cells]
     adam = table.loc["1500 > 375 steps | Adam + CLIP"]
     d = np.array([-10.0, -9.0, -10.0])
     half = sps.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
@@ -750,9 +779,13 @@ def test_the_length_effect_pairs_each_cell_by_seed_and_judges_it():
     assert (adam["low"], adam["high"]) == pytest.approx((d.mean() - half, d.mean() + half))
     assert adam["n"] == 3 and adam["verdict"] == stats.WORSE
     adamw = table.loc["1500 > 375 steps | AdamW + CLIP"]
-    assert adamw["n"] == 2 and adamw["mean"] == pytest.approx(0.5)
+    assert adamw["n"] == 3 and adamw["mean"] == pytest.approx(1.0)  # seed 3 has no short partner
+    assert adamw["p_holm"] < 0.05 and adamw["low"] > 0  # significant: only the floor keeps it from "better"
     assert adamw["verdict"] == stats.NOT_DISTINGUISHABLE
-    # Holm over the two cells: the smaller p doubled
-    p = sorted(table["p"])
-    assert table["p_holm"].min() == pytest.approx(min(1.0, 2 * p[0]))
-    assert verdicts.length_effect(long[long["loss"] == "sogclr"], short).empty
+    assert verdicts.length_effect(long, short, noise_floor=0.5).set_index("name").loc[adamw.name, "verdict"] == (
+        stats.BETTER
+    )
+    # Holm over the four cells: the smallest p times four
+    assert table["p_holm"].min() == pytest.approx(min(1.0, 4 * table["p"].min()))
+    empty = verdicts.length_effect(long[long["loss"] == "sogclr"], short)
+    assert empty.empty and list(empty.columns) == stats.FAMILY_COLUMNS

@@ -122,16 +122,16 @@ def length_effect(long: pd.DataFrame, short: pd.DataFrame, *, noise_floor: float
     def scores(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
         done = df[df["status"] == "completed"]
         steps = done.groupby(["optimizer", "loss"])["global_step"].max()
-        return done.pivot_table(index="seed", columns=["optimizer", "loss"], values=METRIC, aggfunc="first"), steps
+        return done.pivot_table(index="seed", columns=["optimizer", "loss"], values=METRIC), steps
 
     (a, a_steps), (b, b_steps) = scores(long), scores(short)
     pairs = {}
 
-    def order(cell: tuple[str, str]) -> tuple:
-        (o, x), known = cell, OPTIMIZERS + LOSSES
-        return (known.index(o) if o in known else 99, o, known.index(x) if x in known else 99, x)
-
-    for optimizer, loss in sorted(a.columns.intersection(b.columns), key=order):
+    rank = {key: i for i, key in enumerate(OPTIMIZERS + LOSSES)}  # the study's order; others after, by name
+    for optimizer, loss in sorted(
+        a.columns.intersection(b.columns),
+        key=lambda c: (rank.get(c[0], len(rank)), c[0], rank.get(c[1], len(rank)), c[1]),
+    ):
         label = f"{a_steps[(optimizer, loss)]:.0f} > {b_steps[(optimizer, loss)]:.0f} steps"
         pairs[f"{label} | {name(optimizer)} + {name(loss)}"] = _pair(a[(optimizer, loss)], b[(optimizer, loss)])
     pairs = {key: pair for key, pair in pairs.items() if len(pair[0])}
