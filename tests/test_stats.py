@@ -71,6 +71,17 @@ def test_paired_difference_degenerate_cases():
     assert same.low == same.high == same.mean == pytest.approx(1.0)
     tie = paired_difference([12.34, 13.34], [12.34, 13.34])
     assert (tie.mean, tie.low, tie.high, tie.p_value) == (0.0, 0.0, 0.0, 1.0)
+    assert same.n == 3 and tie.n == 2
+
+
+def test_rounding_level_means_1e_12_of_the_scores_and_never_less_than_1e_12():
+    # scores below 1: the tolerance is 1e-12 (not 1e-12 x 0.005 = 5e-15)
+    base = np.array([0.001, 0.002, 0.005])
+    below = paired_difference(base + np.array([0.0, 0.0, 5e-13]), base - 0.001)
+    assert np.ptp(np.subtract(base + np.array([0.0, 0.0, 5e-13]), base - 0.001)) > 1e-13
+    assert below.low == below.high == below.mean and below.p_value == 0.0
+    above = paired_difference(base + np.array([0.0, 0.0, 1.5e-12]), base - 0.001)  # beyond 1e-12: a spread
+    assert above.low < above.mean < above.high
 
 
 def test_paired_difference_refuses_misaligned_or_missing():
