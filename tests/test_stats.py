@@ -521,3 +521,14 @@ def test_expected_best_single_trial_defaults_and_messages():
         expected_best([])
     with pytest.raises(ValueError, match=r"^n_max must be at least 1, got 0$"):
         expected_best_band([1.0], n_max=0)
+
+
+def test_constant_bootstrap_resamples_are_skipped_quietly():
+    # with 3 pairs, one resample in 9 repeats one pair: rho is 0 / 0 there, dropped without a RuntimeWarning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = spearman_with_interval([1.0, 2.0, 3.0], [1.0, 3.0, 2.0], n_boot=300, n_perm=50)
+    assert result.n == 3 and result.rho == pytest.approx(0.5)
+    assert -1.0 <= result.low <= result.high <= 1.0
