@@ -237,6 +237,7 @@ MODULES = {
             "tests/test_prepare_data.py::test_cc3m_limit_is_deterministic_and_layout_independent",
             "tests/test_prepare_data.py::test_cc3m_max_side_resizes_keeping_aspect",
             "tests/test_prepare_data.py::test_cc3m_rerun_skips_unchanged_and_repairs_by_content",
+            "tests/test_prepare_data.py::test_cc3m_rerun_removes_the_image_of_a_sample_gone_from_the_download",
             "tests/test_prepare_data.py::test_cc3m_errors_name_the_folder",
             "tests/test_prepare_data.py::test_coco_karpathy_writes_test_and_val_with_captions_in_order",
             "tests/test_prepare_data.py::test_imagenet_val_class_folders_follow_clipstudy_order",

@@ -197,6 +197,26 @@ def test_cc3m_rerun_skips_unchanged_and_repairs_by_content(tmp_path):
     assert len(list((out / "images" / "cc3m").rglob("*.jpg"))) == 3
 
 
+def test_cc3m_rerun_removes_the_image_of_a_sample_gone_from_the_download(tmp_path):
+    """An image an earlier run wrote whose sample this run never sees (deleted from the download) goes too."""
+    samples = cc3m_samples()
+    src = write_files_layout(tmp_path / "src", samples)
+    out = tmp_path / "out"
+    first = prepare_cc3m(src, out, max_side=20, progress=False)
+    images = {e["image"] for e in json.loads((out / "train.json").read_text())}
+    assert first.counts["pairs"] == len(images) == 9
+    gone = sorted(images)[0]
+    key = Path(gone).stem
+    for path in src.rglob(f"{key}.*"):
+        path.unlink()
+    again = prepare_cc3m(src, out, max_side=20, progress=False)
+    assert again.counts["pairs"] == 8 and again.counts["unused_images_removed"] == 1
+    assert not (out / "images" / gone).exists()
+    assert sorted(str(p.relative_to(out / "images")) for p in (out / "images").rglob("*.jpg")) == sorted(
+        images - {gone}
+    )
+
+
 def test_cc3m_errors_name_the_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     argv = ["prepare-data", "cc3m", "--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--json"]
