@@ -532,3 +532,11 @@ def test_constant_bootstrap_resamples_are_skipped_quietly():
         result = spearman_with_interval([1.0, 2.0, 3.0], [1.0, 3.0, 2.0], n_boot=300, n_perm=50)
     assert result.n == 3 and result.rho == pytest.approx(0.5)
     assert -1.0 <= result.low <= result.high <= 1.0
+
+
+def test_no_usable_bootstrap_resample_gives_no_interval():
+    # seed 4 draws the one resample (2, 2, 2): a constant side, rho undefined, so there is no interval
+    assert np.ptp(np.random.default_rng(4).integers(0, 3, size=(1, 3))) == 0
+    result = spearman_with_interval([1.0, 2.0, 3.0], [1.0, 3.0, 2.0], n_boot=1, n_perm=20, seed=4)
+    assert result.rho == pytest.approx(0.5) and math.isnan(result.low) and math.isnan(result.high)
+    assert 0 < result.p_value <= 1
