@@ -341,6 +341,27 @@ def test_from_side_and_best_and_rivals_on_a_hand_made_table():
     assert verdicts.interval({"mean": 1.234, "low": -0.5, "high": 2.0}) == "+1.23 [-0.50, +2.00]"
 
 
+@pytest.mark.parametrize(
+    "means, leader",
+    [
+        # margins A -0.5 + 1.0 = 0.5, B 0.5 + 0.2 = 0.7, C -1.2: every side's differences add up, from 0
+        ((-0.5, 1.0, 0.2), "B"),
+        # A -8 + 10 = 2, B 8 - 8 = 0, C -10 + 8 = -2: C's last comparison alone would make it the leader
+        ((-8.0, 10.0, -8.0), "A"),
+        # A 5 + 5 = 10, B -5 + 6 = 1: A's last comparison alone would lose to B's
+        ((5.0, 5.0, 6.0), "A"),
+    ],
+)
+def test_the_leader_sums_every_comparison_it_is_in(means, leader):
+    names = ("Adam (no L2) > B | scope", "Adam (no L2) > C | scope", "B > C | scope")  # a name with spaces
+    table = pd.DataFrame(
+        [{"name": n, "mean": m, "low": m - 1, "high": m + 1, "verdict": ND} for n, m in zip(names, means)]
+    )
+    best, rivals = verdicts.best_and_rivals(table, "scope")
+    assert best == {"A": "Adam (no L2)"}.get(leader, leader)
+    assert len(rivals) == 2 and {r["other"] for r in rivals} == {"Adam (no L2)", "B", "C"} - {best}
+
+
 def test_rates_used_and_their_text():
     df = study(("shared", "tuned"))
     assert verdicts.rates_used(df, "shared") == {"adamw": [1e-3], "sgd": [1e-3], "adam": [1e-3]}
@@ -789,3 +810,34 @@ def test_the_length_effect_pairs_each_cell_by_seed_and_judges_it():
     assert table["p_holm"].min() == pytest.approx(min(1.0, 4 * table["p"].min()))
     empty = verdicts.length_effect(long[long["loss"] == "sogclr"], short)
     assert empty.empty and list(empty.columns) == stats.FAMILY_COLUMNS
+
+
+def test_the_conclusions_use_the_chance_level_and_name_cells_the_registries_do_not_know():
+    """Two cells at chance (1.0): the chance lines list both, each optimizer line counts the losses it learns
+    with, and the diagnostics call the cell that did not learn so; unknown names appear as their keys; a
+    best cell of two seeds shows its spread."""
+    df = study().copy()
+    at_chance = (df["optimizer"] == "sgd") & df["loss"].isin(["vicreg", "onlineclr"])
+    df.loc[at_chance, ["txt_r1", "img_r1", "zeroshot_top1", "average"]] = 0.9
+    df = df.assign(
+        image_cos_mean_start=0.5,
+        image_cos_mean_end=0.3,
+        text_cos_mean_start=0.5,
+        text_cos_mean_end=0.3,
+        weight_norm_start=30.0,
+        weight_norm_end=30.0,
+        grad_norm_start=1.0,
+        grad_norm_end=1.0,
+    )
+    chance = {"txt_r1": 1.0, "img_r1": 1.0, "zeroshot_top1": 1.0}
+    lines = conclusions.protocol_conclusions(df, "shared", chance)
+    assert "Below chance: SGD + VICReg, SGD + OnlineCLR." in lines
+    sgd = next(line for line in lines if line.startswith("SGD: mean Average"))
+    assert "learns (above twice chance) with 3 of 5 losses" in sgd
+    assert any(line.startswith("SGD + VICReg did not learn (Average 0.90)") for line in lines)
+    # an optimizer and a loss outside the registries, leading on two seeds
+    best = df[(df["optimizer"] == "adamw") & (df["loss"] == "clip") & (df["seed"] < 2)].assign(
+        optimizer="lion", base_optimizer="lion", loss="oldloss", average=[90.0, 92.0]
+    )
+    lines = conclusions.protocol_conclusions(pd.concat([df, best], ignore_index=True), "shared", chance)
+    assert lines[0] == "Best cell (highest mean): lion + oldloss, Average 91.00 ± 1.41 over 2 seeds."
