@@ -316,6 +316,12 @@ STATUS = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
 
 def scratch_copy(dest: Path, source_files: list[str], tests: list[str]) -> None:
     copy_worktree(dest, skip=("reports/",))
+    select(dest, source_files, tests)
+
+
+def select(dest: Path, source_files: list[str], tests: list[str]) -> None:
+    """The checkout's pyproject.toml into ``dest`` with the module's files to mutate and its test selection."""
+    shutil.copyfile(ROOT / "pyproject.toml", dest / "pyproject.toml")
     selection = ", ".join(f'"{t}"' for t in tests)
     mutate = ", ".join(f'"{f}"' for f in source_files)
     keys = f"only_mutate = [{mutate}]\npytest_add_cli_args_test_selection = [{selection}]\n"
@@ -383,7 +389,7 @@ def mutmut_run(folder: Path, max_children: int, names: list[str]) -> subprocess.
 
 def recheck(folder: Path, module: str, max_children: int) -> tuple[str, list[str]]:
     """Copy the current tests into a kept copy and rerun its mutants that were not killed; (summary, survivors)."""
-    _, globs, _ = MODULES[module]
+    source_files, globs, tests = MODULES[module]
     if not (folder / "mutants").is_dir():
         sys.exit(f"--recheck {folder}: no mutants/ there; pass a folder kept by --keep for --module {module!r}")
     result = score(folder, globs)
@@ -393,6 +399,7 @@ def recheck(folder: Path, module: str, max_children: int) -> tuple[str, list[str
     for where in (folder / "tests", folder / "mutants" / "tests"):
         shutil.rmtree(where, ignore_errors=True)
         shutil.copytree(ROOT / "tests", where, ignore=shutil.ignore_patterns("__pycache__"))
+    select(folder, source_files, tests)  # the selection as it is now: new tests named in MODULES run too
     (folder / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # new tests: find which reach what
     started = time.time()
     run = mutmut_run(folder, max_children, names)
