@@ -91,6 +91,9 @@ def test_spearman_vs_published_against_scipy():
     ref = sps.spearmanr(ours, findings.published_table()["average"])
     assert result == {"rho": pytest.approx(ref.statistic), "p_value": pytest.approx(ref.pvalue), "n_cells": 15}
     assert 0.9 < result["rho"] < 1  # two neighbours swapped out of 15
+    # one seed a cell (make demo): no spread, the same ranking
+    one = findings.spearman_vs_published(runs({k: [float(np.mean(v))] for k, v in cells.items()}))
+    assert one == result
     # three cells are enough; two are not
     three = {k: cells[k] for k in [("adamw", "clip"), ("sgd", "clip"), ("adam", "clip")]}
     assert findings.spearman_vs_published(runs(three)) == {
@@ -241,6 +244,8 @@ def test_optimizer_conclusions_by_hand():
     assert lines[0].endswith("best with SogCLR (20.00); learns (above twice chance) with 2 of 2 losses.")
     assert "; learns (above twice chance) with 1 of 3 losses; against AdamW" in lines[1]
     assert lines[2].endswith("; learns (above twice chance) with 0 of 1 losses; against AdamW: CLIP -9.00.")
+    # chance 3: SGD + CLIP (8) is above twice (6), not three times (9)
+    assert "; learns (above twice chance) with 1 of 3 losses" in findings.optimizer_conclusions(df, chance_avg=3.0)[1]
     # without AdamW there is nothing to compare with; other optimizers are not the original grid's
     no_adamw = findings.optimizer_conclusions(df[df["optimizer"] != "adamw"])
     assert no_adamw == [
