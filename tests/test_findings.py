@@ -137,6 +137,10 @@ def test_spearman_by_optimizer_scopes_and_degenerate_rows():
     ref = sps.spearmanr([1.0, 2.0, 1.0], [3.69, 3.74, 0.86])
     assert (rows.loc["adam", "rho"], rows.loc["adam", "p_value"]) == pytest.approx((ref.statistic, ref.pvalue))
     assert rows.loc["adam", "rho"] == pytest.approx(0.8660254)  # ranks (1.5, 3, 1.5) against (2, 3, 1)
+    # cells of one seed (no spread) beside cells of two: every cell counts
+    mixed = {k: ([v[0] - 1, v[0] + 1] if k[0] == "adamw" else v) for k, v in cells.items()}
+    rows = findings.spearman_by_optimizer(runs(mixed)).set_index("scope")
+    assert rows["n_cells"].tolist() == [15, 5, 5, 5] and rows.loc["sgd", "rho"] == pytest.approx(-1.0)
 
 
 def test_findings_from_the_published_grid_with_their_evidence():

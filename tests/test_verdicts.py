@@ -841,3 +841,4 @@ def test_the_conclusions_use_the_chance_level_and_name_cells_the_registries_do_n
     )
     lines = conclusions.protocol_conclusions(pd.concat([df, best], ignore_index=True), "shared", chance)
     assert lines[0] == "Best cell (highest mean): lion + oldloss, Average 91.00 ± 1.41 over 2 seeds."
+    assert "oldloss: best optimizer lion (91.00)." in lines
