@@ -30,7 +30,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT_DIR, REPO, machine, table, write_json  # noqa: E402
 
-from clipstudy.data.demo_scenes import COLOURS, SEEN_KINDS, SHAPES, ZEROSHOT_TEMPLATES, class_scene, render_scene
+from clipstudy.data.demo import write_zeroshot_folder
+from clipstudy.data.demo_scenes import COLOURS, SEEN_KINDS, SHAPES
 
 STREAM = 97  # the seen set's own random stream (the generator's use SeedSequence(seed).spawn)
 
@@ -49,16 +50,9 @@ def seen_classes(per_shape: int = 3) -> list[str]:
 
 
 def write_seen_zeroshot(folder: Path, *, per_class: int = 140, image_size: int = 32, seed: int = 0) -> list[str]:
-    """An ImageFolder of the seen classes with ``classnames.json`` as the demo writes it; returns the class ids."""
-    rng = np.random.default_rng([seed, STREAM])
+    """An ImageFolder of the seen classes, written as the demo writes its zero-shot sets; returns the class ids."""
     classes = seen_classes()
-    for class_id in classes:
-        colour, shape = class_id.split("_")
-        (folder / class_id).mkdir(parents=True, exist_ok=True)
-        for k in range(per_class):
-            render_scene(class_scene(rng, colour, shape), image_size).save(folder / class_id / f"{k:03d}.png")
-    names = {class_id: class_id.replace("_", " ") for class_id in classes}
-    (folder / "classnames.json").write_text(json.dumps({"classnames": names, "templates": ZEROSHOT_TEMPLATES}))
+    write_zeroshot_folder(np.random.default_rng([seed, STREAM]), classes, per_class, folder, image_size)
     return classes
 
 

@@ -291,9 +291,7 @@ def _evaluation_split(out: Path, prefix: str, retrieval_rng, zeroshot_rng, param
     retrieval = [{"image": s["image"], "caption": c} for s, c in zip(retrieval_scenes, retrieval_captions)]
     _write_json(out / f"{prefix}retrieval.json", retrieval)
     folder = out / f"{prefix}zeroshot"
-    zeroshot_scenes = _zeroshot_images(zeroshot_rng, classes, parameters["zeroshot_per_class"], folder, image_size)
-    classnames = {class_id: class_id.replace("_", " ") for class_id in classes}
-    _write_json(folder / "classnames.json", {"classnames": classnames, "templates": ZEROSHOT_TEMPLATES})
+    zeroshot_scenes = write_zeroshot_folder(zeroshot_rng, classes, parameters["zeroshot_per_class"], folder, image_size)
     return retrieval, retrieval_scenes, zeroshot_scenes
 
 
@@ -356,10 +354,11 @@ def _captioned_images(
     return scenes, captions
 
 
-def _zeroshot_images(
+def write_zeroshot_folder(
     rng: np.random.Generator, classes: list[str], per_class: int, folder: Path, image_size: int
 ) -> list[dict]:
-    """Draw and render ``per_class`` one-shape scenes of each colour x shape class; returns the scenes."""
+    """A zero-shot ImageFolder: ``per_class`` one-shape scenes of each colour x shape class id (``colour_shape``)
+    drawn from ``rng`` and rendered, and ``classnames.json`` with the demo's prompts; returns the scenes."""
     scenes = []
     for class_id in classes:
         colour, shape = class_id.split("_")
@@ -369,6 +368,8 @@ def _zeroshot_images(
             scene["label"] = class_id
             _save_png(render_scene(scene, image_size), folder / scene["image"])
             scenes.append(scene)
+    classnames = {class_id: class_id.replace("_", " ") for class_id in classes}
+    _write_json(folder / "classnames.json", {"classnames": classnames, "templates": ZEROSHOT_TEMPLATES})
     return scenes
 
 

@@ -42,9 +42,11 @@ def name(key: str) -> str:
     return OPTIMIZER_NAMES.get(key, LOSS_NAMES.get(key, key))
 
 
-def cell_scores(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
-    """Average per seed (rows) and (optimizer, loss) (columns) of one protocol's completed runs."""
-    done = df[(df["protocol"] == protocol) & (df["status"] == "completed")]
+def cell_scores(df: pd.DataFrame, protocol: str | None) -> pd.DataFrame:
+    """Average per seed (rows) and (optimizer, loss) (columns) of one protocol's completed runs (every run's
+    with ``protocol=None``)."""
+    done = df[df["status"] == "completed"]
+    done = done if protocol is None else done[done["protocol"] == protocol]
     return done.pivot_table(index="seed", columns=["optimizer", "loss"], values=METRIC, aggfunc="first")
 
 
@@ -118,15 +120,11 @@ def length_effect(long: pd.DataFrame, short: pd.DataFrame, *, noise_floor: float
 
     ``long`` and ``short`` are two sets of runs (each one protocol's rows: the same learning rates, only the
     length differs). Names read ``1500 > 375 steps | AdamW + CLIP`` from the runs' ``global_step``."""
-
-    def scores(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
-        done = df[df["status"] == "completed"]
-        steps = done.groupby(["optimizer", "loss"])["global_step"].max()
-        return done.pivot_table(index="seed", columns=["optimizer", "loss"], values=METRIC), steps
-
-    (a, a_steps), (b, b_steps) = scores(long), scores(short)
+    a, b = cell_scores(long, None), cell_scores(short, None)
+    a_steps, b_steps = (
+        df[df["status"] == "completed"].groupby(["optimizer", "loss"])["global_step"].max() for df in (long, short)
+    )
     pairs = {}
-
     rank = {key: i for i, key in enumerate(OPTIMIZERS + LOSSES)}  # the study's order; others after, by name
     for optimizer, loss in sorted(
         a.columns.intersection(b.columns),
